@@ -1,0 +1,60 @@
+"""Durable multi-step workflows on Redis Streams: a crashed worker loses no persisted step.
+
+Define a :class:`Workflow` of plain Python steps, run :class:`Worker` processes and a
+:class:`Supervisor`, and submit runs with a :class:`Client`.
+"""
+
+from orchestrator.client import Client, Run
+from orchestrator.context import ClaimLost, StepContext
+from orchestrator.errors import (
+    ConfigError,
+    DefinitionError,
+    InvalidTransition,
+    NonRetryableError,
+    OrchestratorError,
+    PayloadTooLarge,
+    RunCancelled,
+    RunConflict,
+    RunFailed,
+    RunNotFound,
+    StepResultError,
+    ValidationError,
+    WaitTimeout,
+)
+from orchestrator.retry import Retry
+from orchestrator.runs import RunHistory, RunInfo
+from orchestrator.settings import Settings
+from orchestrator.supervisor import Supervisor
+from orchestrator.worker import Worker
+from orchestrator.workflow import End, Goto, Workflow
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClaimLost",
+    "Client",
+    "ConfigError",
+    "DefinitionError",
+    "End",
+    "Goto",
+    "InvalidTransition",
+    "NonRetryableError",
+    "OrchestratorError",
+    "PayloadTooLarge",
+    "Retry",
+    "Run",
+    "RunCancelled",
+    "RunConflict",
+    "RunFailed",
+    "RunHistory",
+    "RunInfo",
+    "RunNotFound",
+    "Settings",
+    "StepContext",
+    "StepResultError",
+    "Supervisor",
+    "ValidationError",
+    "WaitTimeout",
+    "Worker",
+    "Workflow",
+]

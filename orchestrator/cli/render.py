@@ -1,0 +1,96 @@
+"""Text rendering for people: a run's status, its history as a timeline, tables of runs."""
+
+from __future__ import annotations
+
+import time
+
+from orchestrator.codec import HistoryEvent
+from orchestrator.runs import RunHistory, RunInfo
+
+
+def clock(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}"
+
+
+def stamp(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def seconds(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms / 1000:.2f} s" if ms < 60_000 else f"{ms / 60_000:.1f} min"
+
+
+def status_text(info: RunInfo) -> str:
+    lines = [
+        f"run       {info.run_id}",
+        f"workflow  {info.workflow}  (queue {info.queue})",
+        f"status    {info.status}",
+    ]
+    if info.status in ("pending", "running", "retrying", "failed"):
+        where = f"step {info.step}" + (f" (visit {info.visit})" if info.visit > 1 else "")
+        lines.append(f"at        {where}, attempt {info.attempt}, fencing token {info.fence}")
+        lines.append(f"key       {info.idempotency_key}")
+    if info.worker:
+        lines.append(f"worker    {info.worker}")
+    if info.due_ms:
+        lines.append(f"retry at  {stamp(info.due_ms)}")
+    lines.append(f"progress  {info.steps_done} steps committed, {seconds(info.work_ms)} of step work persisted")
+    if info.crashes or info.errors or info.fenced:
+        lines.append(
+            f"trouble   {info.errors} errors, {info.crashes} crashes on this step; {info.fenced} stale commits refused"
+        )
+    lines.append(f"created   {stamp(info.created_ms)}")
+    if info.finished_ms:
+        lines.append(f"finished  {stamp(info.finished_ms)}  (took {seconds(info.finished_ms - info.created_ms)})")
+    if info.error:
+        lines.append(f"error     {info.error.type}: {info.error.message}")
+    return "\n".join(lines)
+
+
+OUTCOME_NOTE = {
+    "crashed": "worker died; the next attempt resumes from the last persisted step",
+    "fenced": "late result of a replaced attempt, refused",
+    "released": "given back at shutdown",
+    "timeout": "timed out",
+}
+
+
+def _event_line(ev: HistoryEvent) -> str:
+    where = ""
+    if ev.step:
+        where = ev.step + (f"#{ev.visit}" if ev.visit and ev.visit > 1 else "")
+    attempt = f"try {ev.attempt}" if ev.attempt else ""
+    duration = seconds(ev.end_ms - ev.start_ms) if ev.start_ms is not None and ev.end_ms is not None else ""
+    note = ev.detail or OUTCOME_NOTE.get(ev.type, "")
+    if ev.error:
+        note = f"{ev.error.type}: {ev.error.message}"
+    worker = ev.worker or ""
+    return f"{clock(ev.at)}  {ev.type:<12} {where:<22} {attempt:<6} {duration:>9}  {worker:<24} {note}".rstrip()
+
+
+def history_text(history: RunHistory) -> str:
+    run = history.run
+    attempts = sum(len(s.attempts) for s in history.steps)
+    head = (
+        f"run {run.run_id} ({run.workflow}): {run.status}, {run.steps_done} steps committed, "
+        f"{attempts} attempts, {seconds(run.work_ms)} of step work persisted"
+    )
+    header = f"{'time':<12}  {'event':<12} {'step':<22} {'':<6} {'duration':>9}  {'worker':<24} note"
+    return "\n".join([head, "", header, *(_event_line(ev) for ev in history.events)])
+
+
+def runs_table(runs: list[RunInfo]) -> str:
+    if not runs:
+        return "no runs"
+    header = f"{'RUN':<36} {'WORKFLOW':<16} {'STATUS':<10} {'STEP':<20} {'DONE':>5}  UPDATED"
+    rows = [
+        f"{r.run_id:<36} {r.workflow:<16} {r.status:<10} {r.step:<20} {r.steps_done:>5}  {stamp(r.updated_ms)}"
+        for r in runs
+    ]
+    return "\n".join([header, *rows])

@@ -1,0 +1,267 @@
+"""``Client``: submit runs and inspect, wait for, cancel or retry them.
+
+Submitting is idempotent by run id: the submit script creates the run only if the id is
+free, in one atomic step, so concurrent submits of one id (threads, processes, a retry after
+a lost reply) all end up with the same single run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from typing import Any, Generic, TypeVar
+
+import redis
+from pydantic import BaseModel
+
+from orchestrator import scripts
+from orchestrator.codec import HistoryEvent, StepRecord, dumps, encode_fields, loads
+from orchestrator.connection import connect
+from orchestrator.errors import (
+    ConfigError,
+    InvalidTransition,
+    RunCancelled,
+    RunConflict,
+    RunFailed,
+    RunNotFound,
+    ValidationError,
+)
+from orchestrator.keys import RUN_ID_PATTERN, Keys
+from orchestrator.runs import STATUSES, RunHistory, RunInfo, group_attempts
+from orchestrator.settings import Settings
+from orchestrator.store import Outcome, Store
+from orchestrator.workflow import Workflow
+
+S = TypeVar("S", bound=BaseModel)
+
+
+class Client:
+    """Synchronous client for one Redis deployment and namespace. Thread-safe."""
+
+    def __init__(self, settings: Settings | None = None, *, redis_client: redis.Redis | None = None) -> None:
+        self.settings = settings or Settings()
+        if redis_client is None:
+            if not self.settings.redis_url:
+                raise ConfigError(
+                    "no Redis URL: set REDIS_URL or ORCHESTRATOR_REDIS_URL, or pass Settings(redis_url=...)"
+                )
+            redis_client = connect(self.settings.redis_url)
+        self.redis = redis_client
+        self.keys = Keys(self.settings.namespace)
+        self.store = Store(self.keys)
+
+    @classmethod
+    def from_url(cls, url: str, **settings: Any) -> Client:
+        return cls(Settings(redis_url=url, **settings))
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.settings.redacted_url!r}, namespace={self.settings.namespace!r})"
+
+    # -- submit ---------------------------------------------------------------------------
+
+    def submit(self, workflow: Workflow[S], input: Any = None, *, run_id: str | None = None) -> Run[S]:
+        """Start a run of ``workflow`` with ``input``, or return the existing run with this id.
+
+        Raises :class:`ValidationError` (naming the field) for invalid input or run id, and
+        :class:`RunConflict` when the id belongs to a run of another workflow or input.
+        """
+        run_id = run_id or uuid.uuid4().hex
+        if not RUN_ID_PATTERN.match(run_id):
+            raise ValidationError(
+                f"run_id {run_id!r} is invalid: expected 1-200 characters of A-Z a-z 0-9 _ . : @ + = / -"
+            )
+        state = workflow.validate_input({} if input is None else input)
+        what = f"input of workflow {workflow.name!r}"
+        names = type(state).model_fields.keys() | (state.model_extra or {}).keys()
+        fields = encode_fields(
+            workflow.json_fields(state, names, what=what), what=what, limit=self.settings.max_payload_bytes
+        )
+        digest = hashlib.sha256(dumps(dict(sorted(fields.items())), what="input").encode()).hexdigest()[:32]
+        call = self.store.submit(
+            run_id=run_id,
+            workflow=workflow.name,
+            queue=workflow.queue,
+            first_step=workflow.first_step,
+            input_sha=digest,
+            event=dumps({"detail": f"workflow {workflow.name}"}, what="event"),
+            state=fields,
+        )
+        created, *rest = scripts.execute(self.redis, [call, scripts.command("SADD", self.keys.queues, workflow.queue)])[
+            0
+        ]
+        if not created:
+            existing_wf, existing_digest, _status = rest
+            if existing_wf != workflow.name or existing_digest != digest:
+                raise RunConflict(
+                    f"run {run_id!r} already exists with workflow {existing_wf!r} and a "
+                    f"{'different' if existing_digest != digest else 'matching'} input; "
+                    "use another run_id or fetch the existing run with client.run()",
+                    run_id=run_id,
+                )
+        return Run(self, run_id, workflow, created=bool(created))
+
+    # -- reading --------------------------------------------------------------------------
+
+    def run(self, run_id: str, workflow: Workflow[S] | None = None) -> Run[Any]:
+        """A handle on an existing run (``workflow`` lets ``wait()`` return its state model)."""
+        self.get(run_id)
+        return Run(self, run_id, workflow, created=False)
+
+    def get(self, run_id: str) -> RunInfo:
+        h = self.redis.hgetall(self.keys.run(run_id).run)
+        if not h:
+            raise RunNotFound(f"no run {run_id!r} in namespace {self.settings.namespace!r}", run_id=run_id)
+        return RunInfo.from_hash(run_id, h)
+
+    def state(self, run_id: str, workflow: Workflow[S] | None = None) -> Any:
+        """The run's current state: a model instance with ``workflow``, else a plain dict."""
+        raw = self.redis.hgetall(self.keys.run(run_id).state)
+        fields = {k: loads(v, what=f"state field {k!r} of run {run_id!r}") for k, v in raw.items()}
+        return workflow.load_state(fields) if workflow else fields
+
+    def results(self, run_id: str) -> dict[str, StepRecord]:
+        """Persisted step records by idempotency key."""
+        raw = self.redis.hgetall(self.keys.run(run_id).results)
+        return {k: StepRecord.model_validate_json(v) for k, v in raw.items()}
+
+    def history(self, run_id: str) -> RunHistory:
+        info = self.get(run_id)
+        raw = self.redis.lrange(self.keys.run(run_id).history, 0, -1)
+        events = [HistoryEvent.model_validate_json(item) for item in raw]
+        return RunHistory(run=info, steps=group_attempts(info, events), events=events)
+
+    def list_runs(self, status: str | None = None, limit: int = 50) -> list[RunInfo]:
+        """Most recently active first. ``status`` filters (one of ``STATUSES``)."""
+        if status is not None and status not in STATUSES:
+            raise ValidationError(f"status {status!r} is invalid: expected one of {', '.join(STATUSES)}")
+        sources = {
+            None: [self.keys.active, self.keys.done, self.keys.dead],
+            "failed": [self.keys.dead],
+            "completed": [self.keys.done],
+            "cancelled": [self.keys.done],
+        }.get(status, [self.keys.active])
+        ids: list[tuple[float, str]] = []
+        for key in sources:
+            ids += [(score, rid) for rid, score in self.redis.zrevrange(key, 0, 10_000, withscores=True)]
+        ids.sort(reverse=True)
+        out: list[RunInfo] = []
+        for start in range(0, len(ids), 200):
+            chunk = [rid for _, rid in ids[start : start + 200]]
+            pipe = self.redis.pipeline(transaction=False)
+            for rid in chunk:
+                pipe.hgetall(self.keys.run(rid).run)
+            for rid, h in zip(chunk, pipe.execute(), strict=True):
+                if h and (status is None or h.get("status") == status):
+                    out.append(RunInfo.from_hash(rid, h))
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Fleet-wide counters (crashes detected, fenced commits, redispatches, ...)."""
+        return {k: int(v) for k, v in self.redis.hgetall(self.keys.stats).items()}
+
+    # -- control --------------------------------------------------------------------------
+
+    def cancel(self, run_id: str, reason: str = "cancelled by request") -> RunInfo:
+        """End an unfinished run now. A running step is told at its next heartbeat."""
+        info = self.get(run_id)
+        outcome = Outcome.parse(
+            scripts.execute(self.redis, [self.store.cancel(run_id=run_id, queue=info.queue, reason=reason)])[0]
+        )
+        if outcome.code == "TERMINAL":
+            raise InvalidTransition(f"run {run_id!r} is already {outcome.detail[0]}; nothing to cancel", run_id=run_id)
+        return self.get(run_id)
+
+    def retry(self, run_id: str, reason: str = "retried by request") -> Run[Any]:
+        """Re-drive a failed run from its failed step (same idempotency key as before)."""
+        info = self.get(run_id)
+        outcome = Outcome.parse(
+            scripts.execute(self.redis, [self.store.retry(run_id=run_id, queue=info.queue, reason=reason)])[0]
+        )
+        if outcome.code == "NOT_FAILED":
+            raise InvalidTransition(
+                f"run {run_id!r} is {outcome.detail[0]}, not failed; only failed runs can be retried", run_id=run_id
+            )
+        return Run(self, run_id, None, created=False)
+
+
+class Run(Generic[S]):
+    """A handle on one run. Cheap; holds no state beyond the id."""
+
+    def __init__(self, client: Client, run_id: str, workflow: Workflow[S] | None, *, created: bool) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.workflow = workflow
+        self.created = created
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id!r})"
+
+    def info(self) -> RunInfo:
+        return self.client.get(self.run_id)
+
+    def status(self) -> str:
+        return self.info().status
+
+    def history(self) -> RunHistory:
+        return self.client.history(self.run_id)
+
+    def state(self) -> S | dict[str, Any]:
+        result: S | dict[str, Any] = self.client.state(self.run_id, self.workflow)
+        return result
+
+    def cancel(self, reason: str = "cancelled by request") -> RunInfo:
+        return self.client.cancel(self.run_id, reason)
+
+    def retry(self) -> Run[S]:
+        self.client.retry(self.run_id)
+        return self
+
+    def wait(self, timeout_s: float = 60.0, poll_s: float = 0.25) -> S:
+        """Block until the run finishes; return its final state (a dict without a workflow).
+
+        Raises :class:`RunFailed` (with the recorded step error), :class:`RunCancelled`, or
+        :class:`~orchestrator.errors.WaitTimeout` after ``timeout_s`` (the run goes on).
+        """
+        from orchestrator.errors import WaitTimeout
+
+        deadline = time.monotonic() + timeout_s
+        delay = 0.01
+        key = self.client.keys.run(self.run_id).run
+        while True:
+            status = self.client.redis.hget(key, "status")
+            if status is None:
+                raise RunNotFound(f"no run {self.run_id!r}", run_id=self.run_id)
+            if status == "completed":
+                return self.client.state(self.run_id, self.workflow)  # type: ignore[no-any-return]
+            if status == "failed":
+                info = self.info()
+                error = info.error.model_dump() if info.error else {}
+                raise RunFailed(
+                    f"run {self.run_id!r} failed at step {info.step!r}: "
+                    f"{error.get('type', '?')}: {error.get('message', '')}",
+                    run_id=self.run_id,
+                    step=info.step,
+                    error=error,
+                )
+            if status == "cancelled":
+                raise RunCancelled(f"run {self.run_id!r} was cancelled", run_id=self.run_id)
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(
+                    f"run {self.run_id!r} is still {status} after {timeout_s} s; it goes on, wait again or check "
+                    "`orchestrator status`",
+                    run_id=self.run_id,
+                )
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(poll_s, delay * 2)

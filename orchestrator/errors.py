@@ -1,0 +1,87 @@
+"""The exception tree: every error the library raises on purpose.
+
+    OrchestratorError                 base; ``retryable`` says whether trying again can help
+    ├── ConfigError                   a setting or URL is invalid (names the setting)
+    ├── ValidationError               bad input at a boundary (names field, value, expectation)
+    │   ├── PayloadTooLarge           a payload is over ``max_payload_bytes``
+    │   └── StepResultError           a step returned something we cannot persist
+    ├── DefinitionError               a workflow or step is defined wrongly
+    ├── RunNotFound                   no run with that id
+    ├── RunConflict                   the run id exists with another workflow or input
+    ├── InvalidTransition             e.g. retrying a run that has not failed
+    ├── RunFailed                     wait() on a run that failed (carries the step error)
+    ├── RunCancelled                  wait() on a run that was cancelled
+    ├── WaitTimeout                   wait() gave up before the run finished
+    └── NonRetryableError             raise it from a step to fail without retries
+
+Messages say what happened and what to do; structured fields (run id, step, attempt) ride
+along so logs and the CLI can show them without parsing text.
+"""
+
+from __future__ import annotations
+
+
+class OrchestratorError(Exception):
+    """Base class of every error raised on purpose by the orchestrator."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, run_id: str | None = None, step: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.run_id = run_id
+        self.step = step
+
+
+class ConfigError(OrchestratorError):
+    """A setting, environment variable or URL is invalid."""
+
+
+class ValidationError(OrchestratorError):
+    """Input at a boundary (submit, stream entry, step result) failed validation."""
+
+
+class PayloadTooLarge(ValidationError):
+    """A JSON payload is larger than the configured ``max_payload_bytes``."""
+
+
+class StepResultError(ValidationError):
+    """A step returned a value that cannot become part of the run's state."""
+
+
+class DefinitionError(OrchestratorError):
+    """A workflow or step definition is invalid (caught at import or worker start)."""
+
+
+class RunNotFound(OrchestratorError):
+    """No run exists under the given id (never submitted, or purged)."""
+
+
+class RunConflict(OrchestratorError):
+    """A run with this id exists but belongs to another workflow or has another input."""
+
+
+class InvalidTransition(OrchestratorError):
+    """The requested operation does not apply to the run's current status."""
+
+
+class RunFailed(OrchestratorError):
+    """The awaited run ended in ``failed``; ``error`` holds the step's recorded error."""
+
+    def __init__(self, message: str, *, run_id: str, step: str | None, error: dict[str, object]) -> None:
+        super().__init__(message, run_id=run_id, step=step)
+        self.error = error
+
+
+class RunCancelled(OrchestratorError):
+    """The awaited run was cancelled."""
+
+
+class WaitTimeout(OrchestratorError, TimeoutError):
+    """``Run.wait`` reached its timeout; the run itself goes on."""
+
+    retryable = True
+
+
+class NonRetryableError(Exception):
+    """Raise from a step to fail the step at once, whatever its retry policy says."""

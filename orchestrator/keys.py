@@ -1,0 +1,152 @@
+"""Every Redis key, stream and group name: the data model in one place.
+
+``<ns>`` is ``Settings.namespace`` (default ``orch``), ``R`` a run id, ``Q`` a queue name.
+Keys of one run share the hash tag ``{R}``, keys of one queue share ``{Q}``, fleet-wide keys
+share ``{<ns>}``; so every script touches one run's keys and at most one queue and one index
+slot (see docs/design.md for what that means on Redis Cluster).
+
+=================================  ======  ======================================  ===================  ====================
+Key                                Type    Holds                                   Written by           Lifetime
+=================================  ======  ======================================  ===================  ====================
+``<ns>:run:{R}``                   hash    run record: workflow, queue, status,    submit, claim,       purged ``retention_s``
+                                           cursor (step, visit, attempt), fence,   commit, fail,        after it finishes
+                                           active claim, dispatch id, counters,    cancel, retry,
+                                           ``v:<step>`` visit counts, last error   supervisor
+``<ns>:run:{R}:state``             hash    current state: top-level field -> JSON  submit, commit       as the run
+                                           (input, then each committed update)
+``<ns>:run:{R}:results``           hash    idempotency key -> step record (the     commit (HSETNX-like, as the run
+                                           update delta, duration, fence, worker)  never overwritten)
+``<ns>:run:{R}:stash``             hash    idempotency key -> last ``stash()`` of  stash; commit        deleted at commit
+                                           an unfinished step                      deletes it
+``<ns>:run:{R}:history``           list    JSON events: submitted, ok, error,      every script         as the run
+                                           crashed, fenced, retried, ...
+``<ns>:run:{R}:lease``             string  fencing token of the live claim         claim, heartbeat     PX ``lease_s``,
+                                                                                   renew                renewed each beat
+``<ns>:queue:{Q}``                 stream  dispatches ``run step visit wf``;       submit, commit,      entry deleted
+                                           consumer group ``workers``              release, supervisor  (XDEL) once acked
+``<ns>:queue:{Q}:delayed``         zset    ``R|step|visit`` -> due ms (retries     fail; promote        until due
+                                           waiting for their backoff)
+``<ns>:runs:{<ns>}:active``        zset    run id -> last progress ms              submit, claim,       until the run ends
+                                                                                   commit, sweep
+``<ns>:runs:{<ns>}:done``          zset    run id -> finished ms                   commit, fail,        until purged
+                                                                                   cancel, quarantine
+``<ns>:runs:{<ns>}:dead``          zset    dead-letter: failed run id -> ms        fail, quarantine     until retried/purged
+``<ns>:fleet:{<ns>}:workers``      zset    worker id -> last heartbeat ms          worker heartbeat     removed at shutdown
+                                                                                                        or when found dead
+``<ns>:fleet:{<ns>}:worker:<id>``  hash    host, pid, queues, concurrency, started worker heartbeat     EX 10 x lease
+``<ns>:fleet:{<ns>}:leader``       string  id of the supervisor that acts          supervisor           PX 3 x interval
+``<ns>:fleet:{<ns>}:queues``       set     queue names in use                      submit, worker       forever
+``<ns>:stats:{<ns>}``              hash    fleet-wide counters (fenced, crashed,   worker, supervisor   forever
+                                           duplicates, reclaimed, repaired, ...)
+``<ns>:rejected:{<ns>}``           stream  malformed stream entries, kept for      worker               MAXLEN ~10000
+                                           inspection with the reason
+=================================  ======  ======================================  ===================  ====================
+
+Storage per run grows with the number of committed steps by one result record each (the
+update delta plus ~150 bytes of metadata) and one history event per attempt; the state hash
+holds only the current value of each field. Nothing stores a full snapshot per step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+GROUP = "workers"
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@+=/-]{1,200}$")
+QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+DELAYED_SEPARATOR = "|"
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """The keys of one run; all share the ``{run_id}`` hash tag."""
+
+    run: str
+    state: str
+    results: str
+    stash: str
+    history: str
+    lease: str
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    """The keys of one queue; both share the ``{queue}`` hash tag."""
+
+    stream: str
+    delayed: str
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Builds every key of one namespace. Cheap to create; holds no connection."""
+
+    namespace: str = "orch"
+
+    def run(self, run_id: str) -> RunKeys:
+        base = f"{self.namespace}:run:{{{run_id}}}"
+        return RunKeys(
+            run=base,
+            state=f"{base}:state",
+            results=f"{base}:results",
+            stash=f"{base}:stash",
+            history=f"{base}:history",
+            lease=f"{base}:lease",
+        )
+
+    def queue(self, name: str) -> QueueKeys:
+        base = f"{self.namespace}:queue:{{{name}}}"
+        return QueueKeys(stream=base, delayed=f"{base}:delayed")
+
+    def _fleet(self, suffix: str) -> str:
+        return f"{self.namespace}:fleet:{{{self.namespace}}}:{suffix}"
+
+    @property
+    def active(self) -> str:
+        return f"{self.namespace}:runs:{{{self.namespace}}}:active"
+
+    @property
+    def done(self) -> str:
+        return f"{self.namespace}:runs:{{{self.namespace}}}:done"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.namespace}:runs:{{{self.namespace}}}:dead"
+
+    @property
+    def workers(self) -> str:
+        return self._fleet("workers")
+
+    def worker(self, worker_id: str) -> str:
+        return self._fleet(f"worker:{worker_id}")
+
+    @property
+    def leader(self) -> str:
+        return self._fleet("leader")
+
+    @property
+    def queues(self) -> str:
+        return self._fleet("queues")
+
+    @property
+    def stats(self) -> str:
+        return f"{self.namespace}:stats:{{{self.namespace}}}"
+
+    @property
+    def rejected(self) -> str:
+        return f"{self.namespace}:rejected:{{{self.namespace}}}"
+
+
+def idempotency_key(run_id: str, step: str, visit: int) -> str:
+    """``{run_id}:{step}`` for a step's first visit, ``{run_id}:{step}:{visit}`` after a loop."""
+    return f"{run_id}:{step}" if visit == 1 else f"{run_id}:{step}:{visit}"
+
+
+def delayed_member(run_id: str, step: str, visit: int) -> str:
+    return DELAYED_SEPARATOR.join((run_id, step, str(visit)))
+
+
+def parse_delayed_member(member: str) -> tuple[str, str, int]:
+    run_id, step, visit = member.rsplit(DELAYED_SEPARATOR, 2)
+    return run_id, step, int(visit)

@@ -1,0 +1,142 @@
+"""Read models of a run: its record (``RunInfo``) and its history, grouped per step attempt."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel
+
+from orchestrator.codec import ErrorInfo, HistoryEvent, loads
+from orchestrator.keys import idempotency_key
+
+Status = Literal["pending", "running", "retrying", "completed", "failed", "cancelled"]
+STATUSES: tuple[str, ...] = ("pending", "running", "retrying", "completed", "failed", "cancelled")
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+ATTEMPT_OUTCOMES = frozenset({"ok", "error", "timeout", "crashed", "fenced", "released"})
+
+
+class RunInfo(BaseModel):
+    """A run's record as stored in its hash, with counters decoded."""
+
+    run_id: str
+    workflow: str
+    queue: str
+    status: Status
+    step: str
+    visit: int
+    attempt: int
+    errors: int
+    crashes: int
+    fence: int
+    steps_done: int
+    work_ms: int
+    fenced: int
+    created_ms: int
+    updated_ms: int
+    finished_ms: int | None = None
+    due_ms: int | None = None
+    worker: str | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        return idempotency_key(self.run_id, self.step, self.visit)
+
+    @classmethod
+    def from_hash(cls, run_id: str, h: Mapping[str, str]) -> RunInfo:
+        def num(name: str) -> int:
+            return int(h.get(name) or 0)
+
+        def opt(name: str) -> int | None:
+            return int(h[name]) if h.get(name) else None
+
+        error = h.get("error")
+        return cls(
+            run_id=run_id,
+            workflow=h["wf"],
+            queue=h["queue"],
+            status=h["status"],  # type: ignore[arg-type]
+            step=h["step"],
+            visit=num("visit"),
+            attempt=num("attempt"),
+            errors=num("errors"),
+            crashes=num("crashes"),
+            fence=num("fence"),
+            steps_done=num("seq"),
+            work_ms=num("work_ms"),
+            fenced=num("fenced"),
+            created_ms=num("created_ms"),
+            updated_ms=num("updated_ms"),
+            finished_ms=opt("finished_ms"),
+            due_ms=opt("due_ms") if h.get("status") == "retrying" else None,
+            worker=h.get("claim_worker") if h.get("claim") else None,
+            error=ErrorInfo.model_validate(loads(error, what="run error")) if error else None,
+        )
+
+
+class StepAttempt(BaseModel):
+    """One attempt of one step visit and how it ended."""
+
+    attempt: int | None
+    outcome: str
+    worker: str | None
+    fence: int | None
+    start_ms: int | None
+    end_ms: int | None
+    error: ErrorInfo | None = None
+
+    @property
+    def duration_ms(self) -> int | None:
+        if self.start_ms is None or self.end_ms is None:
+            return None
+        return self.end_ms - self.start_ms
+
+
+class StepHistory(BaseModel):
+    """All attempts of one visit of one step."""
+
+    step: str
+    visit: int
+    idempotency_key: str
+    attempts: list[StepAttempt]
+    committed: bool
+
+
+class RunHistory(BaseModel):
+    """A run's record, its per-step attempts and the raw event list."""
+
+    run: RunInfo
+    steps: list[StepHistory]
+    events: list[HistoryEvent]
+
+
+def group_attempts(run: RunInfo, events: list[HistoryEvent]) -> list[StepHistory]:
+    """Fold attempt events into one entry per step visit, in the order visits started."""
+    steps: dict[tuple[str, int], StepHistory] = {}
+    for ev in events:
+        if ev.type not in ATTEMPT_OUTCOMES or ev.step is None or ev.visit is None:
+            continue
+        key = (ev.step, ev.visit)
+        if key not in steps:
+            steps[key] = StepHistory(
+                step=ev.step,
+                visit=ev.visit,
+                idempotency_key=idempotency_key(run.run_id, ev.step, ev.visit),
+                attempts=[],
+                committed=False,
+            )
+        entry = steps[key]
+        entry.attempts.append(
+            StepAttempt(
+                attempt=ev.attempt,
+                outcome=ev.type,
+                worker=ev.worker,
+                fence=ev.fence,
+                start_ms=ev.start_ms,
+                end_ms=ev.end_ms,
+                error=ev.error,
+            )
+        )
+        entry.committed = entry.committed or ev.type == "ok"
+    return list(steps.values())

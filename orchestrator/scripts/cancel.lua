@@ -1,0 +1,18 @@
+-- Cancel an unfinished run: it ends now; a running step learns it at its next heartbeat (its
+-- lease is gone) and its late commit is refused.
+-- KEYS[1] run  KEYS[2] lease  KEYS[3] history  KEYS[4] delayed  KEYS[5] active  KEYS[6] done
+-- ARGV[1] run id  ARGV[2] reason
+-- Returns {'CANCELLED'} | {'TERMINAL', status} | {'MISSING'}
+local r = redis.call('HMGET', KEYS[1], 'status', 'step', 'visit')
+if not r[1] then return {'MISSING'} end
+if TERMINAL[r[1]] then return {'TERMINAL', r[1]} end
+local now = now_ms()
+redis.call('ZREM', KEYS[4], ARGV[1] .. '|' .. r[2] .. '|' .. r[3])
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'claim', '', 'claim_fence', 0, 'dispatch', '',
+  'finished_ms', now, 'updated_ms', now)
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZADD', KEYS[6], now, ARGV[1])
+redis.call('RPUSH', KEYS[3], event({type = 'cancelled', at = now, step = r[2], visit = tonumber(r[3]),
+  detail = ARGV[2]}))
+return {'CANCELLED'}

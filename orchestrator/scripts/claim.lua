@@ -1,0 +1,69 @@
+-- Claim a dispatched step for one attempt: a new fencing token, a lease, the state and the
+-- last stash. Detects a previous claim that ended without an outcome (its worker died) and
+-- counts it as a crash; quarantines the step after max crashes.
+-- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] lease
+-- KEYS[7] active  KEYS[8] done  KEYS[9] dead
+-- ARGV[1] step  ARGV[2] visit  ARGV[3] idempotency key  ARGV[4] claim token  ARGV[5] worker id
+-- ARGV[6] lease ms  ARGV[7] max crashes  ARGV[8] stream entry id  ARGV[9] workflow  ARGV[10] run id
+-- Returns {'RUN', fence, attempt, errors, crashes, crashed now 0|1, has stash 0|1, stash,
+--          field, value, ...} or {'MISSING'} | {'TERMINAL', status} | {'WRONG_WF', workflow} |
+--          {'DUP'} | {'STALE', step, visit} | {'BUSY', worker} | {'QUARANTINED', crashes}
+local r = redis.call('HMGET', KEYS[1], 'status', 'wf', 'step', 'visit', 'claim', 'claim_fence',
+  'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes')
+local status = r[1]
+if not status then return {'MISSING'} end
+if r[2] ~= ARGV[9] then return {'WRONG_WF', r[2]} end
+if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then return {'DUP'} end
+if TERMINAL[status] then return {'TERMINAL', status} end
+if r[3] ~= ARGV[1] or r[4] ~= ARGV[2] then return {'STALE', r[3], r[4]} end
+
+local function reply(fence, attempt, crashed)
+  local out = {'RUN', fence, attempt, tonumber(r[10] or 0), tonumber(r[11] or 0), crashed}
+  local snap = redis.call('HGET', KEYS[4], ARGV[3])
+  if snap then
+    table.insert(out, 1); table.insert(out, snap)
+  else
+    table.insert(out, 0); table.insert(out, '')
+  end
+  local state = redis.call('HGETALL', KEYS[2])
+  for i = 1, #state do table.insert(out, state[i]) end
+  return out
+end
+
+if r[5] == ARGV[4] then
+  -- our own claim, retried after its reply was lost: hand back the same claim
+  return reply(tonumber(r[6]), tonumber(r[9]), 0)
+end
+
+local now = now_ms()
+local crashed = 0
+if r[5] ~= '' then
+  if redis.call('EXISTS', KEYS[6]) == 1 then return {'BUSY', r[7]} end
+  -- the previous claim's lease ran out with no outcome: its worker died (or froze)
+  crashed = 1
+  r[11] = tostring(tonumber(r[11] or 0) + 1)
+  redis.call('HSET', KEYS[1], 'crashes', r[11], 'claim', '', 'claim_fence', 0)
+  redis.call('RPUSH', KEYS[5], event({type = 'crashed', at = now, step = ARGV[1], visit = tonumber(ARGV[2]),
+    attempt = tonumber(r[9]), fence = tonumber(r[6]), worker = r[7], start_ms = tonumber(r[8]), end_ms = now}))
+  if tonumber(r[11]) >= tonumber(ARGV[7]) then
+    local msg = 'step ' .. ARGV[1] .. ' crashed its worker ' .. r[11] .. ' times (last on ' .. r[7] ..
+      '); quarantined so it cannot take down more workers. Fix the step, then retry the run.'
+    local err = event({type = 'Quarantined', message = msg, traceback = '', retryable = false})
+    redis.call('HSET', KEYS[1], 'status', 'failed', 'error', err, 'finished_ms', now, 'updated_ms', now,
+      'dispatch', '')
+    redis.call('ZREM', KEYS[7], ARGV[10])
+    redis.call('ZADD', KEYS[9], now, ARGV[10])
+    redis.call('RPUSH', KEYS[5], event({type = 'quarantined', at = now, step = ARGV[1],
+      visit = tonumber(ARGV[2]), detail = msg}))
+    return {'QUARANTINED', tonumber(r[11])}
+  end
+end
+
+local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'claim', ARGV[4], 'claim_fence', fence, 'claim_worker', ARGV[5],
+  'claim_ms', now, 'status', 'running', 'dispatch', ARGV[8], 'updated_ms', now)
+redis.call('SET', KEYS[6], fence, 'PX', ARGV[6])
+redis.call('ZADD', KEYS[7], now, ARGV[10])
+r[9] = tostring(attempt)
+return reply(fence, attempt, crashed)

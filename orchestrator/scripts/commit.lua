@@ -1,0 +1,50 @@
+-- Commit a step: persist its record under the idempotency key (never overwriting), merge its
+-- update into the state, advance the run and enqueue the next step, all or nothing. The
+-- caller XACKs the stream entry afterwards; a crash in between only causes a duplicate
+-- delivery, which claim.lua answers with DUP.
+-- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] lease
+-- KEYS[7] stream  KEYS[8] active  KEYS[9] done
+-- ARGV[1] run id  ARGV[2] workflow  ARGV[3] idempotency key  ARGV[4] claim token
+-- ARGV[5] step record JSON  ARGV[6] attempt event body (JSON object)  ARGV[7] next step, '' = end
+-- ARGV[8] step duration ms  ARGV[9..] state field, JSON value pairs
+-- Returns {'OK', next step, visit, entry id} ({'OK', '', 0, ''} when the run completed) or
+--   {'REPLAY'} (this claim's commit was already applied) | {'DUP'} (another claim committed) |
+--   {'TERMINAL', status} | {'FENCED', fence of the live claim} | {'MISSING'}
+local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence', 'done_claim')
+if not r[1] then return {'MISSING'} end
+if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then
+  if r[4] == ARGV[4] then return {'REPLAY'} end
+  return {'DUP'}
+end
+if TERMINAL[r[1]] then return {'TERMINAL', r[1]} end
+local now = now_ms()
+if r[2] ~= ARGV[4] then
+  redis.call('HINCRBY', KEYS[1], 'fenced', 1)
+  redis.call('RPUSH', KEYS[5], stamp('fenced', ARGV[6], now))
+  return {'FENCED', tonumber(r[3])}
+end
+
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
+for i = 9, #ARGV, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('HDEL', KEYS[4], ARGV[3])
+redis.call('DEL', KEYS[6])
+redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('HINCRBY', KEYS[1], 'work_ms', ARGV[8])
+redis.call('RPUSH', KEYS[5], stamp('ok', ARGV[6], now))
+redis.call('HSET', KEYS[1], 'claim', '', 'claim_fence', 0, 'done_claim', ARGV[4], 'attempt', 0,
+  'errors', 0, 'crashes', 0, 'updated_ms', now)
+
+if ARGV[7] == '' then
+  redis.call('HSET', KEYS[1], 'status', 'completed', 'dispatch', '', 'finished_ms', now)
+  redis.call('ZREM', KEYS[8], ARGV[1])
+  redis.call('ZADD', KEYS[9], now, ARGV[1])
+  redis.call('RPUSH', KEYS[5], event({type = 'completed', at = now}))
+  return {'OK', '', 0, ''}
+end
+local visit = redis.call('HINCRBY', KEYS[1], 'v:' .. ARGV[7], 1)
+local id = redis.call('XADD', KEYS[7], '*', 'run', ARGV[1], 'wf', ARGV[2], 'step', ARGV[7], 'visit', visit)
+redis.call('HSET', KEYS[1], 'step', ARGV[7], 'visit', visit, 'dispatch', id, 'status', 'running')
+redis.call('ZADD', KEYS[8], now, ARGV[1])
+return {'OK', ARGV[7], visit, id}

@@ -1,0 +1,28 @@
+-- Supervisor: re-enqueue a pending entry whose claim has no live lease (its worker died), or
+-- drop it when it no longer matters. XACK decides races: of two supervisors, one wins.
+-- KEYS[1] run  KEYS[2] lease  KEYS[3] results  KEYS[4] stream  KEYS[5] history
+-- ARGV[1] group  ARGV[2] entry id  ARGV[3] run id  ARGV[4] step  ARGV[5] visit
+-- ARGV[6] idempotency key
+-- Returns {'REDISPATCHED', new entry id} | {'ALIVE'} | {'DROPPED', reason} | {'GONE'}
+local function drop(reason)
+  if redis.call('XACK', KEYS[4], ARGV[1], ARGV[2]) == 0 then return {'GONE'} end
+  redis.call('XDEL', KEYS[4], ARGV[2])
+  return {'DROPPED', reason}
+end
+local r = redis.call('HMGET', KEYS[1], 'status', 'step', 'visit', 'dispatch', 'wf')
+if not r[1] then return drop('missing_run') end
+if TERMINAL[r[1]] then return drop('terminal') end
+if redis.call('HEXISTS', KEYS[3], ARGV[6]) == 1 then return drop('committed') end
+if r[2] ~= ARGV[4] or r[3] ~= ARGV[5] then return drop('stale') end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  if r[4] == ARGV[2] then return {'ALIVE'} end
+  return drop('duplicate')
+end
+if redis.call('XACK', KEYS[4], ARGV[1], ARGV[2]) == 0 then return {'GONE'} end
+redis.call('XDEL', KEYS[4], ARGV[2])
+local now = now_ms()
+local id = redis.call('XADD', KEYS[4], '*', 'run', ARGV[3], 'wf', r[5], 'step', r[2], 'visit', r[3])
+redis.call('HSET', KEYS[1], 'dispatch', id, 'updated_ms', now)
+redis.call('RPUSH', KEYS[5], event({type = 'redispatched', at = now, step = r[2], visit = tonumber(r[3]),
+  detail = 'entry ' .. ARGV[2] .. ' had no live lease'}))
+return {'REDISPATCHED', id}

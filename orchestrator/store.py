@@ -1,0 +1,285 @@
+"""Typed builders for every Redis operation of the protocol, and parsers of their replies.
+
+Nothing here does I/O: a builder returns a :class:`~orchestrator.scripts.Call` that the
+client, worker or supervisor sends (sync or asyncio, alone or batched in a pipeline), and a
+parser turns the raw reply into a small dataclass. Keeping both in one place means the
+argument order of each script is written down exactly once on the Python side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator import scripts
+from orchestrator.codec import Dispatch
+from orchestrator.keys import GROUP, Keys, RunKeys, delayed_member, idempotency_key
+from orchestrator.scripts import Call
+
+Reply = list[Any]
+
+
+def _pairs(fields: Mapping[str, str]) -> list[str]:
+    out: list[str] = []
+    for name, value in fields.items():
+        out += (name, value)
+    return out
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """Reply of ``claim.lua``. ``code`` is ``RUN`` when this worker should run the step."""
+
+    code: str
+    fence: int = 0
+    attempt: int = 0
+    errors: int = 0
+    crashes: int = 0
+    crashed_now: bool = False
+    snapshot: str | None = None
+    state: dict[str, str] = field(default_factory=dict)
+    detail: str = ""
+
+    @classmethod
+    def parse(cls, reply: Reply) -> Claimed:
+        code = reply[0]
+        if code != "RUN":
+            return cls(code=code, detail=" ".join(str(x) for x in reply[1:]))
+        flat = reply[8:]
+        return cls(
+            code=code,
+            fence=int(reply[1]),
+            attempt=int(reply[2]),
+            errors=int(reply[3]),
+            crashes=int(reply[4]),
+            crashed_now=bool(int(reply[5])),
+            snapshot=reply[7] if int(reply[6]) else None,
+            state={flat[i]: flat[i + 1] for i in range(0, len(flat), 2)},
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Reply of commit, fail, release, redispatch, sweep, cancel and retry: a code and details."""
+
+    code: str
+    detail: tuple[Any, ...] = ()
+
+    @classmethod
+    def parse(cls, reply: Reply | str) -> Outcome:
+        if isinstance(reply, str):
+            return cls(code=reply)
+        return cls(code=str(reply[0]), detail=tuple(reply[1:]))
+
+
+@dataclass(frozen=True)
+class Store:
+    """Call builders for one namespace."""
+
+    keys: Keys
+
+    def _run(self, run_id: str) -> RunKeys:
+        return self.keys.run(run_id)
+
+    def submit(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        queue: str,
+        first_step: str,
+        input_sha: str,
+        event: str,
+        state: Mapping[str, str],
+    ) -> Call:
+        rk = self._run(run_id)
+        return scripts.load("submit").call(
+            [rk.run, rk.state, rk.history, self.keys.queue(queue).stream, self.keys.active],
+            [run_id, workflow, queue, first_step, input_sha, event, *_pairs(state)],
+        )
+
+    def claim(
+        self, *, dispatch: Dispatch, entry_id: str, token: str, worker: str, lease_ms: int, max_crashes: int
+    ) -> Call:
+        rk = self._run(dispatch.run)
+        return scripts.load("claim").call(
+            [
+                rk.run,
+                rk.state,
+                rk.results,
+                rk.stash,
+                rk.history,
+                rk.lease,
+                self.keys.active,
+                self.keys.done,
+                self.keys.dead,
+            ],
+            [
+                dispatch.step,
+                dispatch.visit,
+                idempotency_key(dispatch.run, dispatch.step, dispatch.visit),
+                token,
+                worker,
+                lease_ms,
+                max_crashes,
+                entry_id,
+                dispatch.wf,
+                dispatch.run,
+            ],
+        )
+
+    def commit(
+        self,
+        *,
+        dispatch: Dispatch,
+        queue: str,
+        token: str,
+        record: str,
+        event: str,
+        next_step: str | None,
+        duration_ms: int,
+        state: Mapping[str, str],
+    ) -> Call:
+        rk = self._run(dispatch.run)
+        return scripts.load("commit").call(
+            [
+                rk.run,
+                rk.state,
+                rk.results,
+                rk.stash,
+                rk.history,
+                rk.lease,
+                self.keys.queue(queue).stream,
+                self.keys.active,
+                self.keys.done,
+            ],
+            [
+                dispatch.run,
+                dispatch.wf,
+                idempotency_key(dispatch.run, dispatch.step, dispatch.visit),
+                token,
+                record,
+                event,
+                next_step or "",
+                duration_ms,
+                *_pairs(state),
+            ],
+        )
+
+    def fail(
+        self,
+        *,
+        dispatch: Dispatch,
+        queue: str,
+        token: str,
+        event: str,
+        kind: str,
+        retry_delay_ms: int | None,
+        error: str,
+    ) -> Call:
+        rk = self._run(dispatch.run)
+        return scripts.load("fail").call(
+            [
+                rk.run,
+                rk.history,
+                rk.lease,
+                self.keys.queue(queue).delayed,
+                self.keys.active,
+                self.keys.done,
+                self.keys.dead,
+            ],
+            [
+                dispatch.run,
+                token,
+                event,
+                kind,
+                "" if retry_delay_ms is None else retry_delay_ms,
+                error,
+                delayed_member(dispatch.run, dispatch.step, dispatch.visit),
+            ],
+        )
+
+    def release(self, *, run_id: str, queue: str, token: str, event: str) -> Call:
+        rk = self._run(run_id)
+        return scripts.load("release").call(
+            [rk.run, rk.lease, rk.history, self.keys.queue(queue).stream, self.keys.active], [run_id, token, event]
+        )
+
+    def renew(self, *, run_id: str, fence: int, lease_ms: int) -> Call:
+        return scripts.load("renew").call([self._run(run_id).lease], [fence, lease_ms])
+
+    def stash(self, *, run_id: str, token: str, idem_key: str, snapshot: str) -> Call:
+        rk = self._run(run_id)
+        return scripts.load("stash").call([rk.run, rk.stash], [token, idem_key, snapshot])
+
+    def ack(self, queue: str, entry_ids: Sequence[str]) -> list[Call]:
+        """XACK then XDEL: an entry leaves the stream only once it is no longer pending."""
+        stream = self.keys.queue(queue).stream
+        return [scripts.command("XACK", stream, GROUP, *entry_ids), scripts.command("XDEL", stream, *entry_ids)]
+
+    def heartbeat(self, *, worker: str, ttl_ms: int, info: Mapping[str, str]) -> Call:
+        return scripts.load("heartbeat").call(
+            [self.keys.workers, self.keys.worker(worker)], [worker, ttl_ms, *_pairs(info)]
+        )
+
+    def redispatch(self, *, queue: str, entry_id: str, dispatch: Dispatch) -> Call:
+        rk = self._run(dispatch.run)
+        return scripts.load("redispatch").call(
+            [rk.run, rk.lease, rk.results, self.keys.queue(queue).stream, rk.history],
+            [
+                GROUP,
+                entry_id,
+                dispatch.run,
+                dispatch.step,
+                dispatch.visit,
+                idempotency_key(dispatch.run, dispatch.step, dispatch.visit),
+            ],
+        )
+
+    def due(self, *, queue: str, limit: int) -> Call:
+        return scripts.load("due").call([self.keys.queue(queue).delayed], [limit])
+
+    def promote(self, *, queue: str, run_id: str, step: str, visit: int) -> Call:
+        qk = self.keys.queue(queue)
+        return scripts.load("promote").call(
+            [qk.delayed, qk.stream, self._run(run_id).run],
+            [delayed_member(run_id, step, visit), run_id, step, visit],
+        )
+
+    def sweep(self, *, run_id: str, queue: str) -> Call:
+        rk = self._run(run_id)
+        qk = self.keys.queue(queue)
+        return scripts.load("sweep").call(
+            [rk.run, rk.lease, qk.stream, qk.delayed, self.keys.active, rk.history], [run_id, GROUP]
+        )
+
+    def cancel(self, *, run_id: str, queue: str, reason: str) -> Call:
+        rk = self._run(run_id)
+        return scripts.load("cancel").call(
+            [rk.run, rk.lease, rk.history, self.keys.queue(queue).delayed, self.keys.active, self.keys.done],
+            [run_id, reason],
+        )
+
+    def retry(self, *, run_id: str, queue: str, reason: str) -> Call:
+        rk = self._run(run_id)
+        return scripts.load("retry_run").call(
+            [rk.run, rk.history, self.keys.queue(queue).stream, self.keys.active, self.keys.dead], [run_id, reason]
+        )
+
+    def purge(self, *, run_id: str, cutoff_ms: int) -> Call:
+        rk = self._run(run_id)
+        return scripts.load("purge").call(
+            [rk.run, rk.state, rk.results, rk.stash, rk.history, rk.lease, self.keys.done], [run_id, cutoff_ms]
+        )
+
+    def leader(self, *, candidate: str, lease_ms: int) -> Call:
+        return scripts.load("leader").call([self.keys.leader], [candidate, lease_ms])
+
+    def stale(self, *, key: str, age_ms: int, limit: int) -> Call:
+        """Members of a server-time-scored zset older than ``age_ms`` (reply: now, then pairs)."""
+        return scripts.load("stale").call([key], [age_ms, limit])
+
+    def count(self, counter: str, amount: int = 1) -> Call:
+        """Add to a fleet-wide counter in the stats hash (not atomic with what it counts)."""
+        return scripts.command("HINCRBY", self.keys.stats, counter, amount)

@@ -1,0 +1,257 @@
+"""``Supervisor``: finds work that nobody is doing and gives it back to the workers.
+
+Every ``reclaim_interval_s`` the leader (one of any number of replicas, by a lease in
+Redis) re-dispatches pending entries whose claim has no live lease (the worker died or
+froze), removes dead workers from the fleet, and enqueues due retries. Every
+``sweep_interval_s`` it checks runs that have not moved for ``sweep_after_s``: a run with no
+live lease, no queued or pending entry and no scheduled retry gets its current step enqueued
+again (this covers writes lost by Redis and trimmed streams). Finished runs older than
+``retention_s`` are purged.
+
+Every action is a script that re-checks the run before it writes, so two supervisors acting
+at once (a leader change) at worst do nothing twice; they never enqueue a step twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import pydantic
+import redis
+
+from orchestrator import scripts
+from orchestrator.codec import Dispatch
+from orchestrator.connection import connect
+from orchestrator.errors import ConfigError
+from orchestrator.faults import Faults
+from orchestrator.keys import GROUP, Keys, parse_delayed_member
+from orchestrator.settings import Settings
+from orchestrator.store import Outcome, Store
+
+log = logging.getLogger("orchestrator.supervisor")
+
+SCAN_LIMIT = 500
+PURGE_INTERVAL_S = 60.0
+
+
+class Supervisor:
+    """Run with ``run()`` (blocking) and stop with ``shutdown()`` from another thread."""
+
+    def __init__(self, settings: Settings | None = None, *, supervisor_id: str | None = None) -> None:
+        self.settings = settings or Settings()
+        if not self.settings.redis_url:
+            raise ConfigError("no Redis URL: set REDIS_URL or ORCHESTRATOR_REDIS_URL")
+        self.id = supervisor_id or f"sup-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.keys = Keys(self.settings.namespace)
+        self.store = Store(self.keys)
+        self.redis = connect(self.settings.redis_url)
+        self._faults = Faults(self.settings.faults)
+        self._stopped = threading.Event()
+        self._groups: set[str] = set()
+        self.is_leader = False
+        self.totals: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"Supervisor({self.id!r})"
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        log.info(
+            "supervisor started",
+            extra={"supervisor": self.id, "redis": self.settings.redacted_url, "lease_s": self.settings.lease_s},
+        )
+        next_sweep = next_purge = time.monotonic()
+        try:
+            while not self._stopped.is_set():
+                now = time.monotonic()
+                sweep, purge = now >= next_sweep, now >= next_purge
+                next_sweep = now + self.settings.sweep_interval_s if sweep else next_sweep
+                next_purge = now + PURGE_INTERVAL_S if purge else next_purge
+                try:
+                    self.tick(sweep=sweep, purge=purge)
+                except (redis.RedisError, OSError) as exc:
+                    log.warning("supervisor tick failed; retrying", extra={"error": str(exc)})
+                self._stopped.wait(self.settings.reclaim_interval_s)
+        finally:
+            self._resign()
+            self.redis.close()
+            log.info("supervisor stopped", extra={"supervisor": self.id, **self.totals})
+
+    def tick(self, *, sweep: bool = True, purge: bool = False) -> dict[str, int]:
+        """One round of work if this replica leads; returns what it did."""
+        lease_ms = int(self.settings.reclaim_interval_s * 3000) + 1000
+        leader = scripts.execute(self.redis, [self.store.leader(candidate=self.id, lease_ms=lease_ms)])[0] == 1
+        if leader != self.is_leader:
+            log.info("leadership " + ("taken" if leader else "lost"), extra={"supervisor": self.id})
+            self.is_leader = leader
+        if not leader:
+            return {}
+        done: dict[str, int] = {}
+        queues = sorted(self.redis.smembers(self.keys.queues))
+        self._ensure_groups(queues)
+        for queue in queues:
+            self._add(done, self.reclaim(queue))
+            self._add(done, {"promoted": self.promote(queue)})
+        self._add(done, {"dead_workers": self.reap_workers()})
+        if sweep:
+            self._add(done, self.sweep())
+        if purge and self.settings.retention_s > 0:
+            self._add(done, {"purged": self.purge()})
+        done = {k: v for k, v in done.items() if v}
+        if done:
+            scripts.execute(self.redis, [self.store.count(k, v) for k, v in done.items()])
+            self._add(self.totals, done)
+        return done
+
+    @staticmethod
+    def _add(into: dict[str, int], more: dict[str, int]) -> None:
+        for key, value in more.items():
+            into[key] = into.get(key, 0) + value
+
+    def _ensure_groups(self, queues: list[str]) -> None:
+        for queue in queues:
+            stream = self.keys.queue(queue).stream
+            if stream in self._groups:
+                continue
+            try:
+                self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._groups.add(stream)
+
+    def _resign(self) -> None:
+        try:
+            if self.redis.get(self.keys.leader) == self.id:
+                self.redis.delete(self.keys.leader)
+        except redis.RedisError:
+            pass
+
+    # -- reclaiming -----------------------------------------------------------------------
+
+    def reclaim(self, queue: str) -> dict[str, int]:
+        """Re-dispatch pending entries idle for a lease whose claim has no live lease."""
+        stream = self.keys.queue(queue).stream
+        pending = self.redis.xpending_range(
+            stream, GROUP, min="-", max="+", count=SCAN_LIMIT, idle=self.settings.lease_ms
+        )
+        if not pending:
+            return {}
+        ids = [p["message_id"] for p in pending]
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xrange(stream, entry_id, entry_id)
+        found: list[tuple[str, Dispatch]] = []
+        lost: list[str] = []
+        for entry_id, rows in zip(ids, pipe.execute(), strict=True):
+            dispatch = self._dispatch(rows)
+            if dispatch is None:
+                lost.append(entry_id)
+            else:
+                found.append((entry_id, dispatch))
+        if lost:  # payload trimmed or unreadable: nothing to re-run from here; the sweep repairs its run
+            scripts.execute(self.redis, self.store.ack(queue, lost))
+            log.warning(
+                "pending entries without a readable payload dropped", extra={"queue": queue, "count": len(lost)}
+            )
+        self._faults.hit("before_redispatch")
+        counts: dict[str, int] = {"lost_entries": len(lost)}
+        calls = [self.store.redispatch(queue=queue, entry_id=eid, dispatch=d) for eid, d in found]
+        for (entry_id, dispatch), reply in zip(found, scripts.execute(self.redis, calls), strict=True):
+            outcome = Outcome.parse(reply)
+            key = {"REDISPATCHED": "redispatched", "DROPPED": "dropped_entries"}.get(outcome.code)
+            if key:
+                counts[key] = counts.get(key, 0) + 1
+            if outcome.code == "REDISPATCHED":
+                log.warning(
+                    "step re-dispatched: its claim has no live lease",
+                    extra={
+                        "run_id": dispatch.run,
+                        "step": dispatch.step,
+                        "entry": entry_id,
+                        "new_entry": outcome.detail[0],
+                    },
+                )
+        return counts
+
+    @staticmethod
+    def _dispatch(rows: list[Any]) -> Dispatch | None:
+        if not rows:
+            return None
+        try:
+            return Dispatch.model_validate(rows[0][1] or {})
+        except pydantic.ValidationError:
+            return None
+
+    def promote(self, queue: str) -> int:
+        members = scripts.execute(self.redis, [self.store.due(queue=queue, limit=SCAN_LIMIT)])[0]
+        calls = []
+        for member in members:
+            run_id, step, visit = parse_delayed_member(member)
+            calls.append(self.store.promote(queue=queue, run_id=run_id, step=step, visit=visit))
+        return sum(1 for reply in scripts.execute(self.redis, calls) if reply)
+
+    def reap_workers(self) -> int:
+        """Drop workers whose heartbeat is older than a lease (their steps are reclaimed above)."""
+        reply = scripts.execute(
+            self.redis, [self.store.stale(key=self.keys.workers, age_ms=self.settings.lease_ms, limit=SCAN_LIMIT)]
+        )[0]
+        now, rows = int(reply[0]), reply[1:]
+        dead = 0
+        for i in range(0, len(rows), 2):
+            worker_id, last_ms = rows[i], int(float(rows[i + 1]))
+            if self.redis.zrem(self.keys.workers, worker_id):
+                dead += 1
+                log.warning(
+                    "worker presumed dead: no heartbeat", extra={"worker": worker_id, "silent_ms": now - last_ms}
+                )
+                self._delete_consumer(worker_id)
+        return dead
+
+    def _delete_consumer(self, worker_id: str) -> None:
+        """Remove a dead consumer from each group once it has no pending entries left."""
+        for stream in self._groups:
+            if not self.redis.xpending_range(stream, GROUP, min="-", max="+", count=1, consumername=worker_id):
+                self.redis.xgroup_delconsumer(stream, GROUP, worker_id)
+
+    # -- sweeping -------------------------------------------------------------------------
+
+    def sweep(self) -> dict[str, int]:
+        """Check runs idle for ``sweep_after_s``; enqueue the current step of those with no work."""
+        age_ms = int(self.settings.sweep_after_s * 1000)
+        reply = scripts.execute(self.redis, [self.store.stale(key=self.keys.active, age_ms=age_ms, limit=SCAN_LIMIT)])[
+            0
+        ]
+        run_ids = reply[1::2]
+        if not run_ids:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hget(self.keys.run(run_id).run, "queue")
+        queues = pipe.execute()
+        calls = [self.store.sweep(run_id=rid, queue=q or "default") for rid, q in zip(run_ids, queues, strict=True)]
+        counts = {"swept": len(calls)}
+        for run_id, reply_item in zip(run_ids, scripts.execute(self.redis, calls), strict=True):
+            outcome = Outcome.parse(reply_item)
+            if outcome.code == "REPAIRED":
+                counts["repaired"] = counts.get("repaired", 0) + 1
+                log.warning(
+                    "run had no queued work; current step enqueued again",
+                    extra={"run_id": run_id, "reason": outcome.detail[1]},
+                )
+        return counts
+
+    def purge(self) -> int:
+        age_ms = int(self.settings.retention_s * 1000)
+        reply = scripts.execute(self.redis, [self.store.stale(key=self.keys.done, age_ms=age_ms, limit=SCAN_LIMIT)])[0]
+        cutoff = int(reply[0]) - age_ms
+        calls = [self.store.purge(run_id=rid, cutoff_ms=cutoff) for rid in reply[1::2]]
+        return sum(int(r) for r in scripts.execute(self.redis, calls))

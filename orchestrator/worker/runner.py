@@ -1,0 +1,405 @@
+"""``Worker``: reads step dispatches from the queues' streams and runs them, many at once.
+
+One asyncio loop reads with XREADGROUP (as many entries as it has free slots, so nothing
+waits in a local buffer where a crash would strand it), claims the batch in one pipeline and
+runs each claimed step: async steps on the loop, sync steps on their own threads. Commits,
+acks and counters from all steps are batched into shared pipelines (see ``batcher``). A
+separate thread heartbeats (see ``heartbeat``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pydantic
+import redis
+import redis.asyncio as aredis
+
+from orchestrator import faults as fault_points
+from orchestrator import scripts
+from orchestrator.codec import Dispatch, describe_validation_error, dumps
+from orchestrator.connection import connect, connect_async
+from orchestrator.errors import ConfigError, DefinitionError
+from orchestrator.faults import Faults
+from orchestrator.keys import GROUP, Keys, parse_delayed_member
+from orchestrator.settings import Settings
+from orchestrator.store import Claimed, Store
+from orchestrator.worker.batcher import Batcher
+from orchestrator.worker.execution import Released, Runtime, Shutdown, StepExecution, claim_token
+from orchestrator.worker.heartbeat import Heartbeat, InFlightTable
+from orchestrator.workflow import Workflow
+
+log = logging.getLogger("orchestrator.worker")
+
+REJECTED_MAXLEN = 10_000
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+async def ensure_groups(client: aredis.Redis, streams: Sequence[str]) -> None:
+    """Create the consumer group of each stream, reading from its start (idempotent)."""
+    for stream in streams:
+        try:
+            await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+class Worker:
+    """Runs the steps of ``workflows``; every workflow's queue is read.
+
+    Use ``run()`` (blocking) or ``await run_async()``; stop with ``shutdown()`` from any
+    thread. The CLI maps SIGTERM to ``shutdown()`` and a second signal to
+    ``shutdown(immediate=True)``.
+    """
+
+    def __init__(
+        self,
+        workflows: Sequence[Workflow[Any]],
+        settings: Settings | None = None,
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        if not self.settings.redis_url:
+            raise ConfigError("no Redis URL: set REDIS_URL or ORCHESTRATOR_REDIS_URL")
+        if not workflows:
+            raise DefinitionError("a worker needs at least one workflow")
+        self.workflows: dict[str, Workflow[Any]] = {}
+        for wf in workflows:
+            if wf.name in self.workflows:
+                raise DefinitionError(f"workflow {wf.name!r} is given twice")
+            wf.first_step  # noqa: B018 - raises DefinitionError for a workflow without steps
+            self.workflows[wf.name] = wf
+        self.id = worker_id or new_worker_id()
+        self.keys = Keys(self.settings.namespace)
+        self.store = Store(self.keys)
+        self.queues = sorted({wf.queue for wf in workflows})
+        self._streams = {self.keys.queue(q).stream: q for q in self.queues}
+        self._faults = Faults(self.settings.faults)
+        self._table = InFlightTable()
+        self._executions: dict[str, StepExecution] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_freed: asyncio.Event | None = None
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._immediate = False
+        self.rt: Runtime | None = None
+
+    def __repr__(self) -> str:
+        return f"Worker({self.id!r}, workflows={sorted(self.workflows)}, queues={self.queues})"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        asyncio.run(self.run_async())
+
+    def shutdown(self, *, immediate: bool = False) -> None:
+        """Ask the worker to stop (thread-safe). Graceful first; ``immediate`` skips the drain."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._begin_shutdown, immediate)
+        except RuntimeError:
+            pass  # loop already closed
+
+    def _begin_shutdown(self, immediate: bool) -> None:
+        assert self._stopping is not None
+        if immediate and not self._immediate:
+            self._immediate = True
+            log.warning(
+                "stopping now: in-flight steps are abandoned to the supervisor",
+                extra={"worker": self.id, "in_flight": len(self._executions)},
+            )
+            for execution in list(self._executions.values()):
+                execution.abort_with(Shutdown())
+        if not self._stopping.is_set():
+            log.info(
+                "draining: no new steps; in-flight steps may finish",
+                extra={"worker": self.id, "in_flight": len(self._executions), "grace_s": self.settings.drain_grace_s},
+            )
+        self._stopping.set()
+
+    async def run_async(self) -> None:
+        """Serve until shutdown. Shutdown order, each phase logged:
+
+        1. stop reading new entries;
+        2. let in-flight steps finish for up to ``drain_grace_s``, heartbeats still going;
+        3. release steps still running (re-enqueued at once, not counted as crashes) and
+           ack their entries; on an immediate stop, abandon them to the supervisor instead;
+        4. flush queued commits, acks and counters;
+        5. stop the heartbeat and deregister this worker;
+        6. close connections.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        fault_points.arm(self._faults)
+        url = self.settings.redis_url
+        assert url is not None
+        async_redis = connect_async(url)
+        sync_redis = connect(url)
+        batcher = Batcher(async_redis)
+        self.rt = Runtime(
+            self.id,
+            tuple(sorted(self.workflows)),
+            self.settings,
+            self.store,
+            batcher,
+            sync_redis,
+            async_redis,
+            self._table,
+            self._faults,
+            self._loop,
+        )
+        heartbeat = self._heartbeat(sync_redis)
+        try:
+            await ensure_groups(async_redis, list(self._streams))
+            await async_redis.sadd(self.keys.queues, *self.queues)
+            heartbeat.beat()
+            heartbeat.start()
+            batcher.start()
+            log.info(
+                "worker started",
+                extra={
+                    "worker": self.id,
+                    "queues": ",".join(self.queues),
+                    "workflows": ",".join(sorted(self.workflows)),
+                    "concurrency": self.settings.concurrency,
+                    "redis": self.settings.redacted_url,
+                },
+            )
+            promoter = asyncio.create_task(self._promote_loop(), name="promoter")
+            await self._fetch_loop(async_redis)
+            promoter.cancel()
+            await self._drain()
+        finally:
+            await batcher.close()
+            heartbeat.stop()
+            await self._deregister(async_redis, sync_redis)
+            await async_redis.aclose()
+            sync_redis.close()
+            log.info("worker stopped", extra={"worker": self.id, **dict(self.rt.counts)})
+
+    def _heartbeat(self, sync_redis: redis.Redis) -> Heartbeat:
+        info = {
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+            "queues": ",".join(self.queues),
+            "workflows": ",".join(sorted(self.workflows)),
+            "concurrency": str(self.settings.concurrency),
+            "started_ms": str(int(time.time() * 1000)),
+        }
+        return Heartbeat(
+            client=sync_redis,
+            store=self.store,
+            worker_id=self.id,
+            info=info,
+            table=self._table,
+            interval_s=self.settings.heartbeat_interval_s,
+            lease_ms=self.settings.lease_ms,
+            faults=self._faults,
+        )
+
+    async def _drain(self) -> None:
+        if self._tasks and not self._immediate:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.drain_grace_s)
+            if pending:
+                log.warning(
+                    "grace period over: giving back steps still running",
+                    extra={"worker": self.id, "steps": len(pending)},
+                )
+                for execution in list(self._executions.values()):
+                    execution.abort_with(Released("worker shutting down"))
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5.0)
+
+    async def _deregister(self, async_redis: aredis.Redis, sync_redis: redis.Redis) -> None:
+        try:
+            pipe = async_redis.pipeline(transaction=False)
+            pipe.zrem(self.keys.workers, self.id)
+            pipe.delete(self.keys.worker(self.id))
+            await pipe.execute()
+            if self._immediate:
+                return  # our pending entries must stay visible to the supervisor
+            for stream in self._streams:
+                info = await async_redis.xpending_range(stream, GROUP, min="-", max="+", count=1, consumername=self.id)
+                if not info:
+                    await async_redis.xgroup_delconsumer(stream, GROUP, self.id)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not deregister; the supervisor will clean up", extra={"error": str(exc)})
+
+    # -- reading and claiming -------------------------------------------------------------
+
+    def _free_slots(self) -> int:
+        return self.settings.concurrency - len(self._tasks)
+
+    async def _fetch_loop(self, client: aredis.Redis) -> None:
+        assert self._stopping is not None and self._slot_freed is not None
+        failures = 0
+        while not self._stopping.is_set():
+            if self._free_slots() <= 0:
+                self._slot_freed.clear()
+                stop = asyncio.ensure_future(self._stopping.wait())
+                await asyncio.wait(
+                    {stop, asyncio.ensure_future(self._slot_freed.wait())}, return_when=asyncio.FIRST_COMPLETED
+                )
+                stop.cancel()
+                continue
+            try:
+                reply = await client.xreadgroup(
+                    GROUP,
+                    self.id,
+                    {s: ">" for s in self._streams},
+                    count=self._free_slots(),
+                    block=self.settings.block_ms,
+                )
+                failures = 0
+            except (redis.RedisError, OSError) as exc:
+                failures += 1
+                log.warning("reading the queue failed; retrying", extra={"worker": self.id, "error": str(exc)})
+                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                continue
+            if reply:
+                await self._start(reply)
+
+    async def _start(self, reply: Any) -> None:
+        assert self.rt is not None
+        batch: list[tuple[str, str, Dispatch]] = []
+        for stream, entries in reply:
+            queue = self._streams[stream]
+            for entry_id, fields in entries:
+                dispatch = self._parse(queue, entry_id, fields)
+                if dispatch is not None:
+                    batch.append((queue, entry_id, dispatch))
+        if not batch:
+            return
+        calls = [
+            self.store.claim(
+                dispatch=d,
+                entry_id=eid,
+                token=claim_token(self.id, eid),
+                worker=self.id,
+                lease_ms=self.settings.lease_ms,
+                max_crashes=self.settings.max_crashes,
+            )
+            for _, eid, d in batch
+        ]
+        replies = await self.rt.batcher.call_many(calls)
+        for (queue, entry_id, dispatch), reply_item in zip(batch, replies, strict=True):
+            if isinstance(reply_item, BaseException):
+                log.error(
+                    "claim failed; the entry stays pending for the supervisor",
+                    extra={"run_id": dispatch.run, "step": dispatch.step, "error": str(reply_item)},
+                )
+                continue
+            self._handle_claim(queue, entry_id, dispatch, Claimed.parse(reply_item))
+
+    def _parse(self, queue: str, entry_id: str, fields: dict[str, str] | None) -> Dispatch | None:
+        """Validate an entry; a malformed one is set aside with its reason and acked."""
+        try:
+            dispatch = Dispatch.model_validate(fields or {})
+        except pydantic.ValidationError as exc:
+            self._reject(queue, entry_id, fields, describe_validation_error(exc, what=f"stream entry {entry_id}"))
+            return None
+        return dispatch  # an unknown workflow is claimed anyway, then failed with a clear error
+
+    def _reject(self, queue: str, entry_id: str, fields: dict[str, str] | None, reason: str) -> None:
+        assert self.rt is not None
+        log.warning("malformed stream entry set aside", extra={"queue": queue, "entry": entry_id, "reason": reason})
+        raw = dumps(fields or {}, what="rejected entry")[:4000]
+        self.rt.batcher.send(
+            [
+                scripts.command(
+                    "XADD",
+                    self.keys.rejected,
+                    "MAXLEN",
+                    "~",
+                    REJECTED_MAXLEN,
+                    "*",
+                    "queue",
+                    queue,
+                    "entry",
+                    entry_id,
+                    "reason",
+                    reason,
+                    "fields",
+                    raw,
+                )
+            ]
+        )
+        self.rt.count("malformed")
+        self.rt.ack(queue, entry_id)
+
+    def _handle_claim(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed) -> None:
+        assert self.rt is not None
+        fields = {"run_id": dispatch.run, "step": dispatch.step, "entry": entry_id}
+        if claimed.code != "RUN":
+            self._skip(queue, entry_id, claimed, fields)
+            return
+        if claimed.crashed_now:
+            self.rt.count("crashes")
+            log.warning(
+                "previous attempt crashed; resuming from the last persisted step",
+                extra={**fields, "crashes": claimed.crashes, "has_stash": claimed.snapshot is not None},
+            )
+        execution = StepExecution(self.rt, queue, entry_id, dispatch, claimed, self.workflows.get(dispatch.wf))
+        task = asyncio.create_task(execution.run(), name=f"step:{dispatch.run}:{dispatch.step}")
+        self._tasks.add(task)
+        self._executions[execution.token] = execution
+        task.add_done_callback(lambda t, token=execution.token: self._finished(t, token))
+
+    def _skip(self, queue: str, entry_id: str, claimed: Claimed, fields: dict[str, str]) -> None:
+        assert self.rt is not None
+        counter = {"DUP": "duplicates", "QUARANTINED": "quarantined", "BUSY": "busy"}.get(claimed.code)
+        if counter:
+            self.rt.count(counter)
+        level = logging.WARNING if claimed.code in ("QUARANTINED", "MISSING", "WRONG_WF") else logging.INFO
+        log.log(level, f"entry not run: {claimed.code.lower()}", extra={**fields, "detail": claimed.detail})
+        self.rt.ack(queue, entry_id)
+
+    def _finished(self, task: asyncio.Task[None], token: str) -> None:
+        self._tasks.discard(task)
+        self._executions.pop(token, None)
+        if self._slot_freed:
+            self._slot_freed.set()
+        if not task.cancelled() and task.exception():
+            log.error("step execution crashed inside the worker", exc_info=task.exception(), extra={"token": token})
+
+    # -- retries --------------------------------------------------------------------------
+
+    async def _promote_loop(self) -> None:
+        """Move due retries from each queue's delayed set onto its stream."""
+        assert self.rt is not None
+        while True:
+            await asyncio.sleep(self.settings.promote_interval_s)
+            try:
+                await promote_due(self.rt.batcher, self.store, self.queues)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("promoting due retries failed", extra={"error": str(exc)})
+
+
+async def promote_due(batcher: Batcher, store: Store, queues: Sequence[str]) -> int:
+    """Enqueue every due retry of ``queues``; returns how many this call moved."""
+    dues = await batcher.call_many([store.due(queue=q, limit=200) for q in queues])
+    calls = []
+    for queue, members in zip(queues, dues, strict=True):
+        if isinstance(members, BaseException):
+            raise members
+        for member in members:
+            run_id, step, visit = parse_delayed_member(member)
+            calls.append(store.promote(queue=queue, run_id=run_id, step=step, visit=visit))
+    if not calls:
+        return 0
+    return sum(1 for reply in await batcher.call_many(calls) if isinstance(reply, str) and reply)

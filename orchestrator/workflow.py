@@ -1,0 +1,229 @@
+"""Workflow definitions: named steps run in declaration order, with branches and loops by ``Goto``.
+
+A step is a plain function ``(ctx, state) -> update``; sync or async, no determinism rules,
+because the orchestrator restores persisted state and never replays user code. What a step
+returns is merged into the run's state (shallow: top-level fields are replaced) and validated
+against the workflow's pydantic state model before it is persisted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import pydantic
+import pydantic_core
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.codec import STEP_NAME, WORKFLOW_NAME, describe_validation_error
+from orchestrator.errors import DefinitionError, StepResultError, ValidationError
+from orchestrator.keys import QUEUE_PATTERN
+from orchestrator.retry import Retry
+
+if TYPE_CHECKING:
+    from orchestrator.context import StepContext
+
+S = TypeVar("S", bound=BaseModel)
+StepFn = Callable[["StepContext", Any], Any]
+
+
+class FreeState(BaseModel):
+    """The state model of a workflow declared without one: any JSON object."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+@dataclass(frozen=True)
+class Goto:
+    """Return from a step to continue at ``step`` (any step, earlier ones included: a loop)."""
+
+    step: str
+    update: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class End:
+    """Return from a step to finish the run now, after applying ``update``."""
+
+    update: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StepDef:
+    """One registered step and its policies."""
+
+    name: str
+    fn: StepFn
+    is_async: bool
+    retry: Retry
+    timeout_s: float | None
+    heartbeat_timeout_s: float | None
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """A step's return value, normalised: the update to merge and where to go next."""
+
+    update: dict[str, Any]
+    next_step: str | None  # None: the run is complete
+
+
+@dataclass
+class Workflow(Generic[S]):
+    """A named sequence of steps over a state model.
+
+    >>> flow = Workflow("research", state=Research)
+    >>> @flow.step(retry=Retry(max_attempts=5))
+    ... def find(ctx, state): return {"competitors": ["a"]}
+    """
+
+    name: str
+    state: type[S] = FreeState  # type: ignore[assignment]
+    queue: str = "default"
+    steps: list[StepDef] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not re.match(WORKFLOW_NAME, self.name):
+            raise DefinitionError(
+                f"workflow name {self.name!r} is invalid: expected 1-100 characters of A-Z a-z 0-9 _ . -"
+            )
+        if not QUEUE_PATTERN.match(self.queue):
+            raise DefinitionError(
+                f"queue {self.queue!r} of workflow {self.name!r} is invalid: expected 1-100 of A-Z a-z 0-9 _ . : -"
+            )
+        if not (isinstance(self.state, type) and issubclass(self.state, BaseModel)):
+            raise DefinitionError(f"state of workflow {self.name!r} must be a pydantic BaseModel subclass")
+
+    def step(
+        self,
+        fn: StepFn | None = None,
+        *,
+        name: str | None = None,
+        retry: Retry | None = None,
+        timeout_s: float | None = None,
+        heartbeat_timeout_s: float | None = None,
+    ) -> Any:
+        """Register a step; usable as ``@flow.step`` or ``@flow.step(retry=...)``.
+
+        ``timeout_s`` bounds one attempt. ``heartbeat_timeout_s`` makes the step prove
+        progress: if it does not call ``ctx.heartbeat()`` that often, its lease is let go and
+        another worker takes the step over (the late result of this attempt is then fenced off).
+        """
+
+        def register(func: StepFn) -> StepFn:
+            self._add(func, name or func.__name__, retry or Retry(), timeout_s, heartbeat_timeout_s)
+            return func
+
+        return register(fn) if fn is not None else register
+
+    def _add(
+        self, fn: StepFn, name: str, retry: Retry, timeout_s: float | None, heartbeat_timeout_s: float | None
+    ) -> None:
+        where = f"step {name!r} of workflow {self.name!r}"
+        if not re.match(STEP_NAME, name):
+            raise DefinitionError(f"{where}: name is invalid, expected a Python identifier of up to 100 chars")
+        if any(s.name == name for s in self.steps):
+            raise DefinitionError(f"{where} is defined twice")
+        if not callable(fn):
+            raise DefinitionError(f"{where}: {fn!r} is not callable")
+        params = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(params) != 2:
+            raise DefinitionError(f"{where}: expected a function of (ctx, state), got {len(params)} parameters")
+        for label, value in (("timeout_s", timeout_s), ("heartbeat_timeout_s", heartbeat_timeout_s)):
+            if value is not None and value <= 0:
+                raise DefinitionError(f"{where}: {label}={value} must be positive")
+        is_async = inspect.iscoroutinefunction(fn)
+        self.steps.append(StepDef(name, fn, is_async, retry, timeout_s, heartbeat_timeout_s))
+
+    # -- lookups --------------------------------------------------------------------------
+
+    @property
+    def first_step(self) -> str:
+        if not self.steps:
+            raise DefinitionError(f"workflow {self.name!r} has no steps")
+        return self.steps[0].name
+
+    def get_step(self, name: str) -> StepDef:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        known = ", ".join(s.name for s in self.steps)
+        raise DefinitionError(f"step {name!r} is not in workflow {self.name!r} (steps: {known})")
+
+    def step_after(self, name: str) -> str | None:
+        names = [s.name for s in self.steps]
+        index = names.index(name)
+        return names[index + 1] if index + 1 < len(names) else None
+
+    # -- state ----------------------------------------------------------------------------
+
+    def validate_input(self, data: Any) -> S:
+        """Validate submit input against the state model; the error names each bad field."""
+        if isinstance(data, self.state):
+            return data
+        try:
+            return self.state.model_validate(data)
+        except pydantic.ValidationError as exc:
+            raise ValidationError(describe_validation_error(exc, what=f"input of workflow {self.name!r}")) from None
+
+    def load_state(self, fields: Mapping[str, Any]) -> S:
+        """Build the state model from stored fields (already JSON-decoded)."""
+        try:
+            return self.state.model_validate(fields)
+        except pydantic.ValidationError as exc:
+            raise ValidationError(
+                describe_validation_error(exc, what=f"stored state of workflow {self.name!r}")
+            ) from None
+
+    def json_fields(self, state: S, names: Any, *, what: str) -> dict[str, Any]:
+        """JSON-ready values of the named top-level fields of ``state``."""
+        try:
+            dumped = state.model_dump(mode="json")
+        except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
+            raise StepResultError(f"{what} is not JSON-serializable: {exc}") from None
+        return {name: dumped[name] for name in names}
+
+    def interpret(self, step: StepDef, returned: Any) -> StepOutcome:
+        """Normalise what a step returned into an update and the next step (pure)."""
+        where = f"step {step.name!r} of workflow {self.name!r}"
+        next_step: str | None = self.step_after(step.name)
+        if isinstance(returned, Goto):
+            self.get_step(returned.step)  # raises a DefinitionError naming the known steps
+            next_step, returned = returned.step, returned.update
+        elif isinstance(returned, End):
+            next_step, returned = None, returned.update
+        if returned is None:
+            update: dict[str, Any] = {}
+        elif isinstance(returned, BaseModel) or isinstance(returned, Mapping):
+            update = dict(returned)
+        else:
+            raise StepResultError(
+                f"{where} returned {type(returned).__name__}; expected a dict of state updates, "
+                "None, Goto(step, update) or End(update)"
+            )
+        bad_keys = [k for k in update if not isinstance(k, str)]
+        if bad_keys:
+            raise StepResultError(f"{where} returned non-string keys {bad_keys!r}")
+        return StepOutcome(update=update, next_step=next_step)
+
+    def merge(self, state: S, update: Mapping[str, Any], *, where: str) -> S:
+        """Apply an update to a state and validate the result; unknown fields are an error."""
+        if self.state.model_config.get("extra") != "allow":
+            unknown = sorted(set(update) - set(self.state.model_fields))
+            if unknown:
+                raise StepResultError(
+                    f"{where} returned unknown field(s) {unknown}; the state model "
+                    f"{self.state.__name__} has: {sorted(self.state.model_fields)}"
+                )
+        merged = {**state.model_dump(), **update}
+        try:
+            return self.state.model_validate(merged)
+        except pydantic.ValidationError as exc:
+            raise StepResultError(describe_validation_error(exc, what=f"state update from {where}")) from None

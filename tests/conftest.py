@@ -1,0 +1,59 @@
+"""Fixtures: real redis-server processes on free loopback ports, one namespace per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from orchestrator.embedded import RedisServer
+from orchestrator.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One server for the session; tests stay apart by namespace, not by FLUSHALL."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"), appendfsync=None).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of the test's own, with AOF, for tests that kill or restart Redis."""
+    server = RedisServer(tmp_path / "redis", appendfsync="always").start()
+    yield server
+    server.kill()
+
+
+def fast_settings(url: str, **overrides: object) -> Settings:
+    """Short timings so recovery paths run in about a second."""
+    values: dict[str, object] = {
+        "redis_url": url,
+        "namespace": f"t{uuid.uuid4().hex[:10]}",
+        "heartbeat_interval_s": 0.1,
+        "lease_s": 0.8,
+        "reclaim_interval_s": 0.1,
+        "sweep_interval_s": 0.3,
+        "sweep_after_s": 1.0,
+        "block_ms": 50,
+        "promote_interval_s": 0.05,
+        "drain_grace_s": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer) -> Settings:
+    return fast_settings(redis_server.url)
+
+
+@pytest.fixture
+def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    client.close()

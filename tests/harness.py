@@ -1,0 +1,128 @@
+"""Run workers and supervisors for tests: in threads (fast) or as real processes (for kill -9)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from orchestrator import Settings, Supervisor, Worker, Workflow
+from orchestrator.keys import Keys
+from tests.helpers import wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def worker_thread(workflows: Sequence[Workflow[Any]], settings: Settings, **kwargs: Any) -> Iterator[Worker]:
+    """A worker on a background thread; stopped gracefully at the end of the block."""
+    worker = Worker(workflows, settings, **kwargs)
+    thread = threading.Thread(target=worker.run, name=f"worker-{worker.id}", daemon=True)
+    thread.start()
+    client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    try:
+        wait_until(
+            lambda: client.zscore(Keys(settings.namespace).workers, worker.id) is not None, what="worker registered"
+        )
+        yield worker
+    finally:
+        client.close()
+        worker.shutdown()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "worker thread did not stop"
+
+
+@contextmanager
+def supervisor_thread(settings: Settings, **kwargs: Any) -> Iterator[Supervisor]:
+    supervisor = Supervisor(settings, **kwargs)
+    thread = threading.Thread(target=supervisor.run, name="supervisor", daemon=True)
+    thread.start()
+    try:
+        yield supervisor
+    finally:
+        supervisor.shutdown()
+        thread.join(timeout=30)
+
+
+def process_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment that makes a subprocess use ``settings`` (ORCHESTRATOR_* variables)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_") and k != "REDIS_URL"}
+    for name in (
+        "namespace",
+        "heartbeat_interval_s",
+        "lease_s",
+        "reclaim_interval_s",
+        "sweep_interval_s",
+        "sweep_after_s",
+        "block_ms",
+        "promote_interval_s",
+        "drain_grace_s",
+        "max_crashes",
+        "concurrency",
+    ):
+        env[f"ORCHESTRATOR_{name.upper()}"] = str(getattr(settings, name))
+    env["ORCHESTRATOR_REDIS_URL"] = settings.redis_url or ""
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A real ``orchestrator`` subprocess whose output goes to a log file."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", *args], env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """kill -9."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGKILL)
+        self.wait()
+
+    def signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def wait(self, timeout_s: float = 30) -> int:
+        code = self.popen.wait(timeout=timeout_s)
+        self._log.close()
+        return code
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_worker(
+    settings: Settings,
+    tmp: Path,
+    spec: str = "workers.testflows:ALL",
+    *,
+    name: str = "w",
+    faults: str = "",
+    args: Sequence[str] = (),
+) -> Proc:
+    env = process_env(settings, ORCHESTRATOR_FAULTS=faults)
+    return Proc(["worker", spec, *args], env, tmp / f"{name}.log")
+
+
+def start_supervisor(settings: Settings, tmp: Path, *, name: str = "sup", faults: str = "") -> Proc:
+    env = process_env(settings, ORCHESTRATOR_FAULTS=faults)
+    return Proc(["supervisor"], env, tmp / f"{name}.log")

@@ -1,0 +1,350 @@
+"""Each Lua script against a real redis-server, including the replayed and duplicate cases."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from orchestrator import scripts
+from orchestrator.codec import Dispatch
+from orchestrator.keys import GROUP, Keys
+from orchestrator.settings import Settings
+from orchestrator.store import Claimed, Outcome, Store
+
+
+class Ops:
+    """Drives the scripts for one run the way a worker would."""
+
+    def __init__(self, r: redis.Redis, settings: Settings, run_id: str = "r1") -> None:
+        self.r, self.keys = r, Keys(settings.namespace)
+        self.store = Store(self.keys)
+        self.run_id = run_id
+        self.stream = self.keys.queue("q").stream
+        self.rk = self.keys.run(run_id)
+        try:
+            r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError:
+            pass
+
+    def x(self, *calls: Any) -> list[Any]:
+        return scripts.execute(self.r, list(calls))
+
+    def submit(self, digest: str = "d1") -> list[Any]:
+        call = self.store.submit(
+            run_id=self.run_id,
+            workflow="wf",
+            queue="q",
+            first_step="a",
+            input_sha=digest,
+            event='{"detail":"x"}',
+            state={"n": "0"},
+        )
+        return self.x(call)[0]
+
+    def read(self, consumer: str = "c1") -> list[tuple[str, Dispatch]]:
+        reply = self.r.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=10)
+        return [(eid, Dispatch.model_validate(f)) for _, entries in reply for eid, f in entries]
+
+    def claim(self, eid: str, d: Dispatch, worker: str = "w1", lease_ms: int = 5000, max_crashes: int = 3) -> Claimed:
+        call = self.store.claim(
+            dispatch=d, entry_id=eid, token=f"{worker}:{eid}", worker=worker, lease_ms=lease_ms, max_crashes=max_crashes
+        )
+        return Claimed.parse(self.x(call)[0])
+
+    def commit(
+        self,
+        eid: str,
+        d: Dispatch,
+        worker: str = "w1",
+        next_step: str | None = "b",
+        state: dict[str, str] | None = None,
+    ) -> Outcome:
+        call = self.store.commit(
+            dispatch=d,
+            queue="q",
+            token=f"{worker}:{eid}",
+            record=f'{{"by":"{worker}"}}',
+            event='{"step":"a"}',
+            next_step=next_step,
+            duration_ms=5,
+            state=state or {"n": "1"},
+        )
+        return Outcome.parse(self.x(call)[0])
+
+    def fail(self, eid: str, d: Dispatch, delay_ms: int | None, worker: str = "w1") -> Outcome:
+        call = self.store.fail(
+            dispatch=d,
+            queue="q",
+            token=f"{worker}:{eid}",
+            event='{"step":"a"}',
+            kind="error",
+            retry_delay_ms=delay_ms,
+            error='{"type":"E","message":"m"}',
+        )
+        return Outcome.parse(self.x(call)[0])
+
+    def run(self) -> dict[str, str]:
+        return self.r.hgetall(self.rk.run)
+
+    def history_types(self) -> list[str]:
+        import json
+
+        return [json.loads(e)["type"] for e in self.r.lrange(self.rk.history, 0, -1)]
+
+
+@pytest.fixture
+def ops(r: redis.Redis, settings: Settings) -> Ops:
+    return Ops(r, settings)
+
+
+def test_submit_creates_once_and_reports_the_existing_run(ops: Ops) -> None:
+    created = ops.submit()
+    assert created[0] == 1
+    assert ops.submit() == [0, "wf", "d1", "pending"]
+    assert ops.submit(digest="other") == [0, "wf", "d1", "pending"]
+    assert ops.r.xlen(ops.stream) == 1
+    assert ops.r.hgetall(ops.rk.state) == {"n": "0"}
+    assert ops.r.zscore(ops.keys.active, "r1") is not None
+
+
+def test_claim_issues_increasing_fences_and_returns_state(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    c = ops.claim(eid, d)
+    assert (c.code, c.fence, c.attempt, c.state) == ("RUN", 1, 1, {"n": "0"})
+    again = ops.claim(eid, d)  # the same claim retried after a lost reply: same answer, nothing new
+    assert (again.code, again.fence, again.attempt) == ("RUN", 1, 1)
+    assert ops.claim(eid, d, worker="w2").code == "BUSY"  # a live lease blocks another claim
+    assert ops.r.get(ops.rk.lease) == "1"
+
+
+def test_claim_after_a_lapsed_lease_counts_a_crash_and_gets_a_higher_fence(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    assert ops.claim(eid, d, lease_ms=50).fence == 1
+    time.sleep(0.1)
+    c = ops.claim(eid, d, worker="w2")
+    assert (c.code, c.fence, c.attempt, c.crashes, c.crashed_now) == ("RUN", 2, 2, 1, True)
+    assert "crashed" in ops.history_types()
+
+
+def test_claim_quarantines_a_step_after_max_crashes(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    for i in range(2):
+        assert ops.claim(eid, d, worker=f"w{i}", lease_ms=20, max_crashes=2).code == "RUN"
+        time.sleep(0.05)
+    c = ops.claim(eid, d, worker="w9", max_crashes=2)
+    assert c.code == "QUARANTINED"
+    run = ops.run()
+    assert run["status"] == "failed" and "Quarantined" in run["error"]
+    assert ops.r.zscore(ops.keys.dead, "r1") is not None and ops.r.zscore(ops.keys.active, "r1") is None
+
+
+def test_commit_persists_once_advances_and_enqueues_the_next_step(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    out = ops.commit(eid, d)
+    assert out.code == "OK" and out.detail[0] == "b" and out.detail[1] == 1
+    assert ops.r.hget(ops.rk.results, "r1:a") == '{"by":"w1"}'
+    assert ops.r.hgetall(ops.rk.state) == {"n": "1"}
+    assert ops.r.exists(ops.rk.lease) == 0
+    run = ops.run()
+    assert (run["step"], run["visit"], run["seq"], run["claim"]) == ("b", "1", "1", "")
+    # the same commit again (lost reply): a replay, nothing changes
+    assert ops.commit(eid, d).code == "REPLAY"
+    # a duplicate delivery of the committed step: claim says DUP, never runs it
+    assert ops.claim(eid, d, worker="w2").code == "DUP"
+    # a stale commit from another claim never overwrites the persisted result
+    assert ops.commit(eid, d, worker="w2", state={"n": "99"}).code == "DUP"
+    assert ops.r.hget(ops.rk.results, "r1:a") == '{"by":"w1"}' and ops.r.hget(ops.rk.state, "n") == "1"
+
+
+def test_commit_of_a_replaced_claim_is_fenced_and_counted(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d, lease_ms=30)
+    time.sleep(0.06)
+    assert ops.claim(eid, d, worker="w2").fence == 2
+    out = ops.commit(eid, d, worker="w1")
+    assert out.code == "FENCED" and out.detail[0] == 2
+    assert ops.r.hexists(ops.rk.results, "r1:a") == 0
+    assert ops.run()["fenced"] == "1" and "fenced" in ops.history_types()
+    assert ops.commit(eid, d, worker="w2").code == "OK"
+
+
+def test_commit_of_the_last_step_completes_the_run(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    assert ops.commit(eid, d, next_step=None).code == "OK"
+    assert ops.run()["status"] == "completed"
+    assert ops.r.zscore(ops.keys.done, "r1") is not None and ops.r.zscore(ops.keys.active, "r1") is None
+
+
+def test_fail_schedules_a_retry_or_dead_letters_and_replays_safely(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    out = ops.fail(eid, d, delay_ms=0)
+    assert out.code == "RETRY"
+    assert ops.fail(eid, d, delay_ms=0).code == "REPLAY"
+    assert ops.run()["status"] == "retrying" and ops.r.zcard(ops.keys.queue("q").delayed) == 1
+    due = ops.x(ops.store.due(queue="q", limit=10))[0]
+    assert due == ["r1|a|1"]
+    new_id = ops.x(ops.store.promote(queue="q", run_id="r1", step="a", visit=1))[0]
+    assert new_id and ops.x(ops.store.promote(queue="q", run_id="r1", step="a", visit=1))[0] == ""
+    ops.r.xack(ops.stream, GROUP, eid)
+    ((eid2, d2),) = ops.read()
+    assert eid2 == new_id
+    c = ops.claim(eid2, d2)
+    assert (c.attempt, c.errors, c.fence) == (2, 1, 2)
+    assert ops.fail(eid2, d2, delay_ms=None).code == "FAILED"
+    run = ops.run()
+    assert run["status"] == "failed" and ops.r.zscore(ops.keys.dead, "r1") is not None
+
+
+def test_retry_run_re_drives_a_failed_run_with_the_same_idempotency_key(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    ops.fail(eid, d, delay_ms=None)
+    out = Outcome.parse(ops.x(ops.store.retry(run_id="r1", queue="q", reason="x"))[0])
+    assert out.code == "RETRIED" and out.detail[1:] == ("a", 1)
+    assert Outcome.parse(ops.x(ops.store.retry(run_id="r1", queue="q", reason="x"))[0]).code == "NOT_FAILED"
+    ops.r.xack(ops.stream, GROUP, eid)
+    ((eid2, d2),) = ops.read()
+    assert (d2.step, d2.visit) == ("a", 1)
+    assert ops.claim(eid2, d2).code == "RUN" and ops.r.zscore(ops.keys.dead, "r1") is None
+
+
+def test_cancel_ends_the_run_and_refuses_the_running_steps_commit(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    assert Outcome.parse(ops.x(ops.store.cancel(run_id="r1", queue="q", reason="x"))[0]).code == "CANCELLED"
+    assert ops.x(ops.store.renew(run_id="r1", fence=1, lease_ms=1000))[0] == 0
+    assert ops.commit(eid, d).code == "TERMINAL"
+    assert Outcome.parse(ops.x(ops.store.cancel(run_id="r1", queue="q", reason="x"))[0]).code == "TERMINAL"
+
+
+def test_renew_and_stash_only_work_for_the_live_claim(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d, lease_ms=1000)
+    assert ops.x(ops.store.renew(run_id="r1", fence=1, lease_ms=5000))[0] == 1
+    assert ops.r.pttl(ops.rk.lease) > 1000
+    assert ops.x(ops.store.renew(run_id="r1", fence=7, lease_ms=5000))[0] == 0
+    assert ops.x(ops.store.stash(run_id="r1", token=f"w1:{eid}", idem_key="r1:a", snapshot='{"k":1}'))[0] == 1
+    assert ops.x(ops.store.stash(run_id="r1", token="other", idem_key="r1:a", snapshot='{"k":2}'))[0] == 0
+    assert ops.r.hget(ops.rk.stash, "r1:a") == '{"k":1}'
+
+
+def test_a_crashed_claim_gets_its_stash_back_and_commit_clears_it(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d, lease_ms=30)
+    ops.x(ops.store.stash(run_id="r1", token=f"w1:{eid}", idem_key="r1:a", snapshot='{"k":1}'))
+    time.sleep(0.06)
+    c = ops.claim(eid, d, worker="w2")
+    assert c.snapshot == '{"k":1}'
+    ops.commit(eid, d, worker="w2")
+    assert ops.r.hexists(ops.rk.stash, "r1:a") == 0
+
+
+def test_release_re_enqueues_without_counting_a_crash(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    out = Outcome.parse(ops.x(ops.store.release(run_id="r1", queue="q", token=f"w1:{eid}", event='{"step":"a"}'))[0])
+    assert out.code == "RELEASED"
+    assert (
+        Outcome.parse(ops.x(ops.store.release(run_id="r1", queue="q", token=f"w1:{eid}", event='{"step":"a"}'))[0]).code
+        == "NOT_OWNER"
+    )
+    ops.r.xack(ops.stream, GROUP, eid)
+    ((eid2, d2),) = ops.read()
+    c = ops.claim(eid2, d2, worker="w2")
+    assert (c.code, c.crashes, c.fence) == ("RUN", 0, 2)
+
+
+def test_redispatch_moves_a_dead_claims_entry_and_only_one_supervisor_wins(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d, lease_ms=1000)
+    call = ops.store.redispatch(queue="q", entry_id=eid, dispatch=d)
+    assert Outcome.parse(ops.x(call)[0]).code == "ALIVE"
+    ops.r.delete(ops.rk.lease)
+    first, second = (Outcome.parse(x) for x in ops.x(call, call))
+    assert first.code == "REDISPATCHED" and second.code == "GONE"
+    assert ops.r.xpending(ops.stream, GROUP)["pending"] == 0
+    ((eid2, d2),) = ops.read("c2")
+    assert eid2 == first.detail[0] and ops.claim(eid2, d2, worker="w2").crashed_now
+
+
+def test_redispatch_drops_entries_of_committed_steps(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    ops.commit(eid, d)  # committed, but the worker died before its XACK
+    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, dispatch=d))[0])
+    assert out.code == "DROPPED" and out.detail[0] == "committed"
+    assert ops.r.xlen(ops.stream) == 1  # only the next step's entry remains
+
+
+def test_sweep_repairs_a_run_whose_entry_vanished_and_leaves_healthy_runs_alone(ops: Ops) -> None:
+    ops.submit()
+    sweep = ops.store.sweep(run_id="r1", queue="q")
+    assert Outcome.parse(ops.x(sweep)[0]).code == "QUEUED"
+    ops.r.xtrim(ops.stream, maxlen=0)  # a misconfigured trimmer deletes the undelivered entry
+    out = Outcome.parse(ops.x(sweep)[0])
+    assert out.code == "REPAIRED" and out.detail[1] == "no queued entry"
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    assert Outcome.parse(ops.x(sweep)[0]).code == "ALIVE"
+    ops.r.delete(ops.rk.lease)
+    assert Outcome.parse(ops.x(sweep)[0]).code == "QUEUED"  # pending: the reclaimer's job
+    ops.r.xack(ops.stream, GROUP, eid)  # acked without progress (e.g. a lost write after failover)
+    assert Outcome.parse(ops.x(sweep)[0]).detail[1] == "entry acked without progress"
+
+
+def test_sweep_repairs_a_missing_scheduled_retry(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    ops.fail(eid, d, delay_ms=60_000)
+    sweep = ops.store.sweep(run_id="r1", queue="q")
+    assert Outcome.parse(ops.x(sweep)[0]).code == "SCHEDULED"
+    ops.r.delete(ops.keys.queue("q").delayed)
+    assert Outcome.parse(ops.x(sweep)[0]).detail[1] == "scheduled retry missing"
+    assert ops.run()["status"] == "running"
+
+
+def test_purge_deletes_only_old_finished_runs(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    ops.commit(eid, d, next_step=None)
+    finished = int(ops.run()["finished_ms"])
+    assert ops.x(ops.store.purge(run_id="r1", cutoff_ms=finished - 1))[0] == 0
+    assert ops.x(ops.store.purge(run_id="r1", cutoff_ms=finished))[0] == 1
+    assert not ops.r.exists(ops.rk.run, ops.rk.state, ops.rk.results, ops.rk.history)
+
+
+def test_scripts_reload_after_the_script_cache_is_flushed(ops: Ops) -> None:
+    ops.submit()
+    ops.r.script_flush()
+    assert ops.submit()[0] == 0
+
+
+def test_heartbeat_and_leader_use_the_server_clock(ops: Ops) -> None:
+    now = ops.x(ops.store.heartbeat(worker="w1", ttl_ms=1000, info={"pid": "1"}))[0]
+    assert abs(now - ops.r.time()[0] * 1000) < 2000
+    assert ops.r.zscore(ops.keys.workers, "w1") == now
+    assert ops.x(ops.store.leader(candidate="a", lease_ms=1000))[0] == 1
+    assert ops.x(ops.store.leader(candidate="b", lease_ms=1000))[0] == 0
+    assert ops.x(ops.store.leader(candidate="a", lease_ms=1000))[0] == 1

@@ -1,0 +1,260 @@
+"""Pure logic: retry policy, routing, state merging, keys, settings, codec, fault rules."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+import orchestrator
+from orchestrator import End, Goto, NonRetryableError, Retry, Settings, Workflow
+from orchestrator.codec import Dispatch, dumps
+from orchestrator.connection import parse_sentinel_url, redact_url
+from orchestrator.errors import DefinitionError, PayloadTooLarge, StepResultError, ValidationError
+from orchestrator.faults import Faults, InjectedFault
+from orchestrator.keys import Keys, delayed_member, idempotency_key, parse_delayed_member
+
+ROOT = Path(orchestrator.__file__).parent
+
+
+# -- retry ------------------------------------------------------------------------------
+
+
+def test_backoff_grows_exponentially_to_the_cap_with_bounded_jitter() -> None:
+    policy = Retry(max_attempts=10, backoff_s=1.0, multiplier=2.0, backoff_max_s=10.0, jitter=0.5)
+    rng = random.Random(7)
+    for failures, base in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (9, 10.0)]:
+        for _ in range(50):
+            delay = policy.delay_s(failures, rng)
+            assert base * 0.5 <= delay <= base
+
+
+def test_decide_stops_at_max_attempts_and_on_non_retryable_errors() -> None:
+    policy = Retry(max_attempts=3, non_retryable=(KeyError,))
+    assert policy.decide(RuntimeError("x"), 1) is not None
+    assert policy.decide(RuntimeError("x"), 2) is not None
+    assert policy.decide(RuntimeError("x"), 3) is None
+    assert policy.decide(KeyError("x"), 1) is None
+    assert policy.decide(NonRetryableError("x"), 1) is None
+    assert policy.decide(StepResultError("x"), 1) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"max_attempts": 0}, "max_attempts=0"),
+        ({"jitter": 2}, "jitter=2"),
+        ({"multiplier": 0.5}, "multiplier=0.5"),
+        ({"non_retryable": ("x",)}, "exception class"),
+    ],
+)
+def test_invalid_retry_policy_names_the_field(kwargs: dict[str, object], fragment: str) -> None:
+    with pytest.raises(DefinitionError, match=re.escape(fragment)):
+        Retry(**kwargs)  # type: ignore[arg-type]
+
+
+# -- workflow definitions and routing ---------------------------------------------------
+
+
+class S(BaseModel):
+    n: int = 0
+    tags: list[str] = []
+
+
+def make() -> Workflow[S]:
+    wf = Workflow("w", state=S)
+
+    @wf.step
+    def a(ctx: object, s: S) -> dict[str, int]:
+        return {"n": 1}
+
+    @wf.step
+    async def b(ctx: object, s: S) -> None:
+        return None
+
+    @wf.step
+    def c(ctx: object, s: S) -> None:
+        return None
+
+    return wf
+
+
+def test_steps_run_in_declaration_order_and_goto_and_end_route() -> None:
+    wf = make()
+    a, b, c = wf.steps
+    assert wf.first_step == "a" and b.is_async and not a.is_async
+    assert wf.interpret(a, {"n": 1}).next_step == "b"
+    assert wf.interpret(c, None).next_step is None
+    assert wf.interpret(b, Goto("a", {"n": 2})).next_step == "a"
+    assert wf.interpret(b, Goto("a", {"n": 2})).update == {"n": 2}
+    assert wf.interpret(a, End({"n": 3})).next_step is None
+
+
+def test_goto_to_an_unknown_step_names_the_known_steps() -> None:
+    wf = make()
+    with pytest.raises(DefinitionError, match=r"step 'zzz' is not in workflow 'w' \(steps: a, b, c\)"):
+        wf.interpret(wf.steps[0], Goto("zzz"))
+
+
+def test_a_step_returning_a_non_mapping_is_a_clear_error() -> None:
+    wf = make()
+    with pytest.raises(StepResultError, match="returned int; expected a dict"):
+        wf.interpret(wf.steps[0], 42)
+
+
+def test_merge_rejects_unknown_fields_and_bad_types_naming_them() -> None:
+    wf = make()
+    with pytest.raises(StepResultError, match=r"unknown field\(s\) \['nope'\]"):
+        wf.merge(S(), {"nope": 1}, where="step a")
+    with pytest.raises(StepResultError, match="n: Input should be a valid integer"):
+        wf.merge(S(), {"n": "many"}, where="step a")
+    assert wf.merge(S(n=1, tags=["x"]), {"n": 2}, where="a") == S(n=2, tags=["x"])
+
+
+def test_definition_errors_are_caught_when_the_workflow_is_declared() -> None:
+    wf = make()
+    with pytest.raises(DefinitionError, match="defined twice"):
+        wf.step(lambda ctx, s: None, name="a")
+    with pytest.raises(DefinitionError, match="expected a function of \\(ctx, state\\)"):
+        wf.step(lambda ctx: None, name="d")
+    with pytest.raises(DefinitionError, match="workflow name"):
+        Workflow("bad name")
+    with pytest.raises(DefinitionError, match="queue"):
+        Workflow("ok", queue="{bad}")
+
+
+def test_input_validation_names_the_field_and_value() -> None:
+    with pytest.raises(ValidationError, match=r"input of workflow 'w' is invalid: n: .*\(got 'x'\)"):
+        make().validate_input({"n": "x"})
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+def test_every_key_of_a_run_shares_its_hash_tag() -> None:
+    rk = Keys("orch").run("acme-q4")
+    for key in vars(rk).values():
+        assert "{acme-q4}" in key
+    qk = Keys("orch").queue("default")
+    assert "{default}" in qk.stream and "{default}" in qk.delayed
+
+
+def test_idempotency_key_is_run_and_step_plus_visit_after_the_first() -> None:
+    assert idempotency_key("r", "send", 1) == "r:send"
+    assert idempotency_key("r", "send", 3) == "r:send:3"
+    assert parse_delayed_member(delayed_member("a:b@c", "s", 2)) == ("a:b@c", "s", 2)
+
+
+def test_the_key_prefix_literal_appears_only_in_keys_py() -> None:
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if path.name == "keys.py":
+            continue
+        text = path.read_text()
+        if re.search(r"""["'][^"'\n]*:(run|queue|runs|fleet|stats|rejected):\{""", text):
+            offenders.append(str(path))
+    for path in (ROOT / "scripts").glob("*.lua"):
+        if re.search(r"""['"]\w+:(run|queue|runs):""", path.read_text()):
+            offenders.append(str(path))
+    assert offenders == []
+
+
+# -- settings, urls, codec, faults ------------------------------------------------------
+
+
+def test_settings_refuse_a_lease_that_heartbeats_cannot_keep_alive() -> None:
+    with pytest.raises(ValueError, match=r"lease_s \(2.0\) must be more than 3 x heartbeat_interval_s"):
+        Settings(lease_s=2.0, heartbeat_interval_s=1.0)
+    with pytest.raises(ValueError, match="namespace"):
+        Settings(namespace="a b")
+
+
+def test_settings_read_env_and_plain_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://:secret@h:1/0")
+    monkeypatch.setenv("ORCHESTRATOR_LEASE_S", "9")
+    s = Settings()
+    assert s.redis_url == "redis://:secret@h:1/0" and s.lease_s == 9
+    assert "secret" not in repr(s) and "secret" not in s.redacted_url
+
+
+def test_redact_url_hides_passwords() -> None:
+    assert redact_url("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redact_url("rediss://:pw@host/0") == "rediss://:***@host/0"
+    assert redact_url("redis://host/0?password=pw") == "redis://host/0?password=***"
+
+
+def test_sentinel_url_parsing() -> None:
+    t = parse_sentinel_url("redis+sentinel://:pw@s1:26379,s2:26380/mymaster/2")
+    assert t.hosts == [("s1", 26379), ("s2", 26380)] and t.service == "mymaster" and t.db == 2
+    assert t.password == "pw"
+
+
+def test_dumps_names_the_thing_that_is_not_json_or_too_large() -> None:
+    with pytest.raises(ValidationError, match="stash of x is not JSON-serializable"):
+        dumps(object(), what="stash of x")
+    with pytest.raises(PayloadTooLarge, match="over the limit of 2048"):
+        dumps("y" * 5000, what="input", limit=2048)
+
+
+def test_dispatch_refuses_malformed_entries() -> None:
+    Dispatch.model_validate({"run": "r", "wf": "w", "step": "s", "visit": "1"})
+    for bad in (
+        {},
+        {"run": "r{x}", "wf": "w", "step": "s", "visit": "1"},
+        {"run": "r", "wf": "w", "step": "s", "visit": "0"},
+        {"run": "r", "wf": "w", "step": "s", "visit": "1", "extra": "x"},
+    ):
+        with pytest.raises(Exception, match="validation error"):
+            Dispatch.model_validate(bad)
+
+
+def test_fault_rules_fire_only_when_armed_for_that_step_and_hit() -> None:
+    Faults("").hit("before_commit")
+    faults = Faults("before_commit=raise@s1#2")
+    faults.hit("before_commit", "s1")
+    faults.hit("before_commit", "s2")
+    with pytest.raises(InjectedFault):
+        faults.hit("before_commit", "s1")
+    faults.hit("before_commit", "s1")
+    with pytest.raises(ValueError, match="unknown"):
+        Faults("nowhere=kill")
+
+
+def test_public_api_is_pinned() -> None:
+    assert orchestrator.__all__ == sorted(orchestrator.__all__)
+    assert set(orchestrator.__all__) == {
+        "ClaimLost",
+        "Client",
+        "ConfigError",
+        "DefinitionError",
+        "End",
+        "Goto",
+        "InvalidTransition",
+        "NonRetryableError",
+        "OrchestratorError",
+        "PayloadTooLarge",
+        "Retry",
+        "Run",
+        "RunCancelled",
+        "RunConflict",
+        "RunFailed",
+        "RunHistory",
+        "RunInfo",
+        "RunNotFound",
+        "Settings",
+        "StepContext",
+        "StepResultError",
+        "Supervisor",
+        "ValidationError",
+        "WaitTimeout",
+        "Worker",
+        "Workflow",
+    }
+
+
+def test_no_pickle_anywhere_in_the_library() -> None:
+    for path in ROOT.rglob("*.py"):
+        assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle)", path.read_text(), re.M), path

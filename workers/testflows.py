@@ -1,0 +1,193 @@
+"""Deterministic workflows for tests, chaos runs and benchmarks (not shipped in the wheel).
+
+Every step records that it ran in a *ledger* kept in Redis outside the orchestrator's data
+model (keys ``testflows:<namespace>:*``), so a test can count executions even across a
+``kill -9``: the ledger write happens before the step returns, so it is never lost when the
+step's result is. The "receiver" is a fake downstream service that dedupes effects by the
+idempotency key, as the article asks real receivers to do.
+
+The ledger's Redis URL and namespace come from the worker's own environment
+(``ORCHESTRATOR_REDIS_URL``/``REDIS_URL`` and ``ORCHESTRATOR_NAMESPACE``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from functools import cache
+from typing import Any
+
+import redis
+from pydantic import BaseModel
+
+from orchestrator import Goto, NonRetryableError, Retry, StepContext, Workflow
+from orchestrator.faults import point
+
+
+@cache
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+def ledger_prefix(namespace: str) -> str:
+    return f"testflows:{namespace}"
+
+
+def _ledger() -> tuple[redis.Redis, str]:
+    url = os.environ.get("ORCHESTRATOR_REDIS_URL") or os.environ.get("REDIS_URL") or ""
+    return _redis(url), ledger_prefix(os.environ.get("ORCHESTRATOR_NAMESPACE", "orch"))
+
+
+def record_execution(ctx: StepContext) -> None:
+    """Count one execution of this step visit (by idempotency key) and note its fence."""
+    client, prefix = _ledger()
+    pipe = client.pipeline(transaction=False)
+    pipe.hincrby(f"{prefix}:executions", ctx.idempotency_key, 1)
+    pipe.rpush(f"{prefix}:fences:{ctx.idempotency_key}", ctx.fencing_token)
+    pipe.execute()
+
+
+def send_effect(ctx: StepContext, payload: str) -> bool:
+    """The fake receiver: counts every request, applies an effect once per idempotency key."""
+    client, prefix = _ledger()
+    client.hincrby(f"{prefix}:effect_requests", ctx.idempotency_key, 1)
+    return bool(client.hsetnx(f"{prefix}:effects", ctx.idempotency_key, payload))
+
+
+class Counter(BaseModel):
+    """State of the chain: a counter, how long each step sleeps, optional failure plan."""
+
+    i: int = 0
+    sleep_s: float = 0.0
+    steps: list[str] = []
+
+
+chain = Workflow("chain", state=Counter)
+
+
+def _chain_step(name: str) -> Any:
+    def step(ctx: StepContext, state: Counter) -> dict[str, Any]:
+        record_execution(ctx)
+        point("mid_step", ctx.step)
+        if state.sleep_s:
+            deadline = time.monotonic() + state.sleep_s
+            while time.monotonic() < deadline:
+                time.sleep(min(0.05, state.sleep_s))
+                ctx.heartbeat()
+        return {"i": state.i + 1, "steps": [*state.steps, name]}
+
+    step.__name__ = name
+    return step
+
+
+for _n in range(10):
+    chain.step(_chain_step(f"s{_n}"), retry=Retry(max_attempts=5, backoff_s=0.05))
+
+
+class Items(BaseModel):
+    items: list[str] = []
+    done: dict[str, str] = {}
+
+
+stashing = Workflow("stashing", state=Items)
+
+
+@stashing.step
+def process(ctx: StepContext, state: Items) -> dict[str, Any]:
+    """Handle items one by one, stashing after each: a crash resumes after the last stash."""
+    done = dict(ctx.snapshot or {})
+    client, prefix = _ledger()
+    for item in state.items:
+        if item in done:
+            continue
+        client.hincrby(f"{prefix}:items", item, 1)
+        done[item] = item.upper()
+        ctx.stash(done)
+        point("mid_step", ctx.step)
+    return {"done": done}
+
+
+class Mail(BaseModel):
+    to: str = "ops@example.com"
+    sent: bool = False
+    retries_left: int = 0
+
+
+effects = Workflow("effects", state=Mail)
+
+
+@effects.step(retry=Retry(max_attempts=5, backoff_s=0.05))
+def send(ctx: StepContext, state: Mail) -> dict[str, Any]:
+    record_execution(ctx)
+    send_effect(ctx, f"mail to {state.to}")
+    point("mid_step", ctx.step)
+    return {"sent": True}
+
+
+@effects.step
+def confirm(ctx: StepContext, state: Mail) -> None:
+    record_execution(ctx)
+
+
+poison = Workflow("poison", queue="poison")
+
+
+@poison.step
+def explode(ctx: StepContext, state: Any) -> None:
+    """Kills the worker running it, every time: the supervisor must quarantine it."""
+    record_execution(ctx)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Loop(BaseModel):
+    rounds: int = 3
+    seen: list[str] = []
+
+
+agent_loop = Workflow("agent_loop", state=Loop)
+
+
+@agent_loop.step
+def think(ctx: StepContext, state: Loop) -> dict[str, Any]:
+    record_execution(ctx)
+    return {"seen": [*state.seen, ctx.idempotency_key]}
+
+
+@agent_loop.step
+async def act(ctx: StepContext, state: Loop) -> Goto | dict[str, Any]:
+    record_execution(ctx)
+    await asyncio.sleep(0)
+    if len(state.seen) < state.rounds:
+        return Goto("think")
+    return {}
+
+
+@agent_loop.step
+def finish(ctx: StepContext, state: Loop) -> None:
+    if not state.seen:
+        raise NonRetryableError("nothing seen")
+
+
+class Slow(BaseModel):
+    seconds: float = 2.0
+    beat: bool = True
+
+
+slow = Workflow("slow", state=Slow)
+
+
+@slow.step(heartbeat_timeout_s=0.5, retry=Retry(max_attempts=3, backoff_s=0.05))
+def crawl(ctx: StepContext, state: Slow) -> dict[str, Any]:
+    """Runs for ``seconds``; heartbeats only when ``beat`` (else its lease is let go)."""
+    record_execution(ctx)
+    deadline = time.monotonic() + state.seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if state.beat:
+            ctx.heartbeat()
+    return {"beat": state.beat}
+
+
+ALL = [chain, stashing, effects, agent_loop, slow]
