@@ -31,7 +31,7 @@ from orchestrator.keys import RUN_ID_PATTERN, Keys
 from orchestrator.runs import STATUSES, RunHistory, RunInfo, group_attempts
 from orchestrator.settings import Settings
 from orchestrator.store import Outcome, Store
-from orchestrator.workflow import Workflow
+from orchestrator.workflow import FreeState, Workflow
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -124,10 +124,15 @@ class Client:
         return RunInfo.from_hash(run_id, h)
 
     def state(self, run_id: str, workflow: Workflow[S] | None = None) -> Any:
-        """The run's current state: a model instance with ``workflow``, else a plain dict."""
+        """The run's current state: a model instance with ``workflow``, else a plain dict.
+
+        A workflow declared without a state model also gets a plain dict.
+        """
         raw = self.redis.hgetall(self.keys.run(run_id).state)
         fields = {k: loads(v, what=f"state field {k!r} of run {run_id!r}") for k, v in raw.items()}
-        return workflow.load_state(fields) if workflow else fields
+        if workflow is None or workflow.state is FreeState:
+            return fields
+        return workflow.load_state(fields)
 
     def results(self, run_id: str) -> dict[str, StepRecord]:
         """Persisted step records by idempotency key."""

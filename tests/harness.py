@@ -80,10 +80,10 @@ class Proc:
 
     def __init__(self, args: Sequence[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", *args], env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator", *args], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
 
     @property
     def pid(self) -> int:
@@ -102,9 +102,7 @@ class Proc:
         self.popen.send_signal(signum)
 
     def wait(self, timeout_s: float = 30) -> int:
-        code = self.popen.wait(timeout=timeout_s)
-        self._log.close()
-        return code
+        return self.popen.wait(timeout=timeout_s)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -8,17 +8,18 @@
 -- ARGV[5] step record JSON  ARGV[6] attempt event body (JSON object)  ARGV[7] next step, '' = end
 -- ARGV[8] step duration ms  ARGV[9..] state field, JSON value pairs
 -- Returns {'OK', next step, visit, entry id} ({'OK', '', 0, ''} when the run completed) or
---   {'REPLAY'} (this claim's commit was already applied) | {'DUP'} (another claim committed) |
---   {'TERMINAL', status} | {'FENCED', fence of the live claim} | {'MISSING'}
-local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence', 'done_claim')
+--   {'REPLAY'} (this very commit was already applied: same record) |
+--   {'FENCED', fence of the live claim} (this claim was replaced: another claim holds the step
+--   or already committed it) | {'TERMINAL', status} | {'MISSING'}
+local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence')
 if not r[1] then return {'MISSING'} end
-if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then
-  if r[4] == ARGV[4] then return {'REPLAY'} end
-  return {'DUP'}
-end
-if TERMINAL[r[1]] then return {'TERMINAL', r[1]} end
+local stored = redis.call('HGET', KEYS[3], ARGV[3])
+if stored == ARGV[5] then return {'REPLAY'} end
+if not stored and TERMINAL[r[1]] then return {'TERMINAL', r[1]} end
 local now = now_ms()
-if r[2] ~= ARGV[4] then
+if stored or r[2] ~= ARGV[4] then
+  -- a claim is only issued while no result exists, so a result written by someone else, or
+  -- a different live claim, both mean this claim was replaced while it ran
   redis.call('HINCRBY', KEYS[1], 'fenced', 1)
   redis.call('RPUSH', KEYS[5], stamp('fenced', ARGV[6], now))
   return {'FENCED', tonumber(r[3])}

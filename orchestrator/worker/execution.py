@@ -334,9 +334,6 @@ class StepExecution:
                 log.info("run completed", extra=fields)
             else:
                 log.debug("step committed", extra=fields)
-        elif result.code == "DUP":
-            self.rt.count("duplicates")
-            log.info(f"{what} skipped: this step was already committed by another claim", extra=fields)
         elif result.code == "FENCED":
             self.rt.count("fenced")
             log.warning(

@@ -318,7 +318,8 @@ class Worker:
     def _reject(self, queue: str, entry_id: str, fields: dict[str, str] | None, reason: str) -> None:
         assert self.rt is not None
         log.warning("malformed stream entry set aside", extra={"queue": queue, "entry": entry_id, "reason": reason})
-        raw = dumps(fields or {}, what="rejected entry")[:4000]
+        kept = {str(k)[:100]: str(v)[:500] for k, v in list((fields or {}).items())[:20]}
+        raw = dumps(kept, what="rejected entry")
         self.rt.batcher.send(
             [
                 scripts.command(

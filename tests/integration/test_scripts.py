@@ -159,8 +159,9 @@ def test_commit_persists_once_advances_and_enqueues_the_next_step(ops: Ops) -> N
     assert ops.commit(eid, d).code == "REPLAY"
     # a duplicate delivery of the committed step: claim says DUP, never runs it
     assert ops.claim(eid, d, worker="w2").code == "DUP"
-    # a stale commit from another claim never overwrites the persisted result
-    assert ops.commit(eid, d, worker="w2", state={"n": "99"}).code == "DUP"
+    # a stale commit from another claim never overwrites the persisted result, and is counted
+    assert ops.commit(eid, d, worker="w2", state={"n": "99"}).code == "FENCED"
+    assert ops.run()["fenced"] == "1"
     assert ops.r.hget(ops.rk.results, "r1:a") == '{"by":"w1"}' and ops.r.hget(ops.rk.state, "n") == "1"
 
 
