@@ -67,17 +67,20 @@ class RedisServer:
         appendfsync: str | None = "everysec",
         binary: str | None = None,
         detach: bool = False,
+        password: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendfsync = appendfsync
         self.binary = binary or find_redis_server()
         self.detach = detach
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def _argv(self) -> list[str]:
         argv = [
@@ -97,6 +100,8 @@ class RedisServer:
             "--logfile",
             str((self.data_dir / "redis.log").resolve()),
         ]
+        if self.password:
+            argv += ["--requirepass", self.password]
         if self.appendfsync:
             argv += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         else:
@@ -113,7 +118,7 @@ class RedisServer:
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=0.5)
         try:
             while time.monotonic() < deadline:
                 if self.process and self.process.poll() is not None:

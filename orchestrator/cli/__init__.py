@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import click
+import redis
 
 from orchestrator.cli.common import CliState
+from orchestrator.connection import redact_url
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.logs import configure
 
@@ -78,6 +80,15 @@ def main() -> None:
         sys.exit(2)
     except OrchestratorError as exc:
         click.echo(f"error: {exc.message}", err=True)
+        sys.exit(1)
+    except redis.AuthenticationError as exc:
+        click.echo(f"error: Redis refused the credentials in the URL: {redact_url(str(exc))}", err=True)
+        sys.exit(1)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        click.echo(f"error: cannot reach Redis: {redact_url(str(exc))}; check --redis-url / REDIS_URL", err=True)
+        sys.exit(1)
+    except redis.RedisError as exc:
+        click.echo(f"error: Redis answered with an error: {redact_url(str(exc))}", err=True)
         sys.exit(1)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import click
 
 from orchestrator.cli import cli
@@ -9,7 +12,18 @@ from orchestrator.cli.common import CliState, pass_state
 
 
 @cli.command()
+@click.option("--kill/--no-kill", default=True, show_default=True, help="kill -9 a worker in the middle of a step")
+@click.option("--competitors", type=click.IntRange(2, 7), default=4, show_default=True)
+@click.option("--demo-dir", type=click.Path(path_type=Path), default=Path(".orchestrator-demo"), show_default=True,
+              help="where the demo keeps its Redis data, logs and simulated outside world (wiped at start)")
 @pass_state
-def demo(state: CliState) -> None:
-    """Run the article's research agent, kill -9 a worker mid-run, and show the recovery."""
-    raise click.ClickException("the demo is not built yet")
+def demo(state: CliState, kill: bool, competitors: int, demo_dir: Path) -> None:
+    """Run the article's research agent on real processes, kill -9 a worker mid-step, show the recovery.
+
+    Uses REDIS_URL when set (in a fresh namespace), else a private redis-server of its own.
+    """
+    from orchestrator.demo.runner import run_demo
+
+    code = run_demo(redis_url=state.overrides.get("redis_url"), data_dir=demo_dir, kill=kill,
+                    competitors=competitors, echo=click.echo)
+    sys.exit(code)

@@ -1,0 +1,1 @@
+"""The demo shipped with the package: the article's research agent and ``orchestrator demo``."""

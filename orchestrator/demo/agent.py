@@ -1,0 +1,109 @@
+"""The article's agent: find competitors, research each (stashing as it goes), synthesize, book a meeting.
+
+The "LLM" is simulated (seeded latency and transient failures, no network) so the demo runs
+anywhere. Every simulated call and the meeting booking are written to a small SQLite file
+that plays the outside world: it lets the demo count how much work a crash cost, and the
+calendar deduplicates bookings by the step's idempotency key, as a real receiver should.
+The file's path comes from ``ORCHESTRATOR_DEMO_DB`` (set by ``orchestrator demo``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import time
+from contextlib import closing
+
+from pydantic import BaseModel
+
+from orchestrator import Retry, StepContext, Workflow
+
+COMPANIES = ["Initech", "Globex", "Umbrella", "Hooli", "Vandelay", "Soylent", "Wonka", "Cyberdyne"]
+SCHEMA = """
+create table if not exists llm_calls (run text, step text, item text, attempt int, fence int,
+                                      started real, seconds real);
+create table if not exists meetings (idempotency_key text primary key, run text, title text, booked real);
+create table if not exists booking_requests (idempotency_key text, fence int, at real);
+"""
+
+
+class RateLimited(Exception):
+    """A transient provider error (HTTP 429); retried with backoff."""
+
+
+class Research(BaseModel):
+    company: str
+    how_many: int = 4
+    competitors: list[str] = []
+    findings: dict[str, str] = {}
+    summary: str = ""
+    meeting: str = ""
+
+
+def _db() -> sqlite3.Connection:
+    conn = sqlite3.connect(os.environ.get("ORCHESTRATOR_DEMO_DB", "demo-world.sqlite3"), timeout=10)
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def ask_llm(ctx: StepContext, item: str, seconds: float) -> None:
+    """Pretend to call a model for ``seconds``. The call is logged when it starts and when it
+    ends, so a call cut short by a crash shows up as started but never finished."""
+    started = time.time()
+    with closing(_db()) as db, db:
+        row = db.execute("insert into llm_calls values (?, ?, ?, ?, ?, ?, null)",
+                         (ctx.run_id, ctx.step, item, ctx.attempt, ctx.fencing_token, started)).lastrowid
+    time.sleep(seconds)
+    with closing(_db()) as db, db:
+        db.execute("update llm_calls set seconds = ? where rowid = ?", (time.time() - started, row))
+
+
+def _rng(ctx: StepContext, salt: str = "") -> random.Random:
+    return random.Random(f"{ctx.run_id}:{ctx.step}:{ctx.attempt}:{salt}")
+
+
+research = Workflow("research", state=Research)
+
+
+@research.step(retry=Retry(max_attempts=5, backoff_s=0.5, jitter=0.2))
+def find_competitors(ctx: StepContext, state: Research) -> dict[str, list[str]]:
+    """One model call that lists competitors; the first attempt is rate limited half the time."""
+    ask_llm(ctx, "list", 0.8)
+    if ctx.attempt == 1 and _rng(ctx).random() < 0.5:
+        raise RateLimited("429 Too Many Requests from the model provider")
+    pool = [c for c in COMPANIES if c != state.company]
+    return {"competitors": random.Random(state.company).sample(pool, min(state.how_many, len(pool)))}
+
+
+@research.step(retry=Retry(max_attempts=5, backoff_s=0.5))
+def study(ctx: StepContext, state: Research) -> dict[str, dict[str, str]]:
+    """One slow model call per competitor; each finding is stashed, so a crash keeps them."""
+    findings = dict(ctx.snapshot or {})
+    for name in state.competitors:
+        if name in findings:
+            continue  # researched by an earlier attempt that crashed: not paid for twice
+        ask_llm(ctx, name, 1.2)
+        findings[name] = f"{name}: {_rng(ctx, name).choice(['cheaper', 'faster', 'bigger', 'newer'])} than {state.company}"
+        ctx.stash(findings)
+    return {"findings": findings}
+
+
+@research.step(retry=Retry(max_attempts=5, backoff_s=0.5))
+async def synthesize(ctx: StepContext, state: Research) -> dict[str, str]:
+    """An async step: the summary the agent built from everything it learned."""
+    import asyncio
+
+    await asyncio.to_thread(ask_llm, ctx, "summary", 0.8)
+    lines = "; ".join(state.findings[c] for c in state.competitors)
+    return {"summary": f"{state.company} competes with {len(state.competitors)} companies. {lines}"}
+
+
+@research.step(retry=Retry(max_attempts=5, backoff_s=0.5))
+def schedule_meeting(ctx: StepContext, state: Research) -> dict[str, str]:
+    """The side effect: book a meeting. The calendar dedupes on the idempotency key."""
+    title = f"Competitive review: {state.company}"
+    with closing(_db()) as db, db:
+        db.execute("insert into booking_requests values (?, ?, ?)", (ctx.idempotency_key, ctx.fencing_token, time.time()))
+        db.execute("insert or ignore into meetings values (?, ?, ?, ?)", (ctx.idempotency_key, ctx.run_id, title, time.time()))
+    return {"meeting": f"{title} (booking key {ctx.idempotency_key})"}

@@ -1,0 +1,128 @@
+"""The orchestrator command as operators use it: real subprocesses, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator import Client, Settings
+from orchestrator.embedded import RedisServer
+from tests.harness import REPO, process_env, start_worker, worker_thread
+from tests.integration.conftest import Ledger
+from workers.testflows import chain
+
+
+def cli(settings: Settings, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], input=stdin, capture_output=True, text=True,
+                          env=env or process_env(settings), cwd=REPO, timeout=timeout)
+
+
+def test_submit_status_history_and_list_in_text_and_json(settings: Settings, ledger: Ledger, tmp_path: Path) -> None:
+    with worker_thread([chain], settings):
+        done = cli(settings, "submit", "workers.testflows:chain", '{"i": 1}', "--run-id", "a1", "--wait", "20",
+                   "-o", "json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"run_id": "a1", "created": True,
+                                           "state": {"i": 11, "sleep_s": 0.0, "steps": [f"s{n}" for n in range(10)]}}
+        (tmp_path / "in.json").write_text('{"i": 2}')
+        assert cli(settings, "submit", "workers.testflows:chain", "-f", str(tmp_path / "in.json"), "--run-id",
+                   "a2", "--wait", "20").returncode == 0
+        piped = cli(settings, "submit", "workers.testflows:chain", "-", "--run-id", "a3", stdin='{"i": 3}')
+        assert piped.stdout.strip() == "submitted: a3"
+        again = cli(settings, "submit", "workers.testflows:chain", "-", "--run-id", "a3", stdin='{"i": 3}')
+        assert again.stdout.strip() == "already exists: a3"
+        Client(settings).run("a3").wait(timeout_s=20)
+    status = cli(settings, "status", "a1")
+    assert status.returncode == 0 and "status    completed" in status.stdout and "10 steps committed" in status.stdout
+    assert json.loads(cli(settings, "status", "a1", "-o", "json").stdout)["steps_done"] == 10
+    history = cli(settings, "history", "a1")
+    assert history.returncode == 0 and history.stdout.count(" ok ") == 10 and "completed" in history.stdout
+    assert len(json.loads(cli(settings, "history", "a1", "--output", "json").stdout)["steps"]) == 10
+    listed = json.loads(cli(settings, "runs", "list", "--status", "completed", "-o", "json").stdout)
+    assert sorted(r["run_id"] for r in listed) == ["a1", "a2", "a3"]
+    assert "a2" in cli(settings, "runs", "list").stdout
+    stats = cli(settings, "stats", "-o", "json")
+    assert json.loads(stats.stdout)["steps_ok"] == 30
+
+
+def test_an_unreachable_redis_is_one_clear_line(settings: Settings) -> None:
+    from orchestrator.embedded import free_port
+
+    result = cli(settings, "--redis-url", f"redis://127.0.0.1:{free_port()}/0", "status", "r", timeout=60)
+    assert result.returncode == 1 and "error: cannot reach Redis" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cancel_and_retry_and_their_errors(settings: Settings) -> None:
+    Client(settings).submit(chain, {}, run_id="c1")
+    assert cli(settings, "cancel", "c1").stdout.strip() == "cancelled c1"
+    again = cli(settings, "cancel", "c1")
+    assert again.returncode == 1 and "already cancelled" in again.stderr
+    retry = cli(settings, "retry", "c1")
+    assert retry.returncode == 1 and "is cancelled, not failed" in retry.stderr
+    missing = cli(settings, "status", "nope")
+    assert missing.returncode == 1 and "error: no run 'nope'" in missing.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["submit", "workers.testflows:chain", "{not json"], "is not valid JSON"),
+    (["submit", "nomodule:flow", "{}"], "cannot import 'nomodule'"),
+    (["submit", "workers.testflows:nothing", "{}"], "has no attribute 'nothing'"),
+    (["submit", "workers.testflows", "{}"], "expected module:attribute"),
+    (["runs", "list", "--status", "bogus"], "Invalid value for '--status'"),
+    (["worker", "workers.testflows:chain", "--lease-s", "0.1"], "lease_s (0.1) must be more than 3 x"),
+    (["--redis-url", "http://x", "status", "r"], "unknown scheme 'http'"),
+    (["frobnicate"], "No such command"),
+])
+def test_usage_errors_exit_2_with_a_message_naming_the_problem(
+    settings: Settings, args: list[str], message: str
+) -> None:
+    result = cli(settings, *args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_input_exits_1_and_names_the_field(settings: Settings) -> None:
+    result = cli(settings, "submit", "workers.testflows:chain", '{"i": "lots"}')
+    assert result.returncode == 1 and "i: Input should be a valid integer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_redis_password_never_appears_in_output_or_logs(tmp_path: Path, ledger: Ledger) -> None:
+    from tests.conftest import fast_settings
+
+    with RedisServer(tmp_path / "redis", appendfsync=None, password="s3cr3t-pw") as server:
+        settings = fast_settings(server.url)
+        assert "s3cr3t-pw" in server.url
+        proc = start_worker(settings, tmp_path, "workers.testflows:chain")
+        try:
+            result = cli(settings, "--log-level", "DEBUG", "submit", "workers.testflows:chain", "{}", "--wait", "20",
+                         "--run-id", "p1")
+            assert result.returncode == 0, result.stderr
+            status = cli(settings, "status", "p1")
+            wrong = cli(settings, "--redis-url", server.url.replace("s3cr3t-pw", "wrong-pw"), "status", "p1")
+        finally:
+            proc.signal(2)
+            proc.wait()
+        assert wrong.returncode == 1 and "Redis refused the credentials" in wrong.stderr
+        assert "Traceback" not in wrong.stderr
+        for text in (result.stdout, result.stderr, status.stdout, status.stderr, wrong.stdout, wrong.stderr,
+                     proc.output()):
+            assert "s3cr3t-pw" not in text and "wrong-pw" not in text
+        assert "redis=redis://:***@127.0.0.1" in proc.output()
+
+
+def test_the_demo_kills_a_worker_and_the_run_still_completes(settings: Settings, tmp_path: Path) -> None:
+    result = cli(settings, "--redis-url", settings.redis_url or "", "demo", "--competitors", "3", "--demo-dir",
+                 str(tmp_path / "demo"), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "*** kill -9 worker-" in out and "resuming from its last stash" in out and "run completed" in out
+    assert "the meeting was booked 1 time(s)" in out
+    assert "steps committed before the crash" in out or "step committed before the crash" in out
