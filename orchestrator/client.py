@@ -118,7 +118,7 @@ class Client:
         return Run(self, run_id, workflow, created=False)
 
     def get(self, run_id: str) -> RunInfo:
-        h = self.redis.hgetall(self.keys.run(run_id).run)
+        h: dict[str, str] = self.redis.hgetall(self.keys.run(run_id).run)  # type: ignore[assignment]
         if not h:
             raise RunNotFound(f"no run {run_id!r} in namespace {self.settings.namespace!r}", run_id=run_id)
         return RunInfo.from_hash(run_id, h)
@@ -128,7 +128,7 @@ class Client:
 
         A workflow declared without a state model also gets a plain dict.
         """
-        raw = self.redis.hgetall(self.keys.run(run_id).state)
+        raw: dict[str, str] = self.redis.hgetall(self.keys.run(run_id).state)  # type: ignore[assignment]
         fields = {k: loads(v, what=f"state field {k!r} of run {run_id!r}") for k, v in raw.items()}
         if workflow is None or workflow.state is FreeState:
             return fields
@@ -136,7 +136,7 @@ class Client:
 
     def results(self, run_id: str) -> dict[str, StepRecord]:
         """Persisted step records by idempotency key."""
-        raw = self.redis.hgetall(self.keys.run(run_id).results)
+        raw: dict[str, str] = self.redis.hgetall(self.keys.run(run_id).results)  # type: ignore[assignment]
         return {k: StepRecord.model_validate_json(v) for k, v in raw.items()}
 
     def history(self, run_id: str) -> RunHistory:
@@ -157,7 +157,8 @@ class Client:
         }.get(status, [self.keys.active])
         ids: list[tuple[float, str]] = []
         for key in sources:
-            ids += [(score, rid) for rid, score in self.redis.zrevrange(key, 0, 10_000, withscores=True)]
+            rows: list[tuple[str, float]] = self.redis.zrevrange(key, 0, 10_000, withscores=True)  # type: ignore[assignment]
+            ids += [(score, rid) for rid, score in rows]
         ids.sort(reverse=True)
         out: list[RunInfo] = []
         for start in range(0, len(ids), 200):
@@ -174,7 +175,8 @@ class Client:
 
     def stats(self) -> dict[str, int]:
         """Fleet-wide counters (crashes detected, fenced commits, redispatches, ...)."""
-        return {k: int(v) for k, v in self.redis.hgetall(self.keys.stats).items()}
+        counters: dict[str, str] = self.redis.hgetall(self.keys.stats)  # type: ignore[assignment]
+        return {k: int(v) for k, v in counters.items()}
 
     # -- control --------------------------------------------------------------------------
 
@@ -245,7 +247,7 @@ class Run(Generic[S]):
         delay = 0.01
         key = self.client.keys.run(self.run_id).run
         while True:
-            status = self.client.redis.hget(key, "status")
+            status: str | None = self.client.redis.hget(key, "status")  # type: ignore[assignment]
             if status is None:
                 raise RunNotFound(f"no run {self.run_id!r}", run_id=self.run_id)
             if status == "completed":

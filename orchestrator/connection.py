@@ -106,12 +106,12 @@ def connect(url: str) -> redis.Redis:
         from redis.sentinel import Sentinel
 
         target = parse_sentinel_url(url)
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
             target.hosts,
             sentinel_kwargs={"password": target.sentinel_password} if target.sentinel_password else None,
             **_options(),
         )
-        client: redis.Redis = sentinel.master_for(
+        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
             target.service, db=target.db, username=target.username, password=target.password, retry=retry
         )
         return client
@@ -126,7 +126,7 @@ def connect_async(url: str) -> aredis.Redis:
         from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
         target = parse_sentinel_url(url)
-        sentinel = AsyncSentinel(
+        sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
             target.hosts,
             sentinel_kwargs={"password": target.sentinel_password} if target.sentinel_password else None,
             **_options(),

@@ -95,7 +95,7 @@ class Supervisor:
         if not leader:
             return {}
         done: dict[str, int] = {}
-        queues = sorted(self.redis.smembers(self.keys.queues))
+        queues: list[str] = sorted(self.redis.smembers(self.keys.queues))  # type: ignore[arg-type]
         self._ensure_groups(queues)
         for queue in queues:
             self._add(done, self.reclaim(queue))
@@ -145,7 +145,7 @@ class Supervisor:
         )
         if not pending:
             return {}
-        ids = [p["message_id"] for p in pending]
+        ids: list[str] = [str(p["message_id"]) for p in pending]
         pipe = self.redis.pipeline(transaction=False)
         for entry_id in ids:
             pipe.xrange(stream, entry_id, entry_id)

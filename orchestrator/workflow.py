@@ -12,7 +12,7 @@ import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import pydantic
 import pydantic_core
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 S = TypeVar("S", bound=BaseModel)
 StepFn = Callable[["StepContext", Any], Any]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class FreeState(BaseModel):
@@ -97,15 +98,31 @@ class Workflow(Generic[S]):
         if not (isinstance(self.state, type) and issubclass(self.state, BaseModel)):
             raise DefinitionError(f"state of workflow {self.name!r} must be a pydantic BaseModel subclass")
 
+    @overload
+    def step(self, fn: F, /) -> F: ...
+
+    @overload
     def step(
         self,
-        fn: StepFn | None = None,
+        fn: None = None,
+        /,
         *,
         name: str | None = None,
         retry: Retry | None = None,
         timeout_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
-    ) -> Any:
+    ) -> Callable[[F], F]: ...
+
+    def step(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retry: Retry | None = None,
+        timeout_s: float | None = None,
+        heartbeat_timeout_s: float | None = None,
+    ) -> F | Callable[[F], F]:
         """Register a step; usable as ``@flow.step`` or ``@flow.step(retry=...)``.
 
         ``timeout_s`` bounds one attempt. ``heartbeat_timeout_s`` makes the step prove
@@ -113,14 +130,19 @@ class Workflow(Generic[S]):
         another worker takes the step over (the late result of this attempt is then fenced off).
         """
 
-        def register(func: StepFn) -> StepFn:
+        def register(func: F) -> F:
             self._add(func, name or func.__name__, retry or Retry(), timeout_s, heartbeat_timeout_s)
             return func
 
         return register(fn) if fn is not None else register
 
     def _add(
-        self, fn: StepFn, name: str, retry: Retry, timeout_s: float | None, heartbeat_timeout_s: float | None
+        self,
+        fn: Callable[..., Any],
+        name: str,
+        retry: Retry,
+        timeout_s: float | None,
+        heartbeat_timeout_s: float | None,
     ) -> None:
         where = f"step {name!r} of workflow {self.name!r}"
         if not re.match(STEP_NAME, name):
@@ -201,7 +223,7 @@ class Workflow(Generic[S]):
             next_step, returned = None, returned.update
         if returned is None:
             update: dict[str, Any] = {}
-        elif isinstance(returned, BaseModel) or isinstance(returned, Mapping):
+        elif isinstance(returned, (BaseModel, Mapping)):
             update = dict(returned)
         else:
             raise StepResultError(

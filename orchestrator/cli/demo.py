@@ -14,8 +14,13 @@ from orchestrator.cli.common import CliState, pass_state
 @cli.command()
 @click.option("--kill/--no-kill", default=True, show_default=True, help="kill -9 a worker in the middle of a step")
 @click.option("--competitors", type=click.IntRange(2, 7), default=4, show_default=True)
-@click.option("--demo-dir", type=click.Path(path_type=Path), default=Path(".orchestrator-demo"), show_default=True,
-              help="where the demo keeps its Redis data, logs and simulated outside world (wiped at start)")
+@click.option(
+    "--demo-dir",
+    type=click.Path(path_type=Path),
+    default=Path(".orchestrator-demo"),
+    show_default=True,
+    help="where the demo keeps its Redis data, logs and simulated outside world (wiped at start)",
+)
 @pass_state
 def demo(state: CliState, kill: bool, competitors: int, demo_dir: Path) -> None:
     """Run the article's research agent on real processes, kill -9 a worker mid-step, show the recovery.
@@ -24,6 +29,11 @@ def demo(state: CliState, kill: bool, competitors: int, demo_dir: Path) -> None:
     """
     from orchestrator.demo.runner import run_demo
 
-    code = run_demo(redis_url=state.overrides.get("redis_url"), data_dir=demo_dir, kill=kill,
-                    competitors=competitors, echo=click.echo)
+    code = run_demo(
+        redis_url=state.overrides.get("redis_url"),
+        data_dir=demo_dir,
+        kill=kill,
+        competitors=competitors,
+        echo=click.echo,
+    )
     sys.exit(code)

@@ -40,7 +40,7 @@ def install_signals(first: Any, second: Any) -> None:
 @click.option("--block-ms", type=int, default=None, help="XREADGROUP block time [500]")
 @click.option("--worker-id", default=None, help="consumer name [host-pid-random]")
 @pass_state
-def worker(state: CliState, workflows: tuple[str, ...], worker_id: str | None, **flags: Any) -> None:
+def worker(state: CliState, /, workflows: tuple[str, ...], worker_id: str | None, **flags: Any) -> None:
     """Run the steps of WORKFLOWS (module:attribute, e.g. myapp.flows:research).
 
     SIGTERM drains: in-flight steps get --drain-grace-s to finish, the rest are handed back.
@@ -61,7 +61,7 @@ def worker(state: CliState, workflows: tuple[str, ...], worker_id: str | None, *
 @click.option("--retention-s", type=float, default=None, help="purge finished runs after [604800]; 0 keeps")
 @click.option("--max-crashes", type=int, default=None, help="crashes before a step is quarantined [3]")
 @pass_state
-def supervisor(state: CliState, **flags: Any) -> None:
+def supervisor(state: CliState, /, **flags: Any) -> None:
     """Re-dispatch the steps of dead workers, repair stuck runs, enqueue due retries.
 
     Run two or more for availability: one leads (a lease in Redis), the others stand by.

@@ -52,8 +52,10 @@ def ask_llm(ctx: StepContext, item: str, seconds: float) -> None:
     ends, so a call cut short by a crash shows up as started but never finished."""
     started = time.time()
     with closing(_db()) as db, db:
-        row = db.execute("insert into llm_calls values (?, ?, ?, ?, ?, ?, null)",
-                         (ctx.run_id, ctx.step, item, ctx.attempt, ctx.fencing_token, started)).lastrowid
+        row = db.execute(
+            "insert into llm_calls values (?, ?, ?, ?, ?, ?, null)",
+            (ctx.run_id, ctx.step, item, ctx.attempt, ctx.fencing_token, started),
+        ).lastrowid
     time.sleep(seconds)
     with closing(_db()) as db, db:
         db.execute("update llm_calls set seconds = ? where rowid = ?", (time.time() - started, row))
@@ -84,7 +86,9 @@ def study(ctx: StepContext, state: Research) -> dict[str, dict[str, str]]:
         if name in findings:
             continue  # researched by an earlier attempt that crashed: not paid for twice
         ask_llm(ctx, name, 1.2)
-        findings[name] = f"{name}: {_rng(ctx, name).choice(['cheaper', 'faster', 'bigger', 'newer'])} than {state.company}"
+        findings[name] = (
+            f"{name}: {_rng(ctx, name).choice(['cheaper', 'faster', 'bigger', 'newer'])} than {state.company}"
+        )
         ctx.stash(findings)
     return {"findings": findings}
 
@@ -104,6 +108,10 @@ def schedule_meeting(ctx: StepContext, state: Research) -> dict[str, str]:
     """The side effect: book a meeting. The calendar dedupes on the idempotency key."""
     title = f"Competitive review: {state.company}"
     with closing(_db()) as db, db:
-        db.execute("insert into booking_requests values (?, ?, ?)", (ctx.idempotency_key, ctx.fencing_token, time.time()))
-        db.execute("insert or ignore into meetings values (?, ?, ?, ?)", (ctx.idempotency_key, ctx.run_id, title, time.time()))
+        db.execute(
+            "insert into booking_requests values (?, ?, ?)", (ctx.idempotency_key, ctx.fencing_token, time.time())
+        )
+        db.execute(
+            "insert or ignore into meetings values (?, ?, ?, ?)", (ctx.idempotency_key, ctx.run_id, title, time.time())
+        )
     return {"meeting": f"{title} (booking key {ctx.idempotency_key})"}

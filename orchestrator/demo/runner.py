@@ -47,14 +47,14 @@ class Processes:
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         with open(self.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], env=self.env,
-                                    stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         self.procs[name] = proc
         return proc
 
     def worker(self, name: str) -> subprocess.Popen[bytes]:
-        return self.start(name, "worker", "orchestrator.demo.agent:research", "--concurrency", "4",
-                          "--worker-id", name)
+        return self.start(name, "worker", "orchestrator.demo.agent:research", "--concurrency", "4", "--worker-id", name)
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
@@ -102,14 +102,17 @@ class Demo:
         self.world = data_dir / "world.sqlite3"
         self.echo = echo
         self.kill = kill
-        env = {**os.environ, "REDIS_URL": url, "ORCHESTRATOR_NAMESPACE": namespace,
-               "ORCHESTRATOR_DEMO_DB": str(self.world)}
+        env = {
+            **os.environ,
+            "REDIS_URL": url,
+            "ORCHESTRATOR_NAMESPACE": namespace,
+            "ORCHESTRATOR_DEMO_DB": str(self.world),
+        }
         self.procs = Processes(env, data_dir / "logs")
         self.killed: tuple[str, int, int] | None = None  # worker, pid, server ms
 
     def run(self, competitors: int) -> int:
-        self.echo("starting a supervisor and 2 workers (logs in "
-                  f"{self.data_dir / 'logs'}/) ...")
+        self.echo(f"starting a supervisor and 2 workers (logs in {self.data_dir / 'logs'}/) ...")
         self.procs.start("supervisor", "supervisor")
         for name in ("worker-1", "worker-2"):
             self.procs.worker(name)
@@ -162,18 +165,22 @@ class Demo:
         sec, usec = self.client.redis.time()
         now = sec * 1000 + usec // 1000
         self.killed = (info.worker, proc.pid, now)
-        self.echo(f"  +{(now - t0) / 1000:5.1f}s  {'study':<17} *** kill -9 {info.worker} (pid {proc.pid}) while it "
-                  f"runs 'study' with {stashed} findings stashed ***")
+        self.echo(
+            f"  +{(now - t0) / 1000:5.1f}s  {'study':<17} *** kill -9 {info.worker} (pid {proc.pid}) while it "
+            f"runs 'study' with {stashed} findings stashed ***"
+        )
         self.procs.worker("worker-3")  # like an orchestrator restarting the container
         self.echo(f"  +{(now - t0) / 1000:5.1f}s  {'':<17} (worker-3 started as a replacement)")
 
     def _report_savings(self) -> None:
         with closing(sqlite3.connect(self.world)) as db:
-            calls = db.execute("select item, fence, started, seconds from llm_calls where run = ?",
-                               (RUN_ID,)).fetchall()
+            calls = db.execute(
+                "select item, fence, started, seconds from llm_calls where run = ?", (RUN_ID,)
+            ).fetchall()
             meetings = db.execute("select count(*) from meetings where run = ?", (RUN_ID,)).fetchone()[0]
-            requests = db.execute("select count(*) from booking_requests where idempotency_key like ?",
-                                  (f"{RUN_ID}:%",)).fetchone()[0]
+            requests = db.execute(
+                "select count(*) from booking_requests where idempotency_key like ?", (f"{RUN_ID}:%",)
+            ).fetchone()[0]
         if not self.killed:
             self.echo(f"no worker was killed; {len(calls)} model calls, meeting booked {meetings} time(s).")
             return
@@ -188,18 +195,28 @@ class Demo:
         lost_s = sum(kill_s - c[2] for c in cut_short)
         recovered = next((e for e in history.events if e.type == "ok" and e.step == crashed.step), None)
         self.echo("what resuming saved (measured from the simulated model's call log):")
-        self.echo(f"  - {plural(len(done_before), 'step')} committed before the crash, not run again "
-                  f"({step_work:.1f} s of work)")
-        self.echo(f"  - {plural(len(finished), 'model call')} of the crashed step stashed, not repeated "
-                  f"({kept_s:.1f} s); {plural(len(cut_short), 'call')} cut short by the kill, made again "
-                  f"({lost_s:.1f} s lost)")
-        self.echo(f"  - in all {step_work + kept_s:.1f} s of model time kept; a restart from scratch would have "
-                  "paid for all of it again (and, with a real model, got different answers)")
+        self.echo(
+            f"  - {plural(len(done_before), 'step')} committed before the crash, not run again "
+            f"({step_work:.1f} s of work)"
+        )
+        self.echo(
+            f"  - {plural(len(finished), 'model call')} of the crashed step stashed, not repeated "
+            f"({kept_s:.1f} s); {plural(len(cut_short), 'call')} cut short by the kill, made again "
+            f"({lost_s:.1f} s lost)"
+        )
+        self.echo(
+            f"  - in all {step_work + kept_s:.1f} s of model time kept; a restart from scratch would have "
+            "paid for all of it again (and, with a real model, got different answers)"
+        )
         if recovered and recovered.start_ms:
-            self.echo(f"  - the step ran again {(recovered.start_ms - self.killed[2]) / 1000:.1f} s after the kill "
-                      f"(lease {self.settings.lease_s:g} s + supervisor scan)")
-        self.echo(f"  - the meeting was booked {meetings} time(s) from {plural(requests, 'booking request')}: "
-                  "the calendar dedupes on the step's idempotency key")
+            self.echo(
+                f"  - the step ran again {(recovered.start_ms - self.killed[2]) / 1000:.1f} s after the kill "
+                f"(lease {self.settings.lease_s:g} s + supervisor scan)"
+            )
+        self.echo(
+            f"  - the meeting was booked {meetings} time(s) from {plural(requests, 'booking request')}: "
+            "the calendar dedupes on the step's idempotency key"
+        )
 
     def close(self) -> None:
         self.procs.stop_all()

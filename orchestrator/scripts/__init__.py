@@ -86,7 +86,7 @@ def execute(client: redis.Redis, calls: Sequence[Call], *, raise_on_error: bool 
         return []
     pipe = client.pipeline(transaction=False)
     for call in calls:
-        pipe.execute_command(*call.command)
+        pipe.execute_command(*call.command)  # type: ignore[no-untyped-call]
     results: list[Any] = pipe.execute(raise_on_error=False)
     retry = _missing(results, calls)
     if retry:

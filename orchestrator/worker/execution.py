@@ -8,6 +8,7 @@ the supervisor re-dispatches it, and the next claim finds out what did or did no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
@@ -96,10 +97,8 @@ def run_in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args
             value, exc = fn(*args), None
         except BaseException as error:
             value, exc = None, error
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the worker stopped meanwhile
             loop.call_soon_threadsafe(settle, value, exc)
-        except RuntimeError:
-            pass  # the loop is gone: the worker stopped while this step ran
 
     threading.Thread(target=target, name="orchestrator-step", daemon=True).start()
     return future
@@ -213,7 +212,7 @@ class StepExecution:
 
         def save(raw: str) -> bool:
             call = rt.store.stash(run_id=d.run, token=self.token, idem_key=ctx.idempotency_key, snapshot=raw)
-            saved = scripts.execute(rt.sync_redis, [call])[0] == 1
+            saved: bool = scripts.execute(rt.sync_redis, [call])[0] == 1
             rt.faults.hit("after_stash", d.step)
             return saved
 
@@ -256,10 +255,8 @@ class StepExecution:
             if not self.abort.done():
                 self.abort.set_exception(exc)
 
-        try:
+        with contextlib.suppress(RuntimeError):
             self.rt.loop.call_soon_threadsafe(settle)
-        except RuntimeError:
-            pass
 
     # -- outcomes -------------------------------------------------------------------------
 

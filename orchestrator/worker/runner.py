@@ -10,6 +10,7 @@ separate thread heartbeats (see ``heartbeat``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -109,10 +110,8 @@ class Worker:
         loop = self._loop
         if loop is None:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
             loop.call_soon_threadsafe(self._begin_shutdown, immediate)
-        except RuntimeError:
-            pass  # loop already closed
 
     def _begin_shutdown(self, immediate: bool) -> None:
         assert self._stopping is not None
@@ -359,7 +358,8 @@ class Worker:
         task = asyncio.create_task(execution.run(), name=f"step:{dispatch.run}:{dispatch.step}")
         self._tasks.add(task)
         self._executions[execution.token] = execution
-        task.add_done_callback(lambda t, token=execution.token: self._finished(t, token))
+        token = execution.token
+        task.add_done_callback(lambda t: self._finished(t, token))
 
     def _skip(self, queue: str, entry_id: str, claimed: Claimed, fields: dict[str, str]) -> None:
         assert self.rt is not None

@@ -21,8 +21,9 @@ class Fleet:
         self.settings, self.tmp = settings, tmp
         self.procs: list[Proc] = []
 
-    def worker(self, name: str, faults: str = "", spec: str = "workers.testflows:ALL",
-               args: tuple[str, ...] = ()) -> Proc:
+    def worker(
+        self, name: str, faults: str = "", spec: str = "workers.testflows:ALL", args: tuple[str, ...] = ()
+    ) -> Proc:
         proc = start_worker(self.settings, self.tmp, spec, name=name, faults=faults, args=args)
         self.procs.append(proc)
         return proc

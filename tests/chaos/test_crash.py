@@ -23,12 +23,15 @@ from workers.testflows import chain, effects, stashing
 KILLED = -signal.SIGKILL
 
 
-@pytest.mark.parametrize("point, runs_of_killed_step", [
-    ("after_claim", 1),  # killed before user code started: it runs once, on the next worker
-    ("mid_step", 2),  # killed inside the step: it runs again, from the last persisted step
-    ("before_commit", 2),  # the step returned but nothing was persisted: it runs again
-    ("after_persist_before_ack", 1),  # persisted, not acked: the duplicate delivery must not run it
-])
+@pytest.mark.parametrize(
+    "point, runs_of_killed_step",
+    [
+        ("after_claim", 1),  # killed before user code started: it runs once, on the next worker
+        ("mid_step", 2),  # killed inside the step: it runs again, from the last persisted step
+        ("before_commit", 2),  # the step returned but nothing was persisted: it runs again
+        ("after_persist_before_ack", 1),  # persisted, not acked: the duplicate delivery must not run it
+    ],
+)
 def test_kill_9_at_a_crash_point_loses_nothing_and_reruns_only_unpersisted_work(
     fleet: Fleet, client: Client, ledger: Ledger, point: str, runs_of_killed_step: int
 ) -> None:
@@ -50,9 +53,7 @@ def test_kill_9_at_a_crash_point_loses_nothing_and_reruns_only_unpersisted_work(
     assert recovery_s < 10, f"recovery took {recovery_s:.1f} s"
 
 
-def test_kill_9_after_a_stash_resumes_the_step_from_its_snapshot(
-    fleet: Fleet, client: Client, ledger: Ledger
-) -> None:
+def test_kill_9_after_a_stash_resumes_the_step_from_its_snapshot(fleet: Fleet, client: Client, ledger: Ledger) -> None:
     fleet.supervisor()
     doomed = fleet.worker("doomed", faults="after_stash=kill@process#3")
     run = client.submit(stashing, {"items": ["a", "b", "c", "d", "e"]}, run_id="st")

@@ -68,14 +68,17 @@ def test_oversized_input_is_refused_before_any_write(settings: Settings) -> None
     assert not client.redis.exists(client.keys.run("big").run)
 
 
-@pytest.mark.parametrize("sku, expected", [
-    ("object", r"StepResultError: .*field 'sku'.* not JSON-serializable|StepResultError: .*sku"),
-    ("unknown-field", r"unknown field\(s\) \['colour'\]"),
-    ("bad-type", r"qty: Input should be a valid integer"),
-    ("list", r"returned list; expected a dict of state updates"),
-    ("huge", r"PayloadTooLarge: update from step 'ship' .* over the limit of 2048"),
-    ("huge-stash", r"PayloadTooLarge: stash of step 'ship' .* over the limit of 2048"),
-])
+@pytest.mark.parametrize(
+    "sku, expected",
+    [
+        ("object", r"StepResultError: .*field 'sku'.* not JSON-serializable|StepResultError: .*sku"),
+        ("unknown-field", r"unknown field\(s\) \['colour'\]"),
+        ("bad-type", r"qty: Input should be a valid integer"),
+        ("list", r"returned list; expected a dict of state updates"),
+        ("huge", r"PayloadTooLarge: update from step 'ship' .* over the limit of 2048"),
+        ("huge-stash", r"PayloadTooLarge: stash of step 'ship' .* over the limit of 2048"),
+    ],
+)
 def test_a_step_result_that_cannot_be_persisted_fails_the_run_clearly(
     client: Client, settings: Settings, sku: str, expected: str
 ) -> None:
@@ -107,9 +110,9 @@ def test_a_run_whose_step_no_longer_exists_fails_naming_the_known_steps(client: 
     def legacy(ctx: StepContext, state: Order) -> None:
         return None
 
-    with worker_thread([order], settings):
-        with pytest.raises(RunFailed, match=r"step 'legacy' is not in workflow 'order' \(steps: ship\)"):
-            client.submit(old, {"sku": "a"}, run_id="drift").wait(timeout_s=10)
+    expected = r"step 'legacy' is not in workflow 'order' \(steps: ship\)"
+    with worker_thread([order], settings), pytest.raises(RunFailed, match=expected):
+        client.submit(old, {"sku": "a"}, run_id="drift").wait(timeout_s=10)
 
 
 def test_stored_state_that_no_longer_fits_the_model_fails_the_run_clearly(client: Client, settings: Settings) -> None:

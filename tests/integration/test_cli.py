@@ -16,22 +16,46 @@ from tests.integration.conftest import Ledger
 from workers.testflows import chain
 
 
-def cli(settings: Settings, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], input=stdin, capture_output=True, text=True,
-                          env=env or process_env(settings), cwd=REPO, timeout=timeout)
+def cli(
+    settings: Settings, *args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env or process_env(settings),
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 def test_submit_status_history_and_list_in_text_and_json(settings: Settings, ledger: Ledger, tmp_path: Path) -> None:
     with worker_thread([chain], settings):
-        done = cli(settings, "submit", "workers.testflows:chain", '{"i": 1}', "--run-id", "a1", "--wait", "20",
-                   "-o", "json")
+        done = cli(
+            settings, "submit", "workers.testflows:chain", '{"i": 1}', "--run-id", "a1", "--wait", "20", "-o", "json"
+        )
         assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout) == {"run_id": "a1", "created": True,
-                                           "state": {"i": 11, "sleep_s": 0.0, "steps": [f"s{n}" for n in range(10)]}}
+        assert json.loads(done.stdout) == {
+            "run_id": "a1",
+            "created": True,
+            "state": {"i": 11, "sleep_s": 0.0, "steps": [f"s{n}" for n in range(10)]},
+        }
         (tmp_path / "in.json").write_text('{"i": 2}')
-        assert cli(settings, "submit", "workers.testflows:chain", "-f", str(tmp_path / "in.json"), "--run-id",
-                   "a2", "--wait", "20").returncode == 0
+        assert (
+            cli(
+                settings,
+                "submit",
+                "workers.testflows:chain",
+                "-f",
+                str(tmp_path / "in.json"),
+                "--run-id",
+                "a2",
+                "--wait",
+                "20",
+            ).returncode
+            == 0
+        )
         piped = cli(settings, "submit", "workers.testflows:chain", "-", "--run-id", "a3", stdin='{"i": 3}')
         assert piped.stdout.strip() == "submitted: a3"
         again = cli(settings, "submit", "workers.testflows:chain", "-", "--run-id", "a3", stdin='{"i": 3}')
@@ -69,16 +93,19 @@ def test_cancel_and_retry_and_their_errors(settings: Settings) -> None:
     assert missing.returncode == 1 and "error: no run 'nope'" in missing.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["submit", "workers.testflows:chain", "{not json"], "is not valid JSON"),
-    (["submit", "nomodule:flow", "{}"], "cannot import 'nomodule'"),
-    (["submit", "workers.testflows:nothing", "{}"], "has no attribute 'nothing'"),
-    (["submit", "workers.testflows", "{}"], "expected module:attribute"),
-    (["runs", "list", "--status", "bogus"], "Invalid value for '--status'"),
-    (["worker", "workers.testflows:chain", "--lease-s", "0.1"], "lease_s (0.1) must be more than 3 x"),
-    (["--redis-url", "http://x", "status", "r"], "unknown scheme 'http'"),
-    (["frobnicate"], "No such command"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["submit", "workers.testflows:chain", "{not json"], "is not valid JSON"),
+        (["submit", "nomodule:flow", "{}"], "cannot import 'nomodule'"),
+        (["submit", "workers.testflows:nothing", "{}"], "has no attribute 'nothing'"),
+        (["submit", "workers.testflows", "{}"], "expected module:attribute"),
+        (["runs", "list", "--status", "bogus"], "Invalid value for '--status'"),
+        (["worker", "workers.testflows:chain", "--lease-s", "0.1"], "lease_s (0.1) must be more than 3 x"),
+        (["--redis-url", "http://x", "status", "r"], "unknown scheme 'http'"),
+        (["frobnicate"], "No such command"),
+    ],
+)
 def test_usage_errors_exit_2_with_a_message_naming_the_problem(
     settings: Settings, args: list[str], message: str
 ) -> None:
@@ -102,8 +129,18 @@ def test_a_redis_password_never_appears_in_output_or_logs(tmp_path: Path, ledger
         assert "s3cr3t-pw" in server.url
         proc = start_worker(settings, tmp_path, "workers.testflows:chain")
         try:
-            result = cli(settings, "--log-level", "DEBUG", "submit", "workers.testflows:chain", "{}", "--wait", "20",
-                         "--run-id", "p1")
+            result = cli(
+                settings,
+                "--log-level",
+                "DEBUG",
+                "submit",
+                "workers.testflows:chain",
+                "{}",
+                "--wait",
+                "20",
+                "--run-id",
+                "p1",
+            )
             assert result.returncode == 0, result.stderr
             status = cli(settings, "status", "p1")
             wrong = cli(settings, "--redis-url", server.url.replace("s3cr3t-pw", "wrong-pw"), "status", "p1")
@@ -112,15 +149,31 @@ def test_a_redis_password_never_appears_in_output_or_logs(tmp_path: Path, ledger
             proc.wait()
         assert wrong.returncode == 1 and "Redis refused the credentials" in wrong.stderr
         assert "Traceback" not in wrong.stderr
-        for text in (result.stdout, result.stderr, status.stdout, status.stderr, wrong.stdout, wrong.stderr,
-                     proc.output()):
+        for text in (
+            result.stdout,
+            result.stderr,
+            status.stdout,
+            status.stderr,
+            wrong.stdout,
+            wrong.stderr,
+            proc.output(),
+        ):
             assert "s3cr3t-pw" not in text and "wrong-pw" not in text
         assert "redis=redis://:***@127.0.0.1" in proc.output()
 
 
 def test_the_demo_kills_a_worker_and_the_run_still_completes(settings: Settings, tmp_path: Path) -> None:
-    result = cli(settings, "--redis-url", settings.redis_url or "", "demo", "--competitors", "3", "--demo-dir",
-                 str(tmp_path / "demo"), timeout=120)
+    result = cli(
+        settings,
+        "--redis-url",
+        settings.redis_url or "",
+        "demo",
+        "--competitors",
+        "3",
+        "--demo-dir",
+        str(tmp_path / "demo"),
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "*** kill -9 worker-" in out and "resuming from its last stash" in out and "run completed" in out

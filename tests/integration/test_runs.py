@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
 import pytest
+
 from orchestrator import (
     ClaimLost,
     Client,
@@ -44,8 +46,14 @@ def test_goto_loops_with_a_new_idempotency_key_per_visit(client: Client, setting
     with worker_thread([agent_loop], settings):
         final = client.submit(agent_loop, {"rounds": 3}, run_id="loop").wait(timeout_s=20)
     assert final.seen == ["loop:think", "loop:think:2", "loop:think:3"]
-    assert ledger.executions() == {"loop:think": 1, "loop:think:2": 1, "loop:think:3": 1,
-                                   "loop:act": 1, "loop:act:2": 1, "loop:act:3": 1}
+    assert ledger.executions() == {
+        "loop:think": 1,
+        "loop:think:2": 1,
+        "loop:think:3": 1,
+        "loop:act": 1,
+        "loop:act:2": 1,
+        "loop:act:3": 1,
+    }
     steps = [(s.step, s.visit) for s in client.history("loop").steps]
     assert steps == [("think", 1), ("act", 1), ("think", 2), ("act", 2), ("think", 3), ("act", 3), ("finish", 1)]
 
@@ -87,7 +95,7 @@ def test_retries_back_off_exponentially_then_succeed(client: Client, settings: S
     with worker_thread([wf], settings):
         final = client.submit(wf, {}, run_id="f1").wait(timeout_s=20)
     assert final == {"attempt": 3}
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert 0.3 <= gaps[0] < 3 and 0.6 <= gaps[1] < 4, gaps
     (step,) = client.history("f1").steps
     assert [a.outcome for a in step.attempts] == ["error", "error", "ok"]
@@ -98,7 +106,7 @@ def test_retries_back_off_exponentially_then_succeed(client: Client, settings: S
 def test_exhausted_retries_fail_and_dead_letter_the_run_then_retry_resumes_it(
     client: Client, settings: Settings
 ) -> None:
-    wf, starts = flaky_workflow("doomed", failures=3, retry=Retry(max_attempts=2, backoff_s=0.01))
+    wf, _starts = flaky_workflow("doomed", failures=3, retry=Retry(max_attempts=2, backoff_s=0.01))
     with worker_thread([wf], settings):
         run = client.submit(wf, {}, run_id="d1")
         with pytest.raises(RunFailed, match=r"failed at step 'flaky': ConnectionError: transient failure 2") as info:
@@ -127,9 +135,8 @@ def test_non_retryable_errors_fail_at_once(client: Client, settings: Settings) -
     def later(ctx: StepContext, state: Any) -> None:
         raise NonRetryableError("bad request")
 
-    with worker_thread([wf], settings):
-        with pytest.raises(RunFailed, match="KeyError"):
-            client.submit(wf, {}, run_id="n1").wait(timeout_s=10)
+    with worker_thread([wf], settings), pytest.raises(RunFailed, match="KeyError"):
+        client.submit(wf, {}, run_id="n1").wait(timeout_s=10)
     (step,) = client.history("n1").steps
     assert len(step.attempts) == 1 and step.attempts[0].error is not None
     assert step.attempts[0].error.retryable is False
@@ -142,17 +149,18 @@ def test_a_step_that_runs_past_its_timeout_is_retried_then_failed(
     wf = Workflow(f"slowpoke{int(is_async)}")
 
     if is_async:
+
         @wf.step(timeout_s=0.2, retry=Retry(max_attempts=2, backoff_s=0.01))
         async def hang(ctx: StepContext, state: Any) -> None:
             await asyncio.sleep(30)
     else:
+
         @wf.step(timeout_s=0.2, retry=Retry(max_attempts=2, backoff_s=0.01))
         def hang(ctx: StepContext, state: Any) -> None:
             time.sleep(1.0)
 
-    with worker_thread([wf], settings):
-        with pytest.raises(RunFailed, match="StepTimeout"):
-            client.submit(wf, {}, run_id="t1").wait(timeout_s=10)
+    with worker_thread([wf], settings), pytest.raises(RunFailed, match="StepTimeout"):
+        client.submit(wf, {}, run_id="t1").wait(timeout_s=10)
     (step,) = client.history("t1").steps
     assert [a.outcome for a in step.attempts] == ["timeout", "timeout"]
 

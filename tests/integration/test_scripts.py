@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -24,10 +25,8 @@ class Ops:
         self.run_id = run_id
         self.stream = self.keys.queue("q").stream
         self.rk = self.keys.run(run_id)
-        try:
+        with contextlib.suppress(redis.ResponseError):
             r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-        except redis.ResponseError:
-            pass
 
     def x(self, *calls: Any) -> list[Any]:
         return scripts.execute(self.r, list(calls))

@@ -26,8 +26,16 @@ print(int(client.submit(chain, {"i": 5}, run_id="same").created))
 
 def test_threads_and_processes_submitting_one_run_id_create_exactly_one_run(client: Client, settings: Settings) -> None:
     start = time.time() + 1.5
-    procs = [subprocess.Popen([sys.executable, "-c", SUBMIT_AT, str(start)], env=process_env(settings), cwd=REPO,
-                              stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SUBMIT_AT, str(start)],
+            env=process_env(settings),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     created: list[bool] = []
     lock = threading.Lock()
 
