@@ -6,7 +6,9 @@ Sync, because a plain function is the ordinary way to write a step; the worker r
 on a thread of its own, and that cost belongs in the measurement.
 
 The worker subprocesses import ``bench.flows:noop``; the benchmark passes a non-default step
-count to them through ``BENCH_STEPS`` so both sides build the same workflow.
+count to them through ``BENCH_STEPS`` so both sides build the same workflow. ``noop_async`` is
+the same chain of ``async def`` steps (the benchmark's ``--with-async``), to show what the
+thread per sync step costs.
 """
 
 from __future__ import annotations
@@ -33,18 +35,28 @@ def nothing(ctx: StepContext, state: Empty) -> None:
     return None
 
 
+async def nothing_async(ctx: StepContext, state: Empty) -> None:
+    """The same empty body as a coroutine: the worker awaits it on its loop, no thread per step."""
+    return None
+
+
 def step_names(steps: int = STEPS) -> list[str]:
     """``s0 .. s{n-1}``: the benchmark and the raw consumer derive the chain from these names."""
     return [f"s{i}" for i in range(steps)]
 
 
-def make_noop(steps: int = STEPS) -> Workflow[Empty]:
-    """The ``noop`` workflow with ``steps`` steps run in order (built by a function so the count can vary)."""
+def make_noop(steps: int = STEPS, *, use_async: bool = False) -> Workflow[Empty]:
+    """The ``noop`` workflow with ``steps`` steps run in order (built by a function so the count can vary).
+
+    ``use_async`` builds the same chain from ``async def`` steps; it has the same name, so the
+    runs submitted are identical and only the worker's way of running the step differs.
+    """
     if steps < 1:
         raise ValueError(f"a workflow needs at least one step, got {steps}")
     flow: Workflow[Empty] = Workflow(WORKFLOW, state=Empty)
+    body = nothing_async if use_async else nothing
     for name in step_names(steps):
-        flow.step(name=name)(nothing)
+        flow.step(name=name)(body)
     return flow
 
 
@@ -54,3 +66,4 @@ def steps_from_env() -> int:
 
 
 noop = make_noop(steps_from_env())
+noop_async = make_noop(steps_from_env(), use_async=True)

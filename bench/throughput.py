@@ -1,6 +1,6 @@
 """Throughput of the step path: our worker processes against a raw redis-py loop of the same commands.
 
-``python -m bench.throughput [--runs 200] [--steps 10] [--repeat 3] [--json [out.json]] [--quick]``
+``python -m bench.throughput [--runs 200] [--steps 10] [--repeat 3] [--json [out.json]] [--quick] [--redis-server BIN]``
 
 Every configuration runs against one private redis-server (persistence off) and follows the
 same recipe: fresh namespace, start the consumer process(es), wait until they are registered,
@@ -8,8 +8,8 @@ submit the runs back to back with ``Client.submit``, then poll the ``done`` zset
 steps/s = runs x steps / (first submit -> last run completed). The configurations:
 
 - ``raw batched``: one process, a plain loop: XREADGROUP COUNT 100, one pipeline of claim
-  EVALSHAs, one pipeline of commit EVALSHAs plus XACK and XDEL. The Redis-side limit of our
-  protocol from one Python client.
+  EVALSHAs, one pipeline of commit EVALSHAs plus the ack of the batch (XACK and XDEL, as the
+  worker sends them). The Redis-side limit of our protocol from one Python client.
 - ``raw unbatched``: the same loop with COUNT 1 and one round trip per call.
 - ``ours xN``: N real ``python -m orchestrator worker`` processes, ``--concurrency 64`` each.
 
@@ -79,6 +79,7 @@ class Options:
     quick: bool
     json_path: Path | None
     redis_server: str | None
+    with_async: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Options, str | None]:
@@ -96,6 +97,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, str | None]:
         metavar="PATH",
         help=f"also write the results as JSON [{DEFAULT_JSON.relative_to(REPO)} when PATH is omitted]",
     )
+    parser.add_argument(
+        "--with-async", action="store_true", help="also measure workers whose steps are async def (no thread per step)"
+    )
     parser.add_argument("--redis-server", metavar="BINARY", help="redis-server binary [found as the CLI finds it]")
     parser.add_argument("--raw-consumer", choices=RAW_MODES, default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
@@ -103,7 +107,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, str | None]:
     repeat = ns.repeat if ns.repeat is not None else (1 if ns.quick else 3)
     if runs < 1 or ns.steps < 1 or repeat < 1:
         parser.error("--runs, --steps and --repeat must be at least 1")
-    options = Options(runs, ns.steps, repeat, ns.quick, Path(ns.json) if ns.json else None, ns.redis_server)
+    json_path = Path(ns.json) if ns.json else None
+    options = Options(runs, ns.steps, repeat, ns.quick, json_path, ns.redis_server, ns.with_async)
     return options, ns.raw_consumer
 
 
@@ -333,11 +338,14 @@ def measure(bench: Bench, config: str, repeat: int, consumer_args: Sequence[Sequ
     )
 
 
-def configurations() -> list[tuple[str, list[list[str]]]]:
+def configurations(with_async: bool = False) -> list[tuple[str, list[list[str]]]]:
     """(name, consumer command lines) in the interleaving order of one repetition."""
     raw = [(f"raw {mode}", [["bench.throughput", "--raw-consumer", mode]]) for mode in RAW_MODES]
     worker = ["orchestrator", "worker", "bench.flows:noop", "--concurrency", str(CONCURRENCY)]
     ours = [(f"ours x{n}", [worker] * n) for n in WORKER_COUNTS]
+    if with_async:
+        worker_async = ["orchestrator", "worker", "bench.flows:noop_async", "--concurrency", str(CONCURRENCY)]
+        ours += [(f"ours x{n} async", [worker_async] * n) for n in WORKER_COUNTS]
     return raw + ours
 
 
@@ -419,13 +427,24 @@ class RawConsumer:
             state={},
         )
 
+    def ack(self, entry_ids: list[str]) -> list[Call]:
+        """The worker's ack of its own entries, so the raw loop keeps sending what the worker sends.
+
+        ``Store.ack_owned`` (ack.lua: XACK+XDEL of entries still pending for this consumer) where
+        the store has it, else ``Store.ack`` (a plain XACK and XDEL).
+        """
+        owned = getattr(self.store, "ack_owned", None)
+        if owned is not None:
+            return [owned(self.queue, self.id, entry_ids)]
+        return self.store.ack(self.queue, entry_ids)
+
     def tally(self, replies: Sequence[Any]) -> None:
         """Count commit outcomes, so a log shows whether anything but OK happened."""
         for reply in replies:
             self.counts[f"commit_{Outcome.parse(reply).code}"] += 1
 
     def run_batched(self, batch: list[tuple[str, Dispatch]]) -> None:
-        """Two round trips for the whole batch: all claims, then all commits with XACK and XDEL."""
+        """Two round trips for the whole batch: all claims, then all commits with the ack of the batch."""
         claims = scripts.execute(self.redis, [self.claim(eid, d) for eid, d in batch])
         start = now_ms()
         commits = []
@@ -435,18 +454,18 @@ class RawConsumer:
                 commits.append(self.commit(eid, d, claimed, start))
             else:
                 self.counts[f"claim_{claimed.code}"] += 1
-        replies = scripts.execute(self.redis, [*commits, *self.store.ack(self.queue, [eid for eid, _ in batch])])
+        replies = scripts.execute(self.redis, [*commits, *self.ack([eid for eid, _ in batch])])
         self.tally(replies[: len(commits)])
 
     def run_unbatched(self, batch: list[tuple[str, Dispatch]]) -> None:
-        """One round trip per call: claim, commit, then the ack (XACK and XDEL as ``Store.ack`` pairs them)."""
+        """One round trip per call: claim, commit, then the ack (one call, or the XACK+XDEL pair of ``Store.ack``)."""
         for eid, d in batch:
             claimed = Claimed.parse(scripts.execute(self.redis, [self.claim(eid, d)])[0])
             if claimed.code == "RUN":
                 self.tally(scripts.execute(self.redis, [self.commit(eid, d, claimed, now_ms())]))
             else:
                 self.counts[f"claim_{claimed.code}"] += 1
-            scripts.execute(self.redis, self.store.ack(self.queue, [eid]))
+            scripts.execute(self.redis, self.ack([eid]))
 
     def serve(self) -> None:
         """Consume until SIGTERM; the flag is checked between reads (at most ``block_ms`` late)."""
@@ -533,8 +552,9 @@ def bench_settings(options: Options, block_ms: int) -> dict[str, Any]:
         "block_ms": block_ms,
         "poll_interval_s": POLL_S,
         "redis_persistence": "off (appendonly no, save '')",
-        "step": "sync def returning None (worker runs it on a thread)",
-        "order": [name for name, _ in configurations()],
+        "step": "def returning None (the worker runs it on a thread); 'async' rows: async def",
+        "raw_ack": "Store.ack_owned (ack.lua)" if hasattr(Store, "ack_owned") else "Store.ack (XACK + XDEL)",
+        "order": [name for name, _ in configurations(options.with_async)],
     }
 
 
@@ -547,7 +567,7 @@ def median_or_none(values: Iterable[float | None]) -> float | None:
 def summarize(samples: Sequence[Sample]) -> list[dict[str, Any]]:
     """One row per configuration: medians and ranges over the repetitions, ratio to raw batched."""
     rows: list[dict[str, Any]] = []
-    for name, _ in configurations():
+    for name, _ in configurations(with_async=True):
         mine = [s for s in samples if s.config == name]
         if not mine:
             continue
@@ -606,7 +626,7 @@ def warm_scripts(admin: redis.Redis) -> None:
 def run_all(bench: Bench) -> None:
     """Repetitions interleaved (raw batched, raw unbatched, ours x1, ours x2, again), so drift hits all alike."""
     for repeat in range(1, bench.options.repeat + 1):
-        for name, consumers in configurations():
+        for name, consumers in configurations(bench.options.with_async):
             sample = measure(bench, name, repeat, consumers)
             bench.samples.append(sample)
             print(
@@ -628,9 +648,19 @@ def private_server(data_dir: Path, binary: str | None) -> Iterator[RedisServer]:
         server.stop()
 
 
-def exit_on_signal(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM/SIGHUP become SystemExit, so the ``finally`` blocks stop the children and the server."""
-    raise SystemExit(128 + signum)
+class Interrupt:
+    """Whether we were told to stop: Ctrl-C also reaches redis-server and the children (same process
+    group), so the first error the main loop sees may be a dropped connection rather than the signal."""
+
+    signum = 0
+
+    @classmethod
+    def handler(cls, signum: int, frame: FrameType | None) -> None:
+        """SIGINT/SIGTERM/SIGHUP unwind the stack, so the ``finally`` blocks stop the children and the server."""
+        cls.signum = signum
+        for other in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(other, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        raise KeyboardInterrupt
 
 
 def benchmark(options: Options) -> tuple[dict[str, Any], list[Sample]]:
@@ -644,8 +674,10 @@ def benchmark(options: Options) -> tuple[dict[str, Any], list[Sample]]:
             warm_scripts(admin)
             env = {**environment(admin), "redis_server_binary": server.binary}
             print(f"redis-server {env['redis_server']} ({server.binary}), {env['python']}, {env['cpu_count']} CPUs")
+            print(f"load average at start: {env['loadavg_at_start']}")
             bench = Bench(options, server.url, admin, Path(tmp), make_noop(options.steps))
             run_all(bench)
+            env["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         finally:
             admin.close()
     return env, bench.samples
@@ -669,8 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options, raw_mode = parse_args(argv)
     if raw_mode:
         return raw_consumer_main(raw_mode)
-    signal.signal(signal.SIGTERM, exit_on_signal)
-    signal.signal(signal.SIGHUP, exit_on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, Interrupt.handler)
     env, samples = benchmark(options)
     rows = summarize(samples)
     print()
@@ -683,6 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; children and redis-server stopped", file=sys.stderr)
-        sys.exit(130)
+    except (KeyboardInterrupt, redis.ConnectionError):
+        if not Interrupt.signum:
+            raise
+        print(f"interrupted by signal {Interrupt.signum}; children and redis-server stopped", file=sys.stderr)
+        sys.exit(128 + Interrupt.signum)

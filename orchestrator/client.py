@@ -94,6 +94,7 @@ class Client:
             first_step=workflow.first_step,
             input_sha=digest,
             event=dumps({"detail": f"workflow {workflow.name}"}, what="event"),
+            request_id=uuid.uuid4().hex,
             state=fields,
         )
         created, *rest = scripts.execute(self.redis, [call, scripts.command("SADD", self.keys.queues, workflow.queue)])[
@@ -183,9 +184,8 @@ class Client:
     def cancel(self, run_id: str, reason: str = "cancelled by request") -> RunInfo:
         """End an unfinished run now. A running step is told at its next heartbeat."""
         info = self.get(run_id)
-        outcome = Outcome.parse(
-            scripts.execute(self.redis, [self.store.cancel(run_id=run_id, queue=info.queue, reason=reason)])[0]
-        )
+        call = self.store.cancel(run_id=run_id, queue=info.queue, reason=reason, request_id=uuid.uuid4().hex)
+        outcome = Outcome.parse(scripts.execute(self.redis, [call])[0])
         if outcome.code == "TERMINAL":
             raise InvalidTransition(f"run {run_id!r} is already {outcome.detail[0]}; nothing to cancel", run_id=run_id)
         return self.get(run_id)
@@ -193,9 +193,8 @@ class Client:
     def retry(self, run_id: str, reason: str = "retried by request") -> Run[Any]:
         """Re-drive a failed run from its failed step (same idempotency key as before)."""
         info = self.get(run_id)
-        outcome = Outcome.parse(
-            scripts.execute(self.redis, [self.store.retry(run_id=run_id, queue=info.queue, reason=reason)])[0]
-        )
+        call = self.store.retry(run_id=run_id, queue=info.queue, reason=reason, request_id=uuid.uuid4().hex)
+        outcome = Outcome.parse(scripts.execute(self.redis, [call])[0])
         if outcome.code == "NOT_FAILED":
             raise InvalidTransition(
                 f"run {run_id!r} is {outcome.detail[0]}, not failed; only failed runs can be retried", run_id=run_id

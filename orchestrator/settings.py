@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     max_crashes: int = Field(default=3, ge=1, description="crashes of one step before it is quarantined")
     max_payload_bytes: int = Field(default=1 << 20, ge=1024, description="limit for input, updates, stashes")
     concurrency: int = Field(default=16, ge=1, le=10_000, description="steps one worker runs at once")
-    block_ms: int = Field(default=500, ge=10, le=60_000, description="XREADGROUP BLOCK time")
+    block_ms: int = Field(default=500, ge=10, le=20_000, description="XREADGROUP BLOCK (< socket timeout)")
     drain_grace_s: float = Field(default=30.0, ge=0, description="SIGTERM: time in-flight steps get to finish")
     promote_interval_s: float = Field(default=0.2, gt=0, description="how often due retries are enqueued")
     retention_s: float = Field(default=7 * 86400, ge=0, description="finished runs are purged after this; 0 = keep")

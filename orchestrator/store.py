@@ -91,12 +91,13 @@ class Store:
         first_step: str,
         input_sha: str,
         event: str,
+        request_id: str,
         state: Mapping[str, str],
     ) -> Call:
         rk = self._run(run_id)
         return scripts.load("submit").call(
             [rk.run, rk.state, rk.history, self.keys.queue(queue).stream, self.keys.active],
-            [run_id, workflow, queue, first_step, input_sha, event, *_pairs(state)],
+            [run_id, workflow, queue, first_step, input_sha, event, request_id, *_pairs(state)],
         )
 
     def claim(
@@ -206,24 +207,31 @@ class Store:
             [rk.run, rk.lease, rk.history, self.keys.queue(queue).stream, self.keys.active], [run_id, token, event]
         )
 
-    def renew(self, *, run_id: str, fence: int, lease_ms: int) -> Call:
-        return scripts.load("renew").call([self._run(run_id).lease], [fence, lease_ms])
+    def renew(self, *, run_id: str, token: str, lease_ms: int) -> Call:
+        return scripts.load("renew").call([self._run(run_id).lease], [token, lease_ms])
 
     def stash(self, *, run_id: str, token: str, idem_key: str, snapshot: str) -> Call:
         rk = self._run(run_id)
         return scripts.load("stash").call([rk.run, rk.stash], [token, idem_key, snapshot])
 
     def ack(self, queue: str, entry_ids: Sequence[str]) -> list[Call]:
-        """XACK then XDEL: an entry leaves the stream only once it is no longer pending."""
+        """XACK then XDEL, whoever holds the entries (the supervisor dropping dead entries)."""
         stream = self.keys.queue(queue).stream
         return [scripts.command("XACK", stream, GROUP, *entry_ids), scripts.command("XDEL", stream, *entry_ids)]
+
+    def ack_owned(self, queue: str, consumer: str, entry_ids: Sequence[str]) -> Call:
+        """XACK and XDEL of the entries still pending for ``consumer`` (a worker's own acks)."""
+        return scripts.load("ack").call([self.keys.queue(queue).stream], [GROUP, consumer, *entry_ids])
+
+    def reap_consumer(self, *, queue: str, consumer: str) -> Call:
+        return scripts.load("reap_consumer").call([self.keys.queue(queue).stream, self.keys.workers], [GROUP, consumer])
 
     def heartbeat(self, *, worker: str, ttl_ms: int, info: Mapping[str, str]) -> Call:
         return scripts.load("heartbeat").call(
             [self.keys.workers, self.keys.worker(worker)], [worker, ttl_ms, *_pairs(info)]
         )
 
-    def redispatch(self, *, queue: str, entry_id: str, dispatch: Dispatch) -> Call:
+    def redispatch(self, *, queue: str, entry_id: str, consumer: str, dispatch: Dispatch) -> Call:
         rk = self._run(dispatch.run)
         return scripts.load("redispatch").call(
             [rk.run, rk.lease, rk.results, self.keys.queue(queue).stream, rk.history],
@@ -234,6 +242,7 @@ class Store:
                 dispatch.step,
                 dispatch.visit,
                 idempotency_key(dispatch.run, dispatch.step, dispatch.visit),
+                consumer,
             ],
         )
 
@@ -254,17 +263,18 @@ class Store:
             [rk.run, rk.lease, qk.stream, qk.delayed, self.keys.active, rk.history], [run_id, GROUP]
         )
 
-    def cancel(self, *, run_id: str, queue: str, reason: str) -> Call:
+    def cancel(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
         rk = self._run(run_id)
         return scripts.load("cancel").call(
             [rk.run, rk.lease, rk.history, self.keys.queue(queue).delayed, self.keys.active, self.keys.done],
-            [run_id, reason],
+            [run_id, reason, request_id],
         )
 
-    def retry(self, *, run_id: str, queue: str, reason: str) -> Call:
+    def retry(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
         rk = self._run(run_id)
         return scripts.load("retry_run").call(
-            [rk.run, rk.history, self.keys.queue(queue).stream, self.keys.active, self.keys.dead], [run_id, reason]
+            [rk.run, rk.history, self.keys.queue(queue).stream, self.keys.active, self.keys.dead],
+            [run_id, reason, request_id],
         )
 
     def purge(self, *, run_id: str, cutoff_ms: int) -> Call:

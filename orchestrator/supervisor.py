@@ -54,6 +54,7 @@ class Supervisor:
         self._faults = Faults(self.settings.faults)
         self._stopped = threading.Event()
         self._groups: set[str] = set()
+        self._reclaim_from: dict[str, str] = {}
         self.is_leader = False
         self.totals: dict[str, int] = {}
 
@@ -103,6 +104,7 @@ class Supervisor:
         self._add(done, {"dead_workers": self.reap_workers()})
         if sweep:
             self._add(done, self.sweep())
+            self._add(done, {"consumers_removed": sum(self.reap_consumers(q) for q in queues)})
         if purge and self.settings.retention_s > 0:
             self._add(done, {"purged": self.purge()})
         done = {k: v for k, v in done.items() if v}
@@ -138,14 +140,22 @@ class Supervisor:
     # -- reclaiming -----------------------------------------------------------------------
 
     def reclaim(self, queue: str) -> dict[str, int]:
-        """Re-dispatch pending entries idle for a lease whose claim has no live lease."""
+        """Re-dispatch pending entries idle for a lease whose claim has no live lease.
+
+        Scans at most ``SCAN_LIMIT`` entries per tick, resuming where the last full page ended,
+        so a large number of long-running steps cannot hide a dead worker's entries.
+        """
         stream = self.keys.queue(queue).stream
+        start = self._reclaim_from.get(queue, "-")
         pending = self.redis.xpending_range(
-            stream, GROUP, min="-", max="+", count=SCAN_LIMIT, idle=self.settings.lease_ms
+            stream, GROUP, min=start, max="+", count=SCAN_LIMIT, idle=self.settings.lease_ms
         )
+        last = str(pending[-1]["message_id"]) if pending else ""
+        self._reclaim_from[queue] = f"({last}" if len(pending) == SCAN_LIMIT else "-"
         if not pending:
             return {}
-        ids: list[str] = [str(p["message_id"]) for p in pending]
+        owners = {str(p["message_id"]): str(p["consumer"]) for p in pending}
+        ids = list(owners)
         pipe = self.redis.pipeline(transaction=False)
         for entry_id in ids:
             pipe.xrange(stream, entry_id, entry_id)
@@ -164,7 +174,7 @@ class Supervisor:
             )
         self._faults.hit("before_redispatch")
         counts: dict[str, int] = {"lost_entries": len(lost)}
-        calls = [self.store.redispatch(queue=queue, entry_id=eid, dispatch=d) for eid, d in found]
+        calls = [self.store.redispatch(queue=queue, entry_id=eid, consumer=owners[eid], dispatch=d) for eid, d in found]
         for (entry_id, dispatch), reply in zip(found, scripts.execute(self.redis, calls), strict=True):
             outcome = Outcome.parse(reply)
             key = {"REDISPATCHED": "redispatched", "DROPPED": "dropped_entries"}.get(outcome.code)
@@ -200,7 +210,8 @@ class Supervisor:
         return sum(1 for reply in scripts.execute(self.redis, calls) if reply)
 
     def reap_workers(self) -> int:
-        """Drop workers whose heartbeat is older than a lease (their steps are reclaimed above)."""
+        """Drop workers whose heartbeat is older than a lease from the fleet (their steps are
+        reclaimed above; their consumers are removed by :meth:`reap_consumers`)."""
         reply = scripts.execute(
             self.redis, [self.store.stale(key=self.keys.workers, age_ms=self.settings.lease_ms, limit=SCAN_LIMIT)]
         )[0]
@@ -213,14 +224,16 @@ class Supervisor:
                 log.warning(
                     "worker presumed dead: no heartbeat", extra={"worker": worker_id, "silent_ms": now - last_ms}
                 )
-                self._delete_consumer(worker_id)
         return dead
 
-    def _delete_consumer(self, worker_id: str) -> None:
-        """Remove a dead consumer from each group once it has no pending entries left."""
-        for stream in self._groups:
-            if not self.redis.xpending_range(stream, GROUP, min="-", max="+", count=1, consumername=worker_id):
-                self.redis.xgroup_delconsumer(stream, GROUP, worker_id)
+    def reap_consumers(self, queue: str) -> int:
+        """Remove consumers of workers no longer in the fleet once nothing is pending for them."""
+        consumers = self.redis.xinfo_consumers(self.keys.queue(queue).stream, GROUP)
+        gone = [str(c["name"]) for c in consumers if not c["pending"] and c["idle"] > self.settings.lease_ms]
+        if not gone:
+            return 0
+        calls = [self.store.reap_consumer(queue=queue, consumer=name) for name in gone]
+        return sum(int(reply) for reply in scripts.execute(self.redis, calls))
 
     # -- sweeping -------------------------------------------------------------------------
 

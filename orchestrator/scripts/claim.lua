@@ -1,6 +1,9 @@
 -- Claim a dispatched step for one attempt: a new fencing token, a lease, the state and the
 -- last stash. Detects a previous claim that ended without an outcome (its worker died) and
 -- counts it as a crash; quarantines the step after max crashes.
+-- The fencing token is max(last + 1, server time in ms): it keeps increasing even when Redis
+-- loses its last writes (a restart from an older AOF, a failover), as long as the server's
+-- clock does not go back. The lease holds the claim token, which is unique per claim.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] lease
 -- KEYS[7] active  KEYS[8] done  KEYS[9] dead
 -- ARGV[1] step  ARGV[2] visit  ARGV[3] idempotency key  ARGV[4] claim token  ARGV[5] worker id
@@ -8,14 +11,15 @@
 -- Returns {'RUN', fence, attempt, errors, crashes, crashed now 0|1, has stash 0|1, stash,
 --          field, value, ...} or {'MISSING'} | {'TERMINAL', status} | {'WRONG_WF', workflow} |
 --          {'DUP'} | {'STALE', step, visit} | {'BUSY', worker} | {'QUARANTINED', crashes}
+--          (STALE also when the run is waiting out a retry backoff: this entry is not its dispatch)
 local r = redis.call('HMGET', KEYS[1], 'status', 'wf', 'step', 'visit', 'claim', 'claim_fence',
-  'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes')
+  'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes', 'fence')
 local status = r[1]
 if not status then return {'MISSING'} end
 if r[2] ~= ARGV[9] then return {'WRONG_WF', r[2]} end
 if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then return {'DUP'} end
 if TERMINAL[status] then return {'TERMINAL', status} end
-if r[3] ~= ARGV[1] or r[4] ~= ARGV[2] then return {'STALE', r[3], r[4]} end
+if r[3] ~= ARGV[1] or r[4] ~= ARGV[2] or status == 'retrying' then return {'STALE', r[3], r[4]} end
 
 local function reply(fence, attempt, crashed)
   local out = {'RUN', fence, attempt, tonumber(r[10] or 0), tonumber(r[11] or 0), crashed}
@@ -59,11 +63,12 @@ if r[5] ~= '' then
   end
 end
 
-local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+local fence = math.max(tonumber(r[12] or 0) + 1, now)
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'claim', ARGV[4], 'claim_fence', fence, 'claim_worker', ARGV[5],
-  'claim_ms', now, 'status', 'running', 'dispatch', ARGV[8], 'updated_ms', now)
-redis.call('SET', KEYS[6], fence, 'PX', ARGV[6])
+redis.call('HSET', KEYS[1], 'fence', string.format('%d', fence), 'claim', ARGV[4],
+  'claim_fence', string.format('%d', fence), 'claim_worker', ARGV[5], 'claim_ms', now, 'status', 'running',
+  'dispatch', ARGV[8], 'updated_ms', now)
+redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[6])
 redis.call('ZADD', KEYS[7], now, ARGV[10])
 r[9] = tostring(attempt)
 return reply(fence, attempt, crashed)

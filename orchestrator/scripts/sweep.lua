@@ -31,10 +31,16 @@ end
 
 local reason
 if r[2] == 'delayed' then
-  if redis.call('ZSCORE', KEYS[4], ARGV[1] .. '|' .. r[3] .. '|' .. r[4]) then return {'SCHEDULED'} end
+  if redis.call('ZSCORE', KEYS[4], ARGV[1] .. '|' .. r[3] .. '|' .. r[4]) then
+    redis.call('ZADD', KEYS[5], now, ARGV[1])
+    return {'SCHEDULED'}
+  end
   reason = 'scheduled retry missing'
 elseif r[2] ~= '' and #redis.call('XRANGE', KEYS[3], r[2], r[2]) > 0 then
-  if #redis.call('XPENDING', KEYS[3], ARGV[2], r[2], r[2], 1) > 0 then return {'QUEUED'} end
+  if #redis.call('XPENDING', KEYS[3], ARGV[2], r[2], r[2], 1) > 0 then
+    redis.call('ZADD', KEYS[5], now, ARGV[1])
+    return {'QUEUED'}
+  end
   local undelivered = true
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[3])) do
     for i = 1, #group, 2 do
@@ -45,7 +51,10 @@ elseif r[2] ~= '' and #redis.call('XRANGE', KEYS[3], r[2], r[2]) > 0 then
       end
     end
   end
-  if undelivered then return {'QUEUED'} end
+  if undelivered then
+    redis.call('ZADD', KEYS[5], now, ARGV[1])
+    return {'QUEUED'}
+  end
   redis.call('XDEL', KEYS[3], r[2])
   reason = 'entry acked without progress'
 else

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +27,7 @@ from orchestrator.settings import Settings
 from orchestrator.store import Claimed, Outcome, Store
 from orchestrator.worker.batcher import Batcher
 from orchestrator.worker.heartbeat import InFlight, InFlightTable
+from orchestrator.worker.usercode import StepThread, StepThreads, as_step_error, guarded
 from orchestrator.workflow import StepDef, Workflow
 
 log = logging.getLogger("orchestrator.worker")
@@ -61,6 +59,7 @@ class Runtime:
     table: InFlightTable
     faults: Faults
     loop: asyncio.AbstractEventLoop
+    threads: StepThreads
     counts: Counter[str] = field(default_factory=Counter)
 
     def count(self, name: str, amount: int = 1) -> None:
@@ -69,7 +68,7 @@ class Runtime:
         self.batcher.send([self.store.count(name, amount)])
 
     def ack(self, queue: str, entry_id: str) -> None:
-        self.batcher.send(self.store.ack(queue, [entry_id]))
+        self.batcher.send([self.store.ack_owned(queue, self.worker_id, [entry_id])])
 
 
 def claim_token(worker_id: str, entry_id: str) -> str:
@@ -80,54 +79,48 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def run_in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-    """Run a sync step on a daemon thread of its own; the future resolves on the loop.
+async def invoke(step: StepDef, ctx: StepContext, state: Any, abort: asyncio.Future[None], rt: Runtime) -> Any:
+    """Run the user function until it returns, times out, or ``abort`` is set.
 
-    Daemon, so a step stuck forever cannot keep a stopping worker alive; a fresh thread per
-    step costs tens of microseconds, far below one Redis round trip.
+    On a timeout or an abort the attempt is given up: the context is marked lost (so the
+    step's own ``heartbeat()``/``stash()`` raise and its stash writes are refused), an async
+    step is cancelled, and a sync step's thread is abandoned (still counted as busy).
     """
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(value: Any, exc: BaseException | None) -> None:
-        if not future.done():
-            future.set_exception(exc) if exc is not None else future.set_result(value)
-
-    def target() -> None:
-        try:
-            value, exc = fn(*args), None
-        except BaseException as error:
-            value, exc = None, error
-        with contextlib.suppress(RuntimeError):  # the loop is gone: the worker stopped meanwhile
-            loop.call_soon_threadsafe(settle, value, exc)
-
-    threading.Thread(target=target, name="orchestrator-step", daemon=True).start()
-    return future
-
-
-async def invoke(
-    step: StepDef, ctx: StepContext, state: Any, abort: asyncio.Future[None], loop: asyncio.AbstractEventLoop
-) -> Any:
-    """Run the user function until it returns, times out, or ``abort`` is set."""
+    thread = None
     if step.is_async:
-        running: asyncio.Future[Any] = asyncio.ensure_future(step.fn(ctx, state))
+        running: asyncio.Future[Any] = asyncio.ensure_future(guarded(step.fn(ctx, state)))
     else:
-        running = run_in_thread(loop, step.fn, ctx, state)
+        thread = rt.threads.start(step.fn, ctx, state)
+        running = thread.future
     try:
         done, _ = await asyncio.wait({running, abort}, timeout=step.timeout_s, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        running.cancel()
+        _give_up(ctx, running, thread, rt)
         raise
     if running in done:
-        result = running.result()
-        return await result if inspect.isawaitable(result) else result
-    running.cancel()
+        error = running.exception()
+        if error is not None:
+            raise as_step_error(error)
+        return running.result()
+    _give_up(ctx, running, thread, rt)
     if abort in done:
         abort.result()  # raises the abort reason
     raise StepTimeout(f"step {step.name!r} exceeded timeout_s={step.timeout_s}")
 
 
+def _give_up(ctx: StepContext, running: asyncio.Future[Any], thread: StepThread | None, rt: Runtime) -> None:
+    ctx.mark_lost()
+    running.cancel()
+    if thread is not None:
+        rt.threads.abandon(thread)
+
+
 class StepExecution:
-    """Runs one claimed step to a durable outcome, then acks its stream entry."""
+    """Runs one claimed step to a durable outcome, then acks its stream entry.
+
+    Registered with the heartbeat as soon as it exists (at claim time), so its lease is
+    renewed even before its task first gets the event loop.
+    """
 
     def __init__(
         self,
@@ -146,6 +139,7 @@ class StepExecution:
         self.workflow = workflow
         self.token = claim_token(rt.worker_id, entry_id)
         self.abort: asyncio.Future[None] = rt.loop.create_future()
+        self.finished = False
         self.start_ms = now_ms()
         self.log_fields = {
             "run_id": dispatch.run,
@@ -153,62 +147,70 @@ class StepExecution:
             "attempt": claimed.attempt,
             "fence": claimed.fence,
         }
-
-    async def run(self) -> None:
-        if self.workflow is None:
-            await self.fail(
-                DefinitionError(
-                    f"workflow {self.dispatch.wf!r} is not served by worker {self.rt.worker_id} (it serves: "
-                    f"{', '.join(self.rt.served)}); every worker reading a queue must serve all workflows "
-                    "submitted to it"
-                ),
-                step=None,
-            )
-            return
-        try:
-            step = self.workflow.get_step(self.dispatch.step)
-            state = self.workflow.load_state(
-                {k: loads(v, what=f"state field {k!r}") for k, v in self.claimed.state.items()}
-            )
-        except OrchestratorError as exc:  # code changed under a live run, or stored state no longer fits
-            await self.fail(exc, step=None)
-            return
-        ctx = self._context()
-        item = InFlight(
+        self.step = self._lookup_step()
+        self.ctx = self._context()
+        self.item = InFlight(
             self.token,
             self.queue,
             self.entry_id,
-            self.dispatch.run,
-            self.claimed.fence,
-            ctx,
-            step,
-            on_lost=lambda reason: self._on_lost(ctx, reason),
+            dispatch.run,
+            claimed.fence,
+            self.ctx,
+            self.step.heartbeat_timeout_s if isinstance(self.step, StepDef) else None,
+            on_lost=self._on_lost,
         )
-        self.rt.table.add(item)
-        try:
-            await self._run_step(step, ctx, state)
-        finally:
-            self.rt.table.remove(self.token)
+        rt.table.add(self.item)
 
-    async def _run_step(self, step: StepDef, ctx: StepContext, state: Any) -> None:
+    def _lookup_step(self) -> StepDef | Exception:
+        """The step to run, or the error that fails this attempt (code changed under the run)."""
+        if self.workflow is None:
+            return DefinitionError(
+                f"workflow {self.dispatch.wf!r} is not served by worker {self.rt.worker_id} (it serves: "
+                f"{', '.join(self.rt.served)}); every worker reading a queue must serve all workflows "
+                "submitted to it"
+            )
+        try:
+            return self.workflow.get_step(self.dispatch.step)
+        except DefinitionError as exc:
+            return exc
+
+    async def run(self) -> None:
+        try:
+            if isinstance(self.step, Exception):
+                await self.fail(self.step, step=None)
+                return
+            assert self.workflow is not None
+            try:
+                state = self.workflow.load_state(
+                    {k: loads(v, what=f"state field {k!r}") for k, v in self.claimed.state.items()}
+                )
+                if self.claimed.snapshot is not None:
+                    self.ctx.snapshot = loads(self.claimed.snapshot, what="stash")
+            except OrchestratorError as exc:  # stored state no longer fits the model
+                await self.fail(exc, step=None)
+                return
+            await self._run_step(self.step, state)
+        finally:
+            self.finished = True
+            self.rt.table.remove(self.token)
+            if self.abort.done() and not self.abort.cancelled():
+                self.abort.exception()  # retrieved: an abort that came too late is not an error
+
+    async def _run_step(self, step: StepDef, state: Any) -> None:
         try:
             self.rt.faults.hit("after_claim", step.name)
-            returned = await invoke(step, ctx, state, self.abort, self.rt.loop)
-            await self.commit(step, ctx, state, returned)
+            returned = await invoke(step, self.ctx, state, self.abort, self.rt)
+            self.item.heartbeat_timeout_s = None  # done running: only the commit is left
+            await self.commit(step, self.ctx, state, returned)
         except Shutdown:
             log.info("step abandoned at shutdown; the supervisor will re-dispatch it", extra=self.log_fields)
         except (ClaimLost, Released) as exc:
             await self.release(str(exc) or "released")
-        except asyncio.CancelledError:
-            if not self.abort.done():
-                raise
-            await self.release("cancelled")
         except Exception as exc:
             await self.fail(exc, step=step)
 
     def _context(self) -> StepContext:
         rt, d = self.rt, self.dispatch
-        snapshot = loads(self.claimed.snapshot, what="stash") if self.claimed.snapshot is not None else None
 
         def save(raw: str) -> bool:
             call = rt.store.stash(run_id=d.run, token=self.token, idem_key=ctx.idempotency_key, snapshot=raw)
@@ -229,7 +231,7 @@ class StepExecution:
             visit=d.visit,
             attempt=self.claimed.attempt,
             fencing_token=self.claimed.fence,
-            snapshot=snapshot,
+            snapshot=None,
             worker_id=rt.worker_id,
             max_payload_bytes=rt.settings.max_payload_bytes,
             save_stash=save,
@@ -237,9 +239,9 @@ class StepExecution:
         )
         return ctx
 
-    def _on_lost(self, ctx: StepContext, reason: str) -> None:
+    def _on_lost(self, reason: str) -> None:
         """Called from the heartbeat thread: stop the step, say why."""
-        ctx.mark_lost()
+        self.ctx.mark_lost()
         if reason == "stalled":
             exc: BaseException = StepTimeout(
                 f"step {self.dispatch.step!r} did not call ctx.heartbeat() within heartbeat_timeout_s"
@@ -252,7 +254,7 @@ class StepExecution:
         """Thread-safe: end the wait on the user function with ``exc``."""
 
         def settle() -> None:
-            if not self.abort.done():
+            if not self.abort.done() and not self.finished:
                 self.abort.set_exception(exc)
 
         with contextlib.suppress(RuntimeError):

@@ -22,7 +22,6 @@ from orchestrator import scripts
 from orchestrator.context import StepContext
 from orchestrator.faults import Faults
 from orchestrator.store import Store
-from orchestrator.workflow import StepDef
 
 log = logging.getLogger("orchestrator.worker")
 
@@ -37,12 +36,12 @@ class InFlight:
     run_id: str
     fence: int
     ctx: StepContext
-    step: StepDef
+    heartbeat_timeout_s: float | None
     started: float = field(default_factory=time.monotonic)
     on_lost: Callable[[str], None] = lambda reason: None
 
     def stalled(self, now: float) -> bool:
-        hb = self.step.heartbeat_timeout_s
+        hb = self.heartbeat_timeout_s
         return hb is not None and now - self.ctx.last_progress > hb
 
 
@@ -99,11 +98,17 @@ class Heartbeat(threading.Thread):
         self.beats = 0
 
     def stop(self) -> None:
+        """Stop beating and wait for a beat in flight, so none lands after deregistration."""
         self._stopped.set()
+        if self.is_alive():
+            self.join(timeout=10)
 
     def run(self) -> None:
         while not self._stopped.wait(self._interval_s):
-            self.beat()
+            try:
+                self.beat()
+            except Exception:  # never let the liveness thread die quietly while steps run
+                log.exception("heartbeat failed unexpectedly; retrying", extra={"worker": self._worker_id})
 
     def beat(self) -> None:
         """Register the worker and renew live claims; report stalled and lost ones."""
@@ -116,7 +121,7 @@ class Heartbeat(threading.Thread):
             if item.stalled(now) and not item.ctx.cancelled:
                 item.on_lost("stalled")
         calls = [self._store.heartbeat(worker=self._worker_id, ttl_ms=self._lease_ms * 10, info=self._info)]
-        calls += [self._store.renew(run_id=i.run_id, fence=i.fence, lease_ms=self._lease_ms) for i in live]
+        calls += [self._store.renew(run_id=i.run_id, token=i.token, lease_ms=self._lease_ms) for i in live]
         try:
             replies: list[Any] = scripts.execute(self._client, calls, raise_on_error=False)
         except redis.RedisError as exc:

@@ -35,6 +35,7 @@ from orchestrator.store import Claimed, Store
 from orchestrator.worker.batcher import Batcher
 from orchestrator.worker.execution import Released, Runtime, Shutdown, StepExecution, claim_token
 from orchestrator.worker.heartbeat import Heartbeat, InFlightTable
+from orchestrator.worker.usercode import StepThreads
 from orchestrator.workflow import Workflow
 
 log = logging.getLogger("orchestrator.worker")
@@ -95,6 +96,7 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._immediate = False
+        self._rotation = 0
         self.rt: Runtime | None = None
 
     def __repr__(self) -> str:
@@ -161,6 +163,7 @@ class Worker:
             self._table,
             self._faults,
             self._loop,
+            StepThreads(self._loop, self._slot_freed.set),
         )
         heartbeat = self._heartbeat(sync_redis)
         try:
@@ -242,28 +245,38 @@ class Worker:
     # -- reading and claiming -------------------------------------------------------------
 
     def _free_slots(self) -> int:
-        return self.settings.concurrency - len(self._tasks)
+        """Concurrency left: running steps and abandoned step threads both take a slot."""
+        assert self.rt is not None
+        return self.settings.concurrency - len(self._tasks) - self.rt.threads.abandoned
+
+    def _read_plan(self) -> tuple[dict[Any, Any], int]:
+        """Streams to read now and the COUNT for each (COUNT applies per stream), so that one
+        read never returns more entries than there are free slots; streams take turns."""
+        free = self._free_slots()
+        streams = list(self._streams)
+        first = self._rotation % len(streams)
+        self._rotation += 1
+        chosen = (streams[first:] + streams[:first])[: min(len(streams), free)]
+        return {s: ">" for s in chosen}, free // len(chosen)
+
+    async def _wait_for_slot(self) -> None:
+        assert self._stopping is not None and self._slot_freed is not None
+        self._slot_freed.clear()
+        waiters = {asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(self._slot_freed.wait())}
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
 
     async def _fetch_loop(self, client: aredis.Redis) -> None:
-        assert self._stopping is not None and self._slot_freed is not None
+        assert self._stopping is not None
         failures = 0
         while not self._stopping.is_set():
             if self._free_slots() <= 0:
-                self._slot_freed.clear()
-                stop = asyncio.ensure_future(self._stopping.wait())
-                await asyncio.wait(
-                    {stop, asyncio.ensure_future(self._slot_freed.wait())}, return_when=asyncio.FIRST_COMPLETED
-                )
-                stop.cancel()
+                await self._wait_for_slot()
                 continue
+            streams, count = self._read_plan()
             try:
-                reply = await client.xreadgroup(
-                    GROUP,
-                    self.id,
-                    {s: ">" for s in self._streams},
-                    count=self._free_slots(),
-                    block=self.settings.block_ms,
-                )
+                reply = await client.xreadgroup(GROUP, self.id, streams, count=count, block=self.settings.block_ms)
                 failures = 0
             except (redis.RedisError, OSError) as exc:
                 failures += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,4 +179,7 @@ def test_the_demo_kills_a_worker_and_the_run_still_completes(settings: Settings,
     out = result.stdout
     assert "*** kill -9 worker-" in out and "resuming from its last stash" in out and "run completed" in out
     assert "the meeting was booked 1 time(s)" in out
+    # the demo runs with the default settings: a killed worker's step must run again within 10 s
+    rerun_s = float(re.search(r"the step ran again ([0-9.]+) s after the kill", out).group(1))  # type: ignore[union-attr]
+    assert rerun_s < 10
     assert "steps committed before the crash" in out or "step committed before the crash" in out

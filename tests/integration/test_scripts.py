@@ -31,7 +31,7 @@ class Ops:
     def x(self, *calls: Any) -> list[Any]:
         return scripts.execute(self.r, list(calls))
 
-    def submit(self, digest: str = "d1") -> list[Any]:
+    def submit(self, digest: str = "d1", request_id: str = "req1") -> list[Any]:
         call = self.store.submit(
             run_id=self.run_id,
             workflow="wf",
@@ -39,6 +39,7 @@ class Ops:
             first_step="a",
             input_sha=digest,
             event='{"detail":"x"}',
+            request_id=request_id,
             state={"n": "0"},
         )
         return self.x(call)[0]
@@ -102,8 +103,9 @@ def ops(r: redis.Redis, settings: Settings) -> Ops:
 def test_submit_creates_once_and_reports_the_existing_run(ops: Ops) -> None:
     created = ops.submit()
     assert created[0] == 1
-    assert ops.submit() == [0, "wf", "d1", "pending"]
-    assert ops.submit(digest="other") == [0, "wf", "d1", "pending"]
+    assert ops.submit() == created  # the same request resent after a lost reply: still "created"
+    assert ops.submit(request_id="req2") == [0, "wf", "d1", "pending"]
+    assert ops.submit(digest="other", request_id="req3") == [0, "wf", "d1", "pending"]
     assert ops.r.xlen(ops.stream) == 1
     assert ops.r.hgetall(ops.rk.state) == {"n": "0"}
     assert ops.r.zscore(ops.keys.active, "r1") is not None
@@ -112,21 +114,23 @@ def test_submit_creates_once_and_reports_the_existing_run(ops: Ops) -> None:
 def test_claim_issues_increasing_fences_and_returns_state(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read()
+    server_ms = ops.r.time()[0] * 1000
     c = ops.claim(eid, d)
-    assert (c.code, c.fence, c.attempt, c.state) == ("RUN", 1, 1, {"n": "0"})
+    assert (c.code, c.attempt, c.state) == ("RUN", 1, {"n": "0"})
+    assert c.fence >= server_ms  # the claim time on the Redis clock: survives a rollback of Redis
     again = ops.claim(eid, d)  # the same claim retried after a lost reply: same answer, nothing new
-    assert (again.code, again.fence, again.attempt) == ("RUN", 1, 1)
+    assert (again.code, again.fence, again.attempt) == ("RUN", c.fence, 1)
     assert ops.claim(eid, d, worker="w2").code == "BUSY"  # a live lease blocks another claim
-    assert ops.r.get(ops.rk.lease) == "1"
+    assert ops.r.get(ops.rk.lease) == f"w1:{eid}"
 
 
 def test_claim_after_a_lapsed_lease_counts_a_crash_and_gets_a_higher_fence(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read()
-    assert ops.claim(eid, d, lease_ms=50).fence == 1
+    first = ops.claim(eid, d, lease_ms=50).fence
     time.sleep(0.1)
     c = ops.claim(eid, d, worker="w2")
-    assert (c.code, c.fence, c.attempt, c.crashes, c.crashed_now) == ("RUN", 2, 2, 1, True)
+    assert (c.code, c.attempt, c.crashes, c.crashed_now) == ("RUN", 2, 1, True) and c.fence > first
     assert "crashed" in ops.history_types()
 
 
@@ -169,9 +173,9 @@ def test_commit_of_a_replaced_claim_is_fenced_and_counted(ops: Ops) -> None:
     ((eid, d),) = ops.read()
     ops.claim(eid, d, lease_ms=30)
     time.sleep(0.06)
-    assert ops.claim(eid, d, worker="w2").fence == 2
+    live = ops.claim(eid, d, worker="w2").fence
     out = ops.commit(eid, d, worker="w1")
-    assert out.code == "FENCED" and out.detail[0] == 2
+    assert out.code == "FENCED" and out.detail[0] == live
     assert ops.r.hexists(ops.rk.results, "r1:a") == 0
     assert ops.run()["fenced"] == "1" and "fenced" in ops.history_types()
     assert ops.commit(eid, d, worker="w2").code == "OK"
@@ -202,7 +206,7 @@ def test_fail_schedules_a_retry_or_dead_letters_and_replays_safely(ops: Ops) -> 
     ((eid2, d2),) = ops.read()
     assert eid2 == new_id
     c = ops.claim(eid2, d2)
-    assert (c.attempt, c.errors, c.fence) == (2, 1, 2)
+    assert (c.attempt, c.errors) == (2, 1)
     assert ops.fail(eid2, d2, delay_ms=None).code == "FAILED"
     run = ops.run()
     assert run["status"] == "failed" and ops.r.zscore(ops.keys.dead, "r1") is not None
@@ -213,9 +217,12 @@ def test_retry_run_re_drives_a_failed_run_with_the_same_idempotency_key(ops: Ops
     ((eid, d),) = ops.read()
     ops.claim(eid, d)
     ops.fail(eid, d, delay_ms=None)
-    out = Outcome.parse(ops.x(ops.store.retry(run_id="r1", queue="q", reason="x"))[0])
+    retry = ops.store.retry(run_id="r1", queue="q", reason="x", request_id="q1")
+    out = Outcome.parse(ops.x(retry)[0])
     assert out.code == "RETRIED" and out.detail[1:] == ("a", 1)
-    assert Outcome.parse(ops.x(ops.store.retry(run_id="r1", queue="q", reason="x"))[0]).code == "NOT_FAILED"
+    assert Outcome.parse(ops.x(retry)[0]) == out  # resent after a lost reply: same answer, no second entry
+    other = ops.store.retry(run_id="r1", queue="q", reason="x", request_id="q2")
+    assert Outcome.parse(ops.x(other)[0]).code == "NOT_FAILED"
     ops.r.xack(ops.stream, GROUP, eid)
     ((eid2, d2),) = ops.read()
     assert (d2.step, d2.visit) == ("a", 1)
@@ -226,19 +233,22 @@ def test_cancel_ends_the_run_and_refuses_the_running_steps_commit(ops: Ops) -> N
     ops.submit()
     ((eid, d),) = ops.read()
     ops.claim(eid, d)
-    assert Outcome.parse(ops.x(ops.store.cancel(run_id="r1", queue="q", reason="x"))[0]).code == "CANCELLED"
-    assert ops.x(ops.store.renew(run_id="r1", fence=1, lease_ms=1000))[0] == 0
+    cancel = ops.store.cancel(run_id="r1", queue="q", reason="x", request_id="c1")
+    assert Outcome.parse(ops.x(cancel)[0]).code == "CANCELLED"
+    assert Outcome.parse(ops.x(cancel)[0]).code == "CANCELLED"  # resent: still reports success
+    assert ops.x(ops.store.renew(run_id="r1", token=f"w1:{eid}", lease_ms=1000))[0] == 0
     assert ops.commit(eid, d).code == "TERMINAL"
-    assert Outcome.parse(ops.x(ops.store.cancel(run_id="r1", queue="q", reason="x"))[0]).code == "TERMINAL"
+    again = ops.store.cancel(run_id="r1", queue="q", reason="x", request_id="c2")
+    assert Outcome.parse(ops.x(again)[0]).code == "TERMINAL"
 
 
 def test_renew_and_stash_only_work_for_the_live_claim(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read()
     ops.claim(eid, d, lease_ms=1000)
-    assert ops.x(ops.store.renew(run_id="r1", fence=1, lease_ms=5000))[0] == 1
+    assert ops.x(ops.store.renew(run_id="r1", token=f"w1:{eid}", lease_ms=5000))[0] == 1
     assert ops.r.pttl(ops.rk.lease) > 1000
-    assert ops.x(ops.store.renew(run_id="r1", fence=7, lease_ms=5000))[0] == 0
+    assert ops.x(ops.store.renew(run_id="r1", token="w9:other", lease_ms=5000))[0] == 0
     assert ops.x(ops.store.stash(run_id="r1", token=f"w1:{eid}", idem_key="r1:a", snapshot='{"k":1}'))[0] == 1
     assert ops.x(ops.store.stash(run_id="r1", token="other", idem_key="r1:a", snapshot='{"k":2}'))[0] == 0
     assert ops.r.hget(ops.rk.stash, "r1:a") == '{"k":1}'
@@ -269,15 +279,18 @@ def test_release_re_enqueues_without_counting_a_crash(ops: Ops) -> None:
     ops.r.xack(ops.stream, GROUP, eid)
     ((eid2, d2),) = ops.read()
     c = ops.claim(eid2, d2, worker="w2")
-    assert (c.code, c.crashes, c.fence) == ("RUN", 0, 2)
+    assert (c.code, c.crashes) == ("RUN", 0)
 
 
 def test_redispatch_moves_a_dead_claims_entry_and_only_one_supervisor_wins(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read()
     ops.claim(eid, d, lease_ms=1000)
-    call = ops.store.redispatch(queue="q", entry_id=eid, dispatch=d)
+    call = ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d)
+    time.sleep(0.05)
     assert Outcome.parse(ops.x(call)[0]).code == "ALIVE"
+    (alive,) = ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10)
+    assert alive["time_since_delivered"] < 40 and alive["times_delivered"] == 1  # idle reset, not redelivered
     ops.r.delete(ops.rk.lease)
     first, second = (Outcome.parse(x) for x in ops.x(call, call))
     assert first.code == "REDISPATCHED" and second.code == "GONE"
@@ -291,7 +304,7 @@ def test_redispatch_drops_entries_of_committed_steps(ops: Ops) -> None:
     ((eid, d),) = ops.read()
     ops.claim(eid, d)
     ops.commit(eid, d)  # committed, but the worker died before its XACK
-    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, dispatch=d))[0])
+    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d))[0])
     assert out.code == "DROPPED" and out.detail[0] == "committed"
     assert ops.r.xlen(ops.stream) == 1  # only the next step's entry remains
 
@@ -338,7 +351,14 @@ def test_purge_deletes_only_old_finished_runs(ops: Ops) -> None:
 def test_scripts_reload_after_the_script_cache_is_flushed(ops: Ops) -> None:
     ops.submit()
     ops.r.script_flush()
-    assert ops.submit()[0] == 0
+    assert ops.submit(request_id="another")[0] == 0
+
+
+def test_stale_lists_members_older_than_an_age_by_the_server_clock(ops: Ops) -> None:
+    now_ms = ops.r.time()[0] * 1000
+    ops.r.zadd("t:z", {"old": now_ms - 60_000, "new": now_ms + 60_000})
+    reply = ops.x(ops.store.stale(key="t:z", age_ms=30_000, limit=10))[0]
+    assert abs(reply[0] - now_ms) < 2000 and reply[1] == "old" and len(reply) == 3
 
 
 def test_heartbeat_and_leader_use_the_server_clock(ops: Ops) -> None:
@@ -348,3 +368,37 @@ def test_heartbeat_and_leader_use_the_server_clock(ops: Ops) -> None:
     assert ops.x(ops.store.leader(candidate="a", lease_ms=1000))[0] == 1
     assert ops.x(ops.store.leader(candidate="b", lease_ms=1000))[0] == 0
     assert ops.x(ops.store.leader(candidate="a", lease_ms=1000))[0] == 1
+
+
+def test_a_retry_waiting_out_its_backoff_cannot_be_started_early(ops: Ops) -> None:
+    """The worker failed the step (retry in 60 s) and died before acking its entry."""
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    assert ops.fail(eid, d, delay_ms=60_000).code == "RETRY"
+    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d))[0])
+    assert out.code == "DROPPED" and out.detail[0] == "not the current dispatch"
+    assert ops.claim(eid, d, worker="w2").code == "STALE"
+    assert ops.r.xlen(ops.stream) == 0 and ops.r.zcard(ops.keys.queue("q").delayed) == 1
+
+
+def test_a_worker_acks_only_entries_still_pending_for_it(ops: Ops) -> None:
+    ops.submit()
+    ((eid, _),) = ops.read("c1")
+    assert ops.x(ops.store.ack_owned("q", "c2", [eid]))[0] == 0
+    assert ops.r.xpending(ops.stream, GROUP)["pending"] == 1
+    assert ops.x(ops.store.ack_owned("q", "c1", [eid]))[0] == 1
+    assert ops.r.xlen(ops.stream) == 0 and ops.r.xpending(ops.stream, GROUP)["pending"] == 0
+
+
+def test_a_consumer_is_reaped_only_when_gone_from_the_fleet_with_nothing_pending(ops: Ops) -> None:
+    ops.submit()
+    ops.read("w1")
+    reap = ops.store.reap_consumer(queue="q", consumer="w1")
+    assert ops.x(reap)[0] == 0  # it still holds an entry
+    ops.r.xack(ops.stream, GROUP, *[e["message_id"] for e in ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10)])
+    ops.r.zadd(ops.keys.workers, {"w1": 1})
+    assert ops.x(reap)[0] == 0  # it heartbeat again: alive
+    ops.r.zrem(ops.keys.workers, "w1")
+    assert ops.x(reap)[0] == 1
+    assert [c["name"] for c in ops.r.xinfo_consumers(ops.stream, GROUP)] == []
