@@ -28,10 +28,7 @@ class Script:
 
     name: str
     source: str
-
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
+    sha: str
 
     def call(self, keys: Sequence[str], args: Sequence[Arg]) -> Call:
         return Call(("EVALSHA", self.sha, len(keys), *keys, *args), self)
@@ -56,7 +53,8 @@ def load(name: str) -> Script:
     folder = resources.files(__package__)
     prelude = (folder / "_prelude.lua").read_text()
     body = (folder / f"{name}.lua").read_text()
-    return Script(name, f"{prelude}\n{body}")
+    source = f"{prelude}\n{body}"
+    return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 
 def names() -> list[str]:

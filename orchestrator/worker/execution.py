@@ -61,14 +61,33 @@ class Runtime:
     loop: asyncio.AbstractEventLoop
     threads: StepThreads
     counts: Counter[str] = field(default_factory=Counter)
+    unsent: Counter[str] = field(default_factory=Counter)
+    acks: dict[str, list[str]] = field(default_factory=dict)
 
     def count(self, name: str, amount: int = 1) -> None:
-        """Local tally plus the fleet-wide stats hash (sent in the next batch)."""
+        """Local tally; added to the fleet-wide stats hash by :meth:`flush_counts`."""
         self.counts[name] += amount
-        self.batcher.send([self.store.count(name, amount)])
+        self.unsent[name] += amount
+
+    def flush_counts(self) -> None:
+        if self.unsent:
+            self.batcher.send([self.store.count(name, n) for name, n in self.unsent.items()])
+            self.unsent.clear()
 
     def ack(self, queue: str, entry_id: str) -> None:
-        self.batcher.send([self.store.ack_owned(queue, self.worker_id, [entry_id])])
+        """Ack after the current loop iteration, together with every other step that finished in it."""
+        if not self.acks:
+            self.loop.call_soon(self._send_acks)
+        self.acks.setdefault(queue, []).append(entry_id)
+
+    def _send_acks(self) -> None:
+        acks, self.acks = self.acks, {}
+        self.batcher.send([self.store.ack_owned(queue, self.worker_id, ids) for queue, ids in acks.items()])
+
+    def flush(self) -> None:
+        """Queue every pending ack and counter now (at shutdown, before the batcher closes)."""
+        self._send_acks()
+        self.flush_counts()
 
 
 def claim_token(worker_id: str, entry_id: str) -> str:

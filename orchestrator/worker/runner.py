@@ -182,11 +182,12 @@ class Worker:
                     "redis": self.settings.redacted_url,
                 },
             )
-            promoter = asyncio.create_task(self._promote_loop(), name="promoter")
+            promoter = asyncio.create_task(self._housekeeping_loop(), name="promoter")
             await self._fetch_loop(async_redis)
             promoter.cancel()
             await self._drain()
         finally:
+            self.rt.flush()
             await batcher.close()
             heartbeat.stop()
             await self._deregister(async_redis, sync_redis)
@@ -393,11 +394,12 @@ class Worker:
 
     # -- retries --------------------------------------------------------------------------
 
-    async def _promote_loop(self) -> None:
-        """Move due retries from each queue's delayed set onto its stream."""
+    async def _housekeeping_loop(self) -> None:
+        """Move due retries from each queue's delayed set onto its stream; send counters."""
         assert self.rt is not None
         while True:
             await asyncio.sleep(self.settings.promote_interval_s)
+            self.rt.flush_counts()
             try:
                 await promote_due(self.rt.batcher, self.store, self.queues)
             except (redis.RedisError, OSError) as exc:

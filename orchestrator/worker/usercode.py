@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -55,47 +56,68 @@ async def guarded(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 class StepThreads:
-    """Starts step threads and counts the abandoned ones that are still running."""
+    """A pool of daemon threads for sync steps, grown on demand, with abandoned ones counted.
+
+    Daemon threads, so a step stuck forever never keeps a stopping worker alive; pooled,
+    because starting a thread per step costs more than the rest of the step path.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_straggler_exit: Callable[[], None]) -> None:
         self._loop = loop
         self._on_exit = on_straggler_exit
         self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[StepThread] = queue.SimpleQueue()
+        self._idle = 0
+        self.size = 0
         self.abandoned = 0
 
     def start(self, fn: Callable[..., Any], *args: Any) -> StepThread:
-        thread = StepThread(self, fn, args)
-        thread.start()
-        return thread
-
-    def _settle(self, thread: StepThread, value: Any, exc: Exception | None) -> None:
-        if not thread.future.done():
-            if exc is None:
-                thread.future.set_result(value)
-            else:
-                thread.future.set_exception(exc)
-
-    def _finished(self, thread: StepThread, value: Any, exc: Exception | None) -> None:
+        job = StepThread(self, fn, args)
         with self._lock:
-            thread.finished = True
-            straggler = thread.abandoned
+            grow = self._idle == 0
+            if grow:
+                self.size += 1
+            else:
+                self._idle -= 1
+        self._jobs.put(job)
+        if grow:
+            threading.Thread(target=self._serve, name=f"orchestrator-step-{self.size}", daemon=True).start()
+        return job
+
+    def _serve(self) -> None:
+        while True:
+            self._jobs.get().run()
+            with self._lock:
+                self._idle += 1
+
+    def _settle(self, job: StepThread, value: Any, exc: Exception | None) -> None:
+        if not job.future.done():
+            if exc is None:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(exc)
+
+    def _finished(self, job: StepThread, value: Any, exc: Exception | None) -> None:
+        with self._lock:
+            job.finished = True
+            straggler = job.abandoned
             if straggler:
                 self.abandoned -= 1
         with contextlib.suppress(RuntimeError):  # the loop is gone: the worker stopped meanwhile
-            self._loop.call_soon_threadsafe(self._settle, thread, value, exc)
+            self._loop.call_soon_threadsafe(self._settle, job, value, exc)
             if straggler:
                 self._loop.call_soon_threadsafe(self._on_exit)
 
-    def abandon(self, thread: StepThread) -> None:
-        """Stop waiting for ``thread``; it counts as busy until its function returns."""
+    def abandon(self, job: StepThread) -> None:
+        """Stop waiting for ``job``; its thread counts as busy until the function returns."""
         with self._lock:
-            if not thread.finished and not thread.abandoned:
-                thread.abandoned = True
+            if not job.finished and not job.abandoned:
+                job.abandoned = True
                 self.abandoned += 1
 
 
 class StepThread:
-    """One sync step running on a daemon thread (a stuck step never blocks process exit)."""
+    """One sync step handed to the pool; ``future`` resolves on the event loop."""
 
     def __init__(self, owner: StepThreads, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.owner = owner
@@ -105,14 +127,11 @@ class StepThread:
         self.finished = False
         self.abandoned = False
 
-    def start(self) -> None:
-        threading.Thread(target=self._run, name="orchestrator-step", daemon=True).start()
-
-    def _run(self) -> None:
+    def run(self) -> None:
         value: Any = None
         exc: Exception | None = None
         try:
             value = self.fn(*self.args)
-        except BaseException as error:
+        except BaseException as error:  # every outcome must reach the loop
             exc = as_step_error(error)
         self.owner._finished(self, value, exc)

@@ -82,7 +82,7 @@ def test_a_replaced_claims_late_commit_is_refused(fleet: Fleet, client: Client, 
     assert sorted(a.outcome for a in s2.attempts) == ["crashed", "fenced", "ok"]
     fenced = next(a for a in s2.attempts if a.outcome == "fenced")
     assert fenced.fence == first
-    assert client.stats()["fenced"] == 1
+    wait_until(lambda: client.stats().get("fenced") == 1, timeout_s=5, what="fenced counted fleet-wide")
 
 
 def test_random_kill_9_during_a_load_loses_no_run_and_repeats_no_persisted_step(
