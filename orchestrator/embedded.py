@@ -113,7 +113,11 @@ class RedisServer:
         self.process = subprocess.Popen(
             self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=self.detach
         )
-        self._wait_ready(timeout_s)
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.kill()  # never leave a half-started server behind
+            raise
         return self
 
     def _wait_ready(self, timeout_s: float) -> None:
