@@ -1,0 +1,50 @@
+"""Supervisor scans: a dead worker's step is found even behind hundreds of live long steps."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from orchestrator import Client, Settings, Supervisor, scripts
+from orchestrator.codec import Dispatch
+from orchestrator.keys import GROUP
+from orchestrator.store import Claimed
+from workers.testflows import chain
+
+
+def test_a_dead_claim_behind_600_live_ones_is_redispatched_within_a_few_ticks(
+    client: Client, settings: Settings, r: redis.Redis
+) -> None:
+    for i in range(601):
+        client.submit(chain, {}, run_id=f"run{i:03d}")
+    stream = client.keys.queue("default").stream
+    r.xgroup_create(stream, GROUP, id="0")
+    entries = [
+        (eid, Dispatch.model_validate(f))
+        for _, rows in r.xreadgroup(GROUP, "w", {stream: ">"}, count=1000)
+        for eid, f in rows
+    ]
+    calls = [
+        client.store.claim(
+            dispatch=d,
+            entry_id=eid,
+            token=f"w:{eid}",
+            worker="w",
+            lease_ms=1 if d.run == "run600" else 60_000,
+            max_crashes=3,
+        )
+        for eid, d in entries
+    ]
+    assert {Claimed.parse(x).code for x in scripts.execute(r, calls)} == {"RUN"}
+    time.sleep(settings.lease_s + 0.1)  # every entry is now idle for longer than a lease
+    supervisor = Supervisor(settings)
+    found = 0
+    for _ in range(3):
+        found += supervisor.tick(sweep=False).get("redispatched", 0)
+    assert found == 1
+    assert r.hget(client.keys.run("run600").run, "dispatch") != entries[-1][0]
+    # the live entries had their idle time reset, so the next scans do not wade through them
+    assert r.xpending_range(stream, GROUP, "-", "+", 1000, idle=int(settings.lease_s * 1000)) == []
+    assert r.xpending(stream, GROUP)["pending"] == 600
+    supervisor.redis.close()
