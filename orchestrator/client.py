@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 import redis
@@ -34,6 +35,7 @@ from orchestrator.store import Outcome, Store
 from orchestrator.workflow import FreeState, Workflow
 
 S = TypeVar("S", bound=BaseModel)
+TERMINAL_EVENTS = frozenset({"completed", "failed", "cancelled", "quarantined"})
 
 
 class Client:
@@ -142,9 +144,13 @@ class Client:
 
     def history(self, run_id: str) -> RunHistory:
         info = self.get(run_id)
-        raw = self.redis.lrange(self.keys.run(run_id).history, 0, -1)
-        events = [HistoryEvent.model_validate_json(item) for item in raw]
+        events = self.events(run_id)
         return RunHistory(run=info, steps=group_attempts(info, events), events=events)
+
+    def events(self, run_id: str, start: int = 0) -> list[HistoryEvent]:
+        """The run's history events from index ``start`` on (cheap to poll for new ones)."""
+        raw: list[str] = self.redis.lrange(self.keys.run(run_id).history, start, -1)  # type: ignore[assignment]
+        return [HistoryEvent.model_validate_json(item) for item in raw]
 
     def list_runs(self, status: str | None = None, limit: int = 50) -> list[RunInfo]:
         """Most recently active first. ``status`` filters (one of ``STATUSES``)."""
@@ -233,6 +239,27 @@ class Run(Generic[S]):
     def retry(self) -> Run[S]:
         self.client.retry(self.run_id)
         return self
+
+    def follow(self, timeout_s: float = 60.0, poll_s: float = 0.2) -> Iterator[HistoryEvent]:
+        """Yield the run's history events as they happen, from the first, until it finishes.
+
+        Raises :class:`~orchestrator.errors.WaitTimeout` after ``timeout_s``; the run goes on.
+        """
+        from orchestrator.errors import WaitTimeout
+
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while True:
+            events = self.client.events(self.run_id, seen)
+            seen += len(events)
+            yield from events
+            if any(ev.type in TERMINAL_EVENTS for ev in events):
+                return
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(
+                    f"run {self.run_id!r} did not finish within {timeout_s} s; it goes on", run_id=self.run_id
+                )
+            time.sleep(poll_s)
 
     def wait(self, timeout_s: float = 60.0, poll_s: float = 0.25) -> S:
         """Block until the run finishes; return its final state (a dict without a workflow).

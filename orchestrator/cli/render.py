@@ -94,3 +94,24 @@ def runs_table(runs: list[RunInfo]) -> str:
         for r in runs
     ]
     return "\n".join([header, *rows])
+
+
+def live_line(ev: HistoryEvent, t0: int) -> str:
+    """One line per history event as it happens, timed from ``t0`` (server ms)."""
+    at = f"+{(ev.at - t0) / 1000:5.1f}s"
+    step = f"{ev.step:<17}" if ev.step else " " * 17
+    where = f" on {ev.worker}" if ev.worker else ""
+    took = f" ({seconds(ev.end_ms - ev.start_ms)})" if ev.start_ms is not None and ev.end_ms is not None else ""
+    text = {
+        "submitted": "run submitted",
+        "ok": f"done{took}{where}",
+        "error": f"failed{took}{where}: {ev.error.message if ev.error else ''}",
+        "timeout": f"timed out{took}{where}",
+        "crashed": f"attempt {ev.attempt} lost: {ev.worker} died mid-step; resuming from its last stash",
+        "redispatched": "supervisor: lease expired, step handed to another worker",
+        "fenced": f"late result of a replaced attempt refused{where}",
+        "released": f"handed back at shutdown{where}",
+        "completed": "run completed",
+        "failed": "run failed",
+    }.get(ev.type, f"{ev.type}{where} {ev.detail or ''}".rstrip())
+    return f"  {at}  {step} {text}"

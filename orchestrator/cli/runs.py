@@ -11,7 +11,7 @@ import click
 
 from orchestrator.cli import cli
 from orchestrator.cli.common import CliState, emit_json, load_workflows, output_option, pass_state
-from orchestrator.cli.render import history_text, runs_table, status_text
+from orchestrator.cli.render import history_text, live_line, runs_table, status_text
 from orchestrator.runs import STATUSES
 
 
@@ -61,14 +61,19 @@ def submit(
     client = state.client()
     run = client.submit(flow, read_input(input, file), run_id=run_id)
     result: dict[str, Any] = {"run_id": run.run_id, "created": run.created}
+    if output == "text":
+        click.echo(f"{'submitted' if run.created else 'already exists'}: {run.run_id}")
     if wait_s is not None:
-        final = run.wait(timeout_s=wait_s)
+        if output == "text":  # show progress while waiting: a long run is not a silent one
+            t0 = 0
+            for ev in run.follow(timeout_s=wait_s):
+                t0 = t0 or ev.at
+                click.echo(live_line(ev, t0))
+        final = run.wait(timeout_s=max(1.0, wait_s))
         result["state"] = final.model_dump(mode="json") if hasattr(final, "model_dump") else final
     if output == "json":
         emit_json(result)
-        return
-    click.echo(f"{'submitted' if run.created else 'already exists'}: {run.run_id}")
-    if "state" in result:
+    elif "state" in result:
         click.echo(json.dumps(result["state"], indent=2))
 
 
@@ -84,11 +89,23 @@ def status(state: CliState, run_id: str, output: str) -> None:
 
 @cli.command()
 @click.argument("run_id")
+@click.option("--follow", "-f", is_flag=True, help="print events as they happen until the run finishes")
+@click.option("--timeout-s", type=float, default=3600.0, show_default=True, help="how long --follow waits")
 @output_option
 @pass_state
-def history(state: CliState, run_id: str, output: str) -> None:
-    """Show a run's timeline: every attempt of every step, its outcome, worker and duration."""
-    hist = state.client().history(run_id)
+def history(state: CliState, run_id: str, follow: bool, timeout_s: float, output: str) -> None:
+    """Show a run's timeline: every attempt of every step, its outcome, worker and duration.
+
+    With --follow, print each event as it happens (JSON lines with -o json) until the run ends.
+    """
+    client = state.client()
+    if follow:
+        t0 = 0
+        for ev in client.run(run_id).follow(timeout_s=timeout_s):
+            t0 = t0 or ev.at
+            click.echo(ev.model_dump_json(exclude_none=True) if output == "json" else live_line(ev, t0))
+        return
+    hist = client.history(run_id)
     emit_json(hist.model_dump(mode="json")) if output == "json" else click.echo(history_text(hist))
 
 

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import redis
 
-from orchestrator.cli.render import history_text, seconds
+from orchestrator.cli.render import history_text, live_line
 from orchestrator.client import Client
-from orchestrator.codec import HistoryEvent
 from orchestrator.demo.agent import research
 from orchestrator.embedded import RedisServer
 from orchestrator.keys import Keys
@@ -71,24 +70,6 @@ class Processes:
 
 def plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def describe(ev: HistoryEvent, t0: int) -> str:
-    """One live line per history event."""
-    at = f"+{(ev.at - t0) / 1000:5.1f}s"
-    step = f"{ev.step:<17}" if ev.step else " " * 17
-    where = f" on {ev.worker}" if ev.worker else ""
-    took = f" ({seconds(ev.end_ms - ev.start_ms)})" if ev.start_ms is not None and ev.end_ms is not None else ""
-    text = {
-        "submitted": "run submitted",
-        "ok": f"done{took}{where}",
-        "error": f"failed{took}{where}: {ev.error.message if ev.error else ''} -> retry after backoff",
-        "crashed": f"attempt {ev.attempt} lost: {ev.worker} died mid-step; resuming from its last stash",
-        "redispatched": "supervisor: lease expired, step handed to another worker",
-        "completed": "run completed",
-        "failed": "run failed",
-    }.get(ev.type, f"{ev.type}{where} {ev.detail or ''}")
-    return f"  {at}  {step} {text}"
 
 
 class Demo:
@@ -136,15 +117,15 @@ class Demo:
 
     def _follow(self, timeout_s: float = 120) -> None:
         """Print history events as they appear; kill the worker running ``study`` once it stashed."""
-        seen, t0 = 0, None
+        seen, t0 = 0, 0
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            events = self.client.history(RUN_ID).events
+            events = self.client.events(RUN_ID, seen)
             t0 = t0 or events[0].at
-            for ev in events[seen:]:
-                self.echo(describe(ev, t0))
-            seen = len(events)
-            if events[-1].type in ("completed", "failed", "cancelled"):
+            for ev in events:
+                self.echo(live_line(ev, t0))
+            seen += len(events)
+            if any(ev.type in ("completed", "failed", "cancelled") for ev in events):
                 return
             if self.kill and self.killed is None:
                 self._maybe_kill(t0)

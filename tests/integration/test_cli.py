@@ -43,20 +43,19 @@ def test_submit_status_history_and_list_in_text_and_json(settings: Settings, led
             "state": {"i": 11, "sleep_s": 0.0, "steps": [f"s{n}" for n in range(10)]},
         }
         (tmp_path / "in.json").write_text('{"i": 2}')
-        assert (
-            cli(
-                settings,
-                "submit",
-                "workers.testflows:chain",
-                "-f",
-                str(tmp_path / "in.json"),
-                "--run-id",
-                "a2",
-                "--wait",
-                "20",
-            ).returncode
-            == 0
+        shown = cli(
+            settings,
+            "submit",
+            "workers.testflows:chain",
+            "-f",
+            str(tmp_path / "in.json"),
+            "--run-id",
+            "a2",
+            "--wait",
+            "20",
         )
+        assert shown.returncode == 0 and "run submitted" in shown.stdout and "run completed" in shown.stdout
+        assert shown.stdout.count("done (") == 10  # progress while waiting: one line per committed step
         piped = cli(settings, "submit", "workers.testflows:chain", "-", "--run-id", "a3", stdin='{"i": 3}')
         assert piped.stdout.strip() == "submitted: a3"
         again = cli(settings, "submit", "workers.testflows:chain", "-", "--run-id", "a3", stdin='{"i": 3}')
@@ -68,6 +67,8 @@ def test_submit_status_history_and_list_in_text_and_json(settings: Settings, led
     history = cli(settings, "history", "a1")
     assert history.returncode == 0 and history.stdout.count(" ok ") == 10 and "completed" in history.stdout
     assert len(json.loads(cli(settings, "history", "a1", "--output", "json").stdout)["steps"]) == 10
+    followed = cli(settings, "history", "a1", "--follow", "-o", "json").stdout.splitlines()
+    assert [json.loads(line)["type"] for line in followed] == ["submitted", *["ok"] * 10, "completed"]
     listed = json.loads(cli(settings, "runs", "list", "--status", "completed", "-o", "json").stdout)
     assert sorted(r["run_id"] for r in listed) == ["a1", "a2", "a3"]
     assert "a2" in cli(settings, "runs", "list").stdout
