@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from orchestrator import scripts
 from orchestrator.codec import HistoryEvent, StepRecord, dumps, encode_fields, loads
-from orchestrator.connection import connect
+from orchestrator.connection import close, connect
 from orchestrator.errors import (
     ConfigError,
     InvalidTransition,
@@ -58,7 +58,7 @@ class Client:
         return cls(Settings(redis_url=url, **settings))
 
     def close(self) -> None:
-        self.redis.close()
+        close(self.redis)
 
     def __enter__(self) -> Client:
         return self

@@ -98,41 +98,52 @@ def _check_scheme(url: str) -> str:
     return scheme
 
 
+def _sentinel_args(url: str) -> tuple[SentinelTarget, dict[str, Any], dict[str, Any]]:
+    """What Sentinel(...) and master_for(...) take, for the sync and the asyncio client alike."""
+    target = parse_sentinel_url(url)
+    password = {"password": target.sentinel_password} if target.sentinel_password else None
+    master = {"db": target.db, "username": target.username, "password": target.password}
+    return target, {"sentinel_kwargs": password, **_options()}, master
+
+
 def connect(url: str) -> redis.Redis:
     """A synchronous client for ``url`` that retries commands on connection errors."""
-    scheme = _check_scheme(url)
     retry = Retry(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
-    if scheme == "redis+sentinel":
-        from redis.sentinel import Sentinel
+    if _check_scheme(url) != "redis+sentinel":
+        return redis.Redis.from_url(url, retry=retry, **_options())
+    from redis.sentinel import Sentinel
 
-        target = parse_sentinel_url(url)
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            target.hosts,
-            sentinel_kwargs={"password": target.sentinel_password} if target.sentinel_password else None,
-            **_options(),
-        )
-        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            target.service, db=target.db, username=target.username, password=target.password, retry=retry
-        )
-        return client
-    return redis.Redis.from_url(url, retry=retry, **_options())
+    target, sentinel_kwargs, master_kwargs = _sentinel_args(url)
+    sentinel = Sentinel(target.hosts, **sentinel_kwargs)  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(target.service, retry=retry, **master_kwargs)  # type: ignore[no-untyped-call]
+    return client
 
 
 def connect_async(url: str) -> aredis.Redis:
     """An asyncio client for ``url`` with the same retry behaviour as :func:`connect`."""
-    scheme = _check_scheme(url)
     retry = AsyncRetry(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
-    if scheme == "redis+sentinel":
-        from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+    if _check_scheme(url) != "redis+sentinel":
+        return aredis.Redis.from_url(url, retry=retry, **_options())
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
-        target = parse_sentinel_url(url)
-        sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
-            target.hosts,
-            sentinel_kwargs={"password": target.sentinel_password} if target.sentinel_password else None,
-            **_options(),
-        )
-        client: aredis.Redis = sentinel.master_for(
-            target.service, db=target.db, username=target.username, password=target.password, retry=retry
-        )
-        return client
-    return aredis.Redis.from_url(url, retry=retry, **_options())
+    target, sentinel_kwargs, master_kwargs = _sentinel_args(url)
+    sentinel = AsyncSentinel(target.hosts, **sentinel_kwargs)  # type: ignore[no-untyped-call]
+    client: aredis.Redis = sentinel.master_for(target.service, retry=retry, **master_kwargs)
+    return client
+
+
+def close(client: redis.Redis) -> None:
+    """Close a client from :func:`connect` with its pool (and a Sentinel's own connections)."""
+    client.close()
+    pool = client.connection_pool
+    pool.disconnect()
+    for sentinel in getattr(getattr(pool, "sentinel_manager", None), "sentinels", []):
+        sentinel.close()
+        sentinel.connection_pool.disconnect()
+
+
+async def aclose(client: aredis.Redis) -> None:
+    """Close a client from :func:`connect_async` with its pool (and a Sentinel's connections)."""
+    await client.aclose(close_connection_pool=True)
+    for sentinel in getattr(getattr(client.connection_pool, "sentinel_manager", None), "sentinels", []):
+        await sentinel.aclose(close_connection_pool=True)

@@ -27,7 +27,7 @@ import redis
 
 from orchestrator import scripts
 from orchestrator.codec import Dispatch
-from orchestrator.connection import connect
+from orchestrator.connection import close, connect
 from orchestrator.errors import ConfigError
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys, parse_delayed_member
@@ -83,7 +83,7 @@ class Supervisor:
                 self._stopped.wait(self.settings.reclaim_interval_s)
         finally:
             self._resign()
-            self.redis.close()
+            close(self.redis)
             log.info("supervisor stopped", extra={"supervisor": self.id, **self.totals})
 
     def tick(self, *, sweep: bool = True, purge: bool = False) -> dict[str, int]:

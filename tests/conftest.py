@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from orchestrator import Client
 from orchestrator.embedded import RedisServer
 from orchestrator.settings import Settings
+from tests.ledger import Ledger
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +59,18 @@ def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     yield client
     client.close()
+
+
+@pytest.fixture
+def ledger(r: redis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Ledger:
+    """The test ledger, and the env that in-process test steps read it from."""
+    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", settings.redis_url or "")
+    monkeypatch.setenv("ORCHESTRATOR_NAMESPACE", settings.namespace)
+    return Ledger(r, settings.namespace)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[Client]:
+    c = Client(settings)
+    yield c
+    c.close()

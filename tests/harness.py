@@ -12,9 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from orchestrator import Settings, Supervisor, Worker, Workflow
+from orchestrator.connection import connect
 from orchestrator.keys import Keys
 from tests.helpers import wait_until
 
@@ -27,7 +26,7 @@ def worker_thread(workflows: Sequence[Workflow[Any]], settings: Settings, **kwar
     worker = Worker(workflows, settings, **kwargs)
     thread = threading.Thread(target=worker.run, name=f"worker-{worker.id}", daemon=True)
     thread.start()
-    client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    client = connect(settings.redis_url or "")
     try:
         wait_until(
             lambda: client.zscore(Keys(settings.namespace).workers, worker.id) is not None, what="worker registered"

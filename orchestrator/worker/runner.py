@@ -26,7 +26,7 @@ import redis.asyncio as aredis
 from orchestrator import faults as fault_points
 from orchestrator import scripts
 from orchestrator.codec import Dispatch, describe_validation_error, dumps
-from orchestrator.connection import connect, connect_async
+from orchestrator.connection import aclose, close, connect, connect_async
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys, parse_delayed_member
@@ -191,8 +191,8 @@ class Worker:
             await batcher.close()
             heartbeat.stop()
             await self._deregister(async_redis, sync_redis)
-            await async_redis.aclose()
-            sync_redis.close()
+            await aclose(async_redis)
+            close(sync_redis)
             log.info("worker stopped", extra={"worker": self.id, **dict(self.rt.counts)})
 
     def _heartbeat(self, sync_redis: redis.Redis) -> Heartbeat:

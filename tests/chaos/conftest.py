@@ -6,12 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
-from orchestrator import Client, Settings
+from orchestrator import Settings
 from tests.conftest import fast_settings
 from tests.harness import Proc, start_supervisor, start_worker
-from tests.integration.conftest import Ledger
 
 
 class Fleet:
@@ -61,17 +59,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
-
-
-@pytest.fixture
-def ledger(r: redis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Ledger:
-    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", settings.redis_url or "")
-    monkeypatch.setenv("ORCHESTRATOR_NAMESPACE", settings.namespace)
-    return Ledger(r, settings.namespace)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[Client]:
-    c = Client(settings)
-    yield c
-    c.close()

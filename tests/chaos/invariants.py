@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from orchestrator import Client
-from tests.integration.conftest import Ledger
+from tests.ledger import Ledger
 
 
 def check_no_persisted_step_ran_again(client: Client, ledger: Ledger, run_id: str) -> dict[str, int]:

@@ -17,7 +17,7 @@ from orchestrator import Client
 from tests.chaos.conftest import Fleet
 from tests.chaos.invariants import check_completed_chain, check_no_persisted_step_ran_again
 from tests.helpers import wait_until
-from tests.integration.conftest import Ledger
+from tests.ledger import Ledger
 from workers.testflows import chain, effects, stashing
 
 KILLED = -signal.SIGKILL

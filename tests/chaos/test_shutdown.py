@@ -9,7 +9,7 @@ from orchestrator import Client
 from tests.chaos.conftest import Fleet
 from tests.chaos.invariants import check_completed_chain
 from tests.helpers import wait_until
-from tests.integration.conftest import Ledger
+from tests.ledger import Ledger
 from workers.testflows import chain
 
 

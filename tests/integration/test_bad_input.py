@@ -20,7 +20,7 @@ from orchestrator import (
 from orchestrator.keys import GROUP
 from tests.harness import worker_thread
 from tests.helpers import wait_until
-from tests.integration.conftest import Ledger
+from tests.ledger import Ledger
 from workers.testflows import chain
 
 

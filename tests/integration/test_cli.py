@@ -13,7 +13,7 @@ import pytest
 from orchestrator import Client, Settings
 from orchestrator.embedded import RedisServer
 from tests.harness import REPO, process_env, start_worker, worker_thread
-from tests.integration.conftest import Ledger
+from tests.ledger import Ledger
 from workers.testflows import chain
 
 

@@ -25,7 +25,7 @@ from orchestrator import (
 )
 from tests.harness import supervisor_thread, worker_thread
 from tests.helpers import wait_until
-from tests.integration.conftest import Ledger
+from tests.ledger import Ledger
 from workers.testflows import Counter, agent_loop, chain, effects, stashing
 
 

@@ -1,13 +1,9 @@
-"""Fixtures for behaviour tests: the test ledger of workers/testflows.py and a client."""
+"""Reads what the steps of workers/testflows.py recorded: executions, fences, effects."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import redis
 
-from orchestrator import Client, Settings
 from workers.testflows import ledger_prefix
 
 
@@ -31,17 +27,3 @@ class Ledger:
 
     def items(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(f"{self.prefix}:items").items()}
-
-
-@pytest.fixture
-def ledger(r: redis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Ledger:
-    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", settings.redis_url or "")
-    monkeypatch.setenv("ORCHESTRATOR_NAMESPACE", settings.namespace)
-    return Ledger(r, settings.namespace)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[Client]:
-    c = Client(settings)
-    yield c
-    c.close()
