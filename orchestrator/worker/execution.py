@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-import redis.asyncio as aredis
 
 from orchestrator import scripts
 from orchestrator.codec import Dispatch, ErrorInfo, StepRecord, dumps, encode_fields, loads
@@ -55,7 +54,6 @@ class Runtime:
     store: Store
     batcher: Batcher
     sync_redis: redis.Redis
-    async_redis: aredis.Redis
     table: InFlightTable
     faults: Faults
     loop: asyncio.AbstractEventLoop
@@ -331,8 +329,9 @@ class StepExecution:
         self.rt.faults.hit("after_persist_before_ack", d.step)
         self.rt.ack(self.queue, self.entry_id)
 
-    async def _write(self, call: scripts.Call, what: str) -> bool:
-        """Send an outcome; on failure leave the entry pending (the supervisor re-dispatches it)."""
+    async def _write(self, call: scripts.Call, what: str, **fields: Any) -> bool:
+        """Send an outcome and log it; on failure leave the entry pending (the supervisor
+        re-dispatches it, and the next claim finds out whether the write happened)."""
         try:
             result = Outcome.parse(await self.rt.batcher.call(call))
         except (redis.RedisError, OSError) as exc:
@@ -341,30 +340,30 @@ class StepExecution:
                 extra={**self.log_fields, "error": str(exc)},
             )
             return False
-        self._report(what, result)
+        self._report(what, result, {**self.log_fields, **fields, "outcome": result.code})
         return True
 
-    def _report(self, what: str, result: Outcome) -> None:
-        fields = {**self.log_fields, "outcome": result.code}
+    def _report(self, what: str, result: Outcome, fields: dict[str, Any]) -> None:
         if result.code in ("OK", "REPLAY") and what == "commit":
             self.rt.count("steps_ok")
-            if what == "commit" and result.detail and result.detail[0] == "":
-                log.info("run completed", extra=fields)
-            else:
-                log.debug("step committed", extra=fields)
+            completed = bool(result.detail) and result.detail[0] == ""
+            log.log(
+                logging.INFO if completed else logging.DEBUG,
+                "run completed" if completed else "step committed",
+                extra=fields,
+            )
         elif result.code == "FENCED":
             self.rt.count("fenced")
             log.warning(
-                f"{what} refused: this claim was replaced (stale fencing token)",
+                f"{what} refused: this claim was replaced while it ran (stale fencing token)",
                 extra={**fields, "live_fence": result.detail[0]},
             )
-        elif result.code in ("RETRY", "FAILED"):
-            self.rt.count("steps_failed" if result.code == "FAILED" else "steps_retried")
-            log.log(
-                logging.ERROR if result.code == "FAILED" else logging.WARNING,
-                "run failed" if result.code == "FAILED" else "step failed; retry scheduled",
-                extra=fields,
-            )
+        elif result.code == "RETRY":
+            self.rt.count("steps_retried")
+            log.warning("step failed; retry scheduled", extra=fields)
+        elif result.code == "FAILED":
+            self.rt.count("steps_failed")
+            log.error("step failed; run failed and dead-lettered", extra=fields)
         else:
             log.info(f"{what} not applied: run is {result.code.lower()}", extra=fields)
 
@@ -373,11 +372,6 @@ class StepExecution:
         delay_s = step.retry.decide(exc, failures) if step else None
         error = ErrorInfo.from_exception(exc, retryable=delay_s is not None)
         kind = "timeout" if isinstance(exc, StepTimeout) else "error"
-        log.log(
-            logging.WARNING if delay_s is not None else logging.ERROR,
-            "step raised",
-            extra={**self.log_fields, "error": f"{error.type}: {error.message}"},
-        )
         call = self.rt.store.fail(
             dispatch=self.dispatch,
             queue=self.queue,
@@ -387,7 +381,8 @@ class StepExecution:
             retry_delay_ms=None if delay_s is None else int(delay_s * 1000),
             error=error.model_dump_json(),
         )
-        if await self._write(call, "failure"):
+        retry_in = {"retry_in_s": round(delay_s, 2)} if delay_s is not None else {}
+        if await self._write(call, "failure", error=f"{error.type}: {error.message}", **retry_in):
             self.rt.ack(self.queue, self.entry_id)
 
     async def release(self, reason: str) -> None:

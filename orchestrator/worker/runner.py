@@ -2,7 +2,7 @@
 
 One asyncio loop reads with XREADGROUP (as many entries as it has free slots, so nothing
 waits in a local buffer where a crash would strand it), claims the batch in one pipeline and
-runs each claimed step: async steps on the loop, sync steps on their own threads. Commits,
+runs each claimed step: async steps on the loop, sync steps on a pool of threads. Commits,
 acks and counters from all steps are batched into shared pipelines (see ``batcher``). A
 separate thread heartbeats (see ``heartbeat``).
 """
@@ -159,7 +159,6 @@ class Worker:
             self.store,
             batcher,
             sync_redis,
-            async_redis,
             self._table,
             self._faults,
             self._loop,
@@ -190,7 +189,7 @@ class Worker:
             self.rt.flush()
             await batcher.close()
             heartbeat.stop()
-            await self._deregister(async_redis, sync_redis)
+            await self._deregister(async_redis)
             await aclose(async_redis)
             close(sync_redis)
             log.info("worker stopped", extra={"worker": self.id, **dict(self.rt.counts)})
@@ -228,18 +227,12 @@ class Worker:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
 
-    async def _deregister(self, async_redis: aredis.Redis, sync_redis: redis.Redis) -> None:
+    async def _deregister(self, async_redis: aredis.Redis) -> None:
+        """Leave the fleet; leave the consumer groups too unless entries are still pending for us."""
+        calls = [scripts.command("ZREM", self.keys.workers, self.id), scripts.command("DEL", self.keys.worker(self.id))]
+        calls += [self.store.reap_consumer(queue=queue, consumer=self.id) for queue in self.queues]
         try:
-            pipe = async_redis.pipeline(transaction=False)
-            pipe.zrem(self.keys.workers, self.id)
-            pipe.delete(self.keys.worker(self.id))
-            await pipe.execute()
-            if self._immediate:
-                return  # our pending entries must stay visible to the supervisor
-            for stream in self._streams:
-                info = await async_redis.xpending_range(stream, GROUP, min="-", max="+", count=1, consumername=self.id)
-                if not info:
-                    await async_redis.xgroup_delconsumer(stream, GROUP, self.id)
+            await scripts.execute_async(async_redis, calls)
         except (redis.RedisError, OSError) as exc:
             log.warning("could not deregister; the supervisor will clean up", extra={"error": str(exc)})
 
