@@ -231,7 +231,7 @@ class Store:
             [self.keys.workers, self.keys.worker(worker)], [worker, ttl_ms, *_pairs(info)]
         )
 
-    def redispatch(self, *, queue: str, entry_id: str, consumer: str, dispatch: Dispatch) -> Call:
+    def redispatch(self, *, queue: str, entry_id: str, consumer: str, lease_ms: int, dispatch: Dispatch) -> Call:
         rk = self._run(dispatch.run)
         return scripts.load("redispatch").call(
             [rk.run, rk.lease, rk.results, self.keys.queue(queue).stream, rk.history],
@@ -243,6 +243,7 @@ class Store:
                 dispatch.visit,
                 idempotency_key(dispatch.run, dispatch.step, dispatch.visit),
                 consumer,
+                lease_ms,
             ],
         )
 

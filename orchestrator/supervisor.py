@@ -174,7 +174,11 @@ class Supervisor:
             )
         self._faults.hit("before_redispatch")
         counts: dict[str, int] = {"lost_entries": len(lost)}
-        calls = [self.store.redispatch(queue=queue, entry_id=eid, consumer=owners[eid], dispatch=d) for eid, d in found]
+        lease_ms = self.settings.lease_ms
+        calls = [
+            self.store.redispatch(queue=queue, entry_id=eid, consumer=owners[eid], lease_ms=lease_ms, dispatch=d)
+            for eid, d in found
+        ]
         for (entry_id, dispatch), reply in zip(found, scripts.execute(self.redis, calls), strict=True):
             outcome = Outcome.parse(reply)
             key = {"REDISPATCHED": "redispatched", "DROPPED": "dropped_entries"}.get(outcome.code)

@@ -160,3 +160,25 @@ def test_a_step_that_keeps_killing_its_worker_is_quarantined_while_others_flow(
     assert good.wait(timeout_s=30).i == 10
     assert [r.run_id for r in client.list_runs(status="failed")] == ["poison"]
     bad.retry()  # an operator can re-drive it after a fix (here it just fails again)
+
+
+def test_a_long_step_killed_after_several_leases_is_rerun_within_a_lease(
+    fleet: Fleet, client: Client, ledger: Ledger
+) -> None:
+    """While the step runs, the supervisor keeps finding its entry alive (and parks it out of
+    its scan); after the kill it must still notice within about one lease, not two."""
+    from workers.testflows import slow
+
+    settings = fleet.settings
+    fleet.supervisor()
+    doomed = fleet.worker("doomed")
+    client.submit(slow, {"seconds": 4.0, "beat": True}, run_id="long")
+    wait_until(lambda: len(ledger.fences("long:crawl")) == 1, timeout_s=20, what="crawl started")
+    time.sleep(4 * settings.lease_s)  # several leases of a healthy, heartbeating step
+    doomed.kill()
+    killed_at = time.monotonic()
+    fleet.worker("rescuer")
+    wait_until(lambda: len(ledger.fences("long:crawl")) == 2, timeout_s=20, what="crawl started again")
+    detected_s = time.monotonic() - killed_at
+    assert detected_s < settings.lease_s + settings.reclaim_interval_s + 1.5, detected_s
+    client.cancel("long")

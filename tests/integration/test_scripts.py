@@ -286,11 +286,13 @@ def test_redispatch_moves_a_dead_claims_entry_and_only_one_supervisor_wins(ops: 
     ops.submit()
     ((eid, d),) = ops.read()
     ops.claim(eid, d, lease_ms=1000)
-    call = ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d)
+    call = ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", lease_ms=1000, dispatch=d)
     time.sleep(0.05)
     assert Outcome.parse(ops.x(call)[0]).code == "ALIVE"
     (alive,) = ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10)
-    assert alive["time_since_delivered"] < 40 and alive["times_delivered"] == 1  # idle reset, not redelivered
+    # idle set to (lease - ttl): it reaches the 1000 ms scan threshold when the lease would lapse
+    expected_idle = 1000 - ops.r.pttl(ops.rk.lease)
+    assert abs(alive["time_since_delivered"] - expected_idle) < 60 and alive["times_delivered"] == 1
     ops.r.delete(ops.rk.lease)
     first, second = (Outcome.parse(x) for x in ops.x(call, call))
     assert first.code == "REDISPATCHED" and second.code == "GONE"
@@ -304,7 +306,9 @@ def test_redispatch_drops_entries_of_committed_steps(ops: Ops) -> None:
     ((eid, d),) = ops.read()
     ops.claim(eid, d)
     ops.commit(eid, d)  # committed, but the worker died before its XACK
-    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d))[0])
+    out = Outcome.parse(
+        ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", lease_ms=1000, dispatch=d))[0]
+    )
     assert out.code == "DROPPED" and out.detail[0] == "committed"
     assert ops.r.xlen(ops.stream) == 1  # only the next step's entry remains
 
@@ -376,7 +380,9 @@ def test_a_retry_waiting_out_its_backoff_cannot_be_started_early(ops: Ops) -> No
     ((eid, d),) = ops.read()
     ops.claim(eid, d)
     assert ops.fail(eid, d, delay_ms=60_000).code == "RETRY"
-    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d))[0])
+    out = Outcome.parse(
+        ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", lease_ms=1000, dispatch=d))[0]
+    )
     assert out.code == "DROPPED" and out.detail[0] == "not the current dispatch"
     assert ops.claim(eid, d, worker="w2").code == "STALE"
     assert ops.r.xlen(ops.stream) == 0 and ops.r.zcard(ops.keys.queue("q").delayed) == 1
