@@ -96,7 +96,7 @@ class Store:
     ) -> Call:
         rk = self._run(run_id)
         return scripts.load("submit").call(
-            [rk.run, rk.state, rk.history, self.keys.queue(queue).stream, self.keys.active],
+            [rk.run, rk.state, rk.history, self.keys.queue(queue).stream, self.keys.active, self.keys.stats],
             [run_id, workflow, queue, first_step, input_sha, event, request_id, *_pairs(state)],
         )
 
@@ -115,6 +115,7 @@ class Store:
                 self.keys.active,
                 self.keys.done,
                 self.keys.dead,
+                self.keys.stats,
             ],
             [
                 dispatch.step,
@@ -154,6 +155,7 @@ class Store:
                 self.keys.queue(queue).stream,
                 self.keys.active,
                 self.keys.done,
+                self.keys.stats,
             ],
             [
                 dispatch.run,
@@ -189,6 +191,7 @@ class Store:
                 self.keys.active,
                 self.keys.done,
                 self.keys.dead,
+                self.keys.stats,
             ],
             [
                 dispatch.run,
@@ -204,7 +207,8 @@ class Store:
     def release(self, *, run_id: str, queue: str, token: str, event: str) -> Call:
         rk = self._run(run_id)
         return scripts.load("release").call(
-            [rk.run, rk.lease, rk.history, self.keys.queue(queue).stream, self.keys.active], [run_id, token, event]
+            [rk.run, rk.lease, rk.history, self.keys.queue(queue).stream, self.keys.active, self.keys.stats],
+            [run_id, token, event],
         )
 
     def renew(self, *, run_id: str, token: str, lease_ms: int) -> Call:
@@ -234,7 +238,7 @@ class Store:
     def redispatch(self, *, queue: str, entry_id: str, consumer: str, lease_ms: int, dispatch: Dispatch) -> Call:
         rk = self._run(dispatch.run)
         return scripts.load("redispatch").call(
-            [rk.run, rk.lease, rk.results, self.keys.queue(queue).stream, rk.history],
+            [rk.run, rk.lease, rk.results, self.keys.queue(queue).stream, rk.history, self.keys.stats],
             [
                 GROUP,
                 entry_id,
@@ -253,7 +257,7 @@ class Store:
     def promote(self, *, queue: str, run_id: str, step: str, visit: int) -> Call:
         qk = self.keys.queue(queue)
         return scripts.load("promote").call(
-            [qk.delayed, qk.stream, self._run(run_id).run],
+            [qk.delayed, qk.stream, self._run(run_id).run, self.keys.stats],
             [delayed_member(run_id, step, visit), run_id, step, visit],
         )
 
@@ -261,20 +265,28 @@ class Store:
         rk = self._run(run_id)
         qk = self.keys.queue(queue)
         return scripts.load("sweep").call(
-            [rk.run, rk.lease, qk.stream, qk.delayed, self.keys.active, rk.history], [run_id, GROUP]
+            [rk.run, rk.lease, qk.stream, qk.delayed, self.keys.active, rk.history, self.keys.stats], [run_id, GROUP]
         )
 
     def cancel(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
         rk = self._run(run_id)
         return scripts.load("cancel").call(
-            [rk.run, rk.lease, rk.history, self.keys.queue(queue).delayed, self.keys.active, self.keys.done],
+            [
+                rk.run,
+                rk.lease,
+                rk.history,
+                self.keys.queue(queue).delayed,
+                self.keys.active,
+                self.keys.done,
+                self.keys.stats,
+            ],
             [run_id, reason, request_id],
         )
 
     def retry(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
         rk = self._run(run_id)
         return scripts.load("retry_run").call(
-            [rk.run, rk.history, self.keys.queue(queue).stream, self.keys.active, self.keys.dead],
+            [rk.run, rk.history, self.keys.queue(queue).stream, self.keys.active, self.keys.dead, self.keys.stats],
             [run_id, reason, request_id],
         )
 

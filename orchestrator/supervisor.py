@@ -37,6 +37,8 @@ from orchestrator.store import Outcome, Store
 log = logging.getLogger("orchestrator.supervisor")
 
 SCAN_LIMIT = 500
+# Fleet-wide counters only the supervisor knows; the scripts count everything else themselves.
+OWN_COUNTERS = frozenset({"dead_workers", "lost_entries", "purged", "consumers_removed"})
 PURGE_INTERVAL_S = 60.0
 
 
@@ -108,9 +110,10 @@ class Supervisor:
         if purge and self.settings.retention_s > 0:
             self._add(done, {"purged": self.purge()})
         done = {k: v for k, v in done.items() if v}
-        if done:
-            scripts.execute(self.redis, [self.store.count(k, v) for k, v in done.items()])
-            self._add(self.totals, done)
+        own = [self.store.count(k, v) for k, v in done.items() if k in OWN_COUNTERS]
+        if own:
+            scripts.execute(self.redis, own)
+        self._add(self.totals, done)
         return done
 
     @staticmethod

@@ -14,6 +14,11 @@ local function stamp(kind, body, now)
   return '{"type":"' .. kind .. '","at":' .. string.format('%d', now) .. ',' .. string.sub(body, 2)
 end
 
+-- Add to a fleet-wide counter in the stats hash, in the same atomic step as what it counts.
+local function count(stats_key, name, amount)
+  redis.call('HINCRBY', stats_key, name, amount or 1)
+end
+
 -- A history event built here from a Lua table (cjson escapes the strings).
 local function event(fields)
   return cjson.encode(fields)

@@ -5,7 +5,7 @@
 -- loses its last writes (a restart from an older AOF, a failover), as long as the server's
 -- clock does not go back. The lease holds the claim token, which is unique per claim.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] lease
--- KEYS[7] active  KEYS[8] done  KEYS[9] dead
+-- KEYS[7] active  KEYS[8] done  KEYS[9] dead  KEYS[10] stats
 -- ARGV[1] step  ARGV[2] visit  ARGV[3] idempotency key  ARGV[4] claim token  ARGV[5] worker id
 -- ARGV[6] lease ms  ARGV[7] max crashes  ARGV[8] stream entry id  ARGV[9] workflow  ARGV[10] run id
 -- Returns {'RUN', fence, attempt, errors, crashes, crashed now 0|1, has stash 0|1, stash,
@@ -45,6 +45,7 @@ if r[5] ~= '' then
   if redis.call('EXISTS', KEYS[6]) == 1 then return {'BUSY', r[7]} end
   -- the previous claim's lease ran out with no outcome: its worker died (or froze)
   crashed = 1
+  count(KEYS[10], 'crashes')
   r[11] = tostring(tonumber(r[11] or 0) + 1)
   redis.call('HSET', KEYS[1], 'crashes', r[11], 'claim', '', 'claim_fence', 0)
   redis.call('RPUSH', KEYS[5], event({type = 'crashed', at = now, step = ARGV[1], visit = tonumber(ARGV[2]),
@@ -59,6 +60,8 @@ if r[5] ~= '' then
     redis.call('ZADD', KEYS[9], now, ARGV[10])
     redis.call('RPUSH', KEYS[5], event({type = 'quarantined', at = now, step = ARGV[1],
       visit = tonumber(ARGV[2]), detail = msg}))
+    count(KEYS[10], 'quarantined')
+    count(KEYS[10], 'runs_failed')
     return {'QUARANTINED', tonumber(r[11])}
   end
 end

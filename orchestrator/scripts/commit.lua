@@ -3,7 +3,7 @@
 -- caller XACKs the stream entry afterwards; a crash in between only causes a duplicate
 -- delivery, which claim.lua answers with DUP.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] lease
--- KEYS[7] stream  KEYS[8] active  KEYS[9] done
+-- KEYS[7] stream  KEYS[8] active  KEYS[9] done  KEYS[10] stats
 -- ARGV[1] run id  ARGV[2] workflow  ARGV[3] idempotency key  ARGV[4] claim token
 -- ARGV[5] step record JSON  ARGV[6] attempt event body (JSON object)  ARGV[7] next step, '' = end
 -- ARGV[8] step duration ms  ARGV[9..] state field, JSON value pairs
@@ -22,6 +22,7 @@ if stored or r[2] ~= ARGV[4] then
   -- a different live claim, both mean this claim was replaced while it ran
   redis.call('HINCRBY', KEYS[1], 'fenced', 1)
   redis.call('RPUSH', KEYS[5], stamp('fenced', ARGV[6], now))
+  count(KEYS[10], 'fenced')
   return {'FENCED', tonumber(r[3])}
 end
 
@@ -34,6 +35,7 @@ redis.call('DEL', KEYS[6])
 redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HINCRBY', KEYS[1], 'work_ms', ARGV[8])
 redis.call('RPUSH', KEYS[5], stamp('ok', ARGV[6], now))
+count(KEYS[10], 'steps_ok')
 redis.call('HSET', KEYS[1], 'claim', '', 'claim_fence', 0, 'done_claim', ARGV[4], 'attempt', 0,
   'errors', 0, 'crashes', 0, 'updated_ms', now)
 
@@ -42,6 +44,7 @@ if ARGV[7] == '' then
   redis.call('ZREM', KEYS[8], ARGV[1])
   redis.call('ZADD', KEYS[9], now, ARGV[1])
   redis.call('RPUSH', KEYS[5], event({type = 'completed', at = now}))
+  count(KEYS[10], 'runs_completed')
   return {'OK', '', 0, ''}
 end
 local visit = redis.call('HINCRBY', KEYS[1], 'v:' .. ARGV[7], 1)

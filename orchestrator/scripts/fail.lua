@@ -1,7 +1,7 @@
 -- Record a failed attempt (the step raised or timed out): schedule a retry after its backoff,
 -- or fail the run and dead-letter it. The caller XACKs the stream entry afterwards.
 -- KEYS[1] run  KEYS[2] history  KEYS[3] lease  KEYS[4] delayed  KEYS[5] active  KEYS[6] done
--- KEYS[7] dead
+-- KEYS[7] dead  KEYS[8] stats
 -- ARGV[1] run id  ARGV[2] claim token  ARGV[3] attempt event body (JSON object, with error)
 -- ARGV[4] event type ('error' | 'timeout')  ARGV[5] retry delay ms, '' = fail the run
 -- ARGV[6] error JSON  ARGV[7] delayed member
@@ -15,6 +15,7 @@ if r[2] ~= ARGV[2] then
   local now = now_ms()
   redis.call('HINCRBY', KEYS[1], 'fenced', 1)
   redis.call('RPUSH', KEYS[2], stamp('fenced', ARGV[3], now))
+  count(KEYS[8], 'fenced')
   return {'FENCED', tonumber(r[3])}
 end
 local now = now_ms()
@@ -27,10 +28,13 @@ if ARGV[5] ~= '' then
   redis.call('ZADD', KEYS[4], due, ARGV[7])
   redis.call('HSET', KEYS[1], 'status', 'retrying', 'dispatch', 'delayed', 'due_ms', due)
   redis.call('ZADD', KEYS[5], now, ARGV[1])
+  count(KEYS[8], 'steps_retried')
   return {'RETRY', due}
 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[6], 'finished_ms', now, 'dispatch', '')
 redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZADD', KEYS[7], now, ARGV[1])
 redis.call('RPUSH', KEYS[2], event({type = 'failed', at = now}))
+count(KEYS[8], 'steps_failed')
+count(KEYS[8], 'runs_failed')
 return {'FAILED'}

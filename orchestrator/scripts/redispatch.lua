@@ -6,13 +6,14 @@
 -- run out if not renewed (XCLAIM to its owner, IDLE, JUSTID: no delivery counted): it leaves
 -- the supervisor's scan until then instead of crowding out dead ones, and a kill is still
 -- noticed as soon as the lease lapses.
--- KEYS[1] run  KEYS[2] lease  KEYS[3] results  KEYS[4] stream  KEYS[5] history
+-- KEYS[1] run  KEYS[2] lease  KEYS[3] results  KEYS[4] stream  KEYS[5] history  KEYS[6] stats
 -- ARGV[1] group  ARGV[2] entry id  ARGV[3] run id  ARGV[4] step  ARGV[5] visit
 -- ARGV[6] idempotency key  ARGV[7] consumer that holds the entry  ARGV[8] lease ms
 -- Returns {'REDISPATCHED', new entry id} | {'ALIVE'} | {'DROPPED', reason} | {'GONE'}
 local function drop(reason)
   if redis.call('XACK', KEYS[4], ARGV[1], ARGV[2]) == 0 then return {'GONE'} end
   redis.call('XDEL', KEYS[4], ARGV[2])
+  count(KEYS[6], 'dropped_entries')
   return {'DROPPED', reason}
 end
 local r = redis.call('HMGET', KEYS[1], 'status', 'step', 'visit', 'dispatch', 'wf')
@@ -34,4 +35,5 @@ local id = redis.call('XADD', KEYS[4], '*', 'run', ARGV[3], 'wf', r[5], 'step', 
 redis.call('HSET', KEYS[1], 'dispatch', id, 'updated_ms', now)
 redis.call('RPUSH', KEYS[5], event({type = 'redispatched', at = now, step = r[2], visit = tonumber(r[3]),
   detail = 'entry ' .. ARGV[2] .. ' had no live lease'}))
+count(KEYS[6], 'redispatched')
 return {'REDISPATCHED', id}

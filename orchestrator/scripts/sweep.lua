@@ -2,6 +2,7 @@
 -- pending stream entry, a scheduled retry) and enqueue its current step if not. Covers writes
 -- lost by Redis, trimmed streams and entries acked without progress.
 -- KEYS[1] run  KEYS[2] lease  KEYS[3] stream  KEYS[4] delayed  KEYS[5] active  KEYS[6] history
+-- KEYS[7] stats
 -- ARGV[1] run id  ARGV[2] group
 -- Returns {'ALIVE'} | {'QUEUED'} | {'SCHEDULED'} | {'TERMINAL'} | {'GONE'} | {'REPAIRED', entry id, reason}
 local r = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'step', 'visit', 'wf')
@@ -67,4 +68,5 @@ redis.call('HSET', KEYS[1], 'dispatch', id, 'status', status, 'updated_ms', now)
 redis.call('ZADD', KEYS[5], now, ARGV[1])
 redis.call('RPUSH', KEYS[6], event({type = 'repaired', at = now, step = r[3], visit = tonumber(r[4]),
   detail = reason}))
+count(KEYS[7], 'repaired')
 return {'REPAIRED', id, reason}

@@ -59,18 +59,12 @@ class Runtime:
     loop: asyncio.AbstractEventLoop
     threads: StepThreads
     counts: Counter[str] = field(default_factory=Counter)
-    unsent: Counter[str] = field(default_factory=Counter)
     acks: dict[str, list[str]] = field(default_factory=dict)
 
     def count(self, name: str, amount: int = 1) -> None:
-        """Local tally; added to the fleet-wide stats hash by :meth:`flush_counts`."""
+        """This worker's own tally, for its logs; the fleet-wide counters are kept by the
+        scripts themselves, in the same atomic step as what they count."""
         self.counts[name] += amount
-        self.unsent[name] += amount
-
-    def flush_counts(self) -> None:
-        if self.unsent:
-            self.batcher.send([self.store.count(name, n) for name, n in self.unsent.items()])
-            self.unsent.clear()
 
     def ack(self, queue: str, entry_id: str) -> None:
         """Ack after the current loop iteration, together with every other step that finished in it."""
@@ -83,9 +77,8 @@ class Runtime:
         self.batcher.send([self.store.ack_owned(queue, self.worker_id, ids) for queue, ids in acks.items()])
 
     def flush(self) -> None:
-        """Queue every pending ack and counter now (at shutdown, before the batcher closes)."""
+        """Queue every pending ack now (at shutdown, before the batcher closes)."""
         self._send_acks()
-        self.flush_counts()
 
 
 def claim_token(worker_id: str, entry_id: str) -> str:

@@ -347,6 +347,7 @@ class Worker:
             ]
         )
         self.rt.count("malformed")
+        self.rt.batcher.send([self.store.count("malformed")])
         self.rt.ack(queue, entry_id)
 
     def _handle_claim(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed) -> None:
@@ -388,11 +389,10 @@ class Worker:
     # -- retries --------------------------------------------------------------------------
 
     async def _housekeeping_loop(self) -> None:
-        """Move due retries from each queue's delayed set onto its stream; send counters."""
+        """Move due retries from each queue's delayed set onto its stream."""
         assert self.rt is not None
         while True:
             await asyncio.sleep(self.settings.promote_interval_s)
-            self.rt.flush_counts()
             try:
                 await promote_due(self.rt.batcher, self.store, self.queues)
             except (redis.RedisError, OSError) as exc:
