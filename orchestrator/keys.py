@@ -40,6 +40,13 @@ Key                                Type    Holds                                
                                            duplicates, reclaimed, repaired, ...)
 ``<ns>:rejected:{<ns>}``           stream  malformed stream entries, kept for      worker               MAXLEN ~10000
                                            inspection with the reason
+``<ns>:ledger:{<ns>}:executions``  list    chaos/test steps: one JSON record per   chaos and test       until the namespace
+                                           execution (key, fence, worker, saw)     workflows only       is deleted
+``<ns>:ledger:{<ns>}:effects``     hash    fake receiver: idempotency key ->       chaos and test       as above
+                                           applied effect (HSETNX: once per key)   workflows only
+``<ns>:ledger:{<ns>}:requests``    hash    fake receiver: key -> requests received chaos and test       as above
+``<ns>:ledger:{<ns>}:items``       hash    ``run:item`` -> times an item was       chaos and test       as above
+                                           processed inside a stashing step        workflows only
 =================================  ======  ======================================  ===================  ====================
 
 Storage per run grows with the number of committed steps by one result record each (the
@@ -76,6 +83,17 @@ class QueueKeys:
 
     stream: str
     delayed: str
+
+
+@dataclass(frozen=True)
+class LedgerKeys:
+    """What the chaos and test workflows record about themselves: not orchestrator state, the
+    outside observer the invariant checker compares the orchestrator's own records with."""
+
+    executions: str
+    effects: str
+    requests: str
+    items: str
 
 
 @dataclass(frozen=True)
@@ -136,6 +154,16 @@ class Keys:
     @property
     def rejected(self) -> str:
         return f"{self.namespace}:rejected:{{{self.namespace}}}"
+
+    @property
+    def ledger(self) -> LedgerKeys:
+        base = f"{self.namespace}:ledger:{{{self.namespace}}}"
+        return LedgerKeys(
+            executions=f"{base}:executions",
+            effects=f"{base}:effects",
+            requests=f"{base}:requests",
+            items=f"{base}:items",
+        )
 
 
 def idempotency_key(run_id: str, step: str, visit: int) -> str:

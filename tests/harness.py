@@ -77,11 +77,16 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
 class Proc:
     """A real ``orchestrator`` subprocess whose output goes to a log file."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, args: Sequence[str], env: dict[str, str], log_path: Path, launcher: Sequence[str] = ()) -> None:
+        """``launcher`` replaces ``python -m orchestrator`` (e.g. to skew the child's clock)."""
         self.log_path = log_path
         with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator", *args], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+                [*(launcher or (sys.executable, "-m", "orchestrator")), *args],
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
     @property
@@ -115,11 +120,17 @@ def start_worker(
     name: str = "w",
     faults: str = "",
     args: Sequence[str] = (),
+    launcher: Sequence[str] = (),
+    ledger_url: str | None = None,
 ) -> Proc:
     env = process_env(settings, ORCHESTRATOR_FAULTS=faults)
-    return Proc(["worker", spec, *args], env, tmp / f"{name}.log")
+    if ledger_url:
+        env["ORCHESTRATOR_LEDGER_URL"] = ledger_url
+    return Proc(["worker", spec, *args], env, tmp / f"{name}.log", launcher)
 
 
-def start_supervisor(settings: Settings, tmp: Path, *, name: str = "sup", faults: str = "") -> Proc:
+def start_supervisor(
+    settings: Settings, tmp: Path, *, name: str = "sup", faults: str = "", launcher: Sequence[str] = ()
+) -> Proc:
     env = process_env(settings, ORCHESTRATOR_FAULTS=faults)
-    return Proc(["supervisor"], env, tmp / f"{name}.log")
+    return Proc(["supervisor"], env, tmp / f"{name}.log", launcher)

@@ -1,13 +1,9 @@
 """Deterministic workflows for tests, chaos runs and benchmarks (not shipped in the wheel).
 
-Every step records that it ran in a *ledger* kept in Redis outside the orchestrator's data
-model (keys ``testflows:<namespace>:*``), so a test can count executions even across a
-``kill -9``: the ledger write happens before the step returns, so it is never lost when the
-step's result is. The "receiver" is a fake downstream service that dedupes effects by the
-idempotency key, as the article asks real receivers to do.
-
-The ledger's Redis URL and namespace come from the worker's own environment
-(``ORCHESTRATOR_REDIS_URL``/``REDIS_URL`` and ``ORCHESTRATOR_NAMESPACE``).
+Every step records that it ran in the ledger (``orchestrator.chaos.ledger``), so a test can
+count executions even across a ``kill -9``: the ledger write happens before the step returns,
+so it is never lost when the step's result is. The ledger's "receiver" is a fake downstream
+service that dedupes effects by the idempotency key, as the article asks real receivers to do.
 """
 
 from __future__ import annotations
@@ -16,44 +12,21 @@ import asyncio
 import os
 import signal
 import time
-from functools import cache
 from typing import Any
 
-import redis
 from pydantic import BaseModel
 
 from orchestrator import Goto, NonRetryableError, Retry, StepContext, Workflow
+from orchestrator.chaos import ledger
 from orchestrator.faults import point
 
 
-@cache
-def _redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True)
-
-
-def ledger_prefix(namespace: str) -> str:
-    return f"testflows:{namespace}"
-
-
-def _ledger() -> tuple[redis.Redis, str]:
-    url = os.environ.get("ORCHESTRATOR_REDIS_URL") or os.environ.get("REDIS_URL") or ""
-    return _redis(url), ledger_prefix(os.environ.get("ORCHESTRATOR_NAMESPACE", "orch"))
-
-
-def record_execution(ctx: StepContext) -> None:
-    """Count one execution of this step visit (by idempotency key) and note its fence."""
-    client, prefix = _ledger()
-    pipe = client.pipeline(transaction=False)
-    pipe.hincrby(f"{prefix}:executions", ctx.idempotency_key, 1)
-    pipe.rpush(f"{prefix}:fences:{ctx.idempotency_key}", ctx.fencing_token)
-    pipe.execute()
+def record_execution(ctx: StepContext, saw: Any = None) -> None:
+    ledger.current().record(ctx, saw)
 
 
 def send_effect(ctx: StepContext, payload: str) -> bool:
-    """The fake receiver: counts every request, applies an effect once per idempotency key."""
-    client, prefix = _ledger()
-    client.hincrby(f"{prefix}:effect_requests", ctx.idempotency_key, 1)
-    return bool(client.hsetnx(f"{prefix}:effects", ctx.idempotency_key, payload))
+    return ledger.current().send_effect(ctx, payload)
 
 
 class Counter(BaseModel):
@@ -98,11 +71,10 @@ stashing = Workflow("stashing", state=Items)
 def process(ctx: StepContext, state: Items) -> dict[str, Any]:
     """Handle items one by one, stashing after each: a crash resumes after the last stash."""
     done = dict(ctx.snapshot or {})
-    client, prefix = _ledger()
     for item in state.items:
         if item in done:
             continue
-        client.hincrby(f"{prefix}:items", item, 1)
+        ledger.current().item_done(ctx.run_id, item)
         done[item] = item.upper()
         ctx.stash(done)
         point("mid_step", ctx.step)

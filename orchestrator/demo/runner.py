@@ -12,15 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -30,42 +26,11 @@ from orchestrator.client import Client
 from orchestrator.demo.agent import research
 from orchestrator.embedded import RedisServer
 from orchestrator.keys import Keys
+from orchestrator.processes import ProcessGroup
 from orchestrator.settings import Settings
 
 Echo = Callable[[str], None]
 RUN_ID = "acme-competitive-review"
-
-
-@dataclass
-class Processes:
-    """The demo's subprocesses, by name; all stopped at the end whatever happens."""
-
-    env: dict[str, str]
-    logs: Path
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        with open(self.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        self.procs[name] = proc
-        return proc
-
-    def worker(self, name: str) -> subprocess.Popen[bytes]:
-        return self.start(name, "worker", "orchestrator.demo.agent:research", "--concurrency", "4", "--worker-id", name)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def plural(n: int, noun: str) -> str:
@@ -89,14 +54,14 @@ class Demo:
             "ORCHESTRATOR_NAMESPACE": namespace,
             "ORCHESTRATOR_DEMO_DB": str(self.world),
         }
-        self.procs = Processes(env, data_dir / "logs")
+        self.procs = ProcessGroup(env, data_dir / "logs")
         self.killed: tuple[str, int, int] | None = None  # worker, pid, server ms
 
     def run(self, competitors: int) -> int:
         self.echo(f"starting a supervisor and 2 workers (logs in {self.data_dir / 'logs'}/) ...")
         self.procs.start("supervisor", "supervisor")
         for name in ("worker-1", "worker-2"):
-            self.procs.worker(name)
+            self._worker(name)
         self._wait_for_workers(2)
         run = self.client.submit(research, {"company": "Acme", "how_many": competitors}, run_id=RUN_ID)
         self.echo(f"\nrun {RUN_ID}: research {competitors} competitors of Acme, then book a review meeting\n")
@@ -107,6 +72,9 @@ class Demo:
         self.echo("")
         self._report_savings()
         return 0
+
+    def _worker(self, name: str) -> None:
+        self.procs.start(name, "worker", "orchestrator.demo.agent:research", "--concurrency", "4", "--worker-id", name)
 
     def _wait_for_workers(self, count: int, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s
@@ -138,19 +106,17 @@ class Demo:
         stashed = len(json.loads(stash)) if stash else 0
         if info.step != "study" or not info.worker or stashed < 2:
             return
-        proc = self.procs.procs.get(info.worker)
-        if proc is None or proc.poll() is not None:
+        pid = self.procs.kill(info.worker)
+        if pid is None:
             return
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
         sec, usec = self.client.redis.time()
         now = sec * 1000 + usec // 1000
-        self.killed = (info.worker, proc.pid, now)
+        self.killed = (info.worker, pid, now)
         self.echo(
-            f"  +{(now - t0) / 1000:5.1f}s  {'study':<17} *** kill -9 {info.worker} (pid {proc.pid}) while it "
+            f"  +{(now - t0) / 1000:5.1f}s  {'study':<17} *** kill -9 {info.worker} (pid {pid}) while it "
             f"runs 'study' with {stashed} findings stashed ***"
         )
-        self.procs.worker("worker-3")  # like an orchestrator restarting the container
+        self._worker("worker-3")  # like an orchestrator restarting the container
         self.echo(f"  +{(now - t0) / 1000:5.1f}s  {'':<17} (worker-3 started as a replacement)")
 
     def _report_savings(self) -> None:

@@ -20,14 +20,35 @@ class Fleet:
         self.procs: list[Proc] = []
 
     def worker(
-        self, name: str, faults: str = "", spec: str = "workers.testflows:ALL", args: tuple[str, ...] = ()
+        self,
+        name: str,
+        faults: str = "",
+        spec: str = "workers.testflows:ALL",
+        args: tuple[str, ...] = (),
+        *,
+        redis_url: str | None = None,
+        launcher: tuple[str, ...] = (),
     ) -> Proc:
-        proc = start_worker(self.settings, self.tmp, spec, name=name, faults=faults, args=args)
+        """A worker process; ``redis_url`` routes it through e.g. a fault proxy (its steps' ledger
+        writes still go straight to Redis: the observer must not suffer the faults it observes)."""
+        settings = self.settings.model_copy(update={"redis_url": redis_url}) if redis_url else self.settings
+        args = ("--worker-id", name, *args)  # history names the worker as the test does
+        proc = start_worker(
+            settings,
+            self.tmp,
+            spec,
+            name=name,
+            faults=faults,
+            args=args,
+            launcher=launcher,
+            ledger_url=self.settings.redis_url if redis_url else None,
+        )
         self.procs.append(proc)
         return proc
 
-    def supervisor(self, name: str = "sup", faults: str = "") -> Proc:
-        proc = start_supervisor(self.settings, self.tmp, name=name, faults=faults)
+    def supervisor(self, name: str = "sup", faults: str = "", *, redis_url: str | None = None) -> Proc:
+        settings = self.settings.model_copy(update={"redis_url": redis_url}) if redis_url else self.settings
+        proc = start_supervisor(settings, self.tmp, name=name, faults=faults)
         self.procs.append(proc)
         return proc
 

@@ -12,7 +12,7 @@ def check_no_persisted_step_ran_again(client: Client, ledger: Ledger, run_id: st
 
     Returns executions per idempotency key of this run.
     """
-    executions = {k: v for k, v in ledger.executions().items() if k.startswith(f"{run_id}:")}
+    executions = {k: v for k, v in ledger.execution_counts().items() if k.startswith(f"{run_id}:")}
     results = client.results(run_id)
     for key, record in results.items():
         fences = ledger.fences(key)

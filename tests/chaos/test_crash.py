@@ -60,7 +60,7 @@ def test_kill_9_after_a_stash_resumes_the_step_from_its_snapshot(fleet: Fleet, c
     assert doomed.popen.wait(timeout=30) == KILLED
     fleet.worker("rescuer")
     assert run.wait(timeout_s=30).done == {x: x.upper() for x in "abcde"}
-    assert ledger.items() == {x: 1 for x in "abcde"}  # items before the last stash were not redone
+    assert ledger.items() == {f"st:{x}": 1 for x in "abcde"}  # items before the last stash were not redone
     (step,) = client.history("st").steps
     assert [a.outcome for a in step.attempts] == ["crashed", "ok"]
 
@@ -156,7 +156,7 @@ def test_a_step_that_keeps_killing_its_worker_is_quarantined_while_others_flow(
     info = client.get("poison")
     assert info.status == "failed" and info.error is not None and info.error.type == "Quarantined"
     assert "crashed its worker 3 times" in info.error.message
-    assert ledger.executions()["poison:explode"] == 3
+    assert ledger.execution_counts()["poison:explode"] == 3
     assert good.wait(timeout_s=30).i == 10
     assert [r.run_id for r in client.list_runs(status="failed")] == ["poison"]
     bad.retry()  # an operator can re-drive it after a fix (here it just fails again)
@@ -182,3 +182,17 @@ def test_a_long_step_killed_after_several_leases_is_rerun_within_a_lease(
     detected_s = time.monotonic() - killed_at
     assert detected_s < settings.lease_s + settings.reclaim_interval_s + 1.5, detected_s
     client.cancel("long")
+
+
+def test_a_supervisor_killed_in_the_middle_of_a_reclaim_leaves_it_to_the_other_one(
+    fleet: Fleet, client: Client, ledger: Ledger
+) -> None:
+    fleet.supervisor("doomed-sup", faults="before_redispatch=kill")
+    doomed = fleet.worker("doomed", faults="mid_step=kill@s2")
+    run = client.submit(chain, {}, run_id="sk")
+    assert doomed.popen.wait(timeout=30) == KILLED
+    wait_until(lambda: not fleet.procs[0].alive(), timeout_s=20, what="the supervisor died mid-reclaim")
+    fleet.supervisor("second-sup")
+    fleet.worker("rescuer")
+    run.wait(timeout_s=30)
+    assert check_completed_chain(client, ledger, "sk")["sk:s2"] == 2

@@ -19,7 +19,7 @@ def test_sigterm_lets_the_running_step_finish_and_takes_no_new_one(
     fleet.supervisor()
     worker = fleet.worker("draining")
     run = client.submit(chain, {"sleep_s": 0.4}, run_id="d")
-    wait_until(lambda: "d:s0" in ledger.executions(), timeout_s=20, what="s0 running")
+    wait_until(lambda: "d:s0" in ledger.execution_counts(), timeout_s=20, what="s0 running")
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout_s=20) == 0
     info = client.get("d")
@@ -36,7 +36,7 @@ def test_a_step_still_running_when_the_grace_ends_is_handed_back_not_crashed(
     fleet.supervisor()
     worker = fleet.worker("short-grace", args=("--drain-grace-s", "0.3"))
     client.submit(chain, {"sleep_s": 1.5}, run_id="g")
-    wait_until(lambda: "g:s0" in ledger.executions(), timeout_s=20, what="s0 running")
+    wait_until(lambda: "g:s0" in ledger.execution_counts(), timeout_s=20, what="s0 running")
     started = time.monotonic()
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout_s=20) == 0
@@ -44,7 +44,7 @@ def test_a_step_still_running_when_the_grace_ends_is_handed_back_not_crashed(
     fleet.worker("next")
     wait_until(lambda: client.get("g").steps_done >= 1, timeout_s=30, what="s0 done by the next worker")
     client.cancel("g")
-    assert ledger.executions()["g:s0"] == 2
+    assert ledger.execution_counts()["g:s0"] == 2
     (s0,) = [s for s in client.history("g").steps if s.step == "s0"]
     assert [a.outcome for a in s0.attempts] == ["released", "ok"]
     assert client.stats().get("crashes", 0) == 0
@@ -56,7 +56,7 @@ def test_a_second_signal_stops_at_once_and_the_supervisor_recovers_the_step(
     fleet.supervisor()
     worker = fleet.worker("impatient")
     client.submit(chain, {"sleep_s": 1.5}, run_id="i")
-    wait_until(lambda: "i:s0" in ledger.executions(), timeout_s=20, what="s0 running")
+    wait_until(lambda: "i:s0" in ledger.execution_counts(), timeout_s=20, what="s0 running")
     worker.signal(signal.SIGTERM)
     time.sleep(0.2)
     worker.signal(signal.SIGTERM)

@@ -33,7 +33,7 @@ def test_a_chain_runs_its_steps_in_order_once_each(client: Client, settings: Set
     with worker_thread([chain], settings):
         final = client.submit(chain, {"i": 0}, run_id="c1").wait(timeout_s=20)
     assert final == Counter(i=10, steps=[f"s{n}" for n in range(10)])
-    assert ledger.executions() == {f"c1:s{n}": 1 for n in range(10)}
+    assert ledger.execution_counts() == {f"c1:s{n}": 1 for n in range(10)}
     results = client.results("c1")
     assert sorted(results) == sorted(f"c1:s{n}" for n in range(10))
     assert [results[f"c1:s{n}"].update["i"] for n in range(10)] == list(range(1, 11))
@@ -48,7 +48,7 @@ def test_goto_loops_with_a_new_idempotency_key_per_visit(client: Client, setting
     with worker_thread([agent_loop], settings):
         final = client.submit(agent_loop, {"rounds": 3}, run_id="loop").wait(timeout_s=20)
     assert final.seen == ["loop:think", "loop:think:2", "loop:think:3"]
-    assert ledger.executions() == {
+    assert ledger.execution_counts() == {
         "loop:think": 1,
         "loop:think:2": 1,
         "loop:think:3": 1,
@@ -195,7 +195,7 @@ def test_a_retry_resumes_from_the_last_stash(client: Client, settings: Settings)
 def test_stash_across_items_with_the_shipped_flow(client: Client, settings: Settings, ledger: Ledger) -> None:
     with worker_thread([stashing], settings):
         final = client.submit(stashing, {"items": ["a", "b"]}, run_id="st").wait(timeout_s=10)
-    assert final.done == {"a": "A", "b": "B"} and ledger.items() == {"a": 1, "b": 1}
+    assert final.done == {"a": "A", "b": "B"} and ledger.items() == {"st:a": 1, "st:b": 1}
 
 
 def test_cancel_stops_a_running_step_and_refuses_its_result(client: Client, settings: Settings) -> None:

@@ -1,0 +1,1 @@
+"""Chaos tooling: fault injection and the invariant checker behind `orchestrator chaos`."""

@@ -1,0 +1,281 @@
+"""The invariant checker: compares the orchestrator's records of a namespace with the ledger.
+
+I1  every accepted run reaches a terminal state (completed, failed or cancelled)
+I2  one committed result per (run, step, visit), never overwritten: it comes from the
+    attempt with the highest fencing token that executed, so no execution of a step
+    started after its result was persisted
+I3  a receiver that dedupes by the idempotency key applies each effect once, and every
+    request carries the key of a step visit that exists (keys stable across retries)
+I4  no entry stays pending once the runs are done; a killed worker's steps run again
+    within lease + sweep + slack
+I5  crashes per step stay within max_crashes; a step over it is quarantined with the reason
+I6  the fleet-wide counters agree with the runs' histories
+I7  no worker or supervisor process died except those the chaos run killed (reported by
+    the driver, see ``runner``)
+I8  a step never starts before its predecessor's result is durable: each chain step saw
+    exactly the state its predecessors committed
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.chaos.ledger import Execution, Ledger
+from orchestrator.client import Client
+from orchestrator.codec import HistoryEvent, StepRecord
+from orchestrator.keys import GROUP
+from orchestrator.runs import TERMINAL, RunInfo
+
+# counters compared with the histories (I6), and the history event each one counts
+COUNTER_EVENTS = {
+    "steps_ok": "ok",
+    "crashes": "crashed",
+    "fenced": "fenced",
+    "redispatched": "redispatched",
+    "repaired": "repaired",
+    "released": "released",
+    "quarantined": "quarantined",
+    "runs_completed": "completed",
+    "runs_cancelled": "cancelled",
+}
+
+
+@dataclass(frozen=True)
+class Violation:
+    invariant: str
+    run_id: str
+    detail: str
+
+
+@dataclass
+class RunFacts:
+    """Everything the checker reads about one run."""
+
+    info: RunInfo | None
+    results: dict[str, StepRecord]
+    events: list[HistoryEvent]
+
+
+@dataclass
+class Report:
+    """What a chaos run found: counts, latencies and every invariant violation."""
+
+    runs: Counter[str] = field(default_factory=Counter)
+    executions: int = 0
+    committed_steps: int = 0
+    re_executions: int = 0
+    effects_applied: int = 0
+    effect_requests: int = 0
+    items_redone: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    detection_ms: list[int] = field(default_factory=list)
+    recovery_ms: list[int] = field(default_factory=list)
+    violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def count(self, invariant: str) -> int:
+        return sum(1 for v in self.violations if v.invariant == invariant)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "runs": dict(self.runs),
+            "lost": self.count("I1"),
+            "overwritten_or_rerun_after_commit": self.count("I2"),
+            "duplicate_effects": self.count("I3"),
+            "executions": self.executions,
+            "committed_steps": self.committed_steps,
+            "re_executions": self.re_executions,
+            "effects_applied": self.effects_applied,
+            "effect_requests": self.effect_requests,
+            "items_redone": self.items_redone,
+            "faults": dict(self.faults),
+            "detection_ms": percentiles(self.detection_ms),
+            "recovery_ms": percentiles(self.recovery_ms),
+            "violations": [v.__dict__ for v in self.violations[:200]],
+        }
+
+
+def percentiles(values: list[int]) -> dict[str, float | None]:
+    if not values:
+        return {"n": 0, "p50": None, "p99": None, "max": None}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {"n": len(ordered), "p50": statistics.median(ordered), "p99": p99, "max": ordered[-1]}
+
+
+def load(client: Client, run_ids: list[str]) -> dict[str, RunFacts]:
+    """Read the record, results and history of every run (pipelined, 200 runs at a time)."""
+    facts: dict[str, RunFacts] = {}
+    for start in range(0, len(run_ids), 200):
+        chunk = run_ids[start : start + 200]
+        pipe = client.redis.pipeline(transaction=False)
+        for rid in chunk:
+            keys = client.keys.run(rid)
+            pipe.hgetall(keys.run)
+            pipe.hgetall(keys.results)
+            pipe.lrange(keys.history, 0, -1)
+        replies = pipe.execute()
+        for i, rid in enumerate(chunk):
+            record, results, history = replies[3 * i : 3 * i + 3]
+            facts[rid] = RunFacts(
+                info=RunInfo.from_hash(rid, record) if record else None,
+                results={k: StepRecord.model_validate_json(v) for k, v in results.items()},
+                events=[HistoryEvent.model_validate_json(e) for e in history],
+            )
+    return facts
+
+
+class Checker:
+    """Checks one namespace after a chaos run. ``kills`` are (worker id, server ms) pairs."""
+
+    def __init__(self, client: Client, ledger: Ledger, *, max_crashes: int, recovery_bound_ms: int) -> None:
+        self.client = client
+        self.ledger = ledger
+        self.max_crashes = max_crashes
+        self.recovery_bound_ms = recovery_bound_ms
+
+    def check(self, submitted: list[str], kills: list[tuple[str, int]], report: Report | None = None) -> Report:
+        report = report or Report()
+        facts = load(self.client, submitted)
+        executions = self.ledger.executions()
+        by_key: dict[str, list[Execution]] = {}
+        for ex in executions:
+            by_key.setdefault(ex.key, []).append(ex)
+        report.executions = len(executions)
+        for run_id, run in facts.items():
+            self._run(report, run_id, run, by_key)
+        self._effects(report, facts)
+        self._counters(report, facts)
+        self._latencies(report, facts, kills)
+        self._pending(report)
+        return report
+
+    def _fail(self, report: Report, invariant: str, run_id: str, detail: str) -> None:
+        report.violations.append(Violation(invariant, run_id, detail))
+
+    def _run(self, report: Report, run_id: str, run: RunFacts, by_key: dict[str, list[Execution]]) -> None:
+        if run.info is None:
+            report.runs["missing"] += 1
+            self._fail(report, "I1", run_id, "accepted by submit, but its record is gone")
+            return
+        report.runs[run.info.status] += 1
+        if run.info.status not in TERMINAL:
+            self._fail(report, "I1", run_id, f"still {run.info.status} at step {run.info.step} after the drain")
+        if run.info.crashes > self.max_crashes:
+            self._fail(report, "I5", run_id, f"{run.info.crashes} crashes on one step, over {self.max_crashes}")
+        if run.info.error and run.info.error.type == "Quarantined":
+            report.runs["quarantined"] += 1
+        for key, record in run.results.items():
+            report.committed_steps += 1
+            runs = by_key.get(key, [])
+            report.re_executions += max(0, len(runs) - 1)
+            fences = [ex.fence for ex in runs]
+            if fences and max(fences) != record.fence:
+                self._fail(
+                    report,
+                    "I2",
+                    run_id,
+                    f"{key}: committed by fence {record.fence}, but executed with "
+                    f"fences {sorted(fences)} (a run after the commit, or overwritten)",
+                )
+            if fences and record.fence not in fences:
+                self._fail(report, "I2", run_id, f"{key}: the committed fence {record.fence} never executed")
+        for key, runs in by_key.items():
+            if key.startswith(f"{run_id}:"):
+                self._ordering(report, run_id, runs)
+
+    def _ordering(self, report: Report, run_id: str, runs: list[Execution]) -> None:
+        """I8: chain step c<k> must have seen i == k; loop visit v of think must have seen v - 1."""
+        for ex in runs:
+            if ex.step.startswith("c") and ex.step[1:].isdigit() and ex.saw is not None:
+                expected = int(ex.step[1:])
+            elif ex.step == "think" and ex.saw is not None:
+                visit = int(ex.key.rsplit(":", 1)[1]) if ex.key.count(":") > 1 else 1
+                expected = visit - 1
+            else:
+                continue
+            if ex.saw != expected:
+                self._fail(
+                    report,
+                    "I8",
+                    run_id,
+                    f"{ex.key} (fence {ex.fence}) saw {ex.saw}, expected {expected}: "
+                    "it started before its predecessor's result was durable",
+                )
+
+    def _effects(self, report: Report, facts: dict[str, RunFacts]) -> None:
+        effects = self.ledger.effects()
+        requests = self.ledger.effect_requests()
+        report.effects_applied = len(effects)
+        report.effect_requests = sum(requests.values())
+        expected = {key for run in facts.values() for key in run.results if key.split(":")[-1] == "send"}
+        expected |= {f"{rid}:send" for rid, run in facts.items() if run.info and run.info.workflow == "chaos_effect"}
+        for key in requests:
+            if key not in expected:
+                self._fail(report, "I3", key.split(":")[0], f"effect requested with unexpected key {key!r}")
+        for rid, run in facts.items():
+            done = run.info is not None and run.info.workflow == "chaos_effect" and run.info.status == "completed"
+            if done and f"{rid}:send" not in effects:
+                self._fail(report, "I3", rid, "completed, but its effect was never applied")
+        report.items_redone = sum(max(0, n - 1) for n in self.ledger.items().values())
+
+    def _counters(self, report: Report, facts: dict[str, RunFacts]) -> None:
+        """I6: each counter equals the number of history events it counts."""
+        stats = self.client.stats()
+        events = Counter(ev.type for run in facts.values() for ev in run.events)
+        for counter, event in COUNTER_EVENTS.items():
+            if stats.get(counter, 0) != events.get(event, 0):
+                self._fail(
+                    report,
+                    "I6",
+                    "-",
+                    f"counter {counter}={stats.get(counter, 0)} but the histories "
+                    f"hold {events.get(event, 0)} '{event}' events",
+                )
+
+    def _latencies(self, report: Report, facts: dict[str, RunFacts], kills: list[tuple[str, int]]) -> None:
+        """Kill -> supervisor re-dispatch (detection) and kill -> step claimed again (recovery).
+
+        A ``crashed`` event names the dead claim's worker and is written by the next claim, so
+        its time is the recovery; the ``redispatched`` event just before it is the detection.
+        """
+        killed = dict(kills)
+        for run_id, run in facts.items():
+            redispatched_at: int | None = None
+            for ev in run.events:
+                if ev.type == "redispatched":
+                    redispatched_at = ev.at
+                if ev.type != "crashed" or ev.worker not in killed:
+                    continue
+                kill_ms = killed[ev.worker]
+                recovery = ev.at - kill_ms
+                report.recovery_ms.append(recovery)
+                if redispatched_at is not None and redispatched_at >= kill_ms:
+                    report.detection_ms.append(redispatched_at - kill_ms)
+                if recovery > self.recovery_bound_ms:
+                    self._fail(
+                        report,
+                        "I4",
+                        run_id,
+                        f"{ev.step} ran again {recovery} ms after its worker "
+                        f"{ev.worker} was killed (bound {self.recovery_bound_ms} ms)",
+                    )
+
+    def _pending(self, report: Report) -> None:
+        """I4 at rest: once every run is done, nothing may be left pending in any queue."""
+        queues: set[str] = self.client.redis.smembers(self.client.keys.queues)  # type: ignore[assignment]
+        for queue in sorted(queues):
+            stream = self.client.keys.queue(queue).stream
+            try:
+                pending = self.client.redis.xpending(stream, GROUP)["pending"]
+            except Exception:  # no group: nothing was ever read from this queue
+                continue
+            if pending:
+                self._fail(report, "I4", "-", f"{pending} entries still pending in queue {queue!r} at rest")

@@ -1,0 +1,147 @@
+"""The synthetic workflow mix that ``orchestrator chaos`` runs: every step records itself in the ledger.
+
+Four shapes cover the step path: a chain (each step must see the state its predecessor
+committed), a stashing step (resumes from its checkpoint), a side effect sent to the ledger's
+fake receiver, and an agent-style loop (``Goto``, so idempotency keys carry visit numbers).
+Steps sleep a little, heartbeat, and fail transiently now and then, so kills land in every
+phase of the step path and the retry path runs too. They all use the ``chaos`` queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from orchestrator.chaos import ledger
+from orchestrator.context import StepContext
+from orchestrator.faults import point
+from orchestrator.retry import Retry
+from orchestrator.workflow import Goto, Workflow
+
+QUEUE = "chaos"
+CHAIN_STEPS = 8
+RETRY = Retry(max_attempts=8, backoff_s=0.05, backoff_max_s=1.0)
+
+
+class Transient(Exception):
+    """A made-up transient failure (a rate limit, a flaky tool): retried by the step's policy."""
+
+
+class Knobs(BaseModel):
+    """How long steps work and how often they fail; every flow's state has these."""
+
+    work_s: float = 0.05
+    fail_rate: float = 0.05
+
+
+def _work(ctx: StepContext, knobs: Knobs) -> None:
+    """Sleep ``work_s`` in small slices, heartbeating, then maybe fail transiently."""
+    deadline = time.monotonic() + knobs.work_s * random.uniform(0.5, 1.5)
+    while time.monotonic() < deadline:
+        time.sleep(min(0.02, knobs.work_s))
+        ctx.heartbeat()
+    point("mid_step", ctx.step)
+    if random.random() < knobs.fail_rate:
+        raise Transient(f"transient failure in {ctx.step} (attempt {ctx.attempt})")
+
+
+class ChainState(Knobs):
+    i: int = 0
+
+
+chain = Workflow("chaos_chain", state=ChainState, queue=QUEUE)
+
+
+def _chain_step(index: int) -> Any:
+    def step(ctx: StepContext, state: ChainState) -> dict[str, int]:
+        ledger.current().record(ctx, saw=state.i)  # the checker expects saw == index (I8)
+        _work(ctx, state)
+        return {"i": state.i + 1}
+
+    step.__name__ = f"c{index}"
+    return step
+
+
+for _index in range(CHAIN_STEPS):
+    chain.step(_chain_step(_index), retry=RETRY)
+
+
+class StashState(Knobs):
+    items: list[str] = ["a", "b", "c", "d", "e"]
+    done: list[str] = []
+
+
+stashing = Workflow("chaos_stash", state=StashState, queue=QUEUE)
+
+
+@stashing.step(retry=RETRY)
+def gather(ctx: StepContext, state: StashState) -> dict[str, list[str]]:
+    """Items one by one, a stash after each: after a crash only the item in flight is redone."""
+    ledger.current().record(ctx)
+    done = list(ctx.snapshot or [])
+    for item in state.items:
+        if item in done:
+            continue
+        ledger.current().item_done(ctx.run_id, item)
+        _work(ctx, state.model_copy(update={"fail_rate": state.fail_rate / len(state.items)}))
+        done.append(item)
+        ctx.stash(done)
+    return {"done": done}
+
+
+class MailState(Knobs):
+    to: str = "ops@example.com"
+    sent: bool = False
+
+
+effects = Workflow("chaos_effect", state=MailState, queue=QUEUE)
+
+
+@effects.step(retry=RETRY)
+def prepare(ctx: StepContext, state: MailState) -> None:
+    ledger.current().record(ctx)
+    _work(ctx, state)
+
+
+@effects.step(retry=RETRY)
+def send(ctx: StepContext, state: MailState) -> dict[str, bool]:
+    """The side effect: requested with the step's idempotency key, applied once by the receiver."""
+    ledger.current().record(ctx)
+    ledger.current().send_effect(ctx, f"mail to {state.to}")
+    _work(ctx, state)
+    return {"sent": True}
+
+
+@effects.step(retry=RETRY)
+def confirm(ctx: StepContext, state: MailState) -> None:
+    ledger.current().record(ctx)
+
+
+class LoopState(Knobs):
+    rounds: int = 3
+    seen: list[str] = []
+
+
+loop = Workflow("chaos_loop", state=LoopState, queue=QUEUE)
+
+
+@loop.step(retry=RETRY)
+async def think(ctx: StepContext, state: LoopState) -> dict[str, list[str]]:
+    ledger.current().record(ctx, saw=len(state.seen))
+    await asyncio.sleep(state.work_s)
+    return {"seen": [*state.seen, ctx.idempotency_key]}
+
+
+@loop.step(retry=RETRY)
+def act(ctx: StepContext, state: LoopState) -> Goto | None:
+    ledger.current().record(ctx, saw=len(state.seen))
+    _work(ctx, state)
+    return Goto("think") if len(state.seen) < state.rounds else None
+
+
+ALL: list[Workflow[Any]] = [chain, stashing, effects, loop]
+MIX = {chain.name: 0.4, stashing.name: 0.2, effects.name: 0.2, loop.name: 0.2}

@@ -1,0 +1,120 @@
+"""The outside observer: what synthetic steps record about themselves, and a fake receiver.
+
+Steps of the chaos and test workflows write here *before* they return, so the record of an
+execution survives even when its result is lost to a ``kill -9``. The invariant checker then
+compares this ledger with the orchestrator's own records: a step whose result was persisted
+must not appear again with a higher fencing token; a step must have seen the state its
+predecessors committed; an effect must be applied once per idempotency key however often it
+was requested.
+
+The Redis connection comes from the process's own settings (``ORCHESTRATOR_REDIS_URL`` or
+``REDIS_URL``, and ``ORCHESTRATOR_NAMESPACE``), which worker processes already have; a test
+that routes a worker through a fault proxy sets ``ORCHESTRATOR_LEDGER_URL`` to the direct URL,
+so the observer's own writes are not subject to the faults it observes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from orchestrator.connection import connect
+from orchestrator.context import StepContext
+from orchestrator.keys import Keys, LedgerKeys
+from orchestrator.settings import Settings
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One execution of a step visit, as the step itself recorded it."""
+
+    key: str
+    run: str
+    step: str
+    fence: int
+    attempt: int
+    worker: str
+    saw: Any = None
+
+
+class Ledger:
+    """Read and write access to one namespace's ledger."""
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.redis = client
+        self.keys: LedgerKeys = Keys(namespace).ledger
+
+    # -- written by steps -----------------------------------------------------------------
+
+    def record(self, ctx: StepContext, saw: Any = None) -> None:
+        """Note that this attempt of this step visit is executing, and what it saw."""
+        doc = {
+            "key": ctx.idempotency_key,
+            "run": ctx.run_id,
+            "step": ctx.step,
+            "fence": ctx.fencing_token,
+            "attempt": ctx.attempt,
+            "worker": ctx.worker_id,
+            "saw": saw,
+        }
+        self.redis.rpush(self.keys.executions, json.dumps(doc))
+
+    def send_effect(self, ctx: StepContext, payload: str) -> bool:
+        """The fake receiver: counts every request, applies the effect once per idempotency key."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(self.keys.requests, ctx.idempotency_key, 1)
+        pipe.hsetnx(self.keys.effects, ctx.idempotency_key, payload)
+        return bool(pipe.execute()[1])
+
+    def item_done(self, run_id: str, item: str) -> None:
+        self.redis.hincrby(self.keys.items, f"{run_id}:{item}", 1)
+
+    # -- read by checks -------------------------------------------------------------------
+
+    def executions(self) -> list[Execution]:
+        raw: list[str] = self.redis.lrange(self.keys.executions, 0, -1)  # type: ignore[assignment]
+        return [Execution(**json.loads(item)) for item in raw]
+
+    def execution_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for ex in self.executions():
+            counts[ex.key] = counts.get(ex.key, 0) + 1
+        return counts
+
+    def fences(self, key: str) -> list[int]:
+        return [ex.fence for ex in self.executions() if ex.key == key]
+
+    def effects(self) -> dict[str, str]:
+        return self.redis.hgetall(self.keys.effects)  # type: ignore[return-value]
+
+    def effect_requests(self) -> dict[str, int]:
+        raw: dict[str, str] = self.redis.hgetall(self.keys.requests)  # type: ignore[assignment]
+        return {k: int(v) for k, v in raw.items()}
+
+    def items(self) -> dict[str, int]:
+        raw: dict[str, str] = self.redis.hgetall(self.keys.items)  # type: ignore[assignment]
+        return {k: int(v) for k, v in raw.items()}
+
+
+_local: dict[tuple[str, str], Ledger] = {}
+_lock = threading.Lock()
+
+
+def current() -> Ledger:
+    """The ledger of this process's own namespace (one client per process and namespace)."""
+    direct = os.environ.get("ORCHESTRATOR_LEDGER_URL")
+    url = direct or os.environ.get("ORCHESTRATOR_REDIS_URL") or os.environ.get("REDIS_URL") or ""
+    key = (url, os.environ.get("ORCHESTRATOR_NAMESPACE", ""))
+    with _lock:
+        if key not in _local:
+            settings = Settings()
+            target = direct or settings.redis_url
+            if not target:
+                raise RuntimeError("the ledger needs ORCHESTRATOR_REDIS_URL or REDIS_URL in the environment")
+            _local[key] = Ledger(connect(target), settings.namespace)
+        return _local[key]

@@ -1,0 +1,332 @@
+"""``orchestrator chaos``: a synthetic workload under real faults, then the invariant check.
+
+The run starts its own supervisors and worker processes (``orchestrator.chaos.flows``) in a
+fresh namespace, keeps a mix of runs in flight, and for ``duration_s`` injects faults:
+``kill -9`` of random workers at random times (restarted shortly after, like a container),
+workers that kill themselves at a random crash point, supervisor kills, malformed stream
+entries, and, when it owns the Redis server, ``kill -9`` + restart of Redis itself. Then it
+stops injecting, waits for every run to finish, and checks the invariants (``checker``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from orchestrator.chaos import flows
+from orchestrator.chaos.checker import Checker, Report, Violation
+from orchestrator.chaos.ledger import Ledger
+from orchestrator.client import Client
+from orchestrator.embedded import RedisServer
+from orchestrator.keys import GROUP
+from orchestrator.processes import ProcessGroup
+from orchestrator.settings import Settings
+
+Echo = Callable[[str], None]
+CRASH_POINTS = ("after_claim", "mid_step", "after_stash", "before_commit", "after_persist_before_ack")
+
+
+@dataclass
+class ChaosConfig:
+    """What the chaos run does; the CLI flags mirror these fields."""
+
+    duration_s: float = 60.0
+    workers: int = 3
+    supervisors: int = 2
+    concurrency: int = 8
+    kills_per_minute: float = 30.0
+    crash_point_share: float = 0.3
+    redis_restarts: int = 2
+    supervisor_kills: int = 1
+    in_flight: int = 30
+    work_s: float = 0.05
+    fail_rate: float = 0.05
+    malformed_every_s: float = 10.0
+    drain_timeout_s: float = 180.0
+    seed: int = field(default_factory=lambda: random.randrange(1 << 30))
+
+
+@dataclass
+class Injected:
+    """The faults injected so far, with the server-clock time of each worker kill."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    kills: list[tuple[str, int]] = field(default_factory=list)
+
+    def add(self, kind: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+
+class ChaosRun:
+    """One chaos run against ``settings.redis_url``; ``server`` is set when we own Redis."""
+
+    def __init__(
+        self, settings: Settings, config: ChaosConfig, *, server: RedisServer | None, logs: Path, echo: Echo
+    ) -> None:
+        self.config = config
+        self.settings = settings.model_copy(update={"namespace": f"chaos-{uuid.uuid4().hex[:8]}"})
+        self.server = server
+        self.echo = echo
+        self.rng = random.Random(config.seed)
+        self.client = Client(self.settings)
+        self.ledger = Ledger(self.client.redis, self.settings.namespace)
+        env = {
+            **os.environ,
+            "ORCHESTRATOR_REDIS_URL": self.settings.redis_url or "",
+            "ORCHESTRATOR_NAMESPACE": self.settings.namespace,
+        }
+        env.pop("REDIS_URL", None)
+        self.procs = ProcessGroup(env, logs)
+        self.injected = Injected()
+        self.submitted: list[str] = []
+        self.open_runs: set[str] = set()
+        self.unsure: list[tuple[str, str, dict[str, float]]] = []  # submits whose outcome we did not see
+        self.unexpected: list[Violation] = []
+        self.armed: set[str] = set()
+        self.killed: set[str] = set()
+        self.exited: set[str] = set()
+        self.restarts: list[float] = []
+        self.clock_offset_ms = 0
+        self.serial = 0
+
+    # -- processes ------------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        self.serial += 1
+        name = f"chaos-w{self.serial}"
+        env = {}
+        if self.rng.random() < self.config.crash_point_share:
+            point = self.rng.choice(CRASH_POINTS)
+            env["ORCHESTRATOR_FAULTS"] = f"{point}=kill#{self.rng.randint(3, 40)}"
+            self.armed.add(name)
+        self.procs.start(
+            name,
+            "worker",
+            "orchestrator.chaos.flows:ALL",
+            "--concurrency",
+            str(self.config.concurrency),
+            "--worker-id",
+            name,
+            env=env,
+        )
+
+    def _workers(self) -> list[str]:
+        return [n for n in self.procs.procs if n.startswith("chaos-w") and self.procs.alive(n)]
+
+    def _server_ms(self) -> int:
+        return int(time.time() * 1000) + self.clock_offset_ms
+
+    def _kill_worker(self) -> None:
+        alive = self._workers()
+        if not alive:
+            return
+        name = self.rng.choice(alive)
+        if self.procs.kill(name) is not None:
+            self.killed.add(name)
+            self.injected.kills.append((name, self._server_ms()))
+            self.injected.add("worker kill -9")
+            self._restart_later()
+
+    def _restart_later(self) -> None:
+        """A replacement worker comes up after a short while, like a restarted container."""
+        self.restarts.append(time.monotonic() + self.rng.uniform(0.2, 1.0))
+
+    def _watch_exits(self) -> None:
+        """Note each process death once: a worker that hit its armed crash point is a fault we
+        injected, any other death we did not cause is a violation (I7). Dead workers are
+        restarted after a short delay, like containers."""
+        for name, proc in self.procs.procs.items():
+            code = proc.poll()
+            if code is None or name in self.killed or name in self.exited:
+                continue
+            self.exited.add(name)
+            if name in self.armed and code == -9:
+                self.injected.add("crash point kill")
+                self.injected.kills.append((name, self._server_ms()))
+            else:
+                self.unexpected.append(Violation("I7", "-", f"{name} exited with code {code} on its own"))
+            if name.startswith("chaos-w"):
+                self._restart_later()
+
+    # -- load -----------------------------------------------------------------------------
+
+    def _submit_one(self) -> None:
+        name = self.rng.choices(list(flows.MIX), weights=list(flows.MIX.values()))[0]
+        run_id = f"{name}-{len(self.submitted) + len(self.unsure):05d}"
+        knobs = {"work_s": self.config.work_s, "fail_rate": self.config.fail_rate}
+        self._submit(run_id, name, knobs)
+
+    def _submit(self, run_id: str, name: str, knobs: dict[str, float]) -> None:
+        workflow = next(wf for wf in flows.ALL if wf.name == name)
+        try:
+            self.client.submit(workflow, knobs, run_id=run_id)
+        except (redis.RedisError, OSError):
+            self.unsure.append((run_id, name, knobs))  # resubmitted later: same id, same run
+            return
+        self.submitted.append(run_id)
+        self.open_runs.add(run_id)
+
+    def _retry_unsure(self) -> None:
+        pending, self.unsure = self.unsure, []
+        for run_id, name, knobs in pending:
+            self._submit(run_id, name, knobs)
+
+    def _unfinished(self, candidates: list[str]) -> list[str]:
+        pipe = self.client.redis.pipeline(transaction=False)
+        for rid in candidates:
+            pipe.hget(self.client.keys.run(rid).run, "status")
+        return [
+            rid
+            for rid, status in zip(candidates, pipe.execute(), strict=True)
+            if status not in ("completed", "failed", "cancelled")
+        ]
+
+    def _inject_malformed(self) -> None:
+        stream = self.client.keys.queue(flows.QUEUE).stream
+        junk = self.rng.choice(
+            [
+                {"junk": "1"},
+                {"run": "x{y}", "wf": "chaos_chain", "step": "c0", "visit": "1"},
+                {"run": "nobody", "wf": "chaos_chain", "step": "c0", "visit": "0"},
+            ]
+        )
+        self.client.redis.xadd(stream, junk)  # type: ignore[arg-type]
+        self.injected.add("malformed entry")
+
+    # -- the run --------------------------------------------------------------------------
+
+    def run(self) -> Report:
+        cfg = self.config
+        sec, usec = self.client.redis.time()
+        self.clock_offset_ms = sec * 1000 + usec // 1000 - int(time.time() * 1000)
+        for i in range(cfg.supervisors):
+            self.procs.start(f"chaos-s{i + 1}", "supervisor")
+        for _ in range(cfg.workers):
+            self._start_worker()
+        self._wait_for_workers()
+        self.echo(
+            f"namespace {self.settings.namespace}: {cfg.workers} workers, {cfg.supervisors} supervisors; "
+            f"injecting faults for {cfg.duration_s:g} s (seed {cfg.seed})"
+        )
+        try:
+            self._inject(cfg)
+            self.echo(
+                f"faults stopped after {sum(self.injected.counts.values())} injections; waiting for "
+                f"{len(self.submitted)} runs to finish ..."
+            )
+            self._drain(cfg)
+        finally:
+            self.procs.stop_all()
+        return self._check()
+
+    def _wait_for_workers(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.client.redis.zcard(self.client.keys.workers) < self.config.workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"chaos workers did not start; see {self.procs.logs}")
+            time.sleep(0.05)
+
+    def _inject(self, cfg: ChaosConfig) -> None:
+        start = time.monotonic()
+        end = start + cfg.duration_s
+        rate_s = 60.0 / cfg.kills_per_minute if cfg.kills_per_minute > 0 else float("inf")
+        next_kill = start + self.rng.uniform(0.5, 1.5) * rate_s if rate_s != float("inf") else end
+        restarts = [start + cfg.duration_s * (i + 1) / (cfg.redis_restarts + 1) for i in range(cfg.redis_restarts)]
+        sup_kills = [
+            start + cfg.duration_s * (i + 0.5) / max(1, cfg.supervisor_kills) for i in range(cfg.supervisor_kills)
+        ]
+        next_junk = start + cfg.malformed_every_s
+        next_poll = start
+        last_report = start
+        while (now := time.monotonic()) < end:
+            try:
+                if now >= next_poll:
+                    self.open_runs = set(self._unfinished(sorted(self.open_runs)))
+                    next_poll = now + 0.25
+                    self._retry_unsure()
+                while len(self.open_runs) + len(self.unsure) < cfg.in_flight:
+                    self._submit_one()
+                if now >= next_junk:
+                    self._inject_malformed()
+                    next_junk = now + cfg.malformed_every_s
+            except (redis.RedisError, OSError):
+                pass  # Redis is restarting: the load resumes when it is back
+            if now >= next_kill:
+                self._kill_worker()
+                next_kill = now + self.rng.uniform(0.5, 1.5) * rate_s  # jittered, but the rate holds
+            if sup_kills and now >= sup_kills[0]:
+                sup_kills.pop(0)
+                self._kill_supervisor()
+            if restarts and now >= restarts[0] and self.server is not None:
+                restarts.pop(0)
+                self._restart_redis()
+            self._watch_exits()
+            for due in [t for t in self.restarts if t <= now]:
+                self.restarts.remove(due)
+                self._start_worker()
+            if now - last_report >= 10:
+                last_report = now
+                self.echo(
+                    f"  {now - start:5.0f} s: {len(self.submitted)} runs submitted, faults {self.injected.counts}"
+                )
+            time.sleep(0.02)
+        for _ in self.restarts:
+            self._start_worker()
+        self.restarts.clear()
+
+    def _kill_supervisor(self) -> None:
+        alive = [n for n in self.procs.procs if n.startswith("chaos-s") and self.procs.alive(n)]
+        if not alive:
+            return
+        name = self.rng.choice(alive)
+        self.procs.kill(name)
+        self.killed.add(name)
+        self.injected.add("supervisor kill -9")
+        self.procs.start(f"{name}-r{self.injected.counts['supervisor kill -9']}", "supervisor")
+
+    def _restart_redis(self) -> None:
+        assert self.server is not None
+        self.server.restart(hard=True)
+        self.injected.add("redis kill -9 + restart")
+
+    def _drain(self, cfg: ChaosConfig) -> None:
+        deadline = time.monotonic() + cfg.drain_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self._retry_unsure()
+                if not self.unsure and not self._unfinished(self.submitted) and not self._pending():
+                    return
+            except (redis.RedisError, OSError):
+                pass
+            self._watch_exits()
+            for _ in self.restarts:
+                self._start_worker()
+            self.restarts.clear()
+            time.sleep(0.25)
+        self.echo(f"drain timed out after {cfg.drain_timeout_s:g} s; checking what is there")
+
+    def _pending(self) -> int:
+        stream = self.client.keys.queue(flows.QUEUE).stream
+        return int(self.client.redis.xpending(stream, GROUP)["pending"])
+
+    def _check(self) -> Report:
+        report = Report()
+        report.faults.update(self.injected.counts)
+        report.violations.extend(self.unexpected)
+        for run_id, _, _ in self.unsure:
+            report.violations.append(Violation("I1", run_id, "submit never got an answer"))
+        bound_ms = int(
+            (self.settings.lease_s + self.settings.sweep_after_s + self.settings.sweep_interval_s + 5) * 1000
+        )
+        checker = Checker(self.client, self.ledger, max_crashes=self.settings.max_crashes, recovery_bound_ms=bound_ms)
+        return checker.check(self.submitted, self.injected.kills, report)
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,66 @@
+"""The invariant checker must be able to fail: each kind of damage is reported as its invariant."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator import Client, Settings
+from orchestrator.chaos import flows
+from orchestrator.chaos.checker import Checker
+from orchestrator.chaos.ledger import Ledger
+from tests.harness import worker_thread
+
+
+@pytest.fixture
+def finished(client: Client, settings: Settings, ledger: Ledger) -> list[str]:
+    """A few chaos runs, completed without faults: the checker finds nothing wrong with them."""
+    runs = [client.submit(wf, {"work_s": 0.0, "fail_rate": 0.0}, run_id=f"{wf.name}-1") for wf in flows.ALL]
+    with worker_thread(flows.ALL, settings):
+        for run in runs:
+            run.wait(timeout_s=20)
+    return [run.run_id for run in runs]
+
+
+def check(client: Client, ledger: Ledger, runs: list[str]) -> set[str]:
+    report = Checker(client, ledger, max_crashes=3, recovery_bound_ms=10_000).check(runs, [])
+    return {v.invariant for v in report.violations}
+
+
+def test_a_clean_workload_passes(client: Client, ledger: Ledger, finished: list[str]) -> None:
+    report = Checker(client, ledger, max_crashes=3, recovery_bound_ms=10_000).check(finished, [])
+    assert report.ok, report.violations
+    assert report.runs["completed"] == 4 and report.committed_steps == 8 + 1 + 3 + 6
+    assert report.effects_applied == 1
+
+
+def test_each_kind_of_damage_is_caught(client: Client, ledger: Ledger, finished: list[str]) -> None:
+    chain_run = "chaos_chain-1"
+    assert check(client, ledger, [*finished, "never-existed"]) == {"I1"}
+    # an execution with a higher fence after the commit: a persisted step ran again
+    key = f"{chain_run}:c2"
+    fence = client.results(chain_run)[key].fence
+    doc = {"key": key, "run": chain_run, "step": "c2", "fence": fence + 1, "attempt": 9, "worker": "w", "saw": 2}
+    client.redis.rpush(ledger.keys.executions, json.dumps(doc))
+    assert check(client, ledger, finished) == {"I2"}
+    client.redis.rpop(ledger.keys.executions)
+    # a step that started before its predecessor's result was durable
+    client.redis.rpush(ledger.keys.executions, json.dumps({**doc, "fence": fence - 1, "saw": 1}))
+    assert check(client, ledger, finished) == {"I8"}
+    client.redis.rpop(ledger.keys.executions)
+    # an effect sent with a key that belongs to no step visit
+    client.redis.hincrby(ledger.keys.requests, "chaos_effect-1:send:7", 1)
+    assert check(client, ledger, finished) == {"I3"}
+    client.redis.hdel(ledger.keys.requests, "chaos_effect-1:send:7")
+    # a counter that disagrees with the histories
+    client.redis.hincrby(client.keys.stats, "steps_ok", 1)
+    assert check(client, ledger, finished) == {"I6"}
+    client.redis.hincrby(client.keys.stats, "steps_ok", -1)
+    # a run left unfinished, and an entry left pending
+    client.redis.hset(client.keys.run(chain_run).run, "status", "running")
+    stream = client.keys.queue(flows.QUEUE).stream
+    client.redis.xadd(stream, {"run": chain_run, "wf": "chaos_chain", "step": "c0", "visit": "1"})
+    client.redis.xreadgroup("workers", "someone", {stream: ">"}, count=1)
+    assert check(client, ledger, finished) == {"I1", "I4"}
+    assert check(client, ledger, finished) != set()
