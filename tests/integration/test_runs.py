@@ -251,3 +251,27 @@ def test_many_runs_on_one_worker_all_complete(client: Client, settings: Settings
         for run in runs:
             assert run.wait(timeout_s=30).i == 10
     assert len(client.list_runs(status="completed", limit=100)) == 60
+
+
+def test_a_step_that_stops_heartbeating_is_given_up_and_its_late_result_ignored(
+    client: Client, settings: Settings
+) -> None:
+    wf = Workflow("stalls")
+    returned: list[int] = []
+
+    @wf.step(heartbeat_timeout_s=0.3, retry=Retry(max_attempts=3, backoff_s=0.01))
+    def hang_then_work(ctx: StepContext, state: Any) -> dict[str, int]:
+        if ctx.attempt == 1:
+            time.sleep(1.0)  # no ctx.heartbeat(): stalled
+        else:
+            ctx.heartbeat()
+        returned.append(ctx.attempt)
+        return {"attempt": ctx.attempt}
+
+    with worker_thread([wf], settings):
+        assert client.submit(wf, {}, run_id="st1").wait(timeout_s=10) == {"attempt": 2}
+        wait_until(lambda: 1 in returned, timeout_s=5, what="the stalled attempt to return late")
+    (step,) = client.history("st1").steps
+    assert [a.outcome for a in step.attempts] == ["timeout", "ok"]
+    assert step.attempts[0].error is not None and "heartbeat_timeout_s" in step.attempts[0].error.message
+    assert client.results("st1")["st1:hang_then_work"].attempt == 2  # the late first attempt never committed
