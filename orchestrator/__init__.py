@@ -4,6 +4,7 @@ Define a :class:`Workflow` of plain Python steps, run :class:`Worker` processes 
 :class:`Supervisor`, and submit runs with a :class:`Client`.
 """
 
+from orchestrator._version import __version__ as __version__
 from orchestrator.client import Client, Run
 from orchestrator.context import ClaimLost, StepContext
 from orchestrator.errors import (
@@ -27,8 +28,6 @@ from orchestrator.settings import Settings
 from orchestrator.supervisor import Supervisor
 from orchestrator.worker import Worker
 from orchestrator.workflow import End, Goto, Workflow
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ClaimLost",

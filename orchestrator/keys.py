@@ -36,8 +36,13 @@ Key                                Type    Holds                                
 ``<ns>:fleet:{<ns>}:worker:<id>``  hash    host, pid, queues, concurrency, started worker heartbeat     EX 10 x lease
 ``<ns>:fleet:{<ns>}:leader``       string  id of the supervisor that acts          supervisor           PX 3 x interval
 ``<ns>:fleet:{<ns>}:queues``       set     queue names in use                      submit, worker       forever
-``<ns>:stats:{<ns>}``              hash    fleet-wide counters (fenced, crashed,   worker, supervisor   forever
-                                           duplicates, reclaimed, repaired, ...)
+``<ns>:stats:{<ns>}``              hash    fleet-wide counters (steps_ok, crashes, the scripts;        forever
+                                           fenced, redispatched, repaired, ...)    supervisor, worker
+``<ns>:stats:{<ns>}:detail``       hash    per workflow and step, for metrics:     the scripts          forever
+                                           ``runs|wf|outcome``, ``steps|wf|step|
+                                           outcome``, ``saved_steps|wf``,
+                                           ``saved_ms|wf``, ``cost|wf|step|unit``,
+                                           ``cost_saved|wf|unit``
 ``<ns>:rejected:{<ns>}``           stream  malformed stream entries, kept for      worker               MAXLEN ~10000
                                            inspection with the reason
 ``<ns>:ledger:{<ns>}:executions``  list    chaos/test steps: one JSON record per   chaos and test       until the namespace
@@ -150,6 +155,10 @@ class Keys:
     @property
     def stats(self) -> str:
         return f"{self.namespace}:stats:{{{self.namespace}}}"
+
+    @property
+    def stats_detail(self) -> str:
+        return f"{self.namespace}:stats:{{{self.namespace}}}:detail"
 
     @property
     def rejected(self) -> str:

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(default=30.0, ge=0, description="SIGTERM: time in-flight steps get to finish")
     promote_interval_s: float = Field(default=0.2, gt=0, description="how often due retries are enqueued")
     retention_s: float = Field(default=7 * 86400, ge=0, description="finished runs are purged after this; 0 = keep")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics here; unset = off")
+    metrics_host: str = Field(default="127.0.0.1", description="address /metrics binds to (0.0.0.0 for all)")
     data_dir: Path = Field(default=Path(".orchestrator"), description="embedded Redis data folder")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

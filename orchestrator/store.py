@@ -8,6 +8,7 @@ argument order of each script is written down exactly once on the Python side.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,9 @@ class Claimed:
     crashes: int = 0
     crashed_now: bool = False
     snapshot: str | None = None
+    server_ms: int = 0
+    steps_done: int = 0
+    work_ms: int = 0
     state: dict[str, str] = field(default_factory=dict)
     detail: str = ""
 
@@ -46,7 +50,7 @@ class Claimed:
         code = reply[0]
         if code != "RUN":
             return cls(code=code, detail=" ".join(str(x) for x in reply[1:]))
-        flat = reply[8:]
+        flat = reply[11:]
         return cls(
             code=code,
             fence=int(reply[1]),
@@ -55,6 +59,9 @@ class Claimed:
             crashes=int(reply[4]),
             crashed_now=bool(int(reply[5])),
             snapshot=reply[7] if int(reply[6]) else None,
+            server_ms=int(reply[8]),
+            steps_done=int(reply[9]),
+            work_ms=int(reply[10]),
             state={flat[i]: flat[i + 1] for i in range(0, len(flat), 2)},
         )
 
@@ -96,7 +103,15 @@ class Store:
     ) -> Call:
         rk = self._run(run_id)
         return scripts.load("submit").call(
-            [rk.run, rk.state, rk.history, self.keys.queue(queue).stream, self.keys.active, self.keys.stats],
+            [
+                rk.run,
+                rk.state,
+                rk.history,
+                self.keys.queue(queue).stream,
+                self.keys.active,
+                self.keys.stats,
+                self.keys.stats_detail,
+            ],
             [run_id, workflow, queue, first_step, input_sha, event, request_id, *_pairs(state)],
         )
 
@@ -116,6 +131,7 @@ class Store:
                 self.keys.done,
                 self.keys.dead,
                 self.keys.stats,
+                self.keys.stats_detail,
             ],
             [
                 dispatch.step,
@@ -141,6 +157,7 @@ class Store:
         event: str,
         next_step: str | None,
         duration_ms: int,
+        cost: Mapping[str, float],
         state: Mapping[str, str],
     ) -> Call:
         rk = self._run(dispatch.run)
@@ -156,6 +173,7 @@ class Store:
                 self.keys.active,
                 self.keys.done,
                 self.keys.stats,
+                self.keys.stats_detail,
             ],
             [
                 dispatch.run,
@@ -166,6 +184,8 @@ class Store:
                 event,
                 next_step or "",
                 duration_ms,
+                dispatch.step,
+                json.dumps(dict(cost)) if cost else "",
                 *_pairs(state),
             ],
         )
@@ -192,6 +212,7 @@ class Store:
                 self.keys.done,
                 self.keys.dead,
                 self.keys.stats,
+                self.keys.stats_detail,
             ],
             [
                 dispatch.run,
@@ -279,6 +300,7 @@ class Store:
                 self.keys.active,
                 self.keys.done,
                 self.keys.stats,
+                self.keys.stats_detail,
             ],
             [run_id, reason, request_id],
         )
@@ -286,7 +308,15 @@ class Store:
     def retry(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
         rk = self._run(run_id)
         return scripts.load("retry_run").call(
-            [rk.run, rk.history, self.keys.queue(queue).stream, self.keys.active, self.keys.dead, self.keys.stats],
+            [
+                rk.run,
+                rk.history,
+                self.keys.queue(queue).stream,
+                self.keys.active,
+                self.keys.dead,
+                self.keys.stats,
+                self.keys.stats_detail,
+            ],
             [run_id, reason, request_id],
         )
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import pydantic
 import redis
+from prometheus_client import CollectorRegistry
 
 from orchestrator import scripts
 from orchestrator.codec import Dispatch
@@ -31,6 +32,7 @@ from orchestrator.connection import close, connect
 from orchestrator.errors import ConfigError
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys, parse_delayed_member
+from orchestrator.metrics import FleetCollector, MetricsServer, SupervisorMetrics
 from orchestrator.settings import Settings
 from orchestrator.store import Outcome, Store
 
@@ -59,6 +61,10 @@ class Supervisor:
         self._reclaim_from: dict[str, str] = {}
         self.is_leader = False
         self.totals: dict[str, int] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(FleetCollector(self.redis, self.keys, lease_ms=self.settings.lease_ms))
+        self.metrics = SupervisorMetrics(self.registry)
+        self.metrics_port: int | None = None
 
     def __repr__(self) -> str:
         return f"Supervisor({self.id!r})"
@@ -67,6 +73,10 @@ class Supervisor:
         self._stopped.set()
 
     def run(self) -> None:
+        exporter = None
+        if self.settings.metrics_port is not None:
+            exporter = MetricsServer(self.registry, self.settings.metrics_host, self.settings.metrics_port)
+            self.metrics_port = exporter.port
         log.info(
             "supervisor started",
             extra={"supervisor": self.id, "redis": self.settings.redacted_url, "lease_s": self.settings.lease_s},
@@ -85,6 +95,8 @@ class Supervisor:
                 self._stopped.wait(self.settings.reclaim_interval_s)
         finally:
             self._resign()
+            if exporter is not None:
+                exporter.close()
             close(self.redis)
             log.info("supervisor stopped", extra={"supervisor": self.id, **self.totals})
 
@@ -182,7 +194,9 @@ class Supervisor:
             self.store.redispatch(queue=queue, entry_id=eid, consumer=owners[eid], lease_ms=lease_ms, dispatch=d)
             for eid, d in found
         ]
-        for (entry_id, dispatch), reply in zip(found, scripts.execute(self.redis, calls), strict=True):
+        replies = scripts.execute(self.redis, calls)
+        self._observe_detection(found, owners, replies)
+        for (entry_id, dispatch), reply in zip(found, replies, strict=True):
             outcome = Outcome.parse(reply)
             key = {"REDISPATCHED": "redispatched", "DROPPED": "dropped_entries"}.get(outcome.code)
             if key:
@@ -198,6 +212,21 @@ class Supervisor:
                     },
                 )
         return counts
+
+    def _observe_detection(self, found: list[tuple[str, Dispatch]], owners: dict[str, str], replies: list[Any]) -> None:
+        """Detection latency: from the dead owner's last heartbeat to the re-dispatch."""
+        dead = [
+            owners[eid]
+            for (eid, _), reply in zip(found, replies, strict=True)
+            if Outcome.parse(reply).code == "REDISPATCHED"
+        ]
+        if not dead:
+            return
+        sec, usec = self.redis.time()
+        now_ms = sec * 1000 + usec // 1000
+        for last in self.redis.zmscore(self.keys.workers, dead):
+            if last is not None:
+                self.metrics.detection.observe(max(0.0, (now_ms - float(last)) / 1000))
 
     @staticmethod
     def _dispatch(rows: list[Any]) -> Dispatch | None:

@@ -39,6 +39,8 @@ def install_signals(first: Any, second: Any) -> None:
 @click.option("--max-crashes", type=int, default=None, help="crashes before a step is quarantined [3]")
 @click.option("--block-ms", type=int, default=None, help="XREADGROUP block time [500]")
 @click.option("--worker-id", default=None, help="consumer name [host-pid-random]")
+@click.option("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port [off]")
+@click.option("--metrics-host", default=None, help="address /metrics binds to [127.0.0.1]")
 @pass_state
 def worker(state: CliState, /, workflows: tuple[str, ...], worker_id: str | None, **flags: Any) -> None:
     """Run the steps of WORKFLOWS (module:attribute, e.g. myapp.flows:research).
@@ -60,6 +62,8 @@ def worker(state: CliState, /, workflows: tuple[str, ...], worker_id: str | None
 @click.option("--sweep-after-s", type=float, default=None, help="runs idle this long are checked [10]")
 @click.option("--retention-s", type=float, default=None, help="purge finished runs after [604800]; 0 keeps")
 @click.option("--max-crashes", type=int, default=None, help="crashes before a step is quarantined [3]")
+@click.option("--metrics-port", type=int, default=None, help="serve Prometheus /metrics (fleet-wide) here [off]")
+@click.option("--metrics-host", default=None, help="address /metrics binds to [127.0.0.1]")
 @pass_state
 def supervisor(state: CliState, /, **flags: Any) -> None:
     """Re-dispatch the steps of dead workers, repair stuck runs, enqueue due retries.

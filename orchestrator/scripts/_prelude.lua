@@ -19,6 +19,11 @@ local function count(stats_key, name, amount)
   redis.call('HINCRBY', stats_key, name, amount or 1)
 end
 
+-- Add to a per-workflow / per-step counter (fields joined with '|'), for metrics.
+local function detail(detail_key, amount, ...)
+  redis.call('HINCRBY', detail_key, table.concat({...}, '|'), amount)
+end
+
 -- A history event built here from a Lua table (cjson escapes the strings).
 local function event(fields)
   return cjson.encode(fields)

@@ -5,15 +5,15 @@
 -- loses its last writes (a restart from an older AOF, a failover), as long as the server's
 -- clock does not go back. The lease holds the claim token, which is unique per claim.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] lease
--- KEYS[7] active  KEYS[8] done  KEYS[9] dead  KEYS[10] stats
+-- KEYS[7] active  KEYS[8] done  KEYS[9] dead  KEYS[10] stats  KEYS[11] stats detail
 -- ARGV[1] step  ARGV[2] visit  ARGV[3] idempotency key  ARGV[4] claim token  ARGV[5] worker id
 -- ARGV[6] lease ms  ARGV[7] max crashes  ARGV[8] stream entry id  ARGV[9] workflow  ARGV[10] run id
 -- Returns {'RUN', fence, attempt, errors, crashes, crashed now 0|1, has stash 0|1, stash,
---          field, value, ...} or {'MISSING'} | {'TERMINAL', status} | {'WRONG_WF', workflow} |
+--          server ms, steps committed, work ms committed, field, value, ...} or {'MISSING'} | {'TERMINAL', status} | {'WRONG_WF', workflow} |
 --          {'DUP'} | {'STALE', step, visit} | {'BUSY', worker} | {'QUARANTINED', crashes}
 --          (STALE also when the run is waiting out a retry backoff: this entry is not its dispatch)
 local r = redis.call('HMGET', KEYS[1], 'status', 'wf', 'step', 'visit', 'claim', 'claim_fence',
-  'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes', 'fence')
+  'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes', 'fence', 'seq', 'work_ms')
 local status = r[1]
 if not status then return {'MISSING'} end
 if r[2] ~= ARGV[9] then return {'WRONG_WF', r[2]} end
@@ -29,6 +29,9 @@ local function reply(fence, attempt, crashed)
   else
     table.insert(out, 0); table.insert(out, '')
   end
+  table.insert(out, now_ms())
+  table.insert(out, tonumber(r[13] or 0))
+  table.insert(out, tonumber(r[14] or 0))
   local state = redis.call('HGETALL', KEYS[2])
   for i = 1, #state do table.insert(out, state[i]) end
   return out
@@ -46,6 +49,16 @@ if r[5] ~= '' then
   -- the previous claim's lease ran out with no outcome: its worker died (or froze)
   crashed = 1
   count(KEYS[10], 'crashes')
+  -- what resuming saves: the committed steps (and their cost) a restart from scratch would redo
+  detail(KEYS[11], 1, 'steps', r[2], ARGV[1], 'crashed')
+  detail(KEYS[11], tonumber(r[13] or 0), 'saved_steps', r[2])
+  detail(KEYS[11], tonumber(r[14] or 0), 'saved_ms', r[2])
+  local fields = redis.call('HGETALL', KEYS[1])
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 5) == 'cost:' then
+      redis.call('HINCRBYFLOAT', KEYS[11], 'cost_saved|' .. r[2] .. '|' .. string.sub(fields[i], 6), fields[i + 1])
+    end
+  end
   r[11] = tostring(tonumber(r[11] or 0) + 1)
   redis.call('HSET', KEYS[1], 'crashes', r[11], 'claim', '', 'claim_fence', 0)
   redis.call('RPUSH', KEYS[5], event({type = 'crashed', at = now, step = ARGV[1], visit = tonumber(ARGV[2]),
@@ -62,6 +75,7 @@ if r[5] ~= '' then
       visit = tonumber(ARGV[2]), detail = msg}))
     count(KEYS[10], 'quarantined')
     count(KEYS[10], 'runs_failed')
+    detail(KEYS[11], 1, 'runs', r[2], 'failed')
     return {'QUARANTINED', tonumber(r[11])}
   end
 end

@@ -3,10 +3,11 @@
 -- caller XACKs the stream entry afterwards; a crash in between only causes a duplicate
 -- delivery, which claim.lua answers with DUP.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] lease
--- KEYS[7] stream  KEYS[8] active  KEYS[9] done  KEYS[10] stats
+-- KEYS[7] stream  KEYS[8] active  KEYS[9] done  KEYS[10] stats  KEYS[11] stats detail
 -- ARGV[1] run id  ARGV[2] workflow  ARGV[3] idempotency key  ARGV[4] claim token
 -- ARGV[5] step record JSON  ARGV[6] attempt event body (JSON object)  ARGV[7] next step, '' = end
--- ARGV[8] step duration ms  ARGV[9..] state field, JSON value pairs
+-- ARGV[8] step duration ms  ARGV[9] step name  ARGV[10] cost JSON object ('' when none)
+-- ARGV[11..] state field, JSON value pairs
 -- Returns {'OK', next step, visit, entry id} ({'OK', '', 0, ''} when the run completed) or
 --   {'REPLAY'} (this very commit was already applied: same record) |
 --   {'FENCED', fence of the live claim} (this claim was replaced: another claim holds the step
@@ -23,12 +24,19 @@ if stored or r[2] ~= ARGV[4] then
   redis.call('HINCRBY', KEYS[1], 'fenced', 1)
   redis.call('RPUSH', KEYS[5], stamp('fenced', ARGV[6], now))
   count(KEYS[10], 'fenced')
+  detail(KEYS[11], 1, 'steps', ARGV[2], ARGV[9], 'fenced')
   return {'FENCED', tonumber(r[3])}
 end
 
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
-for i = 9, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+if ARGV[10] ~= '' then
+  for unit, amount in pairs(cjson.decode(ARGV[10])) do
+    redis.call('HINCRBYFLOAT', KEYS[1], 'cost:' .. unit, amount)
+    redis.call('HINCRBYFLOAT', KEYS[11], 'cost|' .. ARGV[2] .. '|' .. ARGV[9] .. '|' .. unit, amount)
+  end
 end
 redis.call('HDEL', KEYS[4], ARGV[3])
 redis.call('DEL', KEYS[6])
@@ -36,6 +44,7 @@ redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HINCRBY', KEYS[1], 'work_ms', ARGV[8])
 redis.call('RPUSH', KEYS[5], stamp('ok', ARGV[6], now))
 count(KEYS[10], 'steps_ok')
+detail(KEYS[11], 1, 'steps', ARGV[2], ARGV[9], 'ok')
 redis.call('HSET', KEYS[1], 'claim', '', 'claim_fence', 0, 'done_claim', ARGV[4], 'attempt', 0,
   'errors', 0, 'crashes', 0, 'updated_ms', now)
 
@@ -45,6 +54,7 @@ if ARGV[7] == '' then
   redis.call('ZADD', KEYS[9], now, ARGV[1])
   redis.call('RPUSH', KEYS[5], event({type = 'completed', at = now}))
   count(KEYS[10], 'runs_completed')
+  detail(KEYS[11], 1, 'runs', ARGV[2], 'completed')
   return {'OK', '', 0, ''}
 end
 local visit = redis.call('HINCRBY', KEYS[1], 'v:' .. ARGV[7], 1)

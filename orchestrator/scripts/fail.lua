@@ -1,13 +1,13 @@
 -- Record a failed attempt (the step raised or timed out): schedule a retry after its backoff,
 -- or fail the run and dead-letter it. The caller XACKs the stream entry afterwards.
 -- KEYS[1] run  KEYS[2] history  KEYS[3] lease  KEYS[4] delayed  KEYS[5] active  KEYS[6] done
--- KEYS[7] dead  KEYS[8] stats
+-- KEYS[7] dead  KEYS[8] stats  KEYS[9] stats detail
 -- ARGV[1] run id  ARGV[2] claim token  ARGV[3] attempt event body (JSON object, with error)
 -- ARGV[4] event type ('error' | 'timeout')  ARGV[5] retry delay ms, '' = fail the run
 -- ARGV[6] error JSON  ARGV[7] delayed member
 -- Returns {'RETRY', due ms} | {'FAILED'} | {'REPLAY'} | {'TERMINAL', status} |
 --   {'FENCED', fence of the live claim} | {'MISSING'}
-local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence', 'done_claim')
+local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence', 'done_claim', 'wf', 'step')
 if not r[1] then return {'MISSING'} end
 if r[2] ~= ARGV[2] then
   if r[4] == ARGV[2] then return {'REPLAY'} end
@@ -16,6 +16,7 @@ if r[2] ~= ARGV[2] then
   redis.call('HINCRBY', KEYS[1], 'fenced', 1)
   redis.call('RPUSH', KEYS[2], stamp('fenced', ARGV[3], now))
   count(KEYS[8], 'fenced')
+  detail(KEYS[9], 1, 'steps', r[5], r[6], 'fenced')
   return {'FENCED', tonumber(r[3])}
 end
 local now = now_ms()
@@ -23,6 +24,7 @@ redis.call('DEL', KEYS[3])
 redis.call('HINCRBY', KEYS[1], 'errors', 1)
 redis.call('HSET', KEYS[1], 'claim', '', 'claim_fence', 0, 'done_claim', ARGV[2], 'updated_ms', now)
 redis.call('RPUSH', KEYS[2], stamp(ARGV[4], ARGV[3], now))
+detail(KEYS[9], 1, 'steps', r[5], r[6], ARGV[4])
 if ARGV[5] ~= '' then
   local due = now + tonumber(ARGV[5])
   redis.call('ZADD', KEYS[4], due, ARGV[7])
@@ -37,4 +39,5 @@ redis.call('ZADD', KEYS[7], now, ARGV[1])
 redis.call('RPUSH', KEYS[2], event({type = 'failed', at = now}))
 count(KEYS[8], 'steps_failed')
 count(KEYS[8], 'runs_failed')
+detail(KEYS[9], 1, 'runs', r[5], 'failed')
 return {'FAILED'}

@@ -1,6 +1,7 @@
 -- Re-drive a failed (dead-lettered or quarantined) run from the step that failed. The step
 -- keeps its visit, so its idempotency key is the same as in the failed attempts.
 -- KEYS[1] run  KEYS[2] history  KEYS[3] stream  KEYS[4] active  KEYS[5] dead  KEYS[6] stats
+-- KEYS[7] stats detail
 -- ARGV[1] run id  ARGV[2] reason  ARGV[3] request id (a resent call reports RETRIED again and
 -- does not re-drive the run a second time)
 -- Returns {'RETRIED', entry id, step, visit} | {'NOT_FAILED', status} | {'MISSING'}
@@ -18,4 +19,5 @@ redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('RPUSH', KEYS[2], event({type = 'retried', at = now, step = r[3], visit = tonumber(r[4]),
   detail = ARGV[2]}))
 count(KEYS[6], 'runs_retried')
+detail(KEYS[7], 1, 'runs', r[2], 'retried')
 return {'RETRIED', id, r[3], tonumber(r[4])}

@@ -1,5 +1,6 @@
 -- Create a run and enqueue its first step, unless a run with this id exists (idempotent submit).
 -- KEYS[1] run  KEYS[2] state  KEYS[3] history  KEYS[4] stream  KEYS[5] active  KEYS[6] stats
+-- KEYS[7] stats detail
 -- ARGV[1] run id  ARGV[2] workflow  ARGV[3] queue  ARGV[4] first step  ARGV[5] input digest
 -- ARGV[6] "submitted" event body (JSON object)  ARGV[7] request id (resent call = same id)
 -- ARGV[8..] state field, JSON value pairs
@@ -23,4 +24,5 @@ end
 redis.call('RPUSH', KEYS[3], stamp('submitted', ARGV[6], now))
 redis.call('ZADD', KEYS[5], now, ARGV[1])
 count(KEYS[6], 'runs_submitted')
+detail(KEYS[7], 1, 'runs', ARGV[2], 'submitted')
 return {1, id}

@@ -22,6 +22,7 @@ from orchestrator.codec import Dispatch, ErrorInfo, StepRecord, dumps, encode_fi
 from orchestrator.context import ClaimLost, StepContext
 from orchestrator.errors import DefinitionError, OrchestratorError
 from orchestrator.faults import Faults
+from orchestrator.metrics import WorkerMetrics
 from orchestrator.settings import Settings
 from orchestrator.store import Claimed, Outcome, Store
 from orchestrator.worker.batcher import Batcher
@@ -58,6 +59,7 @@ class Runtime:
     faults: Faults
     loop: asyncio.AbstractEventLoop
     threads: StepThreads
+    metrics: WorkerMetrics
     counts: Counter[str] = field(default_factory=Counter)
     acks: dict[str, list[str]] = field(default_factory=dict)
 
@@ -222,15 +224,21 @@ class StepExecution:
     def _context(self) -> StepContext:
         rt, d = self.rt, self.dispatch
 
+        def count_stash(raw: str) -> None:
+            rt.metrics.stash_writes.labels(d.wf, d.step).inc()
+            rt.metrics.stash_bytes.labels(d.wf, d.step).inc(len(raw))
+
         def save(raw: str) -> bool:
             call = rt.store.stash(run_id=d.run, token=self.token, idem_key=ctx.idempotency_key, snapshot=raw)
             saved: bool = scripts.execute(rt.sync_redis, [call])[0] == 1
+            count_stash(raw)
             rt.faults.hit("after_stash", d.step)
             return saved
 
         async def save_async(raw: str) -> bool:
             call = rt.store.stash(run_id=d.run, token=self.token, idem_key=ctx.idempotency_key, snapshot=raw)
             saved = bool(await rt.batcher.call(call) == 1)
+            count_stash(raw)
             rt.faults.hit("after_stash", d.step)
             return saved
 
@@ -315,6 +323,7 @@ class StepExecution:
             event=self._event(),
             next_step=outcome.next_step,
             duration_ms=end_ms - self.start_ms,
+            cost=ctx.cost,
             state=fields,
         )
         if not await self._write(call, "commit"):
@@ -336,9 +345,19 @@ class StepExecution:
         self._report(what, result, {**self.log_fields, **fields, "outcome": result.code})
         return True
 
+    def _observe(self, outcome: str, *, ran: bool = True) -> None:
+        """This attempt's outcome in the worker's metrics (and how long it ran user code)."""
+        d, m = self.dispatch, self.rt.metrics
+        m.attempts.labels(d.wf, d.step, outcome).inc()
+        if ran:
+            m.duration.labels(d.wf, d.step).observe(max(0, now_ms() - self.start_ms) / 1000)
+
     def _report(self, what: str, result: Outcome, fields: dict[str, Any]) -> None:
         if result.code in ("OK", "REPLAY") and what == "commit":
             self.rt.count("steps_ok")
+            self._observe("ok")
+            for unit, amount in self.ctx.cost.items():
+                self.rt.metrics.cost.labels(self.dispatch.wf, self.dispatch.step, unit).inc(amount)
             completed = bool(result.detail) and result.detail[0] == ""
             log.log(
                 logging.INFO if completed else logging.DEBUG,
@@ -347,15 +366,19 @@ class StepExecution:
             )
         elif result.code == "FENCED":
             self.rt.count("fenced")
+            self._observe("fenced")
             log.warning(
                 f"{what} refused: this claim was replaced while it ran (stale fencing token)",
                 extra={**fields, "live_fence": result.detail[0]},
             )
         elif result.code == "RETRY":
             self.rt.count("steps_retried")
+            self._observe(fields.get("kind", "error"))
+            self.rt.metrics.retries.labels(self.dispatch.wf, self.dispatch.step).inc()
             log.warning("step failed; retry scheduled", extra=fields)
         elif result.code == "FAILED":
             self.rt.count("steps_failed")
+            self._observe(fields.get("kind", "error"))
             log.error("step failed; run failed and dead-lettered", extra=fields)
         else:
             log.info(f"{what} not applied: run is {result.code.lower()}", extra=fields)
@@ -375,7 +398,7 @@ class StepExecution:
             error=error.model_dump_json(),
         )
         retry_in = {"retry_in_s": round(delay_s, 2)} if delay_s is not None else {}
-        if await self._write(call, "failure", error=f"{error.type}: {error.message}", **retry_in):
+        if await self._write(call, "failure", error=f"{error.type}: {error.message}", kind=kind, **retry_in):
             self.rt.ack(self.queue, self.entry_id)
 
     async def release(self, reason: str) -> None:
@@ -388,5 +411,6 @@ class StepExecution:
             return  # the lease lapses; the supervisor re-dispatches
         if result.code == "RELEASED":
             self.rt.count("released")
+            self._observe("released")
         log.info("step given back", extra={**self.log_fields, "reason": reason, "outcome": result.code})
         self.rt.ack(self.queue, self.entry_id)

@@ -25,11 +25,13 @@ import redis.asyncio as aredis
 
 from orchestrator import faults as fault_points
 from orchestrator import scripts
+from orchestrator._version import __version__
 from orchestrator.codec import Dispatch, describe_validation_error, dumps
 from orchestrator.connection import aclose, close, connect, connect_async
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys, parse_delayed_member
+from orchestrator.metrics import MetricsServer, WorkerMetrics
 from orchestrator.settings import Settings
 from orchestrator.store import Claimed, Store
 from orchestrator.worker.batcher import Batcher
@@ -98,6 +100,8 @@ class Worker:
         self._immediate = False
         self._rotation = 0
         self.rt: Runtime | None = None
+        self.metrics = WorkerMetrics()
+        self.metrics_port: int | None = None
 
     def __repr__(self) -> str:
         return f"Worker({self.id!r}, workflows={sorted(self.workflows)}, queues={self.queues})"
@@ -163,7 +167,10 @@ class Worker:
             self._faults,
             self._loop,
             StepThreads(self._loop, self._slot_freed.set),
+            self.metrics,
         )
+        self.metrics.info.info({"version": __version__, "worker": self.id})
+        exporter = self._serve_metrics()
         heartbeat = self._heartbeat(sync_redis)
         try:
             await ensure_groups(async_redis, list(self._streams))
@@ -192,7 +199,16 @@ class Worker:
             await self._deregister(async_redis)
             await aclose(async_redis)
             close(sync_redis)
+            if exporter is not None:
+                exporter.close()
             log.info("worker stopped", extra={"worker": self.id, **dict(self.rt.counts)})
+
+    def _serve_metrics(self) -> MetricsServer | None:
+        if self.settings.metrics_port is None:
+            return None
+        server = MetricsServer(self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port)
+        self.metrics_port = server.port
+        return server
 
     def _heartbeat(self, sync_redis: redis.Redis) -> Heartbeat:
         info = {
@@ -354,10 +370,16 @@ class Worker:
         assert self.rt is not None
         fields = {"run_id": dispatch.run, "step": dispatch.step, "entry": entry_id}
         if claimed.code != "RUN":
-            self._skip(queue, entry_id, claimed, fields)
+            self._skip(queue, entry_id, dispatch, claimed, fields)
             return
+        metrics = self.rt.metrics
+        wait_ms = claimed.server_ms - int(entry_id.split("-")[0])
+        metrics.queue_wait.labels(dispatch.wf, queue).observe(max(0, wait_ms) / 1000)
         if claimed.crashed_now:
             self.rt.count("crashes")
+            metrics.attempts.labels(dispatch.wf, dispatch.step, "crashed").inc()
+            metrics.saved_steps.labels(dispatch.wf).inc(claimed.steps_done)
+            metrics.saved_seconds.labels(dispatch.wf).inc(claimed.work_ms / 1000)
             log.warning(
                 "previous attempt crashed; resuming from the last persisted step",
                 extra={**fields, "crashes": claimed.crashes, "has_stash": claimed.snapshot is not None},
@@ -366,14 +388,17 @@ class Worker:
         task = asyncio.create_task(execution.run(), name=f"step:{dispatch.run}:{dispatch.step}")
         self._tasks.add(task)
         self._executions[execution.token] = execution
+        self.metrics.in_flight.set(len(self._tasks))
         token = execution.token
         task.add_done_callback(lambda t: self._finished(t, token))
 
-    def _skip(self, queue: str, entry_id: str, claimed: Claimed, fields: dict[str, str]) -> None:
+    def _skip(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, fields: dict[str, str]) -> None:
         assert self.rt is not None
         counter = {"DUP": "duplicates", "QUARANTINED": "quarantined", "BUSY": "busy"}.get(claimed.code)
         if counter:
             self.rt.count(counter)
+        if claimed.code == "DUP":
+            self.rt.metrics.attempts.labels(dispatch.wf, dispatch.step, "duplicate").inc()
         level = logging.WARNING if claimed.code in ("QUARANTINED", "MISSING", "WRONG_WF") else logging.INFO
         log.log(level, f"entry not run: {claimed.code.lower()}", extra={**fields, "detail": claimed.detail})
         self.rt.ack(queue, entry_id)
@@ -381,6 +406,7 @@ class Worker:
     def _finished(self, task: asyncio.Task[None], token: str) -> None:
         self._tasks.discard(task)
         self._executions.pop(token, None)
+        self.metrics.in_flight.set(len(self._tasks))
         if self._slot_freed:
             self._slot_freed.set()
         if not task.cancelled() and task.exception():

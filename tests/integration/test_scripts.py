@@ -70,6 +70,7 @@ class Ops:
             event='{"step":"a"}',
             next_step=next_step,
             duration_ms=5,
+            cost={},
             state=state or {"n": "1"},
         )
         return Outcome.parse(self.x(call)[0])
