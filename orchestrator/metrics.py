@@ -28,7 +28,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -124,6 +132,7 @@ class MetricsServer:
     """``/metrics`` for one registry on a daemon thread; ``port`` is the bound one (0 picks a free port)."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        disable_created_metrics()  # the *_created series double the series count and tell nothing here
         self._server, self._thread = start_http_server(port, addr=host, registry=registry)
         self.port: int = self._server.server_port
         log.info("metrics served", extra={"address": f"http://{host}:{self.port}/metrics"})

@@ -94,4 +94,4 @@ def main() -> None:
         sys.exit(exc.exit_code)
 
 
-from orchestrator.cli import chaos, demo, runs, serve, server  # noqa: E402, F401 - registers the commands
+from orchestrator.cli import chaos, demo, fleet, runs, serve, server  # noqa: E402, F401 - registers the commands

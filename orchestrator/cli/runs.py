@@ -152,18 +152,3 @@ def cancel(state: CliState, run_id: str, reason: str, output: str) -> None:
     """Cancel an unfinished run; a running step is told at its next heartbeat."""
     info = state.client().cancel(run_id, reason)
     emit_json(info.model_dump(mode="json")) if output == "json" else click.echo(f"cancelled {run_id}")
-
-
-@cli.command()
-@output_option
-@pass_state
-def stats(state: CliState, output: str) -> None:
-    """Fleet-wide counters: steps ok/failed, crashes, fenced commits, re-dispatches, repairs."""
-    counters = state.client().stats()
-    if output == "json":
-        emit_json(counters)
-    elif not counters:
-        click.echo("no counters yet")
-    else:
-        width = max(len(k) for k in counters)
-        click.echo("\n".join(f"{k:<{width}}  {v}" for k, v in sorted(counters.items())))

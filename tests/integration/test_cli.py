@@ -72,8 +72,14 @@ def test_submit_status_history_and_list_in_text_and_json(settings: Settings, led
     listed = json.loads(cli(settings, "runs", "list", "--status", "completed", "-o", "json").stdout)
     assert sorted(r["run_id"] for r in listed) == ["a1", "a2", "a3"]
     assert "a2" in cli(settings, "runs", "list").stdout
-    stats = cli(settings, "stats", "-o", "json")
-    assert json.loads(stats.stdout)["steps_ok"] == 30
+    stats = json.loads(cli(settings, "stats", "-o", "json").stdout)
+    assert stats["counters"]["steps_ok"] == 30
+    (row,) = stats["workflows"]
+    assert (row["workflow"], row["steps"], row["completed"], row["observed"]) == ("chain", 10, 3, 1.0)
+    table = cli(settings, "stats", "--workflow", "chain").stdout
+    assert "WITHOUT DURABILITY" in table and "steps of chain:" in table and "s9" in table
+    live = cli(settings, "top", "--iterations", "1")
+    assert live.returncode == 0 and "orchestrator top" in live.stdout and "queue default" in live.stdout
 
 
 def test_an_unreachable_redis_is_one_clear_line(settings: Settings) -> None:

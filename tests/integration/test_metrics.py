@@ -110,3 +110,24 @@ def test_compound_math_is_the_product_of_step_success_ratios() -> None:
     assert figures["step_success"] == {("wf", "a"): 0.95, ("wf", "b"): 0.9}
     assert figures["predicted"]["wf"] == pytest.approx(0.855)
     assert figures["observed"]["wf"] == 0.99
+
+
+def test_the_metrics_reference_documents_every_metric_we_serve(client: Client, settings: Settings) -> None:
+    import re
+    from pathlib import Path
+
+    wf = flaky_flow()
+    metered = settings.model_copy(update={"metrics_port": 0})
+    with supervisor_thread(metered) as sup, worker_thread([wf], metered) as worker:
+        client.submit(wf, {}, run_id="doc").wait(timeout_s=10)
+        wait_until(lambda: sup.metrics_port, what="supervisor metrics up")
+        texts = [scrape(worker.metrics_port or 0), scrape(sup.metrics_port or 0)]
+    served = set()
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
+            served.add(family.name + suffix)
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `(orchestrator_[a-z_]+)`", doc, re.M))
+    served = {name for name in served if name.startswith("orchestrator_")}
+    assert served == documented, {"undocumented": served - documented, "not served": documented - served}
