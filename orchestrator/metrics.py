@@ -47,6 +47,8 @@ log = logging.getLogger("orchestrator.metrics")
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800)
 FAILED_OUTCOMES = ("error", "timeout", "crashed")
+STEP_OUTCOMES = ("ok", "error", "timeout", "crashed", "fenced")
+RUN_OUTCOMES = ("submitted", "completed", "failed", "cancelled", "retried")
 # fleet counters from the stats hash: (metric name, stats field, help)
 FLEET_COUNTERS = (
     ("orchestrator_fleet_crashes_total", "crashes", "Step attempts whose worker died (found by the next claim)."),
@@ -94,6 +96,14 @@ class WorkerMetrics:
             registry=r,
         )
         self.in_flight = Gauge("orchestrator_steps_in_flight", "Steps this worker is running now.", registry=r)
+        self.concurrency = Gauge("orchestrator_worker_concurrency", "Steps this worker may run at once.", registry=r)
+        self.run_duration = Histogram(
+            "orchestrator_run_duration_seconds",
+            "From submit to completion, for runs whose last step this worker committed.",
+            ["workflow"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.stash_writes = Counter(
             "orchestrator_stash_writes", "ctx.stash() checkpoints written.", ["workflow", "step"], registry=r
         )
@@ -132,7 +142,7 @@ class MetricsServer:
     """``/metrics`` for one registry on a daemon thread; ``port`` is the bound one (0 picks a free port)."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        disable_created_metrics()  # the *_created series double the series count and tell nothing here
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series double the series count and tell nothing here
         self._server, self._thread = start_http_server(port, addr=host, registry=registry)
         self.port: int = self._server.server_port
         log.info("metrics served", extra={"address": f"http://{host}:{self.port}/metrics"})
@@ -144,12 +154,31 @@ class MetricsServer:
 
 
 def parse_detail(raw: dict[str, str]) -> dict[str, dict[tuple[str, ...], float]]:
-    """``runs|wf|outcome`` -> {"runs": {(wf, outcome): n}} and so on for every kind of field."""
+    """``runs|wf|outcome`` -> {"runs": {(wf, outcome): n}} and so on for every kind of field.
+
+    Every outcome of a workflow or step seen at all is filled in (0 when it never happened):
+    a counter series that appears at its first increment hides that increment from ``rate()``.
+    """
     out: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
     for field, value in raw.items():
         kind, *labels = field.split("|")
         out[kind][tuple(labels)] = float(value)
+    for wf, step, _ in list(out.get("steps", {})):
+        for outcome in STEP_OUTCOMES:
+            out["steps"].setdefault((wf, step, outcome), 0.0)
+    for wf, _ in list(out.get("runs", {})):
+        for outcome in RUN_OUTCOMES:
+            out["runs"].setdefault((wf, outcome), 0.0)
     return out
+
+
+def zero_fields(workflows: dict[str, list[str]]) -> list[str]:
+    """The stats-detail fields of these workflows' runs and steps, for a worker to create at 0."""
+    fields = [f"runs|{wf}|{outcome}" for wf in workflows for outcome in RUN_OUTCOMES]
+    fields += [
+        f"steps|{wf}|{step}|{outcome}" for wf, steps in workflows.items() for step in steps for outcome in STEP_OUTCOMES
+    ]
+    return fields
 
 
 def compound(detail: dict[str, dict[tuple[str, ...], float]]) -> dict[str, Any]:
@@ -182,6 +211,10 @@ class FleetCollector(Collector):
         self.keys = keys
         self.lease_ms = lease_ms
         self.sample = sample
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: registering must not read Redis (the supervisor may start before it)."""
+        return []
 
     def collect(self) -> Iterator[Metric]:
         error = GaugeMetricFamily("orchestrator_fleet_scrape_error", "1 when reading Redis for metrics failed.")
@@ -309,7 +342,10 @@ class FleetCollector(Collector):
             pend = summary.get("pending", 0) if isinstance(summary, dict) else 0
             pending.add_metric([queue], float(pend))
             group = next((g for g in groups if g.get("name") == GROUP), None) if isinstance(groups, list) else None
-            lag.add_metric([queue], float((group or {}).get("lag") or 0))
+            reported = (group or {}).get("lag")
+            # Redis reports no lag once entries were deleted out of order (workers XDEL what they
+            # ack); the stream then holds only undelivered and pending entries, so derive it
+            lag.add_metric([queue], float(reported) if reported is not None else max(0.0, float(xlen or 0) - pend))
             low = summary.get("min") if isinstance(summary, dict) else None
             oldest.add_metric([queue], max(0.0, (now_ms - int(str(low).split("-")[0])) / 1000) if low else 0.0)
             delayed.add_metric([queue], float(n_delayed) if isinstance(n_delayed, int) else 0.0)
@@ -321,8 +357,11 @@ class FleetCollector(Collector):
         now_ms = sec * 1000 + usec // 1000
         live.add_metric([], float(self.client.zcount(self.keys.workers, now_ms - self.lease_ms, "+inf")))
         yield live
-        dead = GaugeMetricFamily("orchestrator_fleet_dead_letter_runs", "Failed runs waiting in the dead letter.")
-        dead.add_metric([], float(self.client.zcard(self.keys.dead)))
+        dead = GaugeMetricFamily(
+            "orchestrator_fleet_dead_letter_runs", "Failed runs waiting in the dead letter.", labels=["workflow"]
+        )
+        for wf, n in sorted(self._dead_by_workflow().items()):
+            dead.add_metric([wf], n)
         yield dead
         in_flight = GaugeMetricFamily(
             "orchestrator_fleet_runs_in_flight",
@@ -341,6 +380,17 @@ class FleetCollector(Collector):
             bytes_per_run.add_metric([wf], sum(values) / len(values))
         yield in_flight
         yield bytes_per_run
+
+    def _dead_by_workflow(self) -> dict[str, float]:
+        dead: list[str] = self.client.zrange(self.keys.dead, 0, 9_999)  # type: ignore[assignment]
+        pipe = self.client.pipeline(transaction=False)
+        for rid in dead:
+            pipe.hget(self.keys.run(rid).run, "wf")
+        counts: dict[str, float] = defaultdict(float)
+        for wf in pipe.execute():
+            if wf:
+                counts[wf] += 1
+        return counts
 
     def _sample_runs(self) -> tuple[dict[tuple[str, str], float], dict[str, list[float]]]:
         """Status counts of unfinished runs (up to 10,000) and the memory of a sample of runs."""

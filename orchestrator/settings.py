@@ -7,7 +7,9 @@ runs with a lease that its own heartbeats cannot keep alive.
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from orchestrator.connection import redact_url
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# ORCHESTRATOR_* variables that are not settings: read by the embedded server, the demo, the ledger
+OTHER_VARIABLES = frozenset({"ORCHESTRATOR_REDIS_SERVER", "ORCHESTRATOR_DEMO_DB", "ORCHESTRATOR_LEDGER_URL"})
 
 
 class Settings(BaseSettings):
@@ -80,3 +84,17 @@ class Settings(BaseSettings):
     def redacted_url(self) -> str:
         """The Redis URL with any password replaced, safe for logs and output."""
         return redact_url(self.redis_url) if self.redis_url else "(embedded)"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``ORCHESTRATOR_*`` variables that no setting reads, each with a guess at what was meant.
+
+    pydantic-settings ignores unknown variables, so a typo (``ORCHESTRATOR_DRAIN_GRACE``)
+    would silently do nothing; the CLI warns with these lines instead.
+    """
+    known = {f"ORCHESTRATOR_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    lines = []
+    for name in sorted(k for k in environ if k.startswith("ORCHESTRATOR_") and k not in known):
+        guess = difflib.get_close_matches(name, sorted(known), n=1)
+        lines.append(f"{name} is not a setting and is ignored" + (f"; did you mean {guess[0]}?" if guess else ""))
+    return lines

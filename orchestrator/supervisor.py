@@ -39,6 +39,8 @@ from orchestrator.store import Outcome, Store
 log = logging.getLogger("orchestrator.supervisor")
 
 SCAN_LIMIT = 500
+# its consumer group exists before any worker starts, so autoscalers watching it (KEDA) work
+DEFAULT_QUEUE = "default"
 # Fleet-wide counters only the supervisor knows; the scripts count everything else themselves.
 OWN_COUNTERS = frozenset({"dead_workers", "lost_entries", "purged", "consumers_removed"})
 PURGE_INTERVAL_S = 60.0
@@ -59,6 +61,7 @@ class Supervisor:
         self._stopped = threading.Event()
         self._groups: set[str] = set()
         self._reclaim_from: dict[str, str] = {}
+        self._last_seen: dict[str, float] = {}  # last heartbeat of workers found dead, for detection latency
         self.is_leader = False
         self.totals: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=True)
@@ -110,7 +113,7 @@ class Supervisor:
         if not leader:
             return {}
         done: dict[str, int] = {}
-        queues: list[str] = sorted(self.redis.smembers(self.keys.queues))  # type: ignore[arg-type]
+        queues: list[str] = sorted(set(self.redis.smembers(self.keys.queues)) | {DEFAULT_QUEUE})  # type: ignore[arg-type]
         self._ensure_groups(queues)
         for queue in queues:
             self._add(done, self.reclaim(queue))
@@ -224,9 +227,10 @@ class Supervisor:
             return
         sec, usec = self.redis.time()
         now_ms = sec * 1000 + usec // 1000
-        for last in self.redis.zmscore(self.keys.workers, dead):
-            if last is not None:
-                self.metrics.detection.observe(max(0.0, (now_ms - float(last)) / 1000))
+        for owner, last in zip(dead, self.redis.zmscore(self.keys.workers, dead), strict=True):
+            seen = float(last) if last is not None else self._last_seen.get(owner)  # reaped a tick earlier
+            if seen is not None:
+                self.metrics.detection.observe(max(0.0, (now_ms - seen) / 1000))
 
     @staticmethod
     def _dispatch(rows: list[Any]) -> Dispatch | None:
@@ -257,6 +261,9 @@ class Supervisor:
             worker_id, last_ms = rows[i], int(float(rows[i + 1]))
             if self.redis.zrem(self.keys.workers, worker_id):
                 dead += 1
+                self._last_seen[worker_id] = float(last_ms)  # its steps may be re-dispatched a tick later
+                while len(self._last_seen) > 1000:
+                    del self._last_seen[next(iter(self._last_seen))]
                 log.warning(
                     "worker presumed dead: no heartbeat", extra={"worker": worker_id, "silent_ms": now - last_ms}
                 )

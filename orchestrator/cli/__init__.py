@@ -7,6 +7,8 @@ embedded redis-server is started (see ``orchestrator redis``).
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from orchestrator.cli.common import CliState
 from orchestrator.connection import redact_url
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.logs import configure
+from orchestrator.settings import unknown_variables
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -54,6 +57,8 @@ def cli(
 ) -> None:
     """Durable multi-step workflows on Redis Streams."""
     configure(log_level.upper(), log_format)
+    for line in unknown_variables(os.environ):
+        logging.getLogger("orchestrator.cli").warning(line)
     ctx.obj = CliState(
         {
             "redis_url": redis_url,

@@ -113,7 +113,7 @@ def fleet_text(samples: Samples) -> str:
     queues = sorted({q for (q,) in by(samples, "orchestrator_queue_length", "queue")})
     lines = [
         f"workers live {single(samples, 'orchestrator_fleet_live_workers'):.0f}, "
-        f"dead letter {single(samples, 'orchestrator_fleet_dead_letter_runs'):.0f} runs"
+        f"dead letter {sum(v for _, v in samples.get('orchestrator_fleet_dead_letter_runs', [])):.0f} runs"
     ]
     for q in queues:
         length = by(samples, "orchestrator_queue_length", "queue")[(q,)]

@@ -8,7 +8,8 @@
 -- ARGV[5] step record JSON  ARGV[6] attempt event body (JSON object)  ARGV[7] next step, '' = end
 -- ARGV[8] step duration ms  ARGV[9] step name  ARGV[10] cost JSON object ('' when none)
 -- ARGV[11..] state field, JSON value pairs
--- Returns {'OK', next step, visit, entry id} ({'OK', '', 0, ''} when the run completed) or
+-- Returns {'OK', next step, visit, entry id} ({'OK', '', 0, '', created ms, now ms} when the run
+--   completed) or
 --   {'REPLAY'} (this very commit was already applied: same record) |
 --   {'FENCED', fence of the live claim} (this claim was replaced: another claim holds the step
 --   or already committed it) | {'TERMINAL', status} | {'MISSING'}
@@ -55,7 +56,7 @@ if ARGV[7] == '' then
   redis.call('RPUSH', KEYS[5], event({type = 'completed', at = now}))
   count(KEYS[10], 'runs_completed')
   detail(KEYS[11], 1, 'runs', ARGV[2], 'completed')
-  return {'OK', '', 0, ''}
+  return {'OK', '', 0, '', tonumber(redis.call('HGET', KEYS[1], 'created_ms')), now}
 end
 local visit = redis.call('HINCRBY', KEYS[1], 'v:' .. ARGV[7], 1)
 local id = redis.call('XADD', KEYS[7], '*', 'run', ARGV[1], 'wf', ARGV[2], 'step', ARGV[7], 'visit', visit)

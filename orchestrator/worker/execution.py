@@ -359,6 +359,9 @@ class StepExecution:
             for unit, amount in self.ctx.cost.items():
                 self.rt.metrics.cost.labels(self.dispatch.wf, self.dispatch.step, unit).inc(amount)
             completed = bool(result.detail) and result.detail[0] == ""
+            if completed and len(result.detail) >= 5:  # (created ms, finished ms) on the Redis clock
+                seconds = max(0, int(result.detail[4]) - int(result.detail[3])) / 1000
+                self.rt.metrics.run_duration.labels(self.dispatch.wf).observe(seconds)
             log.log(
                 logging.INFO if completed else logging.DEBUG,
                 "run completed" if completed else "step committed",

@@ -31,7 +31,7 @@ from orchestrator.connection import aclose, close, connect, connect_async
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys, parse_delayed_member
-from orchestrator.metrics import MetricsServer, WorkerMetrics
+from orchestrator.metrics import MetricsServer, WorkerMetrics, zero_fields
 from orchestrator.settings import Settings
 from orchestrator.store import Claimed, Store
 from orchestrator.worker.batcher import Batcher
@@ -175,6 +175,7 @@ class Worker:
         try:
             await ensure_groups(async_redis, list(self._streams))
             await async_redis.sadd(self.keys.queues, *self.queues)
+            await self._announce_steps(async_redis)
             heartbeat.beat()
             heartbeat.start()
             batcher.start()
@@ -202,6 +203,13 @@ class Worker:
             if exporter is not None:
                 exporter.close()
             log.info("worker stopped", extra={"worker": self.id, **dict(self.rt.counts)})
+
+    async def _announce_steps(self, client: aredis.Redis) -> None:
+        """Create this worker's workflows' counters at 0, so their first increments show in rate()."""
+        steps = {name: [s.name for s in wf.steps] for name, wf in self.workflows.items()}
+        calls = [scripts.command("HINCRBY", self.keys.stats_detail, f, 0) for f in zero_fields(steps)]
+        await scripts.execute_async(client, calls)
+        self.metrics.concurrency.set(self.settings.concurrency)
 
     def _serve_metrics(self) -> MetricsServer | None:
         if self.settings.metrics_port is None:

@@ -258,3 +258,12 @@ def test_public_api_is_pinned() -> None:
 def test_no_pickle_anywhere_in_the_library() -> None:
     for path in ROOT.rglob("*.py"):
         assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle)", path.read_text(), re.M), path
+
+
+def test_unknown_orchestrator_variables_are_named_with_a_guess() -> None:
+    from orchestrator.settings import unknown_variables
+
+    env = {"ORCHESTRATOR_DRAIN_GRACE": "5", "ORCHESTRATOR_LEASE_S": "9", "ORCHESTRATOR_DEMO_DB": "x", "HOME": "/"}
+    assert unknown_variables(env) == [
+        "ORCHESTRATOR_DRAIN_GRACE is not a setting and is ignored; did you mean ORCHESTRATOR_DRAIN_GRACE_S?"
+    ]

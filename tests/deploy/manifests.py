@@ -1,0 +1,145 @@
+"""Reading the files of deploy/ the way their tools do: compose, Kubernetes manifests, settings."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.embedded import find_redis_server
+from orchestrator.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+COMPOSE = DEPLOY / "compose.yaml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+RULES = DEPLOY / "prometheus" / "rules.yml"
+K8S = DEPLOY / "k8s"
+SETTINGS_PREFIX = "ORCHESTRATOR_"
+
+_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
+_DURATION_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+@cache
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = load_yaml(COMPOSE)
+    return data
+
+
+def interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """Compose's ``${VAR}`` / ``${VAR:-default}`` with an empty environment unless given."""
+    env = env or {}
+    return _INTERPOLATION.sub(lambda m: env.get(m["name"]) or m["default"] or "", value)
+
+
+def duration_s(value: str) -> float:
+    """A compose duration (``45s``, ``1m30s``) in seconds."""
+    parts = _DURATION.findall(value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"not a compose duration: {value!r}"
+    return sum(float(n) * _DURATION_S[u] for n, u in parts)
+
+
+def service_env(service: dict[str, Any]) -> dict[str, str]:
+    """A compose service's ``environment`` (map or list form) as strings."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def k8s_files() -> list[Path]:
+    """The manifests the kustomization lists, in its order."""
+    kustomization = load_yaml(K8S / "kustomization.yaml")
+    return [K8S / name for name in kustomization["resources"]]
+
+
+def k8s_documents() -> list[dict[str, Any]]:
+    """Every resource of the kustomization, with its namespace applied as kustomize does."""
+    namespace = load_yaml(K8S / "kustomization.yaml").get("namespace")
+    docs = [doc for path in k8s_files() for doc in load_all(path)]
+    for doc in docs:
+        if namespace and doc["kind"] != "Namespace":
+            doc["metadata"]["namespace"] = namespace
+    return docs
+
+
+def k8s_find(kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in k8s_documents() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name!r} in deploy/k8s, found {len(found)}"
+    return found[0]
+
+
+def container_env(deployment: dict[str, Any]) -> dict[str, str]:
+    """The environment the first container of ``deployment`` gets: envFrom ConfigMaps, then env,
+    with secretKeyRef / configMapKeyRef resolved from the manifests of deploy/k8s."""
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(k8s_find("ConfigMap", source["configMapRef"]["name"])["data"])
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+            continue
+        ref = item["valueFrom"]
+        if "secretKeyRef" in ref:
+            secret = k8s_find("Secret", ref["secretKeyRef"]["name"])
+            env[item["name"]] = secret.get("stringData", {})[ref["secretKeyRef"]["key"]]
+        else:
+            cm = k8s_find("ConfigMap", ref["configMapKeyRef"]["name"])
+            env[item["name"]] = cm["data"][ref["configMapKeyRef"]["key"]]
+    return env
+
+
+def clean_environ() -> dict[str, str]:
+    """This process's environment without any orchestrator setting or Redis URL."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_PREFIX) and k != "REDIS_URL"}
+
+
+def redis_version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=True).stdout
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    assert match, f"cannot read the version of {binary}: {out!r}"
+    return tuple(int(part) for part in match.groups())
+
+
+@cache
+def redis_binaries() -> dict[str, tuple[int, ...]]:
+    """Every distinct redis-server here (the one orchestrator uses, any on PATH, Debian's), by version."""
+    candidates: list[str] = []
+    with contextlib.suppress(ConfigError):
+        candidates.append(find_redis_server())
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        found = shutil.which("redis-server", path=folder)
+        if found:
+            candidates.append(found)
+    candidates += ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+    versions: dict[str, tuple[int, ...]] = {}
+    for path in candidates:
+        if Path(path).exists() and os.access(path, os.X_OK):
+            version = redis_version(path)
+            if version not in versions.values():
+                versions[path] = version
+    return versions
+
+
+def redis_7_binary() -> str | None:
+    return next((path for path, version in redis_binaries().items() if version >= (7,)), None)
