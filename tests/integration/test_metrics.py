@@ -52,15 +52,19 @@ def flaky_flow() -> Workflow[Any]:
     return wf
 
 
-def test_worker_and_fleet_metrics_tell_the_same_story(client: Client, settings: Settings) -> None:
+def serve_and_scrape(client: Client, settings: Settings, runs: int) -> tuple[str, str]:
+    """Run ``runs`` runs of the flaky flow on a real worker and supervisor; scrape both endpoints."""
     wf = flaky_flow()
     metered = settings.model_copy(update={"metrics_port": 0})
     with supervisor_thread(metered) as sup, worker_thread([wf], metered) as worker:
-        for i in range(4):
+        for i in range(runs):
             client.submit(wf, {}, run_id=f"m{i}").wait(timeout_s=10)
         wait_until(lambda: sup.metrics_port, what="supervisor metrics up")
-        assert worker.metrics_port
-        w, f = scrape(worker.metrics_port), scrape(sup.metrics_port or 0)
+        return scrape(worker.metrics_port or 0), scrape(sup.metrics_port or 0)
+
+
+def test_worker_and_fleet_metrics_tell_the_same_story(client: Client, settings: Settings) -> None:
+    w, f = serve_and_scrape(client, settings, runs=4)
     assert value(w, "orchestrator_step_attempts_total", workflow="metered", step="first", outcome="ok") == 4
     assert value(w, "orchestrator_step_attempts_total", workflow="metered", step="first", outcome="error") == 4
     assert value(w, "orchestrator_step_retries_total", workflow="metered", step="first") == 4
@@ -82,12 +86,7 @@ def test_worker_and_fleet_metrics_tell_the_same_story(client: Client, settings: 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian package prometheus)")
 def test_promtool_accepts_our_exposition(client: Client, settings: Settings) -> None:
-    wf = flaky_flow()
-    metered = settings.model_copy(update={"metrics_port": 0})
-    with supervisor_thread(metered) as sup, worker_thread([wf], metered) as worker:
-        client.submit(wf, {}, run_id="p1").wait(timeout_s=10)
-        wait_until(lambda: sup.metrics_port, what="supervisor metrics up")
-        texts = [scrape(worker.metrics_port or 0), scrape(sup.metrics_port or 0)]
+    texts = serve_and_scrape(client, settings, runs=1)
     for text in texts:
         result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -116,12 +115,7 @@ def test_the_metrics_reference_documents_every_metric_we_serve(client: Client, s
     import re
     from pathlib import Path
 
-    wf = flaky_flow()
-    metered = settings.model_copy(update={"metrics_port": 0})
-    with supervisor_thread(metered) as sup, worker_thread([wf], metered) as worker:
-        client.submit(wf, {}, run_id="doc").wait(timeout_s=10)
-        wait_until(lambda: sup.metrics_port, what="supervisor metrics up")
-        texts = [scrape(worker.metrics_port or 0), scrape(sup.metrics_port or 0)]
+    texts = serve_and_scrape(client, settings, runs=1)
     served = set()
     for text in texts:
         for family in text_string_to_metric_families(text):
