@@ -1,4 +1,6 @@
-"""The workflow the throughput benchmark runs: steps that do nothing, so only our overhead is measured.
+"""The workflows our worker processes run in the benchmarks (``python -m orchestrator worker bench.flows:...``).
+
+``noop`` is the throughput workflow: steps that do nothing, so only our overhead is measured.
 
 Every step is a plain (sync) function returning ``None``: no state change, so each step costs
 exactly one claim, one commit and one ack, plus whatever the worker does around user code.
@@ -9,15 +11,22 @@ The worker subprocesses import ``bench.flows:noop``; the benchmark passes a non-
 count to them through ``BENCH_STEPS`` so both sides build the same workflow. ``noop_async`` is
 the same chain of ``async def`` steps (the benchmark's ``--with-async``), to show what the
 thread per sync step costs.
+
+The other workflows: ``timed`` (recovery: the step body every system runs, from
+:mod:`bench.marks`), ``loop`` (growth: one step that re-enters itself with ``Goto``, an agent
+loop) and ``payload`` (growth: each step returns an update of a given size).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator import StepContext, Workflow
+from bench.marks import step_body
+from orchestrator import Goto, StepContext, Workflow
 
 STEPS = 10
 STEPS_ENV = "BENCH_STEPS"
@@ -67,3 +76,76 @@ def steps_from_env() -> int:
 
 noop = make_noop(steps_from_env())
 noop_async = make_noop(steps_from_env(), use_async=True)
+
+
+class Work(BaseModel):
+    """State of a ``timed`` run: how long each step works (the same for every system in the recovery benchmark)."""
+
+    work_ms: float = 0.0
+
+
+def make_timed(steps: int = STEPS) -> Workflow[Work]:
+    """``t0 .. t{n-1}``: each step runs :func:`bench.marks.step_body` with ``record`` on, as RQ and Celery steps do."""
+    flow: Workflow[Work] = Workflow("timed", state=Work)
+    for k in range(steps):
+        flow.step(name=f"t{k}")(timed_step(k, steps))
+    return flow
+
+
+def timed_step(k: int, steps: int) -> Callable[[StepContext, Work], None]:
+    """The body of step ``k`` (a closure, since a step is a function of exactly (ctx, state))."""
+
+    def body(ctx: StepContext, state: Work) -> None:
+        step_body(ctx.run_id, k, steps, state.work_ms, record=True)
+
+    return body
+
+
+class Rounds(BaseModel):
+    """State of a ``loop`` run: how many visits of its single step it makes."""
+
+    rounds: int = 1
+
+
+loop: Workflow[Rounds] = Workflow("loop", state=Rounds)
+
+
+@loop.step
+def again(ctx: StepContext, state: Rounds) -> Goto | None:
+    """An agent's tool loop at its simplest: re-enter this step until ``rounds`` visits are done."""
+    return Goto("again") if ctx.visit < state.rounds else None
+
+
+class Payload(BaseModel):
+    """State of a ``payload`` run: the update size, and whether updates add fields or replace one."""
+
+    model_config = ConfigDict(extra="allow")
+
+    size: int = 1024
+    shape: str = "append"
+
+
+def make_payload(steps: int = STEPS) -> Workflow[Payload]:
+    """``p0 .. p{n-1}``: step k returns ``size`` bytes, as a new field ``f<k>`` (append) or as ``value`` (replace).
+
+    "append" is an agent that accumulates findings (the state grows with every step);
+    "replace" one that keeps rewriting a draft (the state stays one update big).
+    """
+    flow: Workflow[Payload] = Workflow("payload", state=Payload)
+    for k in range(steps):
+        flow.step(name=f"p{k}")(payload_step(k))
+    return flow
+
+
+def payload_step(k: int) -> Callable[[StepContext, Payload], dict[str, Any]]:
+    """The body of step ``k`` of ``payload``: ``size`` bytes under ``f<k>`` or ``value``."""
+
+    def body(ctx: StepContext, state: Payload) -> dict[str, Any]:
+        field = f"f{k}" if state.shape == "append" else "value"
+        return {field: "x" * state.size}
+
+    return body
+
+
+timed = make_timed(steps_from_env())
+payload = make_payload(steps_from_env())

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import hiredis
 import redis
 import redis.asyncio as aredis
+from redis.asyncio import connection as aconnection
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
@@ -119,11 +121,44 @@ def connect(url: str) -> redis.Redis:
     return client
 
 
+class _HiredisPacking:
+    """Pack commands with hiredis (C) instead of redis-py's pure-Python asyncio packer.
+
+    The worker packs a claim and a commit script call (20-30 arguments each) per step; the
+    Python packer was a fifth of the worker's CPU, hiredis packs the same bytes ~9x faster.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD", "XINFO GROUPS", ...
+            args = (*args[0].split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+class _FastConnection(_HiredisPacking, aconnection.Connection):
+    pass
+
+
+class _FastSSLConnection(_HiredisPacking, aconnection.SSLConnection):
+    pass
+
+
+class _FastUnixConnection(_HiredisPacking, aconnection.UnixDomainSocketConnection):
+    pass
+
+
+FAST_CONNECTIONS: dict[str, type[aconnection.AbstractConnection]] = {
+    "redis": _FastConnection,
+    "rediss": _FastSSLConnection,
+    "unix": _FastUnixConnection,
+}
+
+
 def connect_async(url: str) -> aredis.Redis:
     """An asyncio client for ``url`` with the same retry behaviour as :func:`connect`."""
     retry = AsyncRetry(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
-    if _check_scheme(url) != "redis+sentinel":
-        return aredis.Redis.from_url(url, retry=retry, **_options())
+    scheme = _check_scheme(url)
+    if scheme != "redis+sentinel":
+        return aredis.Redis.from_url(url, retry=retry, connection_class=FAST_CONNECTIONS[scheme], **_options())
     from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
     target, sentinel_kwargs, master_kwargs = _sentinel_args(url)

@@ -10,7 +10,6 @@ late write from an attempt that was presumed dead and replaced.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,6 +17,8 @@ from typing import Any
 from orchestrator.codec import dumps
 from orchestrator.errors import OrchestratorError
 from orchestrator.keys import idempotency_key
+
+STEP_LOG = logging.getLogger("orchestrator.step")
 
 
 class ClaimLost(OrchestratorError):
@@ -56,14 +57,10 @@ class StepContext:
         self.worker_id = worker_id
         self.idempotency_key = idempotency_key(run_id, step, visit)
         self.cost: dict[str, float] = {}
-        self.log = logging.LoggerAdapter(
-            logging.getLogger("orchestrator.step"),
-            {"run_id": run_id, "step": step, "attempt": attempt, "fence": fencing_token},
-        )
         self._limit = max_payload_bytes
         self._save_stash = save_stash
         self._save_stash_async = save_stash_async
-        self._lost = threading.Event()
+        self._lost = False  # set once, by the heartbeat thread or the event loop; read by the step
         self.last_progress = time.monotonic()
 
     def __repr__(self) -> str:
@@ -73,9 +70,16 @@ class StepContext:
         )
 
     @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry the run id, step, attempt and fencing token."""
+        return logging.LoggerAdapter(
+            STEP_LOG, {"run_id": self.run_id, "step": self.step, "attempt": self.attempt, "fence": self.fencing_token}
+        )
+
+    @property
     def cancelled(self) -> bool:
         """True once this attempt has lost its claim; the step should stop."""
-        return self._lost.is_set()
+        return self._lost
 
     def heartbeat(self) -> None:
         """Report progress. Required at least every ``heartbeat_timeout_s`` when the step sets it.
@@ -116,13 +120,13 @@ class StepContext:
             self.cost[name] = self.cost.get(name, 0.0) + float(amount)
 
     def mark_lost(self) -> None:
-        self._lost.set()
+        self._lost = True
 
     def _encode(self, snapshot: Any) -> str:
         return dumps(snapshot, what=f"stash of step {self.step!r} (run {self.run_id!r})", limit=self._limit)
 
     def _raise_if_lost(self) -> None:
-        if self._lost.is_set():
+        if self._lost:
             raise ClaimLost(
                 f"run {self.run_id!r} step {self.step!r}: attempt {self.attempt} (fence {self.fencing_token}) "
                 "no longer owns the step (cancelled, timed out or taken over); stop work",

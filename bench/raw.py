@@ -1,0 +1,192 @@
+"""The raw limit: a plain redis-py loop that issues exactly the Redis calls our worker issues per step.
+
+``python -m bench.raw batched|unbatched`` is a consumer child of the benchmarks (like a worker,
+a separate process from the submitter). It sends the very calls the worker builds
+(``Store.claim``, ``Store.commit``, ``Store.ack_owned``, run by ``scripts.execute``) with the
+arguments the worker would pass, and nothing else: no asyncio, no threads, no pydantic
+validation, no heartbeats. So the gap between it and our worker is what our Python side costs.
+
+- ``batched``: XREADGROUP COUNT 100, one pipeline with the claim of every entry, one pipeline
+  with every commit plus the ack of the batch. The Redis-side limit of our protocol from one
+  Python client.
+- ``unbatched``: COUNT 1 and one round trip per call: read, claim, commit, ack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import redis
+
+from bench.flows import Empty, make_noop, steps_from_env
+from orchestrator import Settings, Workflow, scripts
+from orchestrator.codec import Dispatch
+from orchestrator.connection import connect
+from orchestrator.keys import GROUP, Keys
+from orchestrator.scripts import Call
+from orchestrator.store import Claimed, Outcome, Store
+from orchestrator.worker.execution import claim_token
+
+RAW_BATCH = 100
+RAW_MODES = ("batched", "unbatched")
+StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]  # XREADGROUP with decode_responses
+
+
+def now_ms() -> int:
+    """Wall-clock ms, as the worker stamps ``start_ms``/``end_ms`` into records and events."""
+    return int(time.time() * 1000)
+
+
+def consumer_args(mode: str) -> list[str]:
+    """The ``python -m`` arguments of a raw consumer child in ``mode``."""
+    return ["bench.raw", mode]
+
+
+class RawConsumer:
+    """The worker's Redis traffic per step, and nothing else."""
+
+    def __init__(self, settings: Settings, flow: Workflow[Empty], batch: int) -> None:
+        assert settings.redis_url
+        self.settings = settings
+        self.flow = flow
+        self.batch = batch
+        self.redis = connect(settings.redis_url)
+        self.keys = Keys(settings.namespace)
+        self.store = Store(self.keys)
+        self.queue = flow.queue
+        self.stream = self.keys.queue(flow.queue).stream
+        self.id = f"raw-{socket.gethostname()}-{os.getpid()}"
+        self.counts: Counter[str] = Counter()
+        self.stopping = False
+
+    def register(self) -> None:
+        """Create the consumer group like the worker does, then appear in the workers zset (the readiness signal)."""
+        with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists already
+            self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        self.redis.zadd(self.keys.workers, {self.id: now_ms()})
+
+    def read(self) -> list[tuple[str, Dispatch]]:
+        """XREADGROUP as the worker issues it; entries are trusted (``model_construct``: no validation)."""
+        block = self.settings.block_ms
+        reply: StreamReply | None = self.redis.xreadgroup(  # type: ignore[assignment]
+            GROUP, self.id, {self.stream: ">"}, count=self.batch, block=block
+        )
+        out = []
+        for _stream, entries in reply or []:
+            for entry_id, f in entries:
+                d = Dispatch.model_construct(run=f["run"], wf=f["wf"], step=f["step"], visit=int(f["visit"]))
+                out.append((entry_id, d))
+        return out
+
+    def claim(self, entry_id: str, d: Dispatch) -> Call:
+        """The claim the worker builds in ``Worker._start``: same token scheme, lease and crash limit."""
+        return self.store.claim(
+            dispatch=d,
+            entry_id=entry_id,
+            token=claim_token(self.id, entry_id),
+            worker=self.id,
+            lease_ms=self.settings.lease_ms,
+            max_crashes=self.settings.max_crashes,
+        )
+
+    def commit(self, entry_id: str, d: Dispatch, claimed: Claimed, start_ms: int) -> Call:
+        """The commit the worker would send for a step that returned None: next step in order, empty update."""
+        end_ms = now_ms()
+        next_step = self.flow.step_after(d.step)
+        meta = {"step": d.step, "visit": d.visit, "attempt": claimed.attempt, "fence": claimed.fence}
+        meta |= {"worker": self.id, "start_ms": start_ms, "end_ms": end_ms}
+        record = json.dumps({**meta, "update": {}, "next": next_step, "cost": {}}, separators=(",", ":"))
+        return self.store.commit(
+            dispatch=d,
+            queue=self.queue,
+            token=claim_token(self.id, entry_id),
+            record=record,
+            event=json.dumps(meta, separators=(",", ":")),
+            next_step=next_step,
+            duration_ms=end_ms - start_ms,
+            cost={},
+            state={},
+        )
+
+    def ack(self, entry_ids: list[str]) -> list[Call]:
+        """The worker's ack of its own entries (ack.lua: XACK+XDEL of entries still pending for this consumer)."""
+        return [self.store.ack_owned(self.queue, self.id, entry_ids)]
+
+    def tally(self, replies: Sequence[Any]) -> None:
+        """Count commit outcomes, so a log shows whether anything but OK happened."""
+        for reply in replies:
+            self.counts[f"commit_{Outcome.parse(reply).code}"] += 1
+
+    def run_batched(self, batch: list[tuple[str, Dispatch]]) -> None:
+        """Two round trips for the whole batch: all claims, then all commits with the ack of the batch."""
+        claims = scripts.execute(self.redis, [self.claim(eid, d) for eid, d in batch])
+        start = now_ms()
+        commits = []
+        for (eid, d), reply in zip(batch, claims, strict=True):
+            claimed = Claimed.parse(reply)
+            if claimed.code == "RUN":
+                commits.append(self.commit(eid, d, claimed, start))
+            else:
+                self.counts[f"claim_{claimed.code}"] += 1
+        replies = scripts.execute(self.redis, [*commits, *self.ack([eid for eid, _ in batch])])
+        self.tally(replies[: len(commits)])
+
+    def run_unbatched(self, batch: list[tuple[str, Dispatch]]) -> None:
+        """One round trip per call: claim, commit, then the ack."""
+        for eid, d in batch:
+            claimed = Claimed.parse(scripts.execute(self.redis, [self.claim(eid, d)])[0])
+            if claimed.code == "RUN":
+                self.tally(scripts.execute(self.redis, [self.commit(eid, d, claimed, now_ms())]))
+            else:
+                self.counts[f"claim_{claimed.code}"] += 1
+            scripts.execute(self.redis, self.ack([eid]))
+
+    def serve(self) -> None:
+        """Consume until SIGTERM; the flag is checked between reads (at most ``block_ms`` late)."""
+        handle = self.run_batched if self.batch > 1 else self.run_unbatched
+        while not self.stopping:
+            batch = self.read()
+            if batch:
+                handle(batch)
+                self.counts["batches"] += 1
+
+    def close(self) -> None:
+        """Deregister and leave the tallies in the log, so an odd outcome can be checked afterwards."""
+        self.redis.zrem(self.keys.workers, self.id)
+        self.redis.close()
+        print(json.dumps({"consumer": self.id, **self.counts}), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the child: settings from ORCHESTRATOR_* like a worker, stop on SIGTERM."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0] not in RAW_MODES:
+        print(f"usage: python -m bench.raw {{{','.join(RAW_MODES)}}}", file=sys.stderr)
+        return 2
+    consumer = RawConsumer(Settings(), make_noop(steps_from_env()), RAW_BATCH if args[0] == "batched" else 1)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        consumer.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    consumer.register()
+    try:
+        consumer.serve()
+    finally:
+        consumer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
