@@ -10,6 +10,9 @@ validation, no heartbeats. So the gap between it and our worker is what our Pyth
   with every commit plus the ack of the batch. The Redis-side limit of our protocol from one
   Python client.
 - ``unbatched``: COUNT 1 and one round trip per call: read, claim, commit, ack.
+
+Like the worker, every commit asks to chain the run's next step to this consumer; a step the
+commit claimed (nothing else was waiting) is committed next without a read or a claim.
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ from orchestrator.codec import Dispatch
 from orchestrator.connection import connect
 from orchestrator.keys import GROUP, Keys
 from orchestrator.scripts import Call
-from orchestrator.store import Claimed, Outcome, Store
+from orchestrator.store import Claimed, Committed, Outcome, Store
 from orchestrator.worker.execution import claim_token
 
 RAW_BATCH = 100
 RAW_MODES = ("batched", "unbatched")
 StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]  # XREADGROUP with decode_responses
+Ready = tuple[str, Dispatch, Claimed]  # a claimed entry: id, dispatch, claim
 
 
 def now_ms() -> int:
@@ -116,40 +120,61 @@ class RawConsumer:
             duration_ms=end_ms - start_ms,
             cost={},
             state={},
+            chain_to=self.id,
+            lease_ms=self.settings.lease_ms,
         )
 
     def ack(self, entry_ids: list[str]) -> list[Call]:
         """The worker's ack of its own entries (ack.lua: XACK+XDEL of entries still pending for this consumer)."""
         return [self.store.ack_owned(self.queue, self.id, entry_ids)]
 
-    def tally(self, replies: Sequence[Any]) -> None:
-        """Count commit outcomes, so a log shows whether anything but OK happened."""
-        for reply in replies:
-            self.counts[f"commit_{Outcome.parse(reply).code}"] += 1
+    def chained(self, ready: Sequence[Ready], replies: Sequence[Any]) -> list[Ready]:
+        """Count commit outcomes (a log shows whether anything but OK happened); the steps they chained."""
+        out = []
+        for (_, d, _), reply in zip(ready, replies, strict=True):
+            outcome = Outcome.parse(reply)
+            self.counts[f"commit_{outcome.code}"] += 1
+            committed = Committed.parse(outcome.detail) if outcome.code == "OK" else None
+            if committed is not None and committed.chained is not None:
+                self.counts["chained"] += 1
+                nxt = Dispatch.model_construct(run=d.run, wf=d.wf, step=committed.next_step, visit=committed.visit)
+                out.append((committed.entry_id, nxt, committed.chained))
+        return out
 
-    def run_batched(self, batch: list[tuple[str, Dispatch]]) -> None:
-        """Two round trips for the whole batch: all claims, then all commits with the ack of the batch."""
-        claims = scripts.execute(self.redis, [self.claim(eid, d) for eid, d in batch])
-        start = now_ms()
-        commits = []
-        for (eid, d), reply in zip(batch, claims, strict=True):
+    def claim_all(self, batch: Sequence[tuple[str, Dispatch]], replies: Sequence[Any]) -> list[Ready]:
+        """The entries this consumer may run (claim said RUN); the others are counted."""
+        ready = []
+        for (eid, d), reply in zip(batch, replies, strict=True):
             claimed = Claimed.parse(reply)
             if claimed.code == "RUN":
-                commits.append(self.commit(eid, d, claimed, start))
+                ready.append((eid, d, claimed))
             else:
                 self.counts[f"claim_{claimed.code}"] += 1
-        replies = scripts.execute(self.redis, [*commits, *self.ack([eid for eid, _ in batch])])
-        self.tally(replies[: len(commits)])
+        return ready
+
+    def run_batched(self, batch: list[tuple[str, Dispatch]]) -> None:
+        """Two round trips for the whole batch: all claims, then all commits with the ack of the batch;
+        then one per round of chained steps (commits plus the acks of the steps they follow)."""
+        ready = self.claim_all(batch, scripts.execute(self.redis, [self.claim(eid, d) for eid, d in batch]))
+        acks = [eid for eid, _ in batch]
+        while ready or acks:
+            start = now_ms()
+            commits = [self.commit(eid, d, claimed, start) for eid, d, claimed in ready]
+            replies = scripts.execute(self.redis, [*commits, *(self.ack(acks) if acks else [])])
+            acks = [eid for eid, _, _ in ready]
+            ready = self.chained(ready, replies[: len(commits)])
 
     def run_unbatched(self, batch: list[tuple[str, Dispatch]]) -> None:
-        """One round trip per call: claim, commit, then the ack."""
+        """One round trip per call: claim, commit, then the ack; a chained step goes on with its commit."""
         for eid, d in batch:
-            claimed = Claimed.parse(scripts.execute(self.redis, [self.claim(eid, d)])[0])
-            if claimed.code == "RUN":
-                self.tally(scripts.execute(self.redis, [self.commit(eid, d, claimed, now_ms())]))
-            else:
-                self.counts[f"claim_{claimed.code}"] += 1
-            scripts.execute(self.redis, self.ack([eid]))
+            ready = self.claim_all([(eid, d)], scripts.execute(self.redis, [self.claim(eid, d)]))
+            if not ready:
+                scripts.execute(self.redis, self.ack([eid]))
+            while ready:
+                step_id, step, claimed = ready[0]
+                replies = scripts.execute(self.redis, [self.commit(step_id, step, claimed, now_ms())])
+                scripts.execute(self.redis, self.ack([step_id]))
+                ready = self.chained(ready, replies)
 
     def serve(self) -> None:
         """Consume until SIGTERM; the flag is checked between reads (at most ``block_ms`` late)."""

@@ -124,6 +124,18 @@ class WorkerMetrics:
         )
         self.info = Info("orchestrator_worker", "This worker: version and id.", registry=r)
 
+    def announce(self, steps: dict[str, list[str]]) -> None:
+        """Create the per-step series at 0: a series born at its first increment hides that
+        increment from rate() (a counter's first sample has nothing to compare with)."""
+        for workflow, names in steps.items():
+            for step in names:
+                for outcome in ("ok", "error"):
+                    self.attempts.labels(workflow, step, outcome)
+                self.duration.labels(workflow, step)
+                self.retries.labels(workflow, step)
+                self.stash_writes.labels(workflow, step)
+                self.stash_bytes.labels(workflow, step)
+
 
 class SupervisorMetrics:
     """What one supervisor measures itself: how long dead claims took to be noticed."""

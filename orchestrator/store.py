@@ -81,6 +81,21 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Committed:
+    """Reply of ``commit.lua`` when it applied: the next dispatch, and its claim when chained."""
+
+    next_step: str  # '' when the run completed
+    visit: int
+    entry_id: str
+    chained: Claimed | None
+
+    @classmethod
+    def parse(cls, detail: Sequence[Any]) -> Committed:
+        chained = Claimed.parse(list(detail[3:])) if len(detail) > 3 and detail[3] == "RUN" else None
+        return cls(str(detail[0]), int(detail[1]), str(detail[2]), chained)
+
+
+@dataclass(frozen=True)
 class Store:
     """Call builders for one namespace."""
 
@@ -159,7 +174,10 @@ class Store:
         duration_ms: int,
         cost: Mapping[str, float],
         state: Mapping[str, str],
+        chain_to: str | None = None,
+        lease_ms: int = 0,
     ) -> Call:
+        """``chain_to``: the consumer that takes the next step at once when nothing else waits."""
         rk = self._run(dispatch.run)
         return scripts.load("commit").call(
             [
@@ -186,6 +204,9 @@ class Store:
                 duration_ms,
                 dispatch.step,
                 json.dumps(dict(cost)) if cost else "",
+                chain_to or "",
+                lease_ms,
+                GROUP,
                 *_pairs(state),
             ],
         )

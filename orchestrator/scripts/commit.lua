@@ -7,13 +7,37 @@
 -- ARGV[1] run id  ARGV[2] workflow  ARGV[3] idempotency key  ARGV[4] claim token
 -- ARGV[5] step record JSON  ARGV[6] attempt event body (JSON object)  ARGV[7] next step, '' = end
 -- ARGV[8] step duration ms  ARGV[9] step name  ARGV[10] cost JSON object ('' when none)
--- ARGV[11..] state field, JSON value pairs
+-- ARGV[11] consumer to chain the next step to ('' = none)  ARGV[12] lease ms  ARGV[13] group
+-- ARGV[14..] state field, JSON value pairs
+-- Chaining: when ARGV[11] names a consumer and no other entry of the stream waits undelivered,
+-- the next step's entry is delivered to that consumer and claimed for it right here (what
+-- XREADGROUP + claim.lua would do a round trip later), so a run moves on without a trip
+-- through the queue. The entry is pending for the consumer like any delivered one: if it dies,
+-- the supervisor re-dispatches it when the lease runs out. Never when others wait: no queue
+-- jumping.
 -- Returns {'OK', next step, visit, entry id} ({'OK', '', 0, '', created ms, now ms} when the run
---   completed) or
+--   completed; {'OK', next step, visit, entry id, <claim.lua's RUN reply>} when chained) or
 --   {'REPLAY'} (this very commit was already applied: same record) |
 --   {'FENCED', fence of the live claim} (this claim was replaced: another claim holds the step
 --   or already committed it) | {'TERMINAL', status} | {'MISSING'}
-local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence')
+
+-- Deliver stream entry `id` to `consumer` of `group` if it is the first undelivered entry
+-- (nothing queued before it); true when it did. XREADGROUP inside a script never blocks.
+local function deliver_if_next(stream, group, consumer, id)
+  local last
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local g = {}
+    for i = 1, #info, 2 do g[info[i]] = info[i + 1] end
+    if g['name'] == group then last = g['last-delivered-id'] end
+  end
+  if not last then return false end
+  local first = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)[1]
+  if not first or first[1] ~= id then return false end
+  local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', stream, '>')
+  return got[1][2][1][1] == id
+end
+
+local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence', 'fence')
 if not r[1] then return {'MISSING'} end
 local stored = redis.call('HGET', KEYS[3], ARGV[3])
 if stored == ARGV[5] then return {'REPLAY'} end
@@ -30,7 +54,7 @@ if stored or r[2] ~= ARGV[4] then
 end
 
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
-for i = 11, #ARGV, 2 do
+for i = 14, #ARGV, 2 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
 end
 if ARGV[10] ~= '' then
@@ -41,8 +65,8 @@ if ARGV[10] ~= '' then
 end
 redis.call('HDEL', KEYS[4], ARGV[3])
 redis.call('DEL', KEYS[6])
-redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('HINCRBY', KEYS[1], 'work_ms', ARGV[8])
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local work_ms = redis.call('HINCRBY', KEYS[1], 'work_ms', ARGV[8])
 redis.call('RPUSH', KEYS[5], stamp('ok', ARGV[6], now))
 count(KEYS[10], 'steps_ok')
 detail(KEYS[11], 1, 'steps', ARGV[2], ARGV[9], 'ok')
@@ -62,4 +86,16 @@ local visit = redis.call('HINCRBY', KEYS[1], 'v:' .. ARGV[7], 1)
 local id = redis.call('XADD', KEYS[7], '*', 'run', ARGV[1], 'wf', ARGV[2], 'step', ARGV[7], 'visit', visit)
 redis.call('HSET', KEYS[1], 'step', ARGV[7], 'visit', visit, 'dispatch', id, 'status', 'running')
 redis.call('ZADD', KEYS[8], now, ARGV[1])
-return {'OK', ARGV[7], visit, id}
+if ARGV[11] == '' or not deliver_if_next(KEYS[7], ARGV[13], ARGV[11], id) then
+  return {'OK', ARGV[7], visit, id}
+end
+-- claim.lua for a fresh dispatch: no previous claim, attempt 1, no stash for a new visit
+local token = ARGV[11] .. ':' .. id
+local fence = math.max(tonumber(r[4] or 0) + 1, now)
+redis.call('HSET', KEYS[1], 'attempt', 1, 'fence', string.format('%d', fence), 'claim', token,
+  'claim_fence', string.format('%d', fence), 'claim_worker', ARGV[11], 'claim_ms', now)
+redis.call('SET', KEYS[6], token, 'PX', ARGV[12])
+local out = {'OK', ARGV[7], visit, id, 'RUN', fence, 1, 0, 0, 0, 0, '', now, seq, work_ms}
+local state = redis.call('HGETALL', KEYS[2])
+for i = 1, #state do table.insert(out, state[i]) end
+return out

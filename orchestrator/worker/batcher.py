@@ -4,6 +4,11 @@ Steps finish one by one on the event loop; sending each commit alone would cost 
 per step. The batcher keeps one pipeline in flight and puts every call submitted while it is
 in flight into the next one, so batches grow with load and latency stays one round trip when
 the worker is idle.
+
+Acks ride along: nobody waits for them, so they join the next batch that goes anyway (a claim
+or a commit) and go alone only when none has gone within a few milliseconds. Sent on their
+own, they took the one in-flight slot just when the next step's commit was ready, adding a
+round trip to every step of a run.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from orchestrator.scripts import Call
 log = logging.getLogger("orchestrator.worker")
 
 MAX_BATCH = 1000
+RIDE_WITHIN_S = 0.005  # how long a fire-and-forget call waits for a batch to ride with
 
 
 class Batcher:
@@ -29,6 +35,8 @@ class Batcher:
     def __init__(self, client: aredis.Redis) -> None:
         self._client = client
         self._pending: list[tuple[Call, asyncio.Future[Any] | None]] = []
+        self._riders: list[Call] = []
+        self._riders_timer: asyncio.TimerHandle | None = None
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -52,15 +60,32 @@ class Batcher:
         return list(await asyncio.gather(*futures, return_exceptions=True))
 
     def send(self, calls: Sequence[Call]) -> None:
-        """Fire and forget (acks, counters): errors are logged, nobody waits."""
+        """Fire and forget (counters, rejected entries): errors are logged, nobody waits."""
         self._pending.extend((call, None) for call in calls)
         self._wakeup.set()
+
+    def send_riding(self, calls: Sequence[Call]) -> None:
+        """Fire and forget with the next batch, or alone after :data:`RIDE_WITHIN_S` (acks)."""
+        self._riders.extend(calls)
+        if self._riders_timer is None:
+            self._riders_timer = asyncio.get_running_loop().call_later(RIDE_WITHIN_S, self._release_riders)
+
+    def _release_riders(self) -> None:
+        """Move the waiting riders into the queue (their batch is the next one)."""
+        if self._riders_timer is not None:
+            self._riders_timer.cancel()
+            self._riders_timer = None
+        if self._riders:
+            self._pending.extend((call, None) for call in self._riders)
+            self._riders = []
+            self._wakeup.set()
 
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
+                self._release_riders()
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 await self._flush(batch)
             if self._closing:
@@ -85,6 +110,7 @@ class Batcher:
 
     async def close(self) -> None:
         """Send what is queued, then stop."""
+        self._release_riders()
         self._closing = True
         self._wakeup.set()
         if self._task:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from orchestrator.errors import DefinitionError, OrchestratorError
 from orchestrator.faults import Faults
 from orchestrator.metrics import WorkerMetrics
 from orchestrator.settings import Settings
-from orchestrator.store import Claimed, Outcome, Store
+from orchestrator.store import Claimed, Committed, Outcome, Store
 from orchestrator.worker.batcher import Batcher
 from orchestrator.worker.heartbeat import InFlight, InFlightTable
 from orchestrator.worker.usercode import StepThread, StepThreads, as_step_error, guarded
@@ -60,6 +61,8 @@ class Runtime:
     loop: asyncio.AbstractEventLoop
     threads: StepThreads
     metrics: WorkerMetrics
+    may_chain: Callable[[], bool]  # may a commit claim its run's next step for this worker?
+    start_chained: Callable[[str, str, Dispatch, Claimed], None]  # run a step the commit claimed
     counts: Counter[str] = field(default_factory=Counter)
     acks: dict[str, list[str]] = field(default_factory=dict)
 
@@ -76,7 +79,7 @@ class Runtime:
 
     def _send_acks(self) -> None:
         acks, self.acks = self.acks, {}
-        self.batcher.send([self.store.ack_owned(queue, self.worker_id, ids) for queue, ids in acks.items()])
+        self.batcher.send_riding([self.store.ack_owned(queue, self.worker_id, ids) for queue, ids in acks.items()])
 
     def flush(self) -> None:
         """Queue every pending ack now (at shutdown, before the batcher closes)."""
@@ -315,6 +318,7 @@ class StepExecution:
             cost=ctx.cost,
         ).model_dump_json()
         self.rt.faults.hit("before_commit", d.step)
+        chain = outcome.next_step is not None and self.rt.may_chain()
         call = self.rt.store.commit(
             dispatch=d,
             queue=self.queue,
@@ -325,13 +329,26 @@ class StepExecution:
             duration_ms=end_ms - self.start_ms,
             cost=ctx.cost,
             state=fields,
+            chain_to=self.rt.worker_id if chain else None,
+            lease_ms=self.rt.settings.lease_ms,
         )
-        if not await self._write(call, "commit"):
+        result = await self._write(call, "commit")
+        if result is None:
             return
         self.rt.faults.hit("after_persist_before_ack", d.step)
         self.rt.ack(self.queue, self.entry_id)
+        if result.code == "OK":
+            self._start_chained(Committed.parse(result.detail))
 
-    async def _write(self, call: scripts.Call, what: str, **fields: Any) -> bool:
+    def _start_chained(self, committed: Committed) -> None:
+        """Run the next step at once when the commit claimed it for this worker."""
+        if committed.chained is None:
+            return
+        d = self.dispatch
+        successor = Dispatch.model_construct(run=d.run, wf=d.wf, step=committed.next_step, visit=committed.visit)
+        self.rt.start_chained(self.queue, committed.entry_id, successor, committed.chained)
+
+    async def _write(self, call: scripts.Call, what: str, **fields: Any) -> Outcome | None:
         """Send an outcome and log it; on failure leave the entry pending (the supervisor
         re-dispatches it, and the next claim finds out whether the write happened)."""
         try:
@@ -341,9 +358,9 @@ class StepExecution:
                 f"{what} failed; the step stays pending for the supervisor",
                 extra={**self.log_fields, "error": str(exc)},
             )
-            return False
+            return None
         self._report(what, result, {**self.log_fields, **fields, "outcome": result.code})
-        return True
+        return result
 
     def _observe(self, outcome: str, *, ran: bool = True) -> None:
         """This attempt's outcome in the worker's metrics (and how long it ran user code)."""
@@ -401,7 +418,8 @@ class StepExecution:
             error=error.model_dump_json(),
         )
         retry_in = {"retry_in_s": round(delay_s, 2)} if delay_s is not None else {}
-        if await self._write(call, "failure", error=f"{error.type}: {error.message}", kind=kind, **retry_in):
+        written = await self._write(call, "failure", error=f"{error.type}: {error.message}", kind=kind, **retry_in)
+        if written is not None:
             self.rt.ack(self.queue, self.entry_id)
 
     async def release(self, reason: str) -> None:

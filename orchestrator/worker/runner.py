@@ -168,6 +168,8 @@ class Worker:
             self._loop,
             StepThreads(self._loop, self._slot_freed.set),
             self.metrics,
+            may_chain=self._may_chain,
+            start_chained=self._handle_claim,
         )
         self.metrics.info.info({"version": __version__, "worker": self.id})
         exporter = self._serve_metrics()
@@ -209,6 +211,7 @@ class Worker:
         steps = {name: [s.name for s in wf.steps] for name, wf in self.workflows.items()}
         calls = [scripts.command("HINCRBY", self.keys.stats_detail, f, 0) for f in zero_fields(steps)]
         await scripts.execute_async(client, calls)
+        self.metrics.announce(steps)
         self.metrics.concurrency.set(self.settings.concurrency)
 
     def _serve_metrics(self) -> MetricsServer | None:
@@ -266,6 +269,12 @@ class Worker:
         """Concurrency left: running steps and abandoned step threads both take a slot."""
         assert self.rt is not None
         return self.settings.concurrency - len(self._tasks) - self.rt.threads.abandoned
+
+    def _may_chain(self) -> bool:
+        """A committing step may hand its slot to its run's next step unless the worker is
+        stopping (the step finishing still holds its slot, so the count stays the same)."""
+        assert self._stopping is not None
+        return not self._stopping.is_set() and self._free_slots() >= 0
 
     def _read_plan(self) -> tuple[dict[Any, Any], int]:
         """Streams to read now and the COUNT for each (COUNT applies per stream), so that one

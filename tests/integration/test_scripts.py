@@ -13,7 +13,7 @@ from orchestrator import scripts
 from orchestrator.codec import Dispatch
 from orchestrator.keys import GROUP, Keys
 from orchestrator.settings import Settings
-from orchestrator.store import Claimed, Outcome, Store
+from orchestrator.store import Claimed, Committed, Outcome, Store
 
 
 class Ops:
@@ -61,6 +61,7 @@ class Ops:
         worker: str = "w1",
         next_step: str | None = "b",
         state: dict[str, str] | None = None,
+        chain_to: str | None = None,
     ) -> Outcome:
         call = self.store.commit(
             dispatch=d,
@@ -72,6 +73,8 @@ class Ops:
             duration_ms=5,
             cost={},
             state=state or {"n": "1"},
+            chain_to=chain_to,
+            lease_ms=5000,
         )
         return Outcome.parse(self.x(call)[0])
 
@@ -189,6 +192,75 @@ def test_commit_of_the_last_step_completes_the_run(ops: Ops) -> None:
     assert ops.commit(eid, d, next_step=None).code == "OK"
     assert ops.run()["status"] == "completed"
     assert ops.r.zscore(ops.keys.done, "r1") is not None and ops.r.zscore(ops.keys.active, "r1") is None
+
+
+def test_a_chained_commit_claims_the_next_step_for_its_worker_when_nothing_else_waits(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read("w1")
+    first = ops.claim(eid, d)
+    out = ops.commit(eid, d, chain_to="w1")
+    committed = Committed.parse(out.detail)
+    claimed = committed.chained
+    assert out.code == "OK" and claimed is not None and committed.next_step == "b"
+    assert (claimed.code, claimed.attempt, claimed.errors, claimed.crashes, claimed.crashed_now) == (
+        "RUN",
+        1,
+        0,
+        0,
+        False,
+    )
+    assert claimed.fence > first.fence and claimed.state == {"n": "1"} and claimed.steps_done == 1
+    # delivered to w1 like an XREADGROUP would, claimed like claim.lua would: nobody else gets it
+    (pending,) = [p for p in ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10) if p["message_id"] != eid]
+    assert (pending["message_id"], pending["consumer"]) == (committed.entry_id, "w1")
+    assert ops.read("w2") == []
+    run = ops.run()
+    assert (run["step"], run["claim"], run["claim_worker"], run["dispatch"]) == (
+        "b",
+        f"w1:{committed.entry_id}",
+        "w1",
+        committed.entry_id,
+    )
+    assert ops.r.get(ops.rk.lease) == f"w1:{committed.entry_id}"
+    b = Dispatch(run="r1", wf="wf", step="b", visit=1)
+    assert ops.claim(committed.entry_id, b).fence == claimed.fence  # the same claim, as if claimed again
+    assert ops.claim(committed.entry_id, b, worker="w2").code == "BUSY"
+    assert ops.commit(committed.entry_id, b, next_step=None).code == "OK"  # the chained claim commits
+
+
+def test_a_commit_never_chains_past_entries_that_wait(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read("w1")
+    ops.claim(eid, d)
+    other = Ops(ops.r, Settings(namespace=ops.keys.namespace), run_id="r2")
+    other.submit()  # r2's first step waits undelivered in the same stream
+    out = ops.commit(eid, d, chain_to="w1")
+    assert out.code == "OK" and Committed.parse(out.detail).chained is None
+    assert [x.run for _, x in ops.read("w2")] == ["r2", "r1"]  # both wait, in order, for anyone
+    assert ops.run()["claim"] == ""
+
+
+def test_a_chained_claim_whose_worker_dies_is_redispatched_and_counted_as_a_crash(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read("w1")
+    ops.claim(eid, d)
+    committed = Committed.parse(ops.commit(eid, d, chain_to="w1").detail)
+    ops.r.delete(ops.rk.lease)  # w1 died before running b: its lease lapses
+    b = Dispatch(run="r1", wf="wf", step="b", visit=1)
+    call = ops.store.redispatch(queue="q", entry_id=committed.entry_id, consumer="w1", lease_ms=1000, dispatch=b)
+    out = Outcome.parse(ops.x(call)[0])
+    assert out.code == "REDISPATCHED"
+    ((eid2, d2),) = ops.read("w2")
+    c = ops.claim(eid2, d2, worker="w2")
+    assert (c.code, c.crashed_now, c.attempt) == ("RUN", True, 2)
+
+
+def test_the_last_step_never_chains(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read("w1")
+    ops.claim(eid, d)
+    out = ops.commit(eid, d, next_step=None, chain_to="w1")
+    assert out.code == "OK" and out.detail[0] == "" and ops.run()["status"] == "completed"
 
 
 def test_fail_schedules_a_retry_or_dead_letters_and_replays_safely(ops: Ops) -> None:
