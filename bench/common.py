@@ -260,6 +260,15 @@ class Interrupt:
             signal.signal(signum, cls.handler)
 
 
+def print_and_save(doc: dict[str, Any], json_path: Path | None) -> int:
+    """A benchmark's ending: its tables on stdout, its JSON written when asked; exit code 0."""
+    print()
+    print(doc["markdown"])
+    if json_path:
+        write_json(json_path, doc)
+    return 0
+
+
 def run_main(main: Callable[[], int]) -> None:
     """Run a benchmark's ``main`` and exit with its code; a signal exits 128+N after the cleanup ran."""
     Interrupt.install()

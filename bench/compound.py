@@ -37,7 +37,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Server, add_common_args, bench_server, fmt, json_path, markdown, run_main, spread, write_json
+from bench.common import (
+    Server,
+    add_common_args,
+    bench_server,
+    fmt,
+    json_path,
+    markdown,
+    print_and_save,
+    run_main,
+    spread,
+)
 from bench.faulty import EXECUTIONS, RETRY, STEPS, Costs, Plan, compound, naive_first_failure, naive_restart
 from bench.marks import URL_ENV
 from bench.procs import Fleet, child_env, wait_registered, worker_args
@@ -359,13 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the rows, print the tables and targets, optionally write JSON."""
     options = parse_args(argv)
     doc = run(options)
-    print()
-    print(doc["markdown"])
     for goal in doc["summary"]["targets"]:
         print(f"target {goal['target']}: {'met' if goal['met'] else '**missed**'}")
-    if options.json_path:
-        write_json(options.json_path, doc)
-    return 0
+    return print_and_save(doc, options.json_path)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -39,9 +38,9 @@ from bench.common import (
     fmt_ratio,
     json_path,
     markdown,
+    print_and_save,
     ratio,
     run_main,
-    write_json,
 )
 from bench.flows import STEPS_ENV, Rounds, loop, make_noop, make_payload
 from bench.procs import Fleet, child_env, wait_registered, wait_until, worker_args
@@ -308,14 +307,7 @@ def run(options: Options) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both parts, print the tables, optionally write JSON."""
     options = parse_args(argv)
-    started = time.perf_counter()
-    doc = run(options)
-    print()
-    print(doc["markdown"])
-    print(f"\n({time.perf_counter() - started:.0f} s)")
-    if options.json_path:
-        write_json(options.json_path, doc)
-    return 0
+    return print_and_save(run(options), options.json_path)
 
 
 if __name__ == "__main__":

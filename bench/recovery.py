@@ -36,7 +36,17 @@ from typing import Any
 import redis
 
 from bench import marks
-from bench.common import Server, add_common_args, bench_server, fmt, json_path, markdown, run_main, spread, write_json
+from bench.common import (
+    Server,
+    add_common_args,
+    bench_server,
+    fmt,
+    json_path,
+    markdown,
+    print_and_save,
+    run_main,
+    spread,
+)
 from bench.flows import STEPS, STEPS_ENV, Work, make_timed
 from bench.peers.registry import PEERS, parse_peers
 from bench.procs import Child, Fleet, child_env, wait_registered, wait_until, worker_args
@@ -388,12 +398,7 @@ def print_trial(t: Trial) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the kills, print the table, optionally write JSON."""
     options = parse_args(argv)
-    doc = run(options)
-    print()
-    print(doc["markdown"])
-    if options.json_path:
-        write_json(options.json_path, doc)
-    return 0
+    return print_and_save(run(options), options.json_path)
 
 
 if __name__ == "__main__":

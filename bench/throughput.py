@@ -36,9 +36,9 @@ from bench.common import (
     markdown,
     median_or_none,
     percentile,
+    print_and_save,
     ratio,
     run_main,
-    write_json,
 )
 from bench.flows import STEPS
 from bench.measure import Sample, Shape, measure_ours, measure_peer
@@ -320,12 +320,7 @@ def run(options: Options) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every configuration, print the tables, optionally write JSON."""
     options = parse_args(argv)
-    doc = run(options)
-    print()
-    print(doc["markdown"])
-    if options.json_path:
-        write_json(options.json_path, doc)
-    return 0
+    return print_and_save(run(options), options.json_path)
 
 
 if __name__ == "__main__":

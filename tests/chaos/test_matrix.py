@@ -44,6 +44,7 @@ def test_every_crash_point_at_random_hits(
         check_completed_chain(client, ledger, f"m{i}")
 
 
+@pytest.mark.timeout(900)  # two minutes of chaos, then the checks: past the default 120 s
 @pytest.mark.parametrize("fsync", ["always", "everysec"])
 def test_two_minutes_of_chaos(settings: Settings, tmp_path, fsync: str) -> None:  # type: ignore[no-untyped-def]
     result = chaos(settings, tmp_path, "--duration", "120", "--fsync", fsync, "-o", "json", timeout=900)
