@@ -22,6 +22,7 @@ from pathlib import Path
 import redis
 
 from orchestrator.errors import ConfigError
+from orchestrator.processes import die_with_parent
 
 STATE_FILE = "redis.json"
 
@@ -111,7 +112,11 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=self.detach
+            self._argv(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=self.detach,
+            preexec_fn=None if self.detach else die_with_parent(),  # a detached server outlives us
         )
         try:
             self._wait_ready(timeout_s)

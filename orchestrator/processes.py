@@ -7,11 +7,30 @@ Each child is ``python -m orchestrator <args>`` with the given environment and i
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when its parent dies, even by kill -9
+    (Linux only; None elsewhere). A demo or chaos run killed from outside (a CI timeout, an
+    operator's kill -9) then leaves no workers, supervisors or redis-server behind. The signal
+    follows the thread that started the child: start children from the main thread."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return arm
 
 
 class ProcessGroup:
@@ -30,6 +49,7 @@ class ProcessGroup:
                 env={**self.env, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(),
             )
         self.procs[name] = proc
         return proc
