@@ -211,6 +211,14 @@ class StepExecution:
             if self.abort.done() and not self.abort.cancelled():
                 self.abort.exception()  # retrieved: an abort that came too late is not an error
 
+    async def hand_back(self, reason: str) -> None:
+        """Give the claimed step back without running it."""
+        try:
+            await self.release(reason)
+        finally:
+            self.finished = True
+            self.rt.table.remove(self.token)
+
     async def _run_step(self, step: StepDef, state: Any) -> None:
         try:
             self.rt.faults.hit("after_claim", step.name)

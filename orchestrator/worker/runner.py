@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import pydantic
@@ -96,6 +96,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
+        self._stop_requested = False  # set at once by shutdown(), from any thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._immediate = False
         self._rotation = 0
@@ -113,6 +114,7 @@ class Worker:
 
     def shutdown(self, *, immediate: bool = False) -> None:
         """Ask the worker to stop (thread-safe). Graceful first; ``immediate`` skips the drain."""
+        self._stop_requested = True  # no new chained steps, even before the loop gets to it
         loop = self._loop
         if loop is None:
             return
@@ -169,7 +171,7 @@ class Worker:
             StepThreads(self._loop, self._slot_freed.set),
             self.metrics,
             may_chain=self._may_chain,
-            start_chained=self._handle_claim,
+            start_chained=self._start_chained,
         )
         self.metrics.info.info({"version": __version__, "worker": self.id})
         exporter = self._serve_metrics()
@@ -273,8 +275,17 @@ class Worker:
     def _may_chain(self) -> bool:
         """A committing step may hand its slot to its run's next step unless the worker is
         stopping (the step finishing still holds its slot, so the count stays the same)."""
-        assert self._stopping is not None
-        return not self._stopping.is_set() and self._free_slots() >= 0
+        return not self._stop_requested and self._free_slots() >= 0
+
+    def _start_chained(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed) -> None:
+        """Run a step its predecessor's commit claimed for this worker, or give it back at once
+        (re-enqueued, no crash counted) when a stop came while that commit was in flight."""
+        if not self._stop_requested:
+            self._handle_claim(queue, entry_id, dispatch, claimed)
+            return
+        assert self.rt is not None
+        execution = StepExecution(self.rt, queue, entry_id, dispatch, claimed, self.workflows.get(dispatch.wf))
+        self._track(execution, execution.hand_back("worker stopping"))
 
     def _read_plan(self) -> tuple[dict[Any, Any], int]:
         """Streams to read now and the COUNT for each (COUNT applies per stream), so that one
@@ -402,7 +413,12 @@ class Worker:
                 extra={**fields, "crashes": claimed.crashes, "has_stash": claimed.snapshot is not None},
             )
         execution = StepExecution(self.rt, queue, entry_id, dispatch, claimed, self.workflows.get(dispatch.wf))
-        task = asyncio.create_task(execution.run(), name=f"step:{dispatch.run}:{dispatch.step}")
+        self._track(execution, execution.run())
+
+    def _track(self, execution: StepExecution, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` for ``execution`` as a task that holds a slot until it ends."""
+        d = execution.dispatch
+        task = asyncio.create_task(work, name=f"step:{d.run}:{d.step}")
         self._tasks.add(task)
         self._executions[execution.token] = execution
         self.metrics.in_flight.set(len(self._tasks))

@@ -67,3 +67,24 @@ def test_a_second_signal_stops_at_once_and_the_supervisor_recovers_the_step(
     (s0,) = [s for s in client.history("i").steps if s.step == "s0"]
     assert [a.outcome for a in s0.attempts] == ["crashed", "ok"]
     client.cancel("i")
+
+
+def test_a_step_chained_to_a_worker_that_is_stopping_is_handed_back_not_run(
+    fleet: Fleet, client: Client, ledger: Ledger
+) -> None:
+    """s0's commit claims s1 for its worker (nothing else waits); SIGTERM lands while that
+    commit's reply is being handled (the worker pauses right after it): s1 is given back,
+    not run and not counted as a crash, and the next worker runs it once."""
+    fleet.supervisor()
+    worker = fleet.worker("chaining", faults="after_persist_before_ack=sleep:2@s0")
+    run = client.submit(chain, {}, run_id="c")
+    wait_until(lambda: client.get("c").steps_done >= 1, timeout_s=20, what="s0 committed")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout_s=20) == 0
+    assert "c:s1" not in ledger.execution_counts()
+    fleet.worker("next")
+    run.wait(timeout_s=40)
+    assert set(check_completed_chain(client, ledger, "c").values()) == {1}
+    (s1,) = [s for s in client.history("c").steps if s.step == "s1"]
+    assert [a.outcome for a in s1.attempts] == ["released", "ok"]
+    assert client.stats().get("crashes", 0) == 0
