@@ -15,7 +15,6 @@ import itertools
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +43,8 @@ SUPERVISOR_OWN = {
 DEDUP = "max without (instance, job, pod) ("
 
 
-def each_board() -> Iterator[Any]:
-    return iter(pytest.param(board, id=uid) for uid, board in BOARDS.items())
+def each_board() -> list[Any]:
+    return [pytest.param(board, id=uid) for uid, board in BOARDS.items()]
 
 
 @pytest.fixture(scope="module")
