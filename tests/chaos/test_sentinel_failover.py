@@ -67,6 +67,18 @@ class Topology:
         replica = redis.Redis(port=self.replica_port, decode_responses=True)
         wait_until(lambda: replica.info("replication").get("master_link_status") == "up", what="replica in sync")
         replica.close()
+        # a sentinel learns of the replica from the primary's INFO (every 10 s) and of the other
+        # sentinels from hello messages: kill the primary before that and nobody fails over
+        wait_until(self._sentinels_ready, timeout_s=30, what="every sentinel knows the replica and the others")
+
+    def _sentinels_ready(self) -> bool:
+        for port in self.sentinel_ports:
+            with redis.Redis(port=port, decode_responses=True) as s:
+                replicas = s.execute_command("SENTINEL", "REPLICAS", "primary")
+                others = s.execute_command("SENTINEL", "SENTINELS", "primary")
+            if len(replicas) != 1 or len(others) != 2:
+                return False
+        return True
 
     def _start(self, argv: list[str]) -> None:
         self.procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
