@@ -17,7 +17,8 @@
 -- jumping.
 -- Returns {'OK', next step, visit, entry id} ({'OK', '', 0, '', created ms, now ms} when the run
 --   completed; {'OK', next step, visit, entry id, <claim.lua's RUN reply>} when chained) or
---   {'REPLAY'} (this very commit was already applied: same record) |
+--   {'REPLAY'} (this very commit was already applied: same record; when that commit chained
+--   the next step to ARGV[11] and the claim is still live, the same claim again, as for OK) |
 --   {'FENCED', fence of the live claim} (this claim was replaced: another claim holds the step
 --   or already committed it) | {'TERMINAL', status} | {'MISSING'}
 
@@ -37,10 +38,27 @@ local function deliver_if_next(stream, group, consumer, id)
   return got[1][2][1][1] == id
 end
 
+-- claim.lua's RUN reply for the step this commit chained, after the commit's own fields
+local function with_claim(code, step, visit, id, fence, attempt, now)
+  local run = redis.call('HMGET', KEYS[1], 'seq', 'work_ms')
+  local out = {code, step, visit, id, 'RUN', fence, attempt, 0, 0, 0, 0, '', now, tonumber(run[1]), tonumber(run[2])}
+  local state = redis.call('HGETALL', KEYS[2])
+  for i = 1, #state do table.insert(out, state[i]) end
+  return out
+end
+
 local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence', 'fence')
 if not r[1] then return {'MISSING'} end
 local stored = redis.call('HGET', KEYS[3], ARGV[3])
-if stored == ARGV[5] then return {'REPLAY'} end
+if stored == ARGV[5] then
+  -- our commit, resent after its reply was lost: hand back its chained claim if still ours
+  local c = redis.call('HMGET', KEYS[1], 'claim', 'dispatch', 'step', 'visit', 'claim_fence', 'attempt')
+  if ARGV[11] ~= '' and c[1] == ARGV[11] .. ':' .. (c[2] or '') and c[3] == ARGV[7]
+      and redis.call('PTTL', KEYS[6]) > 0 then
+    return with_claim('REPLAY', c[3], tonumber(c[4]), c[2], tonumber(c[5]), tonumber(c[6]), now_ms())
+  end
+  return {'REPLAY'}
+end
 if not stored and TERMINAL[r[1]] then return {'TERMINAL', r[1]} end
 local now = now_ms()
 if stored or r[2] ~= ARGV[4] then
@@ -65,8 +83,8 @@ if ARGV[10] ~= '' then
 end
 redis.call('HDEL', KEYS[4], ARGV[3])
 redis.call('DEL', KEYS[6])
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local work_ms = redis.call('HINCRBY', KEYS[1], 'work_ms', ARGV[8])
+redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('HINCRBY', KEYS[1], 'work_ms', ARGV[8])
 redis.call('RPUSH', KEYS[5], stamp('ok', ARGV[6], now))
 count(KEYS[10], 'steps_ok')
 detail(KEYS[11], 1, 'steps', ARGV[2], ARGV[9], 'ok')
@@ -95,7 +113,4 @@ local fence = math.max(tonumber(r[4] or 0) + 1, now)
 redis.call('HSET', KEYS[1], 'attempt', 1, 'fence', string.format('%d', fence), 'claim', token,
   'claim_fence', string.format('%d', fence), 'claim_worker', ARGV[11], 'claim_ms', now)
 redis.call('SET', KEYS[6], token, 'PX', ARGV[12])
-local out = {'OK', ARGV[7], visit, id, 'RUN', fence, 1, 0, 0, 0, 0, '', now, seq, work_ms}
-local state = redis.call('HGETALL', KEYS[2])
-for i = 1, #state do table.insert(out, state[i]) end
-return out
+return with_claim('OK', ARGV[7], visit, id, fence, 1, now)

@@ -345,7 +345,7 @@ class StepExecution:
             return
         self.rt.faults.hit("after_persist_before_ack", d.step)
         self.rt.ack(self.queue, self.entry_id)
-        if result.code == "OK":
+        if result.code in ("OK", "REPLAY") and result.detail:  # REPLAY: resent after a lost reply
             self._start_chained(Committed.parse(result.detail))
 
     def _start_chained(self, committed: Committed) -> None:

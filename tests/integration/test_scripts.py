@@ -228,6 +228,22 @@ def test_a_chained_commit_claims_the_next_step_for_its_worker_when_nothing_else_
     assert ops.commit(committed.entry_id, b, next_step=None).code == "OK"  # the chained claim commits
 
 
+def test_a_chained_commit_resent_after_a_lost_reply_hands_back_the_same_claim(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read("w1")
+    ops.claim(eid, d)
+    first = Committed.parse(ops.commit(eid, d, chain_to="w1").detail)
+    again = ops.commit(eid, d, chain_to="w1")  # the reply of the first was lost: the same call again
+    replayed = Committed.parse(again.detail)
+    assert again.code == "REPLAY" and replayed.chained is not None and first.chained is not None
+    assert (replayed.next_step, replayed.visit, replayed.entry_id) == (first.next_step, first.visit, first.entry_id)
+    same = ("code", "fence", "attempt", "errors", "crashes", "steps_done", "state")  # not server_ms: the clock moved
+    assert [getattr(replayed.chained, f) for f in same] == [getattr(first.chained, f) for f in same]
+    assert ops.r.xpending(ops.stream, GROUP)["pending"] == 2  # a, not acked yet, and the one chained b
+    ops.r.delete(ops.rk.lease)  # the claim lapsed meanwhile: it is the supervisor's now
+    assert ops.commit(eid, d, chain_to="w1").detail == ()
+
+
 def test_a_commit_never_chains_past_entries_that_wait(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read("w1")
