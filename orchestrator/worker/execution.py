@@ -206,18 +206,20 @@ class StepExecution:
                 return
             await self._run_step(self.step, state)
         finally:
-            self.finished = True
-            self.rt.table.remove(self.token)
-            if self.abort.done() and not self.abort.cancelled():
-                self.abort.exception()  # retrieved: an abort that came too late is not an error
+            self._done()
+
+    def _done(self) -> None:
+        self.finished = True
+        self.rt.table.remove(self.token)
+        if self.abort.done() and not self.abort.cancelled():
+            self.abort.exception()  # retrieved: an abort that came too late is not an error
 
     async def hand_back(self, reason: str) -> None:
         """Give the claimed step back without running it."""
         try:
             await self.release(reason)
         finally:
-            self.finished = True
-            self.rt.table.remove(self.token)
+            self._done()
 
     async def _run_step(self, step: StepDef, state: Any) -> None:
         try:
