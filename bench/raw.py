@@ -37,8 +37,7 @@ from orchestrator.codec import Dispatch
 from orchestrator.connection import connect
 from orchestrator.keys import GROUP, Keys
 from orchestrator.scripts import Call
-from orchestrator.store import Claimed, Committed, Outcome, Store
-from orchestrator.worker.execution import claim_token
+from orchestrator.store import Claimed, Committed, Outcome, Store, new_claim_token
 
 RAW_BATCH = 100
 RAW_MODES = ("batched", "unbatched")
@@ -71,6 +70,8 @@ class RawConsumer:
         self.stream = self.keys.queue(flow.queue).stream
         self.id = f"raw-{socket.gethostname()}-{os.getpid()}"
         self.counts: Counter[str] = Counter()
+        self.tokens: dict[str, str] = {}  # entry id -> the token it was claimed with
+        self.chain_tokens: dict[str, str] = {}  # entry id -> the token its commit chains with
         self.stopping = False
 
     def register(self) -> None:
@@ -93,14 +94,17 @@ class RawConsumer:
         return out
 
     def claim(self, entry_id: str, d: Dispatch) -> Call:
-        """The claim the worker builds in ``Worker._start``: same token scheme, lease and crash limit."""
+        """The claim the worker builds in ``Worker._claim``: same token scheme, lease and limits."""
+        self.tokens[entry_id] = new_claim_token(self.id)
         return self.store.claim(
             dispatch=d,
+            queue=self.queue,
             entry_id=entry_id,
-            token=claim_token(self.id, entry_id),
+            token=self.tokens[entry_id],
             worker=self.id,
             lease_ms=self.settings.lease_ms,
             max_crashes=self.settings.max_crashes,
+            max_steps=self.settings.max_run_steps,
         )
 
     def commit(self, entry_id: str, d: Dispatch, claimed: Claimed, start_ms: int) -> Call:
@@ -110,17 +114,20 @@ class RawConsumer:
         meta = {"step": d.step, "visit": d.visit, "attempt": claimed.attempt, "fence": claimed.fence}
         meta |= {"worker": self.id, "start_ms": start_ms, "end_ms": end_ms}
         record = json.dumps({**meta, "update": {}, "next": next_step, "cost": {}}, separators=(",", ":"))
+        self.chain_tokens[entry_id] = new_claim_token(self.id)
         return self.store.commit(
             dispatch=d,
             queue=self.queue,
-            token=claim_token(self.id, entry_id),
+            token=self.tokens.pop(entry_id),
             record=record,
             event=json.dumps(meta, separators=(",", ":")),
             next_step=next_step,
             duration_ms=end_ms - start_ms,
             cost={},
             state={},
+            max_steps=self.settings.max_run_steps,
             chain_to=self.id,
+            chain_token=self.chain_tokens[entry_id],
             lease_ms=self.settings.lease_ms,
         )
 
@@ -131,13 +138,15 @@ class RawConsumer:
     def chained(self, ready: Sequence[Ready], replies: Sequence[Any]) -> list[Ready]:
         """Count commit outcomes (a log shows whether anything but OK happened); the steps they chained."""
         out = []
-        for (_, d, _), reply in zip(ready, replies, strict=True):
+        for (eid, d, _), reply in zip(ready, replies, strict=True):
+            chain_token = self.chain_tokens.pop(eid)
             outcome = Outcome.parse(reply)
             self.counts[f"commit_{outcome.code}"] += 1
             committed = Committed.parse(outcome.detail) if outcome.code == "OK" else None
             if committed is not None and committed.chained is not None:
                 self.counts["chained"] += 1
                 nxt = Dispatch.model_construct(run=d.run, wf=d.wf, step=committed.next_step, visit=committed.visit)
+                self.tokens[committed.entry_id] = chain_token
                 out.append((committed.entry_id, nxt, committed.chained))
         return out
 
@@ -149,6 +158,7 @@ class RawConsumer:
             if claimed.code == "RUN":
                 ready.append((eid, d, claimed))
             else:
+                self.tokens.pop(eid, None)
                 self.counts[f"claim_{claimed.code}"] += 1
         return ready
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 import redis
@@ -29,13 +29,15 @@ from orchestrator.errors import (
     ValidationError,
 )
 from orchestrator.keys import RUN_ID_PATTERN, Keys
-from orchestrator.runs import STATUSES, RunHistory, RunInfo, group_attempts
+from orchestrator.retention import Purged, purge_finished
+from orchestrator.runs import STATUSES, TERMINAL, RunHistory, RunInfo, group_attempts
 from orchestrator.settings import Settings
-from orchestrator.store import Outcome, Store
+from orchestrator.store import FINISHED_IN, Outcome, Store
 from orchestrator.workflow import FreeState, Workflow
 
 S = TypeVar("S", bound=BaseModel)
 TERMINAL_EVENTS = frozenset({"completed", "failed", "cancelled", "quarantined"})
+MAX_REASON_CHARS = 1000
 
 
 class Client:
@@ -156,12 +158,13 @@ class Client:
         """Most recently active first. ``status`` filters (one of ``STATUSES``)."""
         if status is not None and status not in STATUSES:
             raise ValidationError(f"status {status!r} is invalid: expected one of {', '.join(STATUSES)}")
+        unfinished = [self.keys.active, *self._queued_indexes()]
         sources = {
-            None: [self.keys.active, self.keys.done, self.keys.dead],
+            None: [*unfinished, self.keys.done, self.keys.dead],
             "failed": [self.keys.dead],
             "completed": [self.keys.done],
             "cancelled": [self.keys.done],
-        }.get(status, [self.keys.active])
+        }.get(status, unfinished)
         ids: list[tuple[float, str]] = []
         for key in sources:
             rows: list[tuple[str, float]] = self.redis.zrevrange(key, 0, 10_000, withscores=True)  # type: ignore[assignment]
@@ -180,6 +183,10 @@ class Client:
                         return out
         return out
 
+    def _queued_indexes(self) -> list[str]:
+        queues: set[str] = self.redis.smembers(self.keys.queues)  # type: ignore[assignment]
+        return [self.keys.queue(q).queued for q in sorted(queues)]
+
     def stats(self) -> dict[str, int]:
         """Fleet-wide counters (crashes detected, fenced commits, redispatches, ...)."""
         counters: dict[str, str] = self.redis.hgetall(self.keys.stats)  # type: ignore[assignment]
@@ -189,6 +196,10 @@ class Client:
 
     def cancel(self, run_id: str, reason: str = "cancelled by request") -> RunInfo:
         """End an unfinished run now. A running step is told at its next heartbeat."""
+        if len(reason) > MAX_REASON_CHARS:
+            raise ValidationError(
+                f"reason is {len(reason)} characters long; expected at most {MAX_REASON_CHARS} (it is kept in history)"
+            )
         info = self.get(run_id)
         call = self.store.cancel(run_id=run_id, queue=info.queue, reason=reason, request_id=uuid.uuid4().hex)
         outcome = Outcome.parse(scripts.execute(self.redis, [call])[0])
@@ -206,6 +217,39 @@ class Client:
                 f"run {run_id!r} is {outcome.detail[0]}, not failed; only failed runs can be retried", run_id=run_id
             )
         return Run(self, run_id, None, created=False)
+
+    def purge(
+        self,
+        statuses: Iterable[str] = ("completed", "cancelled", "failed"),
+        *,
+        older_than_s: float,
+        dry_run: bool = False,
+        on_page: Callable[[Purged], None] | None = None,
+    ) -> Purged:
+        """Delete finished runs in ``statuses`` that finished at least ``older_than_s`` ago.
+
+        Everything a run stored goes (record, state, results, history); a purged run id can be
+        submitted again as a new run. ``dry_run`` only counts. ``on_page`` sees the running
+        totals after each page (for progress on long purges).
+        """
+        wanted = set(statuses)
+        unknown = sorted(wanted - set(TERMINAL))
+        if unknown:
+            raise ValidationError(
+                f"status {unknown[0]!r} cannot be purged: expected any of completed, cancelled, failed"
+            )
+        if older_than_s < 0:
+            raise ValidationError(f"older_than_s={older_than_s} is negative: expected an age in seconds, >= 0")
+        total = Purged()
+        for index, belongs in FINISHED_IN.items():
+            chosen = [s for s in belongs if s in wanted]
+            if not chosen:
+                continue
+            done = purge_finished(
+                self.redis, self.store, index, chosen, age_ms=int(older_than_s * 1000), dry_run=dry_run, on_page=on_page
+            )
+            total = Purged(total.purged + done.purged, total.kept + done.kept, total.dropped + done.dropped)
+        return total
 
 
 class Run(Generic[S]):

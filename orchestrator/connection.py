@@ -30,6 +30,29 @@ COMMAND_RETRIES = 6  # 0.05 s doubling to 1.6 s: about 3 s of outage bridged per
 _PASSWORD = re.compile(r"(?P<scheme>[a-z+]+://)(?P<user>[^:@/]*):(?P<password>[^@/]*)@")
 
 
+# Replies that refuse a command for a passing reason (a failover, memory, a busy script): the
+# command did not run, and the same call may succeed a moment later.
+_PASSING = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+
+
+def outcome_unknown_or_passing(exc: BaseException) -> bool:
+    """True when resending the same call is the right answer to ``exc``.
+
+    Either the call may or may not have run (the connection broke, the reply timed out) or it
+    was refused for a passing reason. Every call the worker sends is safe to send twice, so a
+    resend either does it or reports what the first one did. Any other error (a script that
+    refused its arguments, a key of the wrong type) would only happen again.
+    """
+    if isinstance(exc, redis.ResponseError):
+        return isinstance(exc, _PASSING) or str(exc).startswith("BUSY")
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError)
+
+
 def redact_url(url: str) -> str:
     """Return ``url`` with its password replaced by ``***`` (user names are kept)."""
     redacted = _PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
@@ -116,8 +139,8 @@ def connect(url: str) -> redis.Redis:
     from redis.sentinel import Sentinel
 
     target, sentinel_kwargs, master_kwargs = _sentinel_args(url)
-    sentinel = Sentinel(target.hosts, **sentinel_kwargs)  # type: ignore[no-untyped-call]
-    client: redis.Redis = sentinel.master_for(target.service, retry=retry, **master_kwargs)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(target.hosts, **sentinel_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
+    client: redis.Redis = sentinel.master_for(target.service, retry=retry, **master_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
     return client
 
 
@@ -162,7 +185,7 @@ def connect_async(url: str) -> aredis.Redis:
     from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
     target, sentinel_kwargs, master_kwargs = _sentinel_args(url)
-    sentinel = AsyncSentinel(target.hosts, **sentinel_kwargs)  # type: ignore[no-untyped-call]
+    sentinel = AsyncSentinel(target.hosts, **sentinel_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
     client: aredis.Redis = sentinel.master_for(target.service, retry=retry, **master_kwargs)
     return client
 

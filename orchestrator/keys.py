@@ -1,41 +1,61 @@
 """Every Redis key, stream and group name: the data model in one place.
 
 ``<ns>`` is ``Settings.namespace`` (default ``orch``), ``R`` a run id, ``Q`` a queue name.
+Lua scripts get every key they touch as ``KEYS`` from :mod:`orchestrator.store`, which builds
+them here; no script builds a key name.
 Keys of one run share the hash tag ``{R}``, keys of one queue share ``{Q}``, fleet-wide keys
-share ``{<ns>}``; so every script touches one run's keys and at most one queue and one index
-slot (see docs/design.md for what that means on Redis Cluster).
+share ``{<ns>}``. Many scripts touch a run, its queue and the fleet indexes in one call, which
+Redis Cluster refuses (CROSSSLOT); see docs/design.md, "Redis Cluster".
 
 =================================  ======  ======================================  ===================  ====================
 Key                                Type    Holds                                   Written by           Lifetime
 =================================  ======  ======================================  ===================  ====================
-``<ns>:run:{R}``                   hash    run record: workflow, queue, status,    submit, claim,       purged ``retention_s``
-                                           cursor (step, visit, attempt), fence,   commit, fail,        after it finishes
-                                           active claim, dispatch id, counters,    cancel, retry,
-                                           ``v:<step>`` visit counts, last error   supervisor
+``<ns>:run:{R}``                   hash    run record: workflow, queue, status,    every run script     purged ``retention_s``
+                                           cursor (step, visit, attempt), fence,   (submit, claim,      (failed runs:
+                                           live claim (token, fence, worker,       commit, fail,        ``failed_retention_s``)
+                                           time), dispatch (entry id | ``delayed`` release, cancel,     after it finishes
+                                           | ''), counters, ``v:<step>`` visit     retry_run, promote,
+                                           counts, ``cost:<unit>``, last error     redispatch, sweep)
 ``<ns>:run:{R}:state``             hash    current state: top-level field -> JSON  submit, commit       as the run
                                            (input, then each committed update)
-``<ns>:run:{R}:results``           hash    idempotency key -> step record (the     commit (HSETNX-like, as the run
-                                           update delta, duration, fence, worker)  never overwritten)
-``<ns>:run:{R}:stash``             hash    idempotency key -> last ``stash()`` of  stash; commit        deleted at commit
-                                           an unfinished step                      deletes it
-``<ns>:run:{R}:history``           list    JSON events: submitted, ok, error,      every script         as the run
-                                           crashed, fenced, retried, ...
-``<ns>:run:{R}:lease``             string  fencing token of the live claim         claim, heartbeat     PX ``lease_s``,
-                                                                                   renew                renewed each beat
+``<ns>:run:{R}:results``           hash    idempotency key -> step record (the     commit (only if      as the run
+                                           update delta, duration, fence, worker,  absent: never
+                                           next step)                              overwritten)
+``<ns>:run:{R}:stash``             hash    idempotency key -> last ``stash()`` of  stash (live claim    deleted at commit
+                                           an unfinished step                      only); commit
+``<ns>:run:{R}:history``           list    JSON events: submitted, ok, error,      the run scripts      as the run
+                                           crashed, fenced, retried, repaired ...
+``<ns>:run:{R}:lease``             string  the live claim's token (unique per      claim, commit        PX ``lease_s``,
+                                           claim: worker id and a nonce)           (chained claim);     renewed each beat
+                                                                                   renew; deleted by
+                                                                                   commit, fail,
+                                                                                   release, cancel
 ``<ns>:queue:{Q}``                 stream  dispatches ``run step visit wf``;       submit, commit,      entry deleted
-                                           consumer group ``workers``              release, supervisor  (XDEL) once acked
-``<ns>:queue:{Q}:delayed``         zset    ``R|step|visit`` -> due ms (retries     fail; promote        until due
-                                           waiting for their backoff)
-``<ns>:runs:{<ns>}:active``        zset    run id -> last progress ms              submit, claim,       until the run ends
-                                                                                   commit, sweep
-``<ns>:runs:{<ns>}:done``          zset    run id -> finished ms                   commit, fail,        until purged
-                                                                                   cancel, quarantine
-``<ns>:runs:{<ns>}:dead``          zset    dead-letter: failed run id -> ms        fail, quarantine     until retried/purged
-``<ns>:fleet:{<ns>}:workers``      zset    worker id -> last heartbeat ms          worker heartbeat     removed at shutdown
-                                                                                                        or when found dead
-``<ns>:fleet:{<ns>}:worker:<id>``  hash    host, pid, queues, concurrency, started worker heartbeat     EX 10 x lease
-``<ns>:fleet:{<ns>}:leader``       string  id of the supervisor that acts          supervisor           PX 3 x interval
-``<ns>:fleet:{<ns>}:queues``       set     queue names in use                      submit, worker       forever
+                                           consumer group ``workers``              release, promote,    (XDEL) once acked
+                                                                                   redispatch, sweep,
+                                                                                   retry_run
+``<ns>:queue:{Q}:queued``          zset    run id -> its entry's id as a score     the scripts that     while the run waits
+                                           (ms + seq/2048), for runs whose         add entries; claim   in the stream
+                                           dispatch waits in this stream           removes; sweep
+                                           (unclaimed): the sweep looks only at
+                                           those the group has passed
+``<ns>:queue:{Q}:delayed``         zset    run id -> due ms (a retry waiting out   fail; promote,       until due
+                                           its backoff; one per run at most)       cancel remove
+``<ns>:runs:{<ns>}:active``        zset    run id -> when to look at it: claimed   claim, commit        until the run ends
+                                           runs (claim time), retries (due time);  (chained), fail,
+                                           unfinished runs not waiting in a stream sweep; the others
+                                                                                   remove
+``<ns>:runs:{<ns>}:done``          zset    run id -> finished ms (completed and    commit, cancel       until purged
+                                           cancelled runs)
+``<ns>:runs:{<ns>}:dead``          zset    dead-letter: failed run id -> ms        fail, claim          until retried/purged
+                                                                                   (quarantine),
+                                                                                   commit (runaway)
+``<ns>:fleet:{<ns>}:workers``      zset    worker id -> last heartbeat ms          heartbeat;           removed at shutdown
+                                                                                   reap_workers         or when found dead
+``<ns>:fleet:{<ns>}:worker:<id>``  hash    host, pid, queues, concurrency, started heartbeat            PX 10 x lease
+``<ns>:fleet:{<ns>}:leader``       string  id of the supervisor that acts          leader, resign       PX 3 x reclaim
+                                                                                                        interval + 1 s
+``<ns>:fleet:{<ns>}:queues``       set     queue names in use                      submit, heartbeat    forever
 ``<ns>:stats:{<ns>}``              hash    fleet-wide counters (steps_ok, crashes, the scripts;        forever
                                            fenced, redispatched, repaired, ...)    supervisor, worker
 ``<ns>:stats:{<ns>}:detail``       hash    per workflow and step, for metrics:     the scripts          forever
@@ -54,9 +74,12 @@ Key                                Type    Holds                                
                                            processed inside a stashing step        workflows only
 =================================  ======  ======================================  ===================  ====================
 
-Storage per run grows with the number of committed steps by one result record each (the
-update delta plus ~150 bytes of metadata) and one history event per attempt; the state hash
-holds only the current value of each field. Nothing stores a full snapshot per step.
+Every unfinished run is in exactly one of ``active`` and its queue's ``queued`` index; the sweep
+(``passed.lua``, ``sweep.lua``) walks both, and puts a run back where it belongs when it finds it
+in the wrong one. Storage per run grows with the number of committed steps by one result record
+each (the update delta plus ~150 bytes of metadata) and one history event per attempt; the state
+hash holds only the current value of each field. Nothing stores a full snapshot per step, and
+``max_run_steps`` bounds how many steps one run can commit.
 """
 
 from __future__ import annotations
@@ -67,7 +90,6 @@ from dataclasses import dataclass
 GROUP = "workers"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@+=/-]{1,200}$")
 QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
-DELAYED_SEPARATOR = "|"
 
 
 @dataclass(frozen=True)
@@ -84,9 +106,10 @@ class RunKeys:
 
 @dataclass(frozen=True)
 class QueueKeys:
-    """The keys of one queue; both share the ``{queue}`` hash tag."""
+    """The keys of one queue; all share the ``{queue}`` hash tag."""
 
     stream: str
+    queued: str
     delayed: str
 
 
@@ -120,7 +143,7 @@ class Keys:
 
     def queue(self, name: str) -> QueueKeys:
         base = f"{self.namespace}:queue:{{{name}}}"
-        return QueueKeys(stream=base, delayed=f"{base}:delayed")
+        return QueueKeys(stream=base, queued=f"{base}:queued", delayed=f"{base}:delayed")
 
     def _fleet(self, suffix: str) -> str:
         return f"{self.namespace}:fleet:{{{self.namespace}}}:{suffix}"
@@ -178,12 +201,3 @@ class Keys:
 def idempotency_key(run_id: str, step: str, visit: int) -> str:
     """``{run_id}:{step}`` for a step's first visit, ``{run_id}:{step}:{visit}`` after a loop."""
     return f"{run_id}:{step}" if visit == 1 else f"{run_id}:{step}:{visit}"
-
-
-def delayed_member(run_id: str, step: str, visit: int) -> str:
-    return DELAYED_SEPARATOR.join((run_id, step, str(visit)))
-
-
-def parse_delayed_member(member: str) -> tuple[str, str, int]:
-    run_id, step, visit = member.rsplit(DELAYED_SEPARATOR, 2)
-    return run_id, step, int(visit)

@@ -406,7 +406,14 @@ class FleetCollector(Collector):
 
     def _sample_runs(self) -> tuple[dict[tuple[str, str], float], dict[str, list[float]]]:
         """Status counts of unfinished runs (up to 10,000) and the memory of a sample of runs."""
-        active: list[str] = self.client.zrange(self.keys.active, 0, 9_999)  # type: ignore[assignment]
+        # unfinished runs: claimed or retrying ones in `active`, the ones waiting in a stream in
+        # their queue's `queued` index
+        queues: set[str] = self.client.smembers(self.keys.queues)  # type: ignore[assignment]
+        active: list[str] = []
+        for key in [self.keys.active, *(self.keys.queue(q).queued for q in sorted(queues))]:
+            active += self.client.zrange(key, 0, 9_999 - len(active))  # type: ignore[arg-type]
+            if len(active) >= 10_000:
+                break
         recent: list[str] = self.client.zrevrange(self.keys.done, 0, self.sample - 1)  # type: ignore[assignment]
         pipe = self.client.pipeline(transaction=False)
         for rid in active:

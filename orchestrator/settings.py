@@ -51,7 +51,15 @@ class Settings(BaseSettings):
     block_ms: int = Field(default=500, ge=10, le=20_000, description="XREADGROUP BLOCK (< socket timeout)")
     drain_grace_s: float = Field(default=30.0, ge=0, description="SIGTERM: time in-flight steps get to finish")
     promote_interval_s: float = Field(default=0.2, gt=0, description="how often due retries are enqueued")
-    retention_s: float = Field(default=7 * 86400, ge=0, description="finished runs are purged after this; 0 = keep")
+    retention_s: float = Field(
+        default=7 * 86400, ge=0, description="completed and cancelled runs are purged after this; 0 = keep"
+    )
+    failed_retention_s: float = Field(
+        default=30 * 86400, ge=0, description="failed (dead-lettered) runs are purged after this; 0 = keep"
+    )
+    max_run_steps: int = Field(
+        default=10_000, ge=0, description="steps one run may commit before it fails as a runaway loop; 0 = no limit"
+    )
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics here; unset = off")
     metrics_host: str = Field(default="127.0.0.1", description="address /metrics binds to (0.0.0.0 for all)")
     data_dir: Path = Field(default=Path(".orchestrator"), description="embedded Redis data folder")

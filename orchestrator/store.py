@@ -9,16 +9,29 @@ argument order of each script is written down exactly once on the Python side.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator import scripts
 from orchestrator.codec import Dispatch
-from orchestrator.keys import GROUP, Keys, RunKeys, delayed_member, idempotency_key
+from orchestrator.keys import GROUP, Keys, RunKeys, idempotency_key
 from orchestrator.scripts import Call
 
 Reply = list[Any]
+# What purge.lua may delete from each finished-run index, and what belongs in it.
+FINISHED_IN = {"done": ("completed", "cancelled"), "dead": ("failed",)}
+
+
+def new_claim_token(worker_id: str) -> str:
+    """A claim token unique per claim: the worker's id and a nonce.
+
+    Unique per claim, not per (worker, entry): after Redis loses writes the same worker can read
+    the same entry again, and the attempt Redis forgot must not pass for the one that replaced it.
+    A claim resent after a lost reply is the same call with the same token, so it is recognised.
+    """
+    return f"{worker_id}:{uuid.uuid4().hex[:12]}"
 
 
 def _pairs(fields: Mapping[str, str]) -> list[str]:
@@ -123,7 +136,7 @@ class Store:
                 rk.state,
                 rk.history,
                 self.keys.queue(queue).stream,
-                self.keys.active,
+                self.keys.queue(queue).queued,
                 self.keys.stats,
                 self.keys.stats_detail,
             ],
@@ -131,9 +144,20 @@ class Store:
         )
 
     def claim(
-        self, *, dispatch: Dispatch, entry_id: str, token: str, worker: str, lease_ms: int, max_crashes: int
+        self,
+        *,
+        dispatch: Dispatch,
+        queue: str,
+        entry_id: str,
+        token: str,
+        worker: str,
+        lease_ms: int,
+        max_crashes: int,
+        max_steps: int,
     ) -> Call:
+        """``token`` comes from :func:`new_claim_token`; resend the same call after a lost reply."""
         rk = self._run(dispatch.run)
+        qk = self.keys.queue(queue)
         return scripts.load("claim").call(
             [
                 rk.run,
@@ -142,6 +166,8 @@ class Store:
                 rk.stash,
                 rk.history,
                 rk.lease,
+                qk.stream,
+                qk.queued,
                 self.keys.active,
                 self.keys.done,
                 self.keys.dead,
@@ -159,6 +185,7 @@ class Store:
                 entry_id,
                 dispatch.wf,
                 dispatch.run,
+                max_steps,
             ],
         )
 
@@ -174,11 +201,16 @@ class Store:
         duration_ms: int,
         cost: Mapping[str, float],
         state: Mapping[str, str],
+        max_steps: int,
         chain_to: str | None = None,
+        chain_token: str = "",
         lease_ms: int = 0,
     ) -> Call:
-        """``chain_to``: the consumer that takes the next step at once when nothing else waits."""
+        """``chain_to``: the consumer that takes the next step at once when nothing else waits,
+        under ``chain_token`` (a new claim token); ``max_steps`` = 0 puts no limit on the run."""
         rk = self._run(dispatch.run)
+        qk = self.keys.queue(queue)
+        k = self.keys
         return scripts.load("commit").call(
             [
                 rk.run,
@@ -187,11 +219,13 @@ class Store:
                 rk.stash,
                 rk.history,
                 rk.lease,
-                self.keys.queue(queue).stream,
-                self.keys.active,
-                self.keys.done,
-                self.keys.stats,
-                self.keys.stats_detail,
+                qk.stream,
+                qk.queued,
+                k.active,
+                k.done,
+                k.dead,
+                k.stats,
+                k.stats_detail,
             ],
             [
                 dispatch.run,
@@ -205,8 +239,10 @@ class Store:
                 dispatch.step,
                 json.dumps(dict(cost)) if cost else "",
                 chain_to or "",
+                chain_token if chain_to else "",
                 lease_ms,
                 GROUP,
+                max_steps,
                 *_pairs(state),
             ],
         )
@@ -223,33 +259,18 @@ class Store:
         error: str,
     ) -> Call:
         rk = self._run(dispatch.run)
+        qk = self.keys.queue(queue)
+        k = self.keys
         return scripts.load("fail").call(
-            [
-                rk.run,
-                rk.history,
-                rk.lease,
-                self.keys.queue(queue).delayed,
-                self.keys.active,
-                self.keys.done,
-                self.keys.dead,
-                self.keys.stats,
-                self.keys.stats_detail,
-            ],
-            [
-                dispatch.run,
-                token,
-                event,
-                kind,
-                "" if retry_delay_ms is None else retry_delay_ms,
-                error,
-                delayed_member(dispatch.run, dispatch.step, dispatch.visit),
-            ],
+            [rk.run, rk.history, rk.lease, qk.delayed, qk.queued, k.active, k.done, k.dead, k.stats, k.stats_detail],
+            [dispatch.run, token, event, kind, "" if retry_delay_ms is None else retry_delay_ms, error],
         )
 
     def release(self, *, run_id: str, queue: str, token: str, event: str) -> Call:
         rk = self._run(run_id)
+        qk = self.keys.queue(queue)
         return scripts.load("release").call(
-            [rk.run, rk.lease, rk.history, self.keys.queue(queue).stream, self.keys.active, self.keys.stats],
+            [rk.run, rk.lease, rk.history, qk.stream, qk.queued, self.keys.active, self.keys.stats],
             [run_id, token, event],
         )
 
@@ -272,15 +293,17 @@ class Store:
     def reap_consumer(self, *, queue: str, consumer: str) -> Call:
         return scripts.load("reap_consumer").call([self.keys.queue(queue).stream, self.keys.workers], [GROUP, consumer])
 
-    def heartbeat(self, *, worker: str, ttl_ms: int, info: Mapping[str, str]) -> Call:
+    def heartbeat(self, *, worker: str, ttl_ms: int, queues: Sequence[str], info: Mapping[str, str]) -> Call:
         return scripts.load("heartbeat").call(
-            [self.keys.workers, self.keys.worker(worker)], [worker, ttl_ms, *_pairs(info)]
+            [self.keys.workers, self.keys.worker(worker), self.keys.queues],
+            [worker, ttl_ms, ",".join(queues), *_pairs(info)],
         )
 
     def redispatch(self, *, queue: str, entry_id: str, consumer: str, lease_ms: int, dispatch: Dispatch) -> Call:
         rk = self._run(dispatch.run)
+        qk = self.keys.queue(queue)
         return scripts.load("redispatch").call(
-            [rk.run, rk.lease, rk.results, self.keys.queue(queue).stream, rk.history, self.keys.stats],
+            [rk.run, rk.lease, rk.results, qk.stream, rk.history, self.keys.stats, qk.queued, self.keys.active],
             [
                 GROUP,
                 entry_id,
@@ -294,61 +317,72 @@ class Store:
         )
 
     def due(self, *, queue: str, limit: int) -> Call:
+        """Run ids whose retry is due (the delayed set's members are run ids)."""
         return scripts.load("due").call([self.keys.queue(queue).delayed], [limit])
 
-    def promote(self, *, queue: str, run_id: str, step: str, visit: int) -> Call:
+    def promote(self, *, queue: str, run_id: str) -> Call:
         qk = self.keys.queue(queue)
         return scripts.load("promote").call(
-            [qk.delayed, qk.stream, self._run(run_id).run, self.keys.stats],
-            [delayed_member(run_id, step, visit), run_id, step, visit],
+            [qk.delayed, qk.stream, self._run(run_id).run, self.keys.stats, qk.queued, self.keys.active], [run_id]
         )
+
+    def passed(self, *, queue: str, offset: int, limit: int, deleted_seen: str = "") -> Call:
+        """Runs of ``queue`` whose entry the group has passed, or that was trimmed or deleted.
+
+        Reply: horizon ms, the stream's highest deleted id, then run ids. ``deleted_seen`` is
+        the highest deleted id whose runs were already looked at (so one foreign XDEL costs one
+        look at the runs before it, not one per sweep).
+        """
+        qk = self.keys.queue(queue)
+        return scripts.load("passed").call([qk.stream, qk.queued], [GROUP, offset, limit, deleted_seen])
 
     def sweep(self, *, run_id: str, queue: str) -> Call:
         rk = self._run(run_id)
         qk = self.keys.queue(queue)
         return scripts.load("sweep").call(
-            [rk.run, rk.lease, qk.stream, qk.delayed, self.keys.active, rk.history, self.keys.stats], [run_id, GROUP]
+            [rk.run, rk.lease, qk.stream, qk.delayed, qk.queued, self.keys.active, rk.history, self.keys.stats],
+            [run_id, GROUP],
         )
 
     def cancel(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
         rk = self._run(run_id)
+        qk = self.keys.queue(queue)
+        k = self.keys
         return scripts.load("cancel").call(
-            [
-                rk.run,
-                rk.lease,
-                rk.history,
-                self.keys.queue(queue).delayed,
-                self.keys.active,
-                self.keys.done,
-                self.keys.stats,
-                self.keys.stats_detail,
-            ],
+            [rk.run, rk.lease, rk.history, qk.delayed, qk.queued, k.active, k.done, k.stats, k.stats_detail],
             [run_id, reason, request_id],
         )
 
     def retry(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
         rk = self._run(run_id)
+        qk = self.keys.queue(queue)
+        k = self.keys
         return scripts.load("retry_run").call(
-            [
-                rk.run,
-                rk.history,
-                self.keys.queue(queue).stream,
-                self.keys.active,
-                self.keys.dead,
-                self.keys.stats,
-                self.keys.stats_detail,
-            ],
+            [rk.run, rk.history, qk.stream, qk.queued, k.active, k.dead, k.stats, k.stats_detail],
             [run_id, reason, request_id],
         )
 
-    def purge(self, *, run_id: str, cutoff_ms: int) -> Call:
+    def purge(self, *, run_id: str, index: str, cutoff_ms: int, statuses: Sequence[str]) -> Call:
+        """Delete a finished run of ``index`` (``done`` or ``dead``) in ``statuses`` finished by ``cutoff_ms``."""
         rk = self._run(run_id)
         return scripts.load("purge").call(
-            [rk.run, rk.state, rk.results, rk.stash, rk.history, rk.lease, self.keys.done], [run_id, cutoff_ms]
+            [rk.run, rk.state, rk.results, rk.stash, rk.history, rk.lease, self.finished_index(index)],
+            [run_id, cutoff_ms, ",".join(statuses), ",".join(FINISHED_IN[index])],
         )
+
+    def finished_index(self, index: str) -> str:
+        """The key of a finished-run index by name: ``done`` or ``dead``."""
+        return {"done": self.keys.done, "dead": self.keys.dead}[index]
 
     def leader(self, *, candidate: str, lease_ms: int) -> Call:
         return scripts.load("leader").call([self.keys.leader], [candidate, lease_ms])
+
+    def resign(self, *, candidate: str) -> Call:
+        return scripts.load("resign").call([self.keys.leader], [candidate])
+
+    def reap_workers(self, *, age_ms: int, limit: int) -> Call:
+        """Remove workers silent for ``age_ms`` (reply: now, then worker id / last beat pairs)."""
+        return scripts.load("reap_workers").call([self.keys.workers], [age_ms, limit])
 
     def stale(self, *, key: str, age_ms: int, limit: int) -> Call:
         """Members of a server-time-scored zset older than ``age_ms`` (reply: now, then pairs)."""

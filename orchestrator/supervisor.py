@@ -3,23 +3,27 @@
 Every ``reclaim_interval_s`` the leader (one of any number of replicas, by a lease in
 Redis) re-dispatches pending entries whose claim has no live lease (the worker died or
 froze), removes dead workers from the fleet, and enqueues due retries. Every
-``sweep_interval_s`` it checks runs that have not moved for ``sweep_after_s``: a run with no
-live lease, no queued or pending entry and no scheduled retry gets its current step enqueued
-again (this covers writes lost by Redis and trimmed streams). Finished runs older than
-``retention_s`` are purged.
+``sweep_interval_s`` it sweeps: a run with no live lease, no queued or pending entry and no
+scheduled retry gets its current step enqueued again (this covers writes lost by Redis and
+trimmed streams), and finished runs past their retention are purged. The sweep looks only at
+runs that need a look (see ``passed.lua``), so its cost does not grow with the backlog.
 
 Every action is a script that re-checks the run before it writes, so two supervisors acting
-at once (a leader change) at worst do nothing twice; they never enqueue a step twice.
+at once (a leader change) at worst do nothing twice; they never enqueue a step twice. A queue
+whose stream or consumer group vanished gets its group again; an error on one queue is logged
+and the tick goes on with the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pydantic
@@ -31,10 +35,11 @@ from orchestrator.codec import Dispatch
 from orchestrator.connection import close, connect
 from orchestrator.errors import ConfigError
 from orchestrator.faults import Faults
-from orchestrator.keys import GROUP, Keys, parse_delayed_member
+from orchestrator.keys import GROUP, Keys
 from orchestrator.metrics import FleetCollector, MetricsServer, SupervisorMetrics
+from orchestrator.retention import purge_finished
 from orchestrator.settings import Settings
-from orchestrator.store import Outcome, Store
+from orchestrator.store import FINISHED_IN, Outcome, Store
 
 log = logging.getLogger("orchestrator.supervisor")
 
@@ -43,7 +48,7 @@ SCAN_LIMIT = 500
 DEFAULT_QUEUE = "default"
 # Fleet-wide counters only the supervisor knows; the scripts count everything else themselves.
 OWN_COUNTERS = frozenset({"dead_workers", "lost_entries", "purged", "consumers_removed"})
-PURGE_INTERVAL_S = 60.0
+BUDGET_S = 1.0  # how long one sweep or one purge may keep paging before the next tick
 
 
 class Supervisor:
@@ -60,6 +65,7 @@ class Supervisor:
         self._faults = Faults(self.settings.faults)
         self._stopped = threading.Event()
         self._groups: set[str] = set()
+        self._deleted_seen: dict[str, str] = {}  # queue -> highest deleted entry id already looked behind
         self._reclaim_from: dict[str, str] = {}
         self._last_seen: dict[str, float] = {}  # last heartbeat of workers found dead, for detection latency
         self.is_leader = False
@@ -84,15 +90,14 @@ class Supervisor:
             "supervisor started",
             extra={"supervisor": self.id, "redis": self.settings.redacted_url, "lease_s": self.settings.lease_s},
         )
-        next_sweep = next_purge = time.monotonic()
+        next_sweep = time.monotonic()
         try:
             while not self._stopped.is_set():
                 now = time.monotonic()
-                sweep, purge = now >= next_sweep, now >= next_purge
+                sweep = now >= next_sweep
                 next_sweep = now + self.settings.sweep_interval_s if sweep else next_sweep
-                next_purge = now + PURGE_INTERVAL_S if purge else next_purge
                 try:
-                    self.tick(sweep=sweep, purge=purge)
+                    self.tick(sweep=sweep, purge=sweep)
                 except (redis.RedisError, OSError) as exc:
                     log.warning("supervisor tick failed; retrying", extra={"error": str(exc)})
                 self._stopped.wait(self.settings.reclaim_interval_s)
@@ -114,15 +119,17 @@ class Supervisor:
             return {}
         done: dict[str, int] = {}
         queues: list[str] = sorted(set(self.redis.smembers(self.keys.queues)) | {DEFAULT_QUEUE})  # type: ignore[arg-type]
-        self._ensure_groups(queues)
         for queue in queues:
-            self._add(done, self.reclaim(queue))
-            self._add(done, {"promoted": self.promote(queue)})
+            self._per_queue(done, queue, self._ensure_group)
+            self._per_queue(done, queue, self.reclaim)
+            self._per_queue(done, queue, lambda q: {"promoted": self.promote(q)})
         self._add(done, {"dead_workers": self.reap_workers()})
         if sweep:
-            self._add(done, self.sweep())
-            self._add(done, {"consumers_removed": sum(self.reap_consumers(q) for q in queues)})
-        if purge and self.settings.retention_s > 0:
+            for queue in queues:
+                self._per_queue(done, queue, self.sweep_queue)
+                self._per_queue(done, queue, lambda q: {"consumers_removed": self.reap_consumers(q)})
+            self._add(done, self.sweep_active())
+        if purge:
             self._add(done, {"purged": self.purge()})
         done = {k: v for k, v in done.items() if v}
         own = [self.store.count(k, v) for k, v in done.items() if k in OWN_COUNTERS]
@@ -131,29 +138,39 @@ class Supervisor:
         self._add(self.totals, done)
         return done
 
+    def _per_queue(self, into: dict[str, int], queue: str, work: Callable[[str], dict[str, int] | None]) -> None:
+        """Do one queue's part of a tick; an error there is logged and the tick goes on."""
+        try:
+            self._add(into, work(queue) or {})
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                self._groups.discard(queue)  # made again at the next tick
+            log.warning("supervisor work on a queue failed", extra={"queue": queue, "error": str(exc)})
+
     @staticmethod
     def _add(into: dict[str, int], more: dict[str, int]) -> None:
         for key, value in more.items():
             into[key] = into.get(key, 0) + value
 
-    def _ensure_groups(self, queues: list[str]) -> None:
-        for queue in queues:
-            stream = self.keys.queue(queue).stream
-            if stream in self._groups:
-                continue
-            try:
-                self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-            self._groups.add(stream)
+    def _ensure_group(self, queue: str) -> None:
+        """Create the queue's consumer group (and stream) unless this supervisor saw it lately.
+
+        A group that vanished (Redis lost its data, an operator's DEL) is noticed through a
+        NOGROUP error anywhere in the tick, and made again here at the next tick.
+        """
+        if queue in self._groups:
+            return
+        try:
+            self.redis.xgroup_create(self.keys.queue(queue).stream, GROUP, id="0", mkstream=True)
+            log.info("consumer group created", extra={"queue": queue})
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(queue)
 
     def _resign(self) -> None:
-        try:
-            if self.redis.get(self.keys.leader) == self.id:
-                self.redis.delete(self.keys.leader)
-        except redis.RedisError:
-            pass
+        with contextlib.suppress(redis.RedisError):
+            scripts.execute(self.redis, [self.store.resign(candidate=self.id)])
 
     # -- reclaiming -----------------------------------------------------------------------
 
@@ -242,32 +259,23 @@ class Supervisor:
             return None
 
     def promote(self, queue: str) -> int:
-        members = scripts.execute(self.redis, [self.store.due(queue=queue, limit=SCAN_LIMIT)])[0]
-        calls = []
-        for member in members:
-            run_id, step, visit = parse_delayed_member(member)
-            calls.append(self.store.promote(queue=queue, run_id=run_id, step=step, visit=visit))
+        run_ids = scripts.execute(self.redis, [self.store.due(queue=queue, limit=SCAN_LIMIT)])[0]
+        calls = [self.store.promote(queue=queue, run_id=run_id) for run_id in run_ids]
         return sum(1 for reply in scripts.execute(self.redis, calls) if reply)
 
     def reap_workers(self) -> int:
         """Drop workers whose heartbeat is older than a lease from the fleet (their steps are
         reclaimed above; their consumers are removed by :meth:`reap_consumers`)."""
-        reply = scripts.execute(
-            self.redis, [self.store.stale(key=self.keys.workers, age_ms=self.settings.lease_ms, limit=SCAN_LIMIT)]
-        )[0]
+        call = self.store.reap_workers(age_ms=self.settings.lease_ms, limit=SCAN_LIMIT)
+        reply = scripts.execute(self.redis, [call])[0]
         now, rows = int(reply[0]), reply[1:]
-        dead = 0
         for i in range(0, len(rows), 2):
             worker_id, last_ms = rows[i], int(float(rows[i + 1]))
-            if self.redis.zrem(self.keys.workers, worker_id):
-                dead += 1
-                self._last_seen[worker_id] = float(last_ms)  # its steps may be re-dispatched a tick later
-                while len(self._last_seen) > 1000:
-                    del self._last_seen[next(iter(self._last_seen))]
-                log.warning(
-                    "worker presumed dead: no heartbeat", extra={"worker": worker_id, "silent_ms": now - last_ms}
-                )
-        return dead
+            self._last_seen[worker_id] = float(last_ms)  # its steps may be re-dispatched a tick later
+            while len(self._last_seen) > 1000:
+                del self._last_seen[next(iter(self._last_seen))]
+            log.warning("worker presumed dead: no heartbeat", extra={"worker": worker_id, "silent_ms": now - last_ms})
+        return len(rows) // 2
 
     def reap_consumers(self, queue: str) -> int:
         """Remove consumers of workers no longer in the fleet once nothing is pending for them."""
@@ -280,25 +288,58 @@ class Supervisor:
 
     # -- sweeping -------------------------------------------------------------------------
 
-    def sweep(self) -> dict[str, int]:
-        """Check runs idle for ``sweep_after_s``; enqueue the current step of those with no work."""
+    def sweep_queue(self, queue: str) -> dict[str, int]:
+        """Check the runs of ``queue`` whose entry the consumer group has passed or lost.
+
+        Runs whose entry still waits ahead of the group are not looked at: the cost is the
+        runs that need a look, whatever the backlog behind them. Pages until done or
+        :data:`BUDGET_S` is spent; a run checked and found healthy stays where it was, so the
+        next page starts after those.
+        """
+        counts: dict[str, int] = {}
+        deadline = time.monotonic() + BUDGET_S
+        seen = self._deleted_seen.get(queue, "")
+        kept = 0
+        while True:
+            call = self.store.passed(queue=queue, offset=kept, limit=SCAN_LIMIT, deleted_seen=seen)
+            reply = scripts.execute(self.redis, [call])[0]
+            run_ids = reply[2:]
+            outcomes = self._sweep_runs([(rid, queue) for rid in run_ids])
+            self._add(counts, outcomes)
+            kept += outcomes.get("queued", 0)  # the others left the index (or moved behind the horizon)
+            if len(run_ids) < SCAN_LIMIT:
+                self._deleted_seen[queue] = reply[1]  # every run before that deletion was looked at
+                return counts
+            if time.monotonic() > deadline:
+                return counts
+
+    def sweep_active(self) -> dict[str, int]:
+        """Check claimed runs and retries that have not moved for ``sweep_after_s``."""
         age_ms = int(self.settings.sweep_after_s * 1000)
-        reply = scripts.execute(self.redis, [self.store.stale(key=self.keys.active, age_ms=age_ms, limit=SCAN_LIMIT)])[
-            0
-        ]
-        run_ids = reply[1::2]
-        if not run_ids:
+        counts: dict[str, int] = {}
+        deadline = time.monotonic() + BUDGET_S
+        while True:
+            call = self.store.stale(key=self.keys.active, age_ms=age_ms, limit=SCAN_LIMIT)
+            run_ids = scripts.execute(self.redis, [call])[0][1::2]
+            pipe = self.redis.pipeline(transaction=False)
+            for run_id in run_ids:
+                pipe.hget(self.keys.run(run_id).run, "queue")
+            queues = pipe.execute()
+            # every run checked is re-scored (or leaves the index), so the next page is new runs
+            self._add(counts, self._sweep_runs([(r, q or DEFAULT_QUEUE) for r, q in zip(run_ids, queues, strict=True)]))
+            if len(run_ids) < SCAN_LIMIT or time.monotonic() > deadline:
+                return counts
+
+    def _sweep_runs(self, runs: list[tuple[str, str]]) -> dict[str, int]:
+        if not runs:
             return {}
-        pipe = self.redis.pipeline(transaction=False)
-        for run_id in run_ids:
-            pipe.hget(self.keys.run(run_id).run, "queue")
-        queues = pipe.execute()
-        calls = [self.store.sweep(run_id=rid, queue=q or "default") for rid, q in zip(run_ids, queues, strict=True)]
+        calls = [self.store.sweep(run_id=rid, queue=q) for rid, q in runs]
         counts = {"swept": len(calls)}
-        for run_id, reply_item in zip(run_ids, scripts.execute(self.redis, calls), strict=True):
+        for (run_id, _), reply_item in zip(runs, scripts.execute(self.redis, calls), strict=True):
             outcome = Outcome.parse(reply_item)
+            key = outcome.code.lower()
+            counts[key] = counts.get(key, 0) + 1
             if outcome.code == "REPAIRED":
-                counts["repaired"] = counts.get("repaired", 0) + 1
                 log.warning(
                     "run had no queued work; current step enqueued again",
                     extra={"run_id": run_id, "reason": outcome.detail[1]},
@@ -306,8 +347,12 @@ class Supervisor:
         return counts
 
     def purge(self) -> int:
-        age_ms = int(self.settings.retention_s * 1000)
-        reply = scripts.execute(self.redis, [self.store.stale(key=self.keys.done, age_ms=age_ms, limit=SCAN_LIMIT)])[0]
-        cutoff = int(reply[0]) - age_ms
-        calls = [self.store.purge(run_id=rid, cutoff_ms=cutoff) for rid in reply[1::2]]
-        return sum(int(r) for r in scripts.execute(self.redis, calls))
+        """Delete finished runs past their retention (completed and cancelled: ``retention_s``;
+        failed: ``failed_retention_s``), paging until caught up or :data:`BUDGET_S` is spent."""
+        purged = 0
+        for index, retention_s in (("done", self.settings.retention_s), ("dead", self.settings.failed_retention_s)):
+            if retention_s > 0:
+                purged += purge_finished(
+                    self.redis, self.store, index, FINISHED_IN[index], age_ms=int(retention_s * 1000), budget_s=BUDGET_S
+                ).purged
+        return purged

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import click
 from orchestrator.cli import cli
 from orchestrator.cli.common import CliState, emit_json, load_workflows, output_option, pass_state
 from orchestrator.cli.render import history_text, live_line, runs_table, status_text
+from orchestrator.retention import Purged
 from orchestrator.runs import STATUSES
 
 
@@ -126,6 +129,55 @@ def runs_list(state: CliState, status_filter: str | None, limit: int, output: st
         emit_json([r.model_dump(mode="json") for r in found])
     else:
         click.echo(runs_table(found))
+
+
+DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>[smhdw]?)$")
+UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` -> seconds."""
+    match = DURATION.match(text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration: expected a number with s, m, h, d or w, e.g. 7d")
+    return float(match["n"]) * UNIT_S[match["unit"]]
+
+
+@runs.command("purge")
+@click.option(
+    "--status",
+    "statuses",
+    type=click.Choice(["completed", "cancelled", "failed"]),
+    multiple=True,
+    help="only runs with this status (repeat for several) [completed, cancelled and failed]",
+)
+@click.option("--older-than", required=True, help="finished at least this long ago: 30m, 12h, 7d, 2w (or seconds)")
+@click.option("--dry-run", is_flag=True, help="count what would be deleted; delete nothing")
+@output_option
+@pass_state
+def runs_purge(state: CliState, statuses: tuple[str, ...], older_than: str, dry_run: bool, output: str) -> None:
+    """Delete finished runs (record, state, results, history) that finished long enough ago.
+
+    The supervisor does this on its own after --retention-s (completed, cancelled) and
+    --failed-retention-s (failed); this is for doing it now, e.g. failed runs after an incident.
+    """
+    age_s = parse_duration(older_than)
+    chosen = statuses or ("completed", "cancelled", "failed")
+
+    last = [time.monotonic()]
+
+    def progress(done: Purged) -> None:
+        """Long purges say how far they are, every few seconds (on stderr)."""
+        if output == "text" and time.monotonic() - last[0] >= 2.0:
+            last[0] = time.monotonic()
+            click.echo(f"  ... {done.purged} {'would be ' if dry_run else ''}purged so far", err=True)
+
+    done = state.client().purge(chosen, older_than_s=age_s, dry_run=dry_run, on_page=progress)
+    if output == "json":
+        emit_json({"purged": done.purged, "kept": done.kept, "dry_run": dry_run, "statuses": list(chosen)})
+        return
+    verb = "would purge" if dry_run else "purged"
+    click.echo(f"{verb} {done.purged} runs ({', '.join(chosen)}) finished more than {older_than} ago")
 
 
 @cli.command()

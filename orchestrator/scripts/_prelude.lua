@@ -1,5 +1,7 @@
 -- Shared helpers, prepended to every script when it is loaded (scripts.py).
 -- Times are the Redis server's clock, never a worker's.
+-- Rule for every script: read and validate everything first, write after. Lua does not roll
+-- back a script that fails half-way, so an error must come before the first write.
 
 local TERMINAL = {completed = true, failed = true, cancelled = true}
 
@@ -27,4 +29,86 @@ end
 -- A history event built here from a Lua table (cjson escapes the strings).
 local function event(fields)
   return cjson.encode(fields)
+end
+
+local function finite(x)
+  return type(x) == 'number' and x == x and x ~= math.huge and x ~= -math.huge
+end
+
+-- The queued index's score of a stream entry id 'ms-seq': ms + seq / 2048, which orders entries
+-- exactly as their ids do (a seq past 2047 in one ms, never seen with '*' ids, ties instead),
+-- and stays an exact double until the year 2109.
+local function entry_score(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms) + math.min(tonumber(seq), 2047) / 2048
+end
+
+-- A score as Redis should read it: all 17 digits (tostring would keep 14).
+local function exact(score)
+  return string.format('%.17g', score)
+end
+
+-- Where an unfinished run is indexed (see keys.py): a run whose dispatch waits in a stream is
+-- in that queue's `queued` index, scored by its entry's time, so the sweep finds it once the
+-- consumer group has passed its entry (or its entry was trimmed away); any other unfinished run
+-- (claimed, or a retry waiting out its backoff) is in `active`, scored by when to look at it.
+local function index_queued(active, queued, run_id, entry_id)
+  redis.call('ZREM', active, run_id)
+  redis.call('ZADD', queued, exact(entry_score(entry_id)), run_id)
+end
+
+local function index_active(active, queued, run_id, score)
+  redis.call('ZREM', queued, run_id)
+  redis.call('ZADD', active, score, run_id)
+end
+
+local function unindex(active, queued, run_id)
+  redis.call('ZREM', active, run_id)
+  redis.call('ZREM', queued, run_id)
+end
+
+-- Move a run whose step just got its result on to its next step (or finish it): the second
+-- half of commit.lua, also used by claim.lua to finish a commit that stopped half-way.
+-- k: {run, history, stream, queued, active, done, dead, stats, detail}
+-- a: {run_id, wf, token (of the claim that committed), next ('' = end), max_steps, now}
+-- Returns {'OK', next step, visit, entry id}, {'OK', '', 0, '', created ms, now} when the run
+-- completed, or {'OK', '', 0, '', created ms, now, 'RUNAWAY'} when the run hit max_steps.
+local function advance(k, a)
+  redis.call('HSET', k.run, 'claim', '', 'claim_fence', 0, 'done_claim', a.token, 'attempt', 0,
+    'errors', 0, 'crashes', 0, 'updated_ms', a.now)
+  local function finish(status)
+    redis.call('HSET', k.run, 'status', status, 'dispatch', '', 'finished_ms', a.now)
+    unindex(k.active, k.queued, a.run_id)
+  end
+  if a.next == '' then
+    finish('completed')
+    redis.call('ZADD', k.done, a.now, a.run_id)
+    redis.call('RPUSH', k.history, event({type = 'completed', at = a.now}))
+    count(k.stats, 'runs_completed')
+    detail(k.detail, 1, 'runs', a.wf, 'completed')
+    return {'OK', '', 0, '', tonumber(redis.call('HGET', k.run, 'created_ms')), a.now}
+  end
+  local seq = tonumber(redis.call('HGET', k.run, 'seq') or 0)
+  if a.max_steps > 0 and seq >= a.max_steps then
+    -- a Goto loop that never ends: stop it before it grows history and results without bound
+    local msg = 'run committed ' .. seq .. ' steps, the limit (max_run_steps); the next step would be ' ..
+      a.next .. '. A Goto loop that never ends? Fix the loop, or raise ORCHESTRATOR_MAX_RUN_STEPS ' ..
+      'on the workers, then retry the run.'
+    -- the cursor moves to the next step, so a retry (after raising the limit) resumes there
+    local visit = redis.call('HINCRBY', k.run, 'v:' .. a.next, 1)
+    redis.call('HSET', k.run, 'step', a.next, 'visit', visit,
+      'error', event({type = 'RunawayRun', message = msg, traceback = '', retryable = false}))
+    finish('failed')
+    redis.call('ZADD', k.dead, a.now, a.run_id)
+    redis.call('RPUSH', k.history, event({type = 'failed', at = a.now, detail = msg}))
+    count(k.stats, 'runs_failed')
+    count(k.stats, 'runaway_runs')
+    detail(k.detail, 1, 'runs', a.wf, 'failed')
+    return {'OK', '', 0, '', tonumber(redis.call('HGET', k.run, 'created_ms')), a.now, 'RUNAWAY'}
+  end
+  local visit = redis.call('HINCRBY', k.run, 'v:' .. a.next, 1)
+  local id = redis.call('XADD', k.stream, '*', 'run', a.run_id, 'wf', a.wf, 'step', a.next, 'visit', visit)
+  redis.call('HSET', k.run, 'step', a.next, 'visit', visit, 'dispatch', id, 'status', 'running')
+  index_queued(k.active, k.queued, a.run_id, id)
+  return {'OK', a.next, visit, id}
 end

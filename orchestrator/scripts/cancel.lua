@@ -1,7 +1,7 @@
 -- Cancel an unfinished run: it ends now; a running step learns it at its next heartbeat (its
 -- lease is gone) and its late commit is refused.
--- KEYS[1] run  KEYS[2] lease  KEYS[3] history  KEYS[4] delayed  KEYS[5] active  KEYS[6] done
--- KEYS[7] stats  KEYS[8] stats detail
+-- KEYS[1] run  KEYS[2] lease  KEYS[3] history  KEYS[4] delayed  KEYS[5] queued  KEYS[6] active
+-- KEYS[7] done  KEYS[8] stats  KEYS[9] stats detail
 -- ARGV[1] run id  ARGV[2] reason  ARGV[3] request id (a resent call reports CANCELLED again)
 -- Returns {'CANCELLED'} | {'TERMINAL', status} | {'MISSING'}
 local r = redis.call('HMGET', KEYS[1], 'status', 'step', 'visit', 'cancel_req', 'wf')
@@ -9,14 +9,14 @@ if not r[1] then return {'MISSING'} end
 if r[1] == 'cancelled' and r[4] == ARGV[3] then return {'CANCELLED'} end
 if TERMINAL[r[1]] then return {'TERMINAL', r[1]} end
 local now = now_ms()
-redis.call('ZREM', KEYS[4], ARGV[1] .. '|' .. r[2] .. '|' .. r[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'claim', '', 'claim_fence', 0, 'dispatch', '',
   'finished_ms', now, 'updated_ms', now, 'cancel_req', ARGV[3])
-redis.call('ZREM', KEYS[5], ARGV[1])
-redis.call('ZADD', KEYS[6], now, ARGV[1])
+unindex(KEYS[6], KEYS[5], ARGV[1])
+redis.call('ZADD', KEYS[7], now, ARGV[1])
 redis.call('RPUSH', KEYS[3], event({type = 'cancelled', at = now, step = r[2], visit = tonumber(r[3]),
   detail = ARGV[2]}))
-count(KEYS[7], 'runs_cancelled')
-detail(KEYS[8], 1, 'runs', r[5], 'cancelled')
+count(KEYS[8], 'runs_cancelled')
+detail(KEYS[9], 1, 'runs', r[5], 'cancelled')
 return {'CANCELLED'}

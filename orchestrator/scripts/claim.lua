@@ -3,23 +3,50 @@
 -- counts it as a crash; quarantines the step after max crashes.
 -- The fencing token is max(last + 1, server time in ms): it keeps increasing even when Redis
 -- loses its last writes (a restart from an older AOF, a failover), as long as the server's
--- clock does not go back. The lease holds the claim token, which is unique per claim.
+-- clock does not go back. The claim token (ARGV[4]) is unique per claim call (the worker puts
+-- a nonce in it), so an attempt that Redis forgot after losing writes can never pass for the
+-- claim that replaced it, even when the same worker read the same entry again; the lease holds
+-- that token.
+-- Only the entry that is the run's current dispatch can be claimed: a late claim of an entry the
+-- supervisor already replaced is STALE, so it cannot take the step away from the new entry.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] lease
--- KEYS[7] active  KEYS[8] done  KEYS[9] dead  KEYS[10] stats  KEYS[11] stats detail
+-- KEYS[7] stream  KEYS[8] queued  KEYS[9] active  KEYS[10] done  KEYS[11] dead  KEYS[12] stats
+-- KEYS[13] stats detail
 -- ARGV[1] step  ARGV[2] visit  ARGV[3] idempotency key  ARGV[4] claim token  ARGV[5] worker id
 -- ARGV[6] lease ms  ARGV[7] max crashes  ARGV[8] stream entry id  ARGV[9] workflow  ARGV[10] run id
+-- ARGV[11] max committed steps per run (0 = no limit)
 -- Returns {'RUN', fence, attempt, errors, crashes, crashed now 0|1, has stash 0|1, stash,
 --          server ms, steps committed, work ms committed, field, value, ...} or {'MISSING'} | {'TERMINAL', status} | {'WRONG_WF', workflow} |
---          {'DUP'} | {'STALE', step, visit} | {'BUSY', worker} | {'QUARANTINED', crashes}
---          (STALE also when the run is waiting out a retry backoff: this entry is not its dispatch)
+--          {'DUP'} | {'DUP', 'advanced'} | {'STALE', step, visit} | {'BUSY', worker} | {'QUARANTINED', crashes}
+--          (STALE also when the run is waiting out a retry backoff, or when this entry is not the
+--          run's current dispatch; DUP 'advanced' when the step's result existed but the run had
+--          not moved on, a commit stopped half-way, and this claim moved it on)
 local r = redis.call('HMGET', KEYS[1], 'status', 'wf', 'step', 'visit', 'claim', 'claim_fence',
-  'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes', 'fence', 'seq', 'work_ms')
+  'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes', 'fence', 'seq', 'work_ms', 'dispatch')
 local status = r[1]
 if not status then return {'MISSING'} end
 if r[2] ~= ARGV[9] then return {'WRONG_WF', r[2]} end
-if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then return {'DUP'} end
+local stored = redis.call('HGET', KEYS[3], ARGV[3])
+if stored then
+  if TERMINAL[status] or r[3] ~= ARGV[1] or r[4] ~= ARGV[2] then return {'DUP'} end
+  -- the result exists but the run is still at this step: finish that commit from its record
+  local ok, record = pcall(cjson.decode, stored)
+  local nxt = ok and type(record) == 'table' and record['next'] or nil
+  if type(nxt) ~= 'string' then nxt = '' end
+  local keys = {run = KEYS[1], history = KEYS[5], stream = KEYS[7], queued = KEYS[8], active = KEYS[9],
+    done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13]}
+  local now = now_ms()
+  redis.call('DEL', KEYS[6])
+  redis.call('RPUSH', KEYS[5], event({type = 'repaired', at = now, step = ARGV[1], visit = tonumber(ARGV[2]),
+    detail = 'result persisted but the run had not moved on; advanced from the result'}))
+  count(KEYS[12], 'repaired')
+  advance(keys, {run_id = ARGV[10], wf = r[2], token = r[5] or '', next = nxt,
+    max_steps = tonumber(ARGV[11]) or 0, now = now})
+  return {'DUP', 'advanced'}
+end
 if TERMINAL[status] then return {'TERMINAL', status} end
 if r[3] ~= ARGV[1] or r[4] ~= ARGV[2] or status == 'retrying' then return {'STALE', r[3], r[4]} end
+if r[15] ~= ARGV[8] then return {'STALE', r[3], r[4]} end
 
 local function reply(fence, attempt, crashed)
   local out = {'RUN', fence, attempt, tonumber(r[10] or 0), tonumber(r[11] or 0), crashed}
@@ -38,7 +65,9 @@ local function reply(fence, attempt, crashed)
 end
 
 if r[5] == ARGV[4] then
-  -- our own claim, retried after its reply was lost: hand back the same claim
+  -- our own claim, resent after its reply was lost: hand back the same claim, with its lease
+  -- back if it lapsed meanwhile (nobody else claimed since: the claim is still ours)
+  redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[6], 'NX')
   return reply(tonumber(r[6]), tonumber(r[9]), 0)
 end
 
@@ -48,35 +77,37 @@ if r[5] ~= '' then
   if redis.call('EXISTS', KEYS[6]) == 1 then return {'BUSY', r[7]} end
   -- the previous claim's lease ran out with no outcome: its worker died (or froze)
   crashed = 1
-  count(KEYS[10], 'crashes')
+  local crashes = tonumber(r[11] or 0) + 1
+  count(KEYS[12], 'crashes')
   -- what resuming saves: the committed steps (and their cost) a restart from scratch would redo
-  detail(KEYS[11], 1, 'steps', r[2], ARGV[1], 'crashed')
-  detail(KEYS[11], tonumber(r[13] or 0), 'saved_steps', r[2])
-  detail(KEYS[11], tonumber(r[14] or 0), 'saved_ms', r[2])
+  detail(KEYS[13], 1, 'steps', r[2], ARGV[1], 'crashed')
+  detail(KEYS[13], tonumber(r[13] or 0), 'saved_steps', r[2])
+  detail(KEYS[13], tonumber(r[14] or 0), 'saved_ms', r[2])
   local fields = redis.call('HGETALL', KEYS[1])
   for i = 1, #fields, 2 do
     if string.sub(fields[i], 1, 5) == 'cost:' then
-      redis.call('HINCRBYFLOAT', KEYS[11], 'cost_saved|' .. r[2] .. '|' .. string.sub(fields[i], 6), fields[i + 1])
+      -- a metric only: a total that would overflow is left as it is rather than failing the claim
+      redis.pcall('HINCRBYFLOAT', KEYS[13], 'cost_saved|' .. r[2] .. '|' .. string.sub(fields[i], 6), fields[i + 1])
     end
   end
-  r[11] = tostring(tonumber(r[11] or 0) + 1)
-  redis.call('HSET', KEYS[1], 'crashes', r[11], 'claim', '', 'claim_fence', 0)
+  redis.call('HSET', KEYS[1], 'crashes', crashes, 'claim', '', 'claim_fence', 0)
   redis.call('RPUSH', KEYS[5], event({type = 'crashed', at = now, step = ARGV[1], visit = tonumber(ARGV[2]),
     attempt = tonumber(r[9]), fence = tonumber(r[6]), worker = r[7], start_ms = tonumber(r[8]), end_ms = now}))
-  if tonumber(r[11]) >= tonumber(ARGV[7]) then
-    local msg = 'step ' .. ARGV[1] .. ' crashed its worker ' .. r[11] .. ' times (last on ' .. r[7] ..
+  r[11] = tostring(crashes)
+  if crashes >= tonumber(ARGV[7]) then
+    local msg = 'step ' .. ARGV[1] .. ' crashed its worker ' .. crashes .. ' times (last on ' .. r[7] ..
       '); quarantined so it cannot take down more workers. Fix the step, then retry the run.'
     local err = event({type = 'Quarantined', message = msg, traceback = '', retryable = false})
     redis.call('HSET', KEYS[1], 'status', 'failed', 'error', err, 'finished_ms', now, 'updated_ms', now,
       'dispatch', '')
-    redis.call('ZREM', KEYS[7], ARGV[10])
-    redis.call('ZADD', KEYS[9], now, ARGV[10])
+    unindex(KEYS[9], KEYS[8], ARGV[10])
+    redis.call('ZADD', KEYS[11], now, ARGV[10])
     redis.call('RPUSH', KEYS[5], event({type = 'quarantined', at = now, step = ARGV[1],
       visit = tonumber(ARGV[2]), detail = msg}))
-    count(KEYS[10], 'quarantined')
-    count(KEYS[10], 'runs_failed')
-    detail(KEYS[11], 1, 'runs', r[2], 'failed')
-    return {'QUARANTINED', tonumber(r[11])}
+    count(KEYS[12], 'quarantined')
+    count(KEYS[12], 'runs_failed')
+    detail(KEYS[13], 1, 'runs', r[2], 'failed')
+    return {'QUARANTINED', crashes}
   end
 end
 
@@ -84,8 +115,8 @@ local fence = math.max(tonumber(r[12] or 0) + 1, now)
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'fence', string.format('%d', fence), 'claim', ARGV[4],
   'claim_fence', string.format('%d', fence), 'claim_worker', ARGV[5], 'claim_ms', now, 'status', 'running',
-  'dispatch', ARGV[8], 'updated_ms', now)
+  'updated_ms', now)
 redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[6])
-redis.call('ZADD', KEYS[7], now, ARGV[10])
+index_active(KEYS[9], KEYS[8], ARGV[10], now)
 r[9] = tostring(attempt)
 return reply(fence, attempt, crashed)

@@ -1,22 +1,26 @@
 -- Record a failed attempt (the step raised or timed out): schedule a retry after its backoff,
 -- or fail the run and dead-letter it. The caller XACKs the stream entry afterwards.
--- KEYS[1] run  KEYS[2] history  KEYS[3] lease  KEYS[4] delayed  KEYS[5] active  KEYS[6] done
--- KEYS[7] dead  KEYS[8] stats  KEYS[9] stats detail
+-- KEYS[1] run  KEYS[2] history  KEYS[3] lease  KEYS[4] delayed  KEYS[5] queued  KEYS[6] active
+-- KEYS[7] done  KEYS[8] dead  KEYS[9] stats  KEYS[10] stats detail
 -- ARGV[1] run id  ARGV[2] claim token  ARGV[3] attempt event body (JSON object, with error)
 -- ARGV[4] event type ('error' | 'timeout')  ARGV[5] retry delay ms, '' = fail the run
--- ARGV[6] error JSON  ARGV[7] delayed member
+-- ARGV[6] error JSON
+-- The delayed set's member is the run id (a run waits out at most one backoff at a time); the
+-- run is indexed in `active` scored by its due time, so the sweep looks at it only once it is
+-- overdue.
 -- Returns {'RETRY', due ms} | {'FAILED'} | {'REPLAY'} | {'TERMINAL', status} |
---   {'FENCED', fence of the live claim} | {'MISSING'}
+--   {'FENCED', fence of the live claim} | {'MISSING'} | {'INVALID', reason}
 local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence', 'done_claim', 'wf', 'step')
 if not r[1] then return {'MISSING'} end
+if ARGV[5] ~= '' and not tonumber(ARGV[5]) then return {'INVALID', 'retry delay ' .. ARGV[5] .. ' is not a number'} end
 if r[2] ~= ARGV[2] then
   if r[4] == ARGV[2] then return {'REPLAY'} end
   if TERMINAL[r[1]] then return {'TERMINAL', r[1]} end
   local now = now_ms()
   redis.call('HINCRBY', KEYS[1], 'fenced', 1)
   redis.call('RPUSH', KEYS[2], stamp('fenced', ARGV[3], now))
-  count(KEYS[8], 'fenced')
-  detail(KEYS[9], 1, 'steps', r[5], r[6], 'fenced')
+  count(KEYS[9], 'fenced')
+  detail(KEYS[10], 1, 'steps', r[5], r[6], 'fenced')
   return {'FENCED', tonumber(r[3])}
 end
 local now = now_ms()
@@ -24,20 +28,20 @@ redis.call('DEL', KEYS[3])
 redis.call('HINCRBY', KEYS[1], 'errors', 1)
 redis.call('HSET', KEYS[1], 'claim', '', 'claim_fence', 0, 'done_claim', ARGV[2], 'updated_ms', now)
 redis.call('RPUSH', KEYS[2], stamp(ARGV[4], ARGV[3], now))
-detail(KEYS[9], 1, 'steps', r[5], r[6], ARGV[4])
+detail(KEYS[10], 1, 'steps', r[5], r[6], ARGV[4])
 if ARGV[5] ~= '' then
-  local due = now + tonumber(ARGV[5])
-  redis.call('ZADD', KEYS[4], due, ARGV[7])
+  local due = now + math.floor(tonumber(ARGV[5]))
+  redis.call('ZADD', KEYS[4], due, ARGV[1])
   redis.call('HSET', KEYS[1], 'status', 'retrying', 'dispatch', 'delayed', 'due_ms', due)
-  redis.call('ZADD', KEYS[5], now, ARGV[1])
-  count(KEYS[8], 'steps_retried')
+  index_active(KEYS[6], KEYS[5], ARGV[1], due)
+  count(KEYS[9], 'steps_retried')
   return {'RETRY', due}
 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[6], 'finished_ms', now, 'dispatch', '')
-redis.call('ZREM', KEYS[5], ARGV[1])
-redis.call('ZADD', KEYS[7], now, ARGV[1])
+unindex(KEYS[6], KEYS[5], ARGV[1])
+redis.call('ZADD', KEYS[8], now, ARGV[1])
 redis.call('RPUSH', KEYS[2], event({type = 'failed', at = now}))
-count(KEYS[8], 'steps_failed')
-count(KEYS[8], 'runs_failed')
-detail(KEYS[9], 1, 'runs', r[5], 'failed')
+count(KEYS[9], 'steps_failed')
+count(KEYS[9], 'runs_failed')
+detail(KEYS[10], 1, 'runs', r[5], 'failed')
 return {'FAILED'}

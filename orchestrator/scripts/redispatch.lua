@@ -7,6 +7,7 @@
 -- the supervisor's scan until then instead of crowding out dead ones, and a kill is still
 -- noticed as soon as the lease lapses.
 -- KEYS[1] run  KEYS[2] lease  KEYS[3] results  KEYS[4] stream  KEYS[5] history  KEYS[6] stats
+-- KEYS[7] queued  KEYS[8] active
 -- ARGV[1] group  ARGV[2] entry id  ARGV[3] run id  ARGV[4] step  ARGV[5] visit
 -- ARGV[6] idempotency key  ARGV[7] consumer that holds the entry  ARGV[8] lease ms
 -- Returns {'REDISPATCHED', new entry id} | {'ALIVE'} | {'DROPPED', reason} | {'GONE'}
@@ -33,6 +34,7 @@ redis.call('XDEL', KEYS[4], ARGV[2])
 local now = now_ms()
 local id = redis.call('XADD', KEYS[4], '*', 'run', ARGV[3], 'wf', r[5], 'step', r[2], 'visit', r[3])
 redis.call('HSET', KEYS[1], 'dispatch', id, 'updated_ms', now)
+index_queued(KEYS[8], KEYS[7], ARGV[3], id)
 redis.call('RPUSH', KEYS[5], event({type = 'redispatched', at = now, step = r[2], visit = tonumber(r[3]),
   detail = 'entry ' .. ARGV[2] .. ' had no live lease'}))
 count(KEYS[6], 'redispatched')

@@ -1,7 +1,7 @@
 -- Re-drive a failed (dead-lettered or quarantined) run from the step that failed. The step
 -- keeps its visit, so its idempotency key is the same as in the failed attempts.
--- KEYS[1] run  KEYS[2] history  KEYS[3] stream  KEYS[4] active  KEYS[5] dead  KEYS[6] stats
--- KEYS[7] stats detail
+-- KEYS[1] run  KEYS[2] history  KEYS[3] stream  KEYS[4] queued  KEYS[5] active  KEYS[6] dead
+-- KEYS[7] stats  KEYS[8] stats detail
 -- ARGV[1] run id  ARGV[2] reason  ARGV[3] request id (a resent call reports RETRIED again and
 -- does not re-drive the run a second time)
 -- Returns {'RETRIED', entry id, step, visit} | {'NOT_FAILED', status} | {'MISSING'}
@@ -14,10 +14,10 @@ local id = redis.call('XADD', KEYS[3], '*', 'run', ARGV[1], 'wf', r[2], 'step', 
 redis.call('HSET', KEYS[1], 'status', 'running', 'errors', 0, 'crashes', 0, 'claim', '', 'claim_fence', 0,
   'dispatch', id, 'updated_ms', now, 'retry_req', ARGV[3])
 redis.call('HDEL', KEYS[1], 'error', 'finished_ms')
-redis.call('ZREM', KEYS[5], ARGV[1])
-redis.call('ZADD', KEYS[4], now, ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+index_queued(KEYS[5], KEYS[4], ARGV[1], id)
 redis.call('RPUSH', KEYS[2], event({type = 'retried', at = now, step = r[3], visit = tonumber(r[4]),
   detail = ARGV[2]}))
-count(KEYS[6], 'runs_retried')
-detail(KEYS[7], 1, 'runs', r[2], 'retried')
+count(KEYS[7], 'runs_retried')
+detail(KEYS[8], 1, 'runs', r[2], 'retried')
 return {'RETRIED', id, r[3], tonumber(r[4])}

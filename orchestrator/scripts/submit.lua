@@ -1,5 +1,5 @@
 -- Create a run and enqueue its first step, unless a run with this id exists (idempotent submit).
--- KEYS[1] run  KEYS[2] state  KEYS[3] history  KEYS[4] stream  KEYS[5] active  KEYS[6] stats
+-- KEYS[1] run  KEYS[2] state  KEYS[3] history  KEYS[4] stream  KEYS[5] queued  KEYS[6] stats
 -- KEYS[7] stats detail
 -- ARGV[1] run id  ARGV[2] workflow  ARGV[3] queue  ARGV[4] first step  ARGV[5] input digest
 -- ARGV[6] "submitted" event body (JSON object)  ARGV[7] request id (resent call = same id)
@@ -22,7 +22,7 @@ for i = 8, #ARGV, 2 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
 end
 redis.call('RPUSH', KEYS[3], stamp('submitted', ARGV[6], now))
-redis.call('ZADD', KEYS[5], now, ARGV[1])
+redis.call('ZADD', KEYS[5], exact(entry_score(id)), ARGV[1])
 count(KEYS[6], 'runs_submitted')
 detail(KEYS[7], 1, 'runs', ARGV[2], 'submitted')
 return {1, id}

@@ -1,22 +1,19 @@
 -- Supervisor: check that an unfinished run has work somewhere (a live lease, a queued or
 -- pending stream entry, a scheduled retry) and enqueue its current step if not. Covers writes
--- lost by Redis, trimmed streams and entries acked without progress.
--- KEYS[1] run  KEYS[2] lease  KEYS[3] stream  KEYS[4] delayed  KEYS[5] active  KEYS[6] history
--- KEYS[7] stats
+-- lost by Redis, trimmed or deleted streams and entries acked without progress. Also puts the
+-- run back in the index it belongs in (see keys.py), so the indexes heal too.
+-- KEYS[1] run  KEYS[2] lease  KEYS[3] stream  KEYS[4] delayed  KEYS[5] queued  KEYS[6] active
+-- KEYS[7] history  KEYS[8] stats
 -- ARGV[1] run id  ARGV[2] group
 -- Returns {'ALIVE'} | {'QUEUED'} | {'SCHEDULED'} | {'TERMINAL'} | {'GONE'} | {'REPAIRED', entry id, reason}
-local r = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'step', 'visit', 'wf')
-if not r[1] then
-  redis.call('ZREM', KEYS[5], ARGV[1])
-  return {'GONE'}
-end
-if TERMINAL[r[1]] then
-  redis.call('ZREM', KEYS[5], ARGV[1])
-  return {'TERMINAL'}
+local r = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'step', 'visit', 'wf', 'claim')
+if not r[1] or TERMINAL[r[1]] then
+  unindex(KEYS[6], KEYS[5], ARGV[1])
+  return {r[1] and 'TERMINAL' or 'GONE'}
 end
 local now = now_ms()
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('ZADD', KEYS[5], now, ARGV[1])
+  index_active(KEYS[6], KEYS[5], ARGV[1], now)
   return {'ALIVE'}
 end
 
@@ -29,33 +26,32 @@ local function after(a, b)
   local bms, bseq = id_parts(b)
   return ams > bms or (ams == bms and aseq > bseq)
 end
+-- the entry is there and waits or is pending: put the run where it belongs and leave it
+local function queued()
+  if r[6] ~= '' then index_active(KEYS[6], KEYS[5], ARGV[1], now) else index_queued(KEYS[6], KEYS[5], ARGV[1], r[2]) end
+  return {'QUEUED'}
+end
 
 local reason
 if r[2] == 'delayed' then
-  if redis.call('ZSCORE', KEYS[4], ARGV[1] .. '|' .. r[3] .. '|' .. r[4]) then
-    redis.call('ZADD', KEYS[5], now, ARGV[1])
+  if redis.call('ZSCORE', KEYS[4], ARGV[1]) then
+    index_active(KEYS[6], KEYS[5], ARGV[1], now)
     return {'SCHEDULED'}
   end
   reason = 'scheduled retry missing'
 elseif r[2] ~= '' and #redis.call('XRANGE', KEYS[3], r[2], r[2]) > 0 then
-  if #redis.call('XPENDING', KEYS[3], ARGV[2], r[2], r[2], 1) > 0 then
-    redis.call('ZADD', KEYS[5], now, ARGV[1])
-    return {'QUEUED'}
-  end
-  local undelivered = true
-  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[3])) do
-    for i = 1, #group, 2 do
-      if group[i] == 'name' and group[i + 1] == ARGV[2] then
-        for j = 1, #group, 2 do
-          if group[j] == 'last-delivered-id' then undelivered = after(r[2], group[j + 1]) end
-        end
-      end
+  local groups = redis.pcall('XINFO', 'GROUPS', KEYS[3])
+  local last
+  if not groups.err then
+    for _, group in ipairs(groups) do
+      local g = {}
+      for i = 1, #group, 2 do g[group[i]] = group[i + 1] end
+      if g['name'] == ARGV[2] then last = g['last-delivered-id'] end
     end
   end
-  if undelivered then
-    redis.call('ZADD', KEYS[5], now, ARGV[1])
-    return {'QUEUED'}
-  end
+  -- no group (lost with Redis' data): the supervisor recreates it from the stream's start
+  if not last or after(r[2], last) then return queued() end
+  if #redis.call('XPENDING', KEYS[3], ARGV[2], r[2], r[2], 1) > 0 then return queued() end
   redis.call('XDEL', KEYS[3], r[2])
   reason = 'entry acked without progress'
 else
@@ -65,8 +61,8 @@ local id = redis.call('XADD', KEYS[3], '*', 'run', ARGV[1], 'wf', r[5], 'step', 
 local status = r[1]
 if status == 'retrying' then status = 'running' end
 redis.call('HSET', KEYS[1], 'dispatch', id, 'status', status, 'updated_ms', now)
-redis.call('ZADD', KEYS[5], now, ARGV[1])
-redis.call('RPUSH', KEYS[6], event({type = 'repaired', at = now, step = r[3], visit = tonumber(r[4]),
+index_queued(KEYS[6], KEYS[5], ARGV[1], id)
+redis.call('RPUSH', KEYS[7], event({type = 'repaired', at = now, step = r[3], visit = tonumber(r[4]),
   detail = reason}))
-count(KEYS[7], 'repaired')
+count(KEYS[8], 'repaired')
 return {'REPAIRED', id, reason}

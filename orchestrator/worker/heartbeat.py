@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,7 @@ class Heartbeat(threading.Thread):
         client: redis.Redis,
         store: Store,
         worker_id: str,
+        queues: Sequence[str],
         info: Mapping[str, str],
         table: InFlightTable,
         interval_s: float,
@@ -88,6 +89,7 @@ class Heartbeat(threading.Thread):
         self._client = client
         self._store = store
         self._worker_id = worker_id
+        self._queues = list(queues)
         self._info = dict(info)
         self._table = table
         self._interval_s = interval_s
@@ -120,7 +122,11 @@ class Heartbeat(threading.Thread):
         for item in items:
             if item.stalled(now) and not item.ctx.cancelled:
                 item.on_lost("stalled")
-        calls = [self._store.heartbeat(worker=self._worker_id, ttl_ms=self._lease_ms * 10, info=self._info)]
+        calls = [
+            self._store.heartbeat(
+                worker=self._worker_id, ttl_ms=self._lease_ms * 10, queues=self._queues, info=self._info
+            )
+        ]
         calls += [self._store.renew(run_id=i.run_id, token=i.token, lease_ms=self._lease_ms) for i in live]
         try:
             replies: list[Any] = scripts.execute(self._client, calls, raise_on_error=False)

@@ -27,16 +27,17 @@ from orchestrator import faults as fault_points
 from orchestrator import scripts
 from orchestrator._version import __version__
 from orchestrator.codec import Dispatch, describe_validation_error, dumps
-from orchestrator.connection import aclose, close, connect, connect_async
+from orchestrator.connection import aclose, close, connect, connect_async, outcome_unknown_or_passing
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.faults import Faults
-from orchestrator.keys import GROUP, Keys, parse_delayed_member
+from orchestrator.keys import GROUP, Keys
 from orchestrator.metrics import MetricsServer, WorkerMetrics, zero_fields
 from orchestrator.settings import Settings
-from orchestrator.store import Claimed, Store
+from orchestrator.store import Claimed, Store, new_claim_token
 from orchestrator.worker.batcher import Batcher
-from orchestrator.worker.execution import Released, Runtime, Shutdown, StepExecution, claim_token
+from orchestrator.worker.execution import StepExecution
 from orchestrator.worker.heartbeat import Heartbeat, InFlightTable
+from orchestrator.worker.runtime import Released, Runtime, Shutdown
 from orchestrator.worker.usercode import StepThreads
 from orchestrator.workflow import Workflow
 
@@ -92,7 +93,8 @@ class Worker:
         self._streams = {self.keys.queue(q).stream: q for q in self.queues}
         self._faults = Faults(self.settings.faults)
         self._table = InFlightTable()
-        self._executions: dict[str, StepExecution] = {}
+        self._executions: dict[str, StepExecution] = {}  # by claim token
+        self._by_entry: dict[str, StepExecution] = {}  # the one execution of each stream entry
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
@@ -172,6 +174,7 @@ class Worker:
             self.metrics,
             may_chain=self._may_chain,
             start_chained=self._start_chained,
+            stopping_now=lambda: self._immediate,
         )
         self.metrics.info.info({"version": __version__, "worker": self.id})
         exporter = self._serve_metrics()
@@ -236,6 +239,7 @@ class Worker:
             client=sync_redis,
             store=self.store,
             worker_id=self.id,
+            queues=self.queues,
             info=info,
             table=self._table,
             interval_s=self.settings.heartbeat_interval_s,
@@ -277,14 +281,14 @@ class Worker:
         stopping (the step finishing still holds its slot, so the count stays the same)."""
         return not self._stop_requested and self._free_slots() >= 0
 
-    def _start_chained(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed) -> None:
+    def _start_chained(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, token: str) -> None:
         """Run a step its predecessor's commit claimed for this worker, or give it back at once
         (re-enqueued, no crash counted) when a stop came while that commit was in flight."""
         if not self._stop_requested:
-            self._handle_claim(queue, entry_id, dispatch, claimed)
+            self._handle_claim(queue, entry_id, dispatch, claimed, token)
             return
         assert self.rt is not None
-        execution = StepExecution(self.rt, queue, entry_id, dispatch, claimed, self.workflows.get(dispatch.wf))
+        execution = self._execution(queue, entry_id, dispatch, claimed, token)
         self._track(execution, execution.hand_back("worker stopping"))
 
     def _read_plan(self) -> tuple[dict[Any, Any], int]:
@@ -316,6 +320,13 @@ class Worker:
             try:
                 reply = await client.xreadgroup(GROUP, self.id, streams, count=count, block=self.settings.block_ms)
                 failures = 0
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # the stream or its group vanished (Redis lost its data, an operator's DEL): make it again
+                log.warning("a queue's consumer group is gone; creating it again", extra={"error": str(exc)})
+                await ensure_groups(client, list(self._streams))
+                continue
             except (redis.RedisError, OSError) as exc:
                 failures += 1
                 log.warning("reading the queue failed; retrying", extra={"worker": self.id, "error": str(exc)})
@@ -325,36 +336,58 @@ class Worker:
                 await self._start(reply)
 
     async def _start(self, reply: Any) -> None:
-        assert self.rt is not None
-        batch: list[tuple[str, str, Dispatch]] = []
+        batch: list[tuple[str, str, Dispatch, str]] = []
         for stream, entries in reply:
             queue = self._streams[stream]
             for entry_id, fields in entries:
                 dispatch = self._parse(queue, entry_id, fields)
                 if dispatch is not None:
-                    batch.append((queue, entry_id, dispatch))
-        if not batch:
-            return
-        calls = [
-            self.store.claim(
-                dispatch=d,
-                entry_id=eid,
-                token=claim_token(self.id, eid),
-                worker=self.id,
-                lease_ms=self.settings.lease_ms,
-                max_crashes=self.settings.max_crashes,
-            )
-            for _, eid, d in batch
-        ]
-        replies = await self.rt.batcher.call_many(calls)
-        for (queue, entry_id, dispatch), reply_item in zip(batch, replies, strict=True):
-            if isinstance(reply_item, BaseException):
-                log.error(
-                    "claim failed; the entry stays pending for the supervisor",
-                    extra={"run_id": dispatch.run, "step": dispatch.step, "error": str(reply_item)},
+                    batch.append((queue, entry_id, dispatch, new_claim_token(self.id)))
+        if batch:
+            await self._claim(batch)
+
+    async def _claim(self, batch: list[tuple[str, str, Dispatch, str]]) -> None:
+        """Claim a batch in one pipeline; a claim whose reply is lost is sent again, same token.
+
+        A resent claim that did run gets the same claim back (claim.lua knows its token), so a
+        lost reply costs neither a crash count nor the step: without the resend the claim would
+        sit unused until its lease lapsed, and the next claim would count a crash.
+        """
+        assert self.rt is not None
+        delay_s = 0.05
+        for _ in range(6):
+            calls = [
+                self.store.claim(
+                    dispatch=d,
+                    queue=queue,
+                    entry_id=eid,
+                    token=token,
+                    worker=self.id,
+                    lease_ms=self.settings.lease_ms,
+                    max_crashes=self.settings.max_crashes,
+                    max_steps=self.settings.max_run_steps,
                 )
-                continue
-            self._handle_claim(queue, entry_id, dispatch, Claimed.parse(reply_item))
+                for queue, eid, d, token in batch
+            ]
+            replies = await self.rt.batcher.call_many(calls)
+            unanswered = []
+            for item, reply_item in zip(batch, replies, strict=True):
+                queue, entry_id, dispatch, token = item
+                if not isinstance(reply_item, BaseException):
+                    self._handle_claim(queue, entry_id, dispatch, Claimed.parse(reply_item), token)
+                elif outcome_unknown_or_passing(reply_item) and not self._stop_requested:
+                    unanswered.append(item)
+                else:
+                    log.error(
+                        "claim failed; the entry stays pending for the supervisor",
+                        extra={"run_id": dispatch.run, "step": dispatch.step, "error": str(reply_item)},
+                    )
+            if not unanswered:
+                return
+            batch = unanswered
+            await asyncio.sleep(delay_s)
+            delay_s *= 2
+        log.error("claims got no answer; their entries stay pending for the supervisor", extra={"count": len(batch)})
 
     def _parse(self, queue: str, entry_id: str, fields: dict[str, str] | None) -> Dispatch | None:
         """Validate an entry; a malformed one is set aside with its reason and acked."""
@@ -394,7 +427,7 @@ class Worker:
         self.rt.batcher.send([self.store.count("malformed")])
         self.rt.ack(queue, entry_id)
 
-    def _handle_claim(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed) -> None:
+    def _handle_claim(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, token: str) -> None:
         assert self.rt is not None
         fields = {"run_id": dispatch.run, "step": dispatch.step, "entry": entry_id}
         if claimed.code != "RUN":
@@ -412,8 +445,23 @@ class Worker:
                 "previous attempt crashed; resuming from the last persisted step",
                 extra={**fields, "crashes": claimed.crashes, "has_stash": claimed.snapshot is not None},
             )
-        execution = StepExecution(self.rt, queue, entry_id, dispatch, claimed, self.workflows.get(dispatch.wf))
+        execution = self._execution(queue, entry_id, dispatch, claimed, token)
         self._track(execution, execution.run())
+
+    def _execution(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, token: str) -> StepExecution:
+        """A new execution of an entry; one still running for the same entry is superseded.
+
+        The same entry reaches this worker twice only when Redis lost writes (its group's
+        last-delivered id went back): the earlier claim is gone from Redis, so that attempt
+        can no longer write anything, and the worker stops it rather than run the step twice.
+        """
+        assert self.rt is not None
+        earlier = self._by_entry.get(entry_id)
+        if earlier is not None and not earlier.finished and earlier.token != token:
+            earlier.supersede()
+        execution = StepExecution(self.rt, queue, entry_id, dispatch, claimed, self.workflows.get(dispatch.wf), token)
+        self._by_entry[entry_id] = execution
+        return execution
 
     def _track(self, execution: StepExecution, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` for ``execution`` as a task that holds a slot until it ends."""
@@ -434,11 +482,14 @@ class Worker:
             self.rt.metrics.attempts.labels(dispatch.wf, dispatch.step, "duplicate").inc()
         level = logging.WARNING if claimed.code in ("QUARANTINED", "MISSING", "WRONG_WF") else logging.INFO
         log.log(level, f"entry not run: {claimed.code.lower()}", extra={**fields, "detail": claimed.detail})
-        self.rt.ack(queue, entry_id)
+        if claimed.code != "BUSY":  # another claim runs the step; if it dies, this pending entry recovers it
+            self.rt.ack(queue, entry_id)
 
     def _finished(self, task: asyncio.Task[None], token: str) -> None:
         self._tasks.discard(task)
-        self._executions.pop(token, None)
+        execution = self._executions.pop(token, None)
+        if execution is not None and self._by_entry.get(execution.entry_id) is execution:
+            del self._by_entry[execution.entry_id]
         self.metrics.in_flight.set(len(self._tasks))
         if self._slot_freed:
             self._slot_freed.set()
@@ -465,9 +516,7 @@ async def promote_due(batcher: Batcher, store: Store, queues: Sequence[str]) -> 
     for queue, members in zip(queues, dues, strict=True):
         if isinstance(members, BaseException):
             raise members
-        for member in members:
-            run_id, step, visit = parse_delayed_member(member)
-            calls.append(store.promote(queue=queue, run_id=run_id, step=step, visit=visit))
+        calls += [store.promote(queue=queue, run_id=run_id) for run_id in members]
     if not calls:
         return 0
     return sum(1 for reply in await batcher.call_many(calls) if isinstance(reply, str) and reply)

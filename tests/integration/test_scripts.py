@@ -2,106 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from typing import Any
 
-import pytest
-import redis
-
-from orchestrator import scripts
 from orchestrator.codec import Dispatch
-from orchestrator.keys import GROUP, Keys
+from orchestrator.keys import GROUP
 from orchestrator.settings import Settings
-from orchestrator.store import Claimed, Committed, Outcome, Store
-
-
-class Ops:
-    """Drives the scripts for one run the way a worker would."""
-
-    def __init__(self, r: redis.Redis, settings: Settings, run_id: str = "r1") -> None:
-        self.r, self.keys = r, Keys(settings.namespace)
-        self.store = Store(self.keys)
-        self.run_id = run_id
-        self.stream = self.keys.queue("q").stream
-        self.rk = self.keys.run(run_id)
-        with contextlib.suppress(redis.ResponseError):
-            r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-
-    def x(self, *calls: Any) -> list[Any]:
-        return scripts.execute(self.r, list(calls))
-
-    def submit(self, digest: str = "d1", request_id: str = "req1") -> list[Any]:
-        call = self.store.submit(
-            run_id=self.run_id,
-            workflow="wf",
-            queue="q",
-            first_step="a",
-            input_sha=digest,
-            event='{"detail":"x"}',
-            request_id=request_id,
-            state={"n": "0"},
-        )
-        return self.x(call)[0]
-
-    def read(self, consumer: str = "c1") -> list[tuple[str, Dispatch]]:
-        reply = self.r.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=10)
-        return [(eid, Dispatch.model_validate(f)) for _, entries in reply for eid, f in entries]
-
-    def claim(self, eid: str, d: Dispatch, worker: str = "w1", lease_ms: int = 5000, max_crashes: int = 3) -> Claimed:
-        call = self.store.claim(
-            dispatch=d, entry_id=eid, token=f"{worker}:{eid}", worker=worker, lease_ms=lease_ms, max_crashes=max_crashes
-        )
-        return Claimed.parse(self.x(call)[0])
-
-    def commit(
-        self,
-        eid: str,
-        d: Dispatch,
-        worker: str = "w1",
-        next_step: str | None = "b",
-        state: dict[str, str] | None = None,
-        chain_to: str | None = None,
-    ) -> Outcome:
-        call = self.store.commit(
-            dispatch=d,
-            queue="q",
-            token=f"{worker}:{eid}",
-            record=f'{{"by":"{worker}"}}',
-            event='{"step":"a"}',
-            next_step=next_step,
-            duration_ms=5,
-            cost={},
-            state=state or {"n": "1"},
-            chain_to=chain_to,
-            lease_ms=5000,
-        )
-        return Outcome.parse(self.x(call)[0])
-
-    def fail(self, eid: str, d: Dispatch, delay_ms: int | None, worker: str = "w1") -> Outcome:
-        call = self.store.fail(
-            dispatch=d,
-            queue="q",
-            token=f"{worker}:{eid}",
-            event='{"step":"a"}',
-            kind="error",
-            retry_delay_ms=delay_ms,
-            error='{"type":"E","message":"m"}',
-        )
-        return Outcome.parse(self.x(call)[0])
-
-    def run(self) -> dict[str, str]:
-        return self.r.hgetall(self.rk.run)
-
-    def history_types(self) -> list[str]:
-        import json
-
-        return [json.loads(e)["type"] for e in self.r.lrange(self.rk.history, 0, -1)]
-
-
-@pytest.fixture
-def ops(r: redis.Redis, settings: Settings) -> Ops:
-    return Ops(r, settings)
+from orchestrator.store import Committed, Outcome
+from tests.ops import Ops
 
 
 def test_submit_creates_once_and_reports_the_existing_run(ops: Ops) -> None:
@@ -112,7 +19,9 @@ def test_submit_creates_once_and_reports_the_existing_run(ops: Ops) -> None:
     assert ops.submit(digest="other", request_id="req3") == [0, "wf", "d1", "pending"]
     assert ops.r.xlen(ops.stream) == 1
     assert ops.r.hgetall(ops.rk.state) == {"n": "0"}
-    assert ops.r.zscore(ops.keys.active, "r1") is not None
+    # waiting in the stream: in its queue's queued index, scored by the entry's time, not in active
+    assert ops.r.zscore(ops.keys.queue("q").queued, "r1") == int(created[1].split("-")[0])
+    assert ops.r.zscore(ops.keys.active, "r1") is None
 
 
 def test_claim_issues_increasing_fences_and_returns_state(ops: Ops) -> None:
@@ -217,15 +126,18 @@ def test_a_chained_commit_claims_the_next_step_for_its_worker_when_nothing_else_
     run = ops.run()
     assert (run["step"], run["claim"], run["claim_worker"], run["dispatch"]) == (
         "b",
-        f"w1:{committed.entry_id}",
+        "w1:chained",
         "w1",
         committed.entry_id,
     )
-    assert ops.r.get(ops.rk.lease) == f"w1:{committed.entry_id}"
+    assert ops.r.get(ops.rk.lease) == "w1:chained"
     b = Dispatch(run="r1", wf="wf", step="b", visit=1)
-    assert ops.claim(committed.entry_id, b).fence == claimed.fence  # the same claim, as if claimed again
+    same = ops.claim(committed.entry_id, b, token="w1:chained")  # the same claim, as if claimed again
+    assert same.fence == claimed.fence
     assert ops.claim(committed.entry_id, b, worker="w2").code == "BUSY"
-    assert ops.commit(committed.entry_id, b, next_step=None).code == "OK"  # the chained claim commits
+    assert (
+        ops.commit(committed.entry_id, b, next_step=None, token="w1:chained").code == "OK"
+    )  # the chained claim commits
 
 
 def test_a_chained_commit_resent_after_a_lost_reply_hands_back_the_same_claim(ops: Ops) -> None:
@@ -288,9 +200,9 @@ def test_fail_schedules_a_retry_or_dead_letters_and_replays_safely(ops: Ops) -> 
     assert ops.fail(eid, d, delay_ms=0).code == "REPLAY"
     assert ops.run()["status"] == "retrying" and ops.r.zcard(ops.keys.queue("q").delayed) == 1
     due = ops.x(ops.store.due(queue="q", limit=10))[0]
-    assert due == ["r1|a|1"]
-    new_id = ops.x(ops.store.promote(queue="q", run_id="r1", step="a", visit=1))[0]
-    assert new_id and ops.x(ops.store.promote(queue="q", run_id="r1", step="a", visit=1))[0] == ""
+    assert due == ["r1"]  # the delayed set's members are run ids: one backoff per run at a time
+    new_id = ops.x(ops.store.promote(queue="q", run_id="r1"))[0]
+    assert new_id and ops.x(ops.store.promote(queue="q", run_id="r1"))[0] == ""
     ops.r.xack(ops.stream, GROUP, eid)
     ((eid2, d2),) = ops.read()
     assert eid2 == new_id
@@ -361,10 +273,10 @@ def test_release_re_enqueues_without_counting_a_crash(ops: Ops) -> None:
     ops.claim(eid, d)
     out = Outcome.parse(ops.x(ops.store.release(run_id="r1", queue="q", token=f"w1:{eid}", event='{"step":"a"}'))[0])
     assert out.code == "RELEASED"
-    assert (
-        Outcome.parse(ops.x(ops.store.release(run_id="r1", queue="q", token=f"w1:{eid}", event='{"step":"a"}'))[0]).code
-        == "NOT_OWNER"
-    )
+    again = ops.store.release(run_id="r1", queue="q", token=f"w1:{eid}", event='{"step":"a"}')
+    assert Outcome.parse(ops.x(again)[0]).code == "REPLAY"  # resent after a lost reply: done already
+    other = ops.store.release(run_id="r1", queue="q", token="w9:other", event='{"step":"a"}')
+    assert Outcome.parse(ops.x(other)[0]).code == "NOT_OWNER"
     ops.r.xack(ops.stream, GROUP, eid)
     ((eid2, d2),) = ops.read()
     c = ops.claim(eid2, d2, worker="w2")
@@ -436,8 +348,10 @@ def test_purge_deletes_only_old_finished_runs(ops: Ops) -> None:
     ops.claim(eid, d)
     ops.commit(eid, d, next_step=None)
     finished = int(ops.run()["finished_ms"])
-    assert ops.x(ops.store.purge(run_id="r1", cutoff_ms=finished - 1))[0] == 0
-    assert ops.x(ops.store.purge(run_id="r1", cutoff_ms=finished))[0] == 1
+    purge = ops.store.purge
+    assert ops.x(purge(run_id="r1", index="done", cutoff_ms=finished - 1, statuses=["completed"]))[0] == 0
+    assert ops.x(purge(run_id="r1", index="done", cutoff_ms=finished, statuses=["cancelled"]))[0] == 0
+    assert ops.x(purge(run_id="r1", index="done", cutoff_ms=finished, statuses=["completed"]))[0] == 1
     assert not ops.r.exists(ops.rk.run, ops.rk.state, ops.rk.results, ops.rk.history)
 
 
@@ -455,7 +369,8 @@ def test_stale_lists_members_older_than_an_age_by_the_server_clock(ops: Ops) -> 
 
 
 def test_heartbeat_and_leader_use_the_server_clock(ops: Ops) -> None:
-    now = ops.x(ops.store.heartbeat(worker="w1", ttl_ms=1000, info={"pid": "1"}))[0]
+    now = ops.x(ops.store.heartbeat(worker="w1", ttl_ms=1000, queues=["q", "q2"], info={"pid": "1"}))[0]
+    assert ops.r.smembers(ops.keys.queues) == {"q", "q2"}
     assert abs(now - ops.r.time()[0] * 1000) < 2000
     assert ops.r.zscore(ops.keys.workers, "w1") == now
     assert ops.x(ops.store.leader(candidate="a", lease_ms=1000))[0] == 1

@@ -28,11 +28,13 @@ def test_a_dead_claim_behind_600_live_ones_is_redispatched_within_a_few_ticks(
     calls = [
         client.store.claim(
             dispatch=d,
+            queue="default",
             entry_id=eid,
             token=f"w:{eid}",
             worker="w",
             lease_ms=1 if d.run == "run600" else 60_000,
             max_crashes=3,
+            max_steps=0,
         )
         for eid, d in entries
     ]

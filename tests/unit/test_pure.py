@@ -15,7 +15,7 @@ from orchestrator.codec import Dispatch, dumps
 from orchestrator.connection import parse_sentinel_url, redact_url
 from orchestrator.errors import DefinitionError, PayloadTooLarge, StepResultError, ValidationError
 from orchestrator.faults import Faults, InjectedFault
-from orchestrator.keys import Keys, delayed_member, idempotency_key, parse_delayed_member
+from orchestrator.keys import Keys, idempotency_key
 
 ROOT = Path(orchestrator.__file__).parent
 
@@ -145,7 +145,6 @@ def test_every_key_of_a_run_shares_its_hash_tag() -> None:
 def test_idempotency_key_is_run_and_step_plus_visit_after_the_first() -> None:
     assert idempotency_key("r", "send", 1) == "r:send"
     assert idempotency_key("r", "send", 3) == "r:send:3"
-    assert parse_delayed_member(delayed_member("a:b@c", "s", 2)) == ("a:b@c", "s", 2)
 
 
 def test_the_key_prefix_literal_appears_only_in_keys_py() -> None:

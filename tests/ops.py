@@ -1,0 +1,149 @@
+"""``Ops``: drives the Lua scripts for one run the way a worker would, for the script tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import redis
+
+from orchestrator import scripts
+from orchestrator.codec import Dispatch
+from orchestrator.keys import GROUP, Keys
+from orchestrator.settings import Settings
+from orchestrator.store import Claimed, Outcome, Store
+
+
+class Ops:
+    """Drives the scripts for one run the way a worker would."""
+
+    def __init__(self, r: redis.Redis, settings: Settings, run_id: str = "r1") -> None:
+        self.r, self.keys = r, Keys(settings.namespace)
+        self.store = Store(self.keys)
+        self.run_id = run_id
+        self.stream = self.keys.queue("q").stream
+        self.rk = self.keys.run(run_id)
+        with contextlib.suppress(redis.ResponseError):
+            r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+
+    def x(self, *calls: Any) -> list[Any]:
+        return scripts.execute(self.r, list(calls))
+
+    def submit(self, digest: str = "d1", request_id: str = "req1") -> list[Any]:
+        return self.x(self.submit_call(digest, request_id))[0]
+
+    def submit_call(self, digest: str = "d1", request_id: str = "req1") -> scripts.Call:
+        return self.store.submit(
+            run_id=self.run_id,
+            workflow="wf",
+            queue="q",
+            first_step="a",
+            input_sha=digest,
+            event='{"detail":"x"}',
+            request_id=request_id,
+            state={"n": "0"},
+        )
+
+    def read(self, consumer: str = "c1") -> list[tuple[str, Dispatch]]:
+        reply = self.r.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=10)
+        return [(eid, Dispatch.model_validate(f)) for _, entries in reply for eid, f in entries]
+
+    def claim(
+        self,
+        eid: str,
+        d: Dispatch,
+        worker: str = "w1",
+        lease_ms: int = 5000,
+        max_crashes: int = 3,
+        token: str | None = None,
+        max_steps: int = 0,
+    ) -> Claimed:
+        """``token`` defaults to one per (worker, entry), which these tests use as "the" claim."""
+        return Claimed.parse(self.x(self.claim_call(eid, d, worker, lease_ms, max_crashes, token, max_steps))[0])
+
+    def claim_call(
+        self,
+        eid: str,
+        d: Dispatch,
+        worker: str = "w1",
+        lease_ms: int = 5000,
+        max_crashes: int = 3,
+        token: str | None = None,
+        max_steps: int = 0,
+    ) -> scripts.Call:
+        return self.store.claim(
+            dispatch=d,
+            queue="q",
+            entry_id=eid,
+            token=token or f"{worker}:{eid}",
+            worker=worker,
+            lease_ms=lease_ms,
+            max_crashes=max_crashes,
+            max_steps=max_steps,
+        )
+
+    def commit(
+        self,
+        eid: str,
+        d: Dispatch,
+        worker: str = "w1",
+        next_step: str | None = "b",
+        state: dict[str, str] | None = None,
+        chain_to: str | None = None,
+        token: str | None = None,
+        cost: dict[str, float] | None = None,
+        max_steps: int = 0,
+        record: str | None = None,
+    ) -> Outcome:
+        call = self.commit_call(eid, d, worker, next_step, state, chain_to, token, cost, max_steps, record)
+        return Outcome.parse(self.x(call)[0])
+
+    def commit_call(
+        self,
+        eid: str,
+        d: Dispatch,
+        worker: str = "w1",
+        next_step: str | None = "b",
+        state: dict[str, str] | None = None,
+        chain_to: str | None = None,
+        token: str | None = None,
+        cost: dict[str, float] | None = None,
+        max_steps: int = 0,
+        record: str | None = None,
+    ) -> scripts.Call:
+        return self.store.commit(
+            dispatch=d,
+            queue="q",
+            token=token or f"{worker}:{eid}",
+            record=record or f'{{"by":"{worker}"}}',
+            event='{"step":"a"}',
+            next_step=next_step,
+            duration_ms=5,
+            cost=cost or {},
+            state=state or {"n": "1"},
+            max_steps=max_steps,
+            chain_to=chain_to,
+            chain_token=f"{chain_to}:chained",
+            lease_ms=5000,
+        )
+
+    def fail(
+        self, eid: str, d: Dispatch, delay_ms: int | None, worker: str = "w1", token: str | None = None
+    ) -> Outcome:
+        call = self.store.fail(
+            dispatch=d,
+            queue="q",
+            token=token or f"{worker}:{eid}",
+            event='{"step":"a"}',
+            kind="error",
+            retry_delay_ms=delay_ms,
+            error='{"type":"E","message":"m"}',
+        )
+        return Outcome.parse(self.x(call)[0])
+
+    def run(self) -> dict[str, str]:
+        return self.r.hgetall(self.rk.run)
+
+    def history_types(self) -> list[str]:
+        return [json.loads(e)["type"] for e in self.r.lrange(self.rk.history, 0, -1)]
