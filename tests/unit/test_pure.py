@@ -164,6 +164,32 @@ def test_the_key_prefix_literal_appears_only_in_keys_py() -> None:
 # -- settings, urls, codec, faults ------------------------------------------------------
 
 
+def test_every_setting_is_documented_in_the_readme_with_its_default() -> None:
+    """The README's configuration table is the reference users read: no setting missing from it."""
+    readme = (ROOT.parent / "README.md").read_text()
+    table = readme[readme.index("| Setting | Default |") : readme.index("\n\n", readme.index("| Setting | Default |"))]
+    documented = set(re.findall(r"`([a-z_]+)`", table))
+    internal = {"faults"}  # test-only: armed crash points
+    assert set(Settings.model_fields) - internal - documented == set()
+
+
+def test_every_setting_has_a_cli_flag_of_the_same_name() -> None:
+    """``ORCHESTRATOR_LEASE_S`` is ``--lease-s`` on the commands that use it (faults: env only, tests)."""
+    import click
+
+    from orchestrator.cli import cli
+
+    flags: set[str] = set()
+
+    def walk(command: click.Command) -> None:
+        flags.update(opt for p in command.params if isinstance(p, click.Option) for opt in p.opts)
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(cli)
+    assert {f"--{name.replace('_', '-')}" for name in Settings.model_fields if name != "faults"} - flags == set()
+
+
 def test_settings_refuse_a_lease_that_heartbeats_cannot_keep_alive() -> None:
     with pytest.raises(ValueError, match=r"lease_s \(2.0\) must be more than 3 x heartbeat_interval_s"):
         Settings(lease_s=2.0, heartbeat_interval_s=1.0)
