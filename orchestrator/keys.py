@@ -72,6 +72,8 @@ Key                                Type    Holds                                
 ``<ns>:ledger:{<ns>}:requests``    hash    fake receiver: key -> requests received chaos and test       as above
 ``<ns>:ledger:{<ns>}:items``       hash    ``run:item`` -> times an item was       chaos and test       as above
                                            processed inside a stashing step        workflows only
+``<ns>:ledger:{<ns>}:fenced``      zset    fenced receiver: idempotency key ->     chaos and test       as above
+                                           highest fencing token seen (ZADD GT)    workflows only
 =================================  ======  ======================================  ===================  ====================
 
 Every unfinished run is in exactly one of ``active`` and its queue's ``queued`` index; the sweep
@@ -122,6 +124,7 @@ class LedgerKeys:
     effects: str
     requests: str
     items: str
+    fenced: str
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,7 @@ class Keys:
             effects=f"{base}:effects",
             requests=f"{base}:requests",
             items=f"{base}:items",
+            fenced=f"{base}:fenced",
         )
 
 

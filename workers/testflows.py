@@ -162,4 +162,44 @@ def crawl(ctx: StepContext, state: Slow) -> dict[str, Any]:
     return {"beat": state.beat}
 
 
-ALL = [chain, stashing, effects, agent_loop, slow]
+class Held(BaseModel):
+    """State of ``held``: how long its first step works, and the fence of every attempt whose
+    update was applied (exactly one, when fencing holds)."""
+
+    seconds: float = 6.0
+    applied_by: list[int] = []
+
+
+held = Workflow("held", state=Held)
+
+
+def stash_noted(ctx: StepContext, phase: str) -> None:
+    """``ctx.stash`` and, once it is durable, a note in the ledger: the ledger counts the
+    stashes that Redis accepted from each attempt (``stash@<fence>``)."""
+    ctx.stash({"fence": ctx.fencing_token, "phase": phase})
+    ledger.current().item_done(ctx.run_id, f"stash@{ctx.fencing_token}")
+
+
+@held.step(retry=Retry(max_attempts=3, backoff_s=0.05))
+def hold(ctx: StepContext, state: Held) -> dict[str, Any]:
+    """Records itself, sends its effect to both receivers, stashes, then works ``seconds``
+    heartbeating and stashes again before it returns: an attempt long enough for Redis to
+    forget its claim while it runs, whose later writes must then be refused."""
+    record_execution(ctx)
+    send_effect(ctx, f"effect of {ctx.run_id}")
+    ledger.current().send_fenced(ctx.idempotency_key, ctx.fencing_token)
+    stash_noted(ctx, "started")
+    deadline = time.monotonic() + state.seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        ctx.heartbeat()
+    stash_noted(ctx, "finished")
+    return {"applied_by": [*state.applied_by, ctx.fencing_token]}
+
+
+@held.step
+def after_hold(ctx: StepContext, state: Held) -> None:
+    record_execution(ctx, saw=state.applied_by)
+
+
+ALL = [chain, stashing, effects, agent_loop, slow, held]

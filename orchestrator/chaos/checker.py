@@ -7,19 +7,32 @@ I2  one committed result per (run, step, visit), never overwritten: it comes fro
 I3  a receiver that dedupes by the idempotency key applies each effect once, and every
     request carries the key of a step visit that exists (keys stable across retries)
 I4  no entry stays pending once the runs are done; a killed worker's steps run again
-    within lease + sweep + slack
+    within lease + sweep + slack (counted from Redis' return when Redis was restored from an
+    older copy between the kill and the recovery: the recovery it made before was forgotten)
 I5  crashes per step stay within max_crashes; a step over it is quarantined with the reason
 I6  the fleet-wide counters agree with the runs' histories
 I7  no worker or supervisor process died except those the chaos run killed (reported by
     the driver, see ``runner``)
 I8  a step never starts before its predecessor's result is durable: each chain step saw
     exactly the state its predecessors committed
+I9  fencing holds: for every committed step that sent an effect, the token kept by a
+    receiver that keeps the highest fencing token per idempotency key is the fence of the
+    persisted step record, and no ``fenced`` event of that step (a commit we refused)
+    carries that token
+
+Under lost writes (Redis restored from an older copy) the ledger lives on another server and
+keeps the executions of the forgotten timeline. The invariants above still hold as stated:
+claims made after the restore get fences from the server clock, above every fence of the
+forgotten timeline, so the persisted record must still carry the highest executed fence (I2)
+and the highest token a receiver saw (I9); runs the restore forgot entirely are resubmitted
+by the driver with the same id and input, and then must finish like any other (I1).
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +82,8 @@ class Report:
     re_executions: int = 0
     effects_applied: int = 0
     effect_requests: int = 0
+    fencing_checked: int = 0  # committed steps whose effect reached the fenced receiver (I9)
+    vanished: int = 0  # runs a restore from an older copy forgot; resubmitted by the driver
     items_redone: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     detection_ms: list[int] = field(default_factory=list)
@@ -89,6 +104,9 @@ class Report:
             "lost": self.count("I1"),
             "overwritten_or_rerun_after_commit": self.count("I2"),
             "duplicate_effects": self.count("I3"),
+            "fencing_violations": self.count("I9"),
+            "fencing_checked": self.fencing_checked,
+            "vanished": self.vanished,
             "executions": self.executions,
             "committed_steps": self.committed_steps,
             "re_executions": self.re_executions,
@@ -133,7 +151,8 @@ def load(client: Client, run_ids: list[str]) -> dict[str, RunFacts]:
 
 
 class Checker:
-    """Checks one namespace after a chaos run. ``kills`` are (worker id, server ms) pairs."""
+    """Checks one namespace after a chaos run. ``kills`` are (worker id, server ms) pairs;
+    ``restores_ms`` the server-clock times at which Redis came back from an older copy."""
 
     def __init__(self, client: Client, ledger: Ledger, *, max_crashes: int, recovery_bound_ms: int) -> None:
         self.client = client
@@ -141,7 +160,14 @@ class Checker:
         self.max_crashes = max_crashes
         self.recovery_bound_ms = recovery_bound_ms
 
-    def check(self, submitted: list[str], kills: list[tuple[str, int]], report: Report | None = None) -> Report:
+    def check(
+        self,
+        submitted: list[str],
+        kills: list[tuple[str, int]],
+        report: Report | None = None,
+        *,
+        restores_ms: Sequence[int] = (),
+    ) -> Report:
         report = report or Report()
         facts = load(self.client, submitted)
         executions = self.ledger.executions()
@@ -152,8 +178,9 @@ class Checker:
         for run_id, run in facts.items():
             self._run(report, run_id, run, by_key)
         self._effects(report, facts)
+        self._fencing(report, facts)
         self._counters(report, facts)
-        self._latencies(report, facts, kills)
+        self._latencies(report, facts, kills, sorted(restores_ms))
         self._pending(report)
         return report
 
@@ -215,7 +242,9 @@ class Checker:
         requests = self.ledger.effect_requests()
         report.effects_applied = len(effects)
         report.effect_requests = sum(requests.values())
-        expected = {key for run in facts.values() for key in run.results if key.split(":")[-1] == "send"}
+        # a request's key must be the key of a step visit: committed, or the chaos send step of
+        # a run that never got there (failed before it committed)
+        expected = {key for run in facts.values() for key in run.results}
         expected |= {f"{rid}:send" for rid, run in facts.items() if run.info and run.info.workflow == "chaos_effect"}
         for key in requests:
             if key not in expected:
@@ -225,6 +254,46 @@ class Checker:
             if done and f"{rid}:send" not in effects:
                 self._fail(report, "I3", rid, "completed, but its effect was never applied")
         report.items_redone = sum(max(0, n - 1) for n in self.ledger.items().values())
+
+    def _fencing(self, report: Report, facts: dict[str, RunFacts]) -> None:
+        """I9: the fenced receiver, which keeps the highest token it saw, agrees with the
+        persisted record, and never ended on an attempt whose commit we refused."""
+        kept = self.ledger.fenced_tokens()
+        for run_id, run in facts.items():
+            for key, record in run.results.items():
+                token = kept.get(key)
+                if token is None:
+                    continue  # this step sent nothing to the fenced receiver
+                report.fencing_checked += 1
+                if token > record.fence:
+                    self._fail(
+                        report,
+                        "I9",
+                        run_id,
+                        f"{key}: the fenced receiver kept token {token}, but the persisted record has fence "
+                        f"{record.fence}: an older attempt's commit won over a newer attempt (fencing inverted)",
+                    )
+                elif token < record.fence:
+                    self._fail(
+                        report,
+                        "I9",
+                        run_id,
+                        f"{key}: the fenced receiver kept token {token}, but the persisted record has fence "
+                        f"{record.fence}: the committed attempt's write never reached the receiver",
+                    )
+                refused = [
+                    ev
+                    for ev in run.events
+                    if ev.type == "fenced" and ev.step == record.step and ev.visit == record.visit and ev.fence == token
+                ]
+                if refused:
+                    self._fail(
+                        report,
+                        "I9",
+                        run_id,
+                        f"{key}: the fenced receiver kept token {token}, the token of an attempt whose "
+                        f"commit was refused (fenced by worker {refused[0].worker})",
+                    )
 
     def _counters(self, report: Report, facts: dict[str, RunFacts]) -> None:
         """I6: each counter equals the number of history events it counts."""
@@ -240,11 +309,15 @@ class Checker:
                     f"hold {events.get(event, 0)} '{event}' events",
                 )
 
-    def _latencies(self, report: Report, facts: dict[str, RunFacts], kills: list[tuple[str, int]]) -> None:
+    def _latencies(
+        self, report: Report, facts: dict[str, RunFacts], kills: list[tuple[str, int]], restores_ms: list[int]
+    ) -> None:
         """Kill -> supervisor re-dispatch (detection) and kill -> step claimed again (recovery).
 
         A ``crashed`` event names the dead claim's worker and is written by the next claim, so
         its time is the recovery; the ``redispatched`` event just before it is the detection.
+        When Redis was restored from an older copy between the kill and the recovery, the clock
+        starts at the restore: whatever recovery happened before it was forgotten with it.
         """
         killed = dict(kills)
         for run_id, run in facts.items():
@@ -252,9 +325,9 @@ class Checker:
             for ev in run.events:
                 if ev.type == "redispatched":
                     redispatched_at = ev.at
-                if ev.type != "crashed" or ev.worker not in killed:
-                    continue
-                kill_ms = killed[ev.worker]
+                if ev.type != "crashed" or ev.worker not in killed or ev.at < killed[ev.worker]:
+                    continue  # not a killed worker's claim recovered (a lease lost to a restore, say)
+                kill_ms = max([killed[ev.worker], *(t for t in restores_ms if t <= ev.at)])
                 recovery = ev.at - kill_ms
                 report.recovery_ms.append(recovery)
                 if redispatched_at is not None and redispatched_at >= kill_ms:

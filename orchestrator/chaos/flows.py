@@ -2,7 +2,8 @@
 
 Four shapes cover the step path: a chain (each step must see the state its predecessor
 committed), a stashing step (resumes from its checkpoint), a side effect sent to the ledger's
-fake receiver, and an agent-style loop (``Goto``, so idempotency keys carry visit numbers).
+two fake receivers (one dedupes by idempotency key, one keeps the highest fencing token), and
+an agent-style loop (``Goto``, so idempotency keys carry visit numbers).
 Steps sleep a little, heartbeat, and fail transiently now and then, so kills land in every
 phase of the step path and the retry path runs too. They all use the ``chaos`` queue.
 """
@@ -36,17 +37,22 @@ class Knobs(BaseModel):
 
     work_s: float = 0.05
     fail_rate: float = 0.05
+    hold_s: float = 0.0  # how long ``send`` keeps working after sending (outliving a rollback)
 
 
 def _work(ctx: StepContext, knobs: Knobs) -> None:
     """Sleep ``work_s`` in small slices, heartbeating, then maybe fail transiently."""
-    deadline = time.monotonic() + knobs.work_s * random.uniform(0.5, 1.5)
-    while time.monotonic() < deadline:
-        time.sleep(min(0.02, knobs.work_s))
-        ctx.heartbeat()
+    _busy(ctx, knobs.work_s * random.uniform(0.5, 1.5))
     point("mid_step", ctx.step)
     if random.random() < knobs.fail_rate:
         raise Transient(f"transient failure in {ctx.step} (attempt {ctx.attempt})")
+
+
+def _busy(ctx: StepContext, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(0.02, seconds))
+        ctx.heartbeat()
 
 
 class ChainState(Knobs):
@@ -109,9 +115,12 @@ def prepare(ctx: StepContext, state: MailState) -> None:
 
 @effects.step(retry=RETRY)
 def send(ctx: StepContext, state: MailState) -> dict[str, bool]:
-    """The side effect: requested with the step's idempotency key, applied once by the receiver."""
+    """The side effect, sent to both receivers: the deduping one applies it once per idempotency
+    key; the fenced one keeps the highest fencing token, which must be the committed attempt's."""
     ledger.current().record(ctx)
     ledger.current().send_effect(ctx, f"mail to {state.to}")
+    ledger.current().send_fenced(ctx.idempotency_key, ctx.fencing_token)
+    _busy(ctx, state.hold_s)  # an attempt long enough for Redis to forget it while it runs
     _work(ctx, state)
     return {"sent": True}
 

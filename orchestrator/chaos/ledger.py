@@ -1,16 +1,19 @@
-"""The outside observer: what synthetic steps record about themselves, and a fake receiver.
+"""The outside observer: what synthetic steps record about themselves, and two fake receivers.
 
 Steps of the chaos and test workflows write here *before* they return, so the record of an
 execution survives even when its result is lost to a ``kill -9``. The invariant checker then
 compares this ledger with the orchestrator's own records: a step whose result was persisted
 must not appear again with a higher fencing token; a step must have seen the state its
 predecessors committed; an effect must be applied once per idempotency key however often it
-was requested.
+was requested (the deduping receiver); and a receiver that keeps the highest fencing token it
+has seen per idempotency key must end up agreeing with the persisted record (the fenced
+receiver).
 
 The Redis connection comes from the process's own settings (``ORCHESTRATOR_REDIS_URL`` or
-``REDIS_URL``, and ``ORCHESTRATOR_NAMESPACE``), which worker processes already have; a test
-that routes a worker through a fault proxy sets ``ORCHESTRATOR_LEDGER_URL`` to the direct URL,
-so the observer's own writes are not subject to the faults it observes.
+``REDIS_URL``, and ``ORCHESTRATOR_NAMESPACE``), which worker processes already have. A test
+that routes a worker through a fault proxy, or a chaos run that rolls its Redis back to an
+older copy, sets ``ORCHESTRATOR_LEDGER_URL`` to another server, so the observer's own writes
+are not subject to the faults it observes.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Ledger:
     def __init__(self, client: redis.Redis, namespace: str) -> None:
         self.redis = client
         self.keys: LedgerKeys = Keys(namespace).ledger
+        self.fenced = self.keys.fenced
 
     # -- written by steps -----------------------------------------------------------------
 
@@ -70,6 +74,16 @@ class Ledger:
         pipe.hincrby(self.keys.requests, ctx.idempotency_key, 1)
         pipe.hsetnx(self.keys.effects, ctx.idempotency_key, payload)
         return bool(pipe.execute()[1])
+
+    def send_fenced(self, idempotency_key: str, fencing_token: int) -> bool:
+        """The fenced receiver: keeps the highest fencing token seen per idempotency key
+        (``ZADD GT``) and accepts a write only when its token is that highest one, so a late
+        write from an attempt that was replaced (a lower token) is refused. Returns accepted."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zadd(self.fenced, {idempotency_key: fencing_token}, gt=True, ch=True)
+        pipe.zscore(self.fenced, idempotency_key)
+        kept = pipe.execute()[1]
+        return kept is not None and int(kept) == fencing_token
 
     def item_done(self, run_id: str, item: str) -> None:
         self.redis.hincrby(self.keys.items, f"{run_id}:{item}", 1)
@@ -95,6 +109,12 @@ class Ledger:
     def effect_requests(self) -> dict[str, int]:
         raw: dict[str, str] = self.redis.hgetall(self.keys.requests)  # type: ignore[assignment]
         return {k: int(v) for k, v in raw.items()}
+
+    def fenced_tokens(self) -> dict[str, int]:
+        """The token the fenced receiver kept, per idempotency key (fences are below 2**53, so
+        the zset's float scores hold them exactly)."""
+        raw: list[tuple[str, float]] = self.redis.zrange(self.fenced, 0, -1, withscores=True)  # type: ignore[assignment]
+        return {key: int(score) for key, score in raw}
 
     def items(self) -> dict[str, int]:
         raw: dict[str, str] = self.redis.hgetall(self.keys.items)  # type: ignore[assignment]

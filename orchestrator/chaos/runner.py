@@ -4,8 +4,11 @@ The run starts its own supervisors and worker processes (``orchestrator.chaos.fl
 fresh namespace, keeps a mix of runs in flight, and for ``duration_s`` injects faults:
 ``kill -9`` of random workers at random times (restarted shortly after, like a container),
 workers that kill themselves at a random crash point, supervisor kills, malformed stream
-entries, and, when it owns the Redis server, ``kill -9`` + restart of Redis itself. Then it
-stops injecting, waits for every run to finish, and checks the invariants (``checker``).
+entries, and, when it owns the Redis server, ``kill -9`` + restart of Redis itself and
+restarts from an older copy of its data that lose the last seconds of acknowledged writes
+(``rollback``). Runs whose submit such a restore forgot are resubmitted with the same id and
+input, as the README tells users to. Then it stops injecting, waits for every run to finish,
+and checks the invariants (``checker``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import redis
 from orchestrator.chaos import flows
 from orchestrator.chaos.checker import Checker, Report, Violation
 from orchestrator.chaos.ledger import Ledger
+from orchestrator.chaos.rollback import Rollbacks
 from orchestrator.client import Client
+from orchestrator.connection import close, connect
 from orchestrator.embedded import RedisServer
 from orchestrator.keys import GROUP
 from orchestrator.processes import ProcessGroup
@@ -31,6 +36,8 @@ from orchestrator.settings import Settings
 
 Echo = Callable[[str], None]
 CRASH_POINTS = ("after_claim", "mid_step", "after_stash", "before_commit", "after_persist_before_ack")
+HOLD_SHARE, HOLD_S = 0.5, (1.0, 6.0)  # with lost writes: effect runs whose send step works this long
+RESTORED = "restore from an older copy"  # the fault's name in the report
 
 
 @dataclass
@@ -44,6 +51,7 @@ class ChaosConfig:
     kills_per_minute: float = 30.0
     crash_point_share: float = 0.3
     redis_restarts: int = 2
+    lost_writes: int = 0  # restores from an older copy (each loses 2-5 s of writes)
     supervisor_kills: int = 1
     in_flight: int = 30
     work_s: float = 0.05
@@ -65,27 +73,52 @@ class Injected:
 
 
 class ChaosRun:
-    """One chaos run against ``settings.redis_url``; ``server`` is set when we own Redis."""
+    """One chaos run against ``settings.redis_url``; ``server`` is set when we own Redis.
+
+    ``ledger_url`` puts the ledger on another server (workers get it as
+    ``ORCHESTRATOR_LEDGER_URL``): required for ``lost_writes``, since a restore from an older
+    copy would roll back a ledger kept in the same Redis along with what it observes.
+    """
 
     def __init__(
-        self, settings: Settings, config: ChaosConfig, *, server: RedisServer | None, logs: Path, echo: Echo
+        self,
+        settings: Settings,
+        config: ChaosConfig,
+        *,
+        server: RedisServer | None,
+        logs: Path,
+        echo: Echo,
+        ledger_url: str | None = None,
     ) -> None:
+        if config.lost_writes and (server is None or ledger_url is None):
+            raise ValueError(
+                "lost_writes restores Redis from an older copy: it needs a server the chaos run started "
+                "itself (never yours) and a ledger on another server"
+            )
         self.config = config
         self.settings = settings.model_copy(update={"namespace": f"chaos-{uuid.uuid4().hex[:8]}"})
         self.server = server
         self.echo = echo
         self.rng = random.Random(config.seed)
         self.client = Client(self.settings)
-        self.ledger = Ledger(self.client.redis, self.settings.namespace)
+        self.ledger_redis = connect(ledger_url) if ledger_url else None
+        self.ledger = Ledger(self.ledger_redis or self.client.redis, self.settings.namespace)
         env = {
             **os.environ,
             "ORCHESTRATOR_REDIS_URL": self.settings.redis_url or "",
             "ORCHESTRATOR_NAMESPACE": self.settings.namespace,
         }
         env.pop("REDIS_URL", None)
+        env.pop("ORCHESTRATOR_LEDGER_URL", None)
+        if ledger_url:
+            env["ORCHESTRATOR_LEDGER_URL"] = ledger_url
         self.procs = ProcessGroup(env, logs)
         self.injected = Injected()
         self.submitted: list[str] = []
+        self.inputs: dict[str, tuple[str, dict[str, float]]] = {}  # run id -> workflow, input
+        self.vanished: set[str] = set()  # forgotten by a restore, resubmitted
+        self.restores_ms: list[int] = []
+        self.rescan = False  # a restore happened: look for vanished runs
         self.open_runs: set[str] = set()
         self.unsure: list[tuple[str, str, dict[str, float]]] = []  # submits whose outcome we did not see
         self.unexpected: list[Violation] = []
@@ -161,6 +194,9 @@ class ChaosRun:
         name = self.rng.choices(list(flows.MIX), weights=list(flows.MIX.values()))[0]
         run_id = f"{name}-{len(self.submitted) + len(self.unsure):05d}"
         knobs = {"work_s": self.config.work_s, "fail_rate": self.config.fail_rate}
+        if self.config.lost_writes and name == flows.effects.name and self.rng.random() < HOLD_SHARE:
+            # a send that outlives a rollback: Redis forgets its claim while it still runs
+            knobs["hold_s"] = self.rng.uniform(*HOLD_S)
         self._submit(run_id, name, knobs)
 
     def _submit(self, run_id: str, name: str, knobs: dict[str, float]) -> None:
@@ -170,7 +206,9 @@ class ChaosRun:
         except (redis.RedisError, OSError):
             self.unsure.append((run_id, name, knobs))  # resubmitted later: same id, same run
             return
-        self.submitted.append(run_id)
+        if run_id not in self.inputs:
+            self.submitted.append(run_id)
+            self.inputs[run_id] = (name, knobs)
         self.open_runs.add(run_id)
 
     def _retry_unsure(self) -> None:
@@ -187,6 +225,26 @@ class ChaosRun:
             for rid, status in zip(candidates, pipe.execute(), strict=True)
             if status not in ("completed", "failed", "cancelled")
         ]
+
+    def _resubmit_vanished(self) -> None:
+        """After a restore from an older copy: the runs whose submit was in the lost seconds
+        are gone. Report them and submit each again with the same id and input (what the
+        README tells users to do after Redis lost writes); they must then finish (I1)."""
+        if not self.rescan:
+            return
+        pipe = self.client.redis.pipeline(transaction=False)
+        for rid in self.submitted:
+            pipe.exists(self.client.keys.run(rid).run)
+        gone = [rid for rid, found in zip(self.submitted, pipe.execute(), strict=True) if not found]
+        for rid in gone:
+            self.vanished.add(rid)
+            self._submit(rid, *self.inputs[rid])
+        self.open_runs = set(self._unfinished(self.submitted))  # runs finished in the lost seconds, too
+        self.rescan = False
+        self.echo(
+            f"  restored Redis from an older copy: {len(gone)} runs vanished (their submit was in the "
+            "lost seconds); resubmitted with the same id and input"
+        )
 
     def _inject_malformed(self) -> None:
         stream = self.client.keys.queue(flows.QUEUE).stream
@@ -242,12 +300,16 @@ class ChaosRun:
         sup_kills = [
             start + cfg.duration_s * (i + 0.5) / max(1, cfg.supervisor_kills) for i in range(cfg.supervisor_kills)
         ]
+        rollbacks = None
+        if self.server is not None:
+            rollbacks = Rollbacks.plan(self.server, cfg.lost_writes, start, cfg.duration_s, self.rng)
         next_junk = start + cfg.malformed_every_s
         next_poll = start
         last_report = start
         while (now := time.monotonic()) < end:
             try:
                 if now >= next_poll:
+                    self._resubmit_vanished()
                     self.open_runs = set(self._unfinished(sorted(self.open_runs)))
                     next_poll = now + 0.25
                     self._retry_unsure()
@@ -264,13 +326,10 @@ class ChaosRun:
             if sup_kills and now >= sup_kills[0]:
                 sup_kills.pop(0)
                 self._kill_supervisor()
-            if restarts and now >= restarts[0] and self.server is not None:
-                restarts.pop(0)
-                self._restart_redis()
+            if rollbacks is not None:  # we own Redis: restart it, restore it from older copies
+                self._redis_faults(now, restarts, rollbacks)
             self._watch_exits()
-            for due in [t for t in self.restarts if t <= now]:
-                self.restarts.remove(due)
-                self._start_worker()
+            self._replace_workers(now)
             if now - last_report >= 10:
                 last_report = now
                 self.echo(
@@ -280,6 +339,11 @@ class ChaosRun:
         for _ in self.restarts:
             self._start_worker()
         self.restarts.clear()
+
+    def _replace_workers(self, now: float) -> None:
+        for due in [t for t in self.restarts if t <= now]:
+            self.restarts.remove(due)
+            self._start_worker()
 
     def _kill_supervisor(self) -> None:
         alive = [n for n in self.procs.procs if n.startswith("chaos-s") and self.procs.alive(n)]
@@ -291,15 +355,29 @@ class ChaosRun:
         self.injected.add("supervisor kill -9")
         self.procs.start(f"{name}-r{self.injected.counts['supervisor kill -9']}", "supervisor")
 
+    def _redis_faults(self, now: float, restarts: list[float], rollbacks: Rollbacks) -> None:
+        """``kill -9`` + restart, and restores from an older copy, when due (our own server only)."""
+        if restarts and now >= restarts[0]:
+            restarts.pop(0)
+            self._restart_redis()
+        if rollbacks.tick(now):
+            self._restored()
+
     def _restart_redis(self) -> None:
         assert self.server is not None
         self.server.restart(hard=True)
         self.injected.add("redis kill -9 + restart")
 
+    def _restored(self) -> None:
+        self.restores_ms.append(self._server_ms())
+        self.injected.add(RESTORED)
+        self.rescan = True
+
     def _drain(self, cfg: ChaosConfig) -> None:
         deadline = time.monotonic() + cfg.drain_timeout_s
         while time.monotonic() < deadline:
             try:
+                self._resubmit_vanished()
                 self._retry_unsure()
                 if not self.unsure and not self._unfinished(self.submitted) and not self._pending():
                     return
@@ -325,8 +403,11 @@ class ChaosRun:
         bound_ms = int(
             (self.settings.lease_s + self.settings.sweep_after_s + self.settings.sweep_interval_s + 5) * 1000
         )
+        report.vanished = len(self.vanished)
         checker = Checker(self.client, self.ledger, max_crashes=self.settings.max_crashes, recovery_bound_ms=bound_ms)
-        return checker.check(self.submitted, self.injected.kills, report)
+        return checker.check(self.submitted, self.injected.kills, report, restores_ms=self.restores_ms)
 
     def close(self) -> None:
         self.client.close()
+        if self.ledger_redis is not None:
+            close(self.ledger_redis)

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from orchestrator.chaos.checker import Report
-from orchestrator.chaos.runner import ChaosConfig, ChaosRun
+from orchestrator.chaos.runner import RESTORED, ChaosConfig, ChaosRun
 from orchestrator.cli import cli
 from orchestrator.cli.common import CliState, emit_json, output_option, pass_state
 from orchestrator.embedded import RedisServer
@@ -24,6 +24,7 @@ INVARIANTS = {
     "I6": "counters agree with the histories",
     "I7": "no process died except those we killed",
     "I8": "no step started before its predecessor's result was durable",
+    "I9": "a receiver keeping the highest fencing token agrees with the persisted record",
 }
 
 
@@ -40,12 +41,16 @@ def render(report: Report, header: str) -> str:
         header,
         f"runs        submitted {sum(v for k, v in runs.items() if k != 'quarantined')}, "
         f"completed {runs.get('completed', 0)}, failed {runs.get('failed', 0)} "
-        f"(quarantined {runs.get('quarantined', 0)}), lost {data['lost']}",
+        f"(quarantined {runs.get('quarantined', 0)}), lost {data['lost']}, "
+        f"vanished (resubmitted) {data['vanished']}",
         f"steps       committed {report.committed_steps}, executions {report.executions}, "
-        f"re-executed {report.re_executions} ({share:.1%}: attempts cut short by a fault or an error)",
+        f"re-executed {report.re_executions} ({share:.1%}: attempts cut short by a fault or an error"
+        + (", or forgotten by a restore)" if report.faults.get(RESTORED) else ")"),
         f"results     overwritten or re-run after commit: {data['overwritten_or_rerun_after_commit']}",
         f"effects     requested {report.effect_requests}, applied {report.effects_applied}, "
         f"duplicate effects {data['duplicate_effects']}; items redone inside stashing steps {report.items_redone}",
+        f"fencing     effects checked against the persisted fence {report.fencing_checked}, "
+        f"receiver disagrees with the persisted record {data['fencing_violations']}",
         "faults      " + (", ".join(f"{k} {v}" for k, v in sorted(report.faults.items())) or "none"),
         f"detection   kill -> re-dispatch  p50 {_ms(det['p50'])}  p99 {_ms(det['p99'])}  max {_ms(det['max'])}"
         f"  (n={det['n']})",
@@ -82,6 +87,14 @@ def render(report: Report, header: str) -> str:
     show_default=True,
     help="kill -9 + restart of Redis (only when the chaos run started Redis itself)",
 )
+@click.option(
+    "--lost-writes",
+    type=int,
+    default=0,
+    show_default=True,
+    help="restarts of Redis from an older copy of its data, each losing 2-5 s of acknowledged writes "
+    "(only when the chaos run started Redis itself; the ledger then lives on a second server)",
+)
 @click.option("--supervisor-kills", type=int, default=1, show_default=True)
 @click.option("--in-flight", type=int, default=30, show_default=True, help="runs kept in flight")
 @click.option("--work-s", type=float, default=0.05, show_default=True, help="how long each step works")
@@ -107,27 +120,45 @@ def chaos(state: CliState, /, fsync: str, seed: int | None, chaos_dir: Path, out
     """Run a synthetic workload under kill -9 and Redis restarts, then check the invariants.
 
     With REDIS_URL/--redis-url it runs against that deployment (in a fresh namespace; Redis is
-    not restarted); without one it starts its own redis-server and restarts it too. Exits 1
-    if any invariant broke: run it before going live.
+    not restarted); without one it starts its own redis-server and restarts it too, and keeps
+    the ledger on a second one. Exits 1 if any invariant broke: run it before going live.
     """
     config = ChaosConfig(**options, **({"seed": seed} if seed is not None else {}))
+    url = state.overrides.get("redis_url")
+    if url is not None and config.lost_writes:
+        raise click.UsageError(
+            "--lost-writes restores Redis from an older copy of its data, destroying every write made "
+            "since; it runs only on the redis-server the chaos run starts itself. Unset REDIS_URL "
+            "(and --redis-url) to use it."
+        )
     if chaos_dir.exists():
         shutil.rmtree(chaos_dir)
-    server = None
-    url = state.overrides.get("redis_url")
+    servers: list[RedisServer] = []
     if url is None:
-        server = RedisServer(chaos_dir / "redis", appendfsync=fsync).start()
-        url = server.url
+        servers = [
+            RedisServer(chaos_dir / "redis", appendfsync=fsync).start(),
+            RedisServer(chaos_dir / "ledger", appendfsync="always").start(),  # the observer outlives rollbacks
+        ]
+        url = servers[0].url
     else:
         config.redis_restarts = 0
     settings = state.settings(redis_url=url)
-    where = f"own redis-server (appendfsync {fsync})" if server else settings.redacted_url
-    run = ChaosRun(settings, config, server=server, logs=chaos_dir / "logs", echo=lambda s: click.echo(s, err=True))
+    where = f"own redis-server (appendfsync {fsync})" if servers else settings.redacted_url
     try:
-        report = run.run()
+        run = ChaosRun(
+            settings,
+            config,
+            server=servers[0] if servers else None,
+            ledger_url=servers[1].url if servers else None,
+            logs=chaos_dir / "logs",
+            echo=lambda s: click.echo(s, err=True),
+        )
+        try:
+            report = run.run()
+        finally:
+            run.close()
     finally:
-        run.close()
-        if server is not None:
+        for server in servers:
             server.stop()
     header = (
         f"chaos run: {config.duration_s:g} s of faults on {where}, {config.workers} workers, "

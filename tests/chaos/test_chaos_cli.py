@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import Settings
+from orchestrator.chaos.checker import Report, Violation
+from orchestrator.cli.chaos import render
 from tests.harness import REPO, process_env
 
 
@@ -54,3 +56,38 @@ def test_chaos_smoke_loses_nothing_and_does_nothing_twice(settings: Settings, tm
     faults = report["faults"]
     assert faults["worker kill -9"] >= 4 and faults["redis kill -9 + restart"] == 1
     assert report["runs"]["completed"] >= 50 and report["recovery_ms"]["n"] >= 1
+
+
+def test_lost_writes_are_refused_on_a_redis_the_chaos_run_did_not_start(settings: Settings, tmp_path: Path) -> None:
+    """A restore from an older copy destroys every write since: never on the user's Redis."""
+    (tmp_path / "chaos").mkdir()
+    (tmp_path / "chaos" / "earlier.log").write_text("kept")
+    env = process_env(settings)
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "chaos", "--chaos-dir", str(tmp_path / "chaos"), "--lost-writes", "1"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--lost-writes" in result.stderr and "Unset REDIS_URL" in result.stderr
+    assert (tmp_path / "chaos" / "earlier.log").exists()  # refused before anything was touched
+
+
+def test_the_report_shows_fencing_vanished_runs_and_restores() -> None:
+    report = Report(vanished=3, fencing_checked=12, committed_steps=10, re_executions=4)
+    report.runs.update(completed=20)
+    report.faults.update({"restore from an older copy": 2})
+    report.violations.append(Violation("I9", "r1", "r1:send: the fenced receiver kept token 7, but ..."))
+    text = render(report, "chaos run")
+    assert "lost 0, vanished (resubmitted) 3" in text
+    assert (
+        "fencing     effects checked against the persisted fence 12, receiver disagrees with the persisted record 1"
+        in text
+    )
+    assert "restore from an older copy 2" in text and "or forgotten by a restore" in text
+    assert "  I9 BROKEN x1 a receiver keeping the highest fencing token agrees with the persisted record" in text
+    data = report.to_dict()
+    assert (data["fencing_violations"], data["fencing_checked"], data["vanished"]) == (1, 12, 3)

@@ -10,6 +10,7 @@ from orchestrator import Client, Settings
 from orchestrator.chaos import flows
 from orchestrator.chaos.checker import Checker
 from orchestrator.chaos.ledger import Ledger
+from orchestrator.codec import HistoryEvent
 from tests.harness import worker_thread
 
 
@@ -33,6 +34,7 @@ def test_a_clean_workload_passes(client: Client, ledger: Ledger, finished: list[
     assert report.ok, report.violations
     assert report.runs["completed"] == 4 and report.committed_steps == 8 + 1 + 3 + 6
     assert report.effects_applied == 1
+    assert report.fencing_checked == 1 and report.to_dict()["fencing_violations"] == 0
 
 
 def test_each_kind_of_damage_is_caught(client: Client, ledger: Ledger, finished: list[str]) -> None:
@@ -64,3 +66,39 @@ def test_each_kind_of_damage_is_caught(client: Client, ledger: Ledger, finished:
     client.redis.xreadgroup("workers", "someone", {stream: ">"}, count=1)
     assert check(client, ledger, finished) == {"I1", "I4"}
     assert check(client, ledger, finished) != set()
+
+
+def test_a_fenced_receiver_that_disagrees_with_the_persisted_record_is_caught(
+    client: Client, ledger: Ledger, finished: list[str]
+) -> None:
+    """I9: the receiver keeps the highest token it saw; it must end on the committed attempt's."""
+    key = "chaos_effect-1:send"
+    fence = client.results("chaos_effect-1")[key].fence
+    assert ledger.fenced_tokens() == {key: fence}
+    # a later attempt's write reached the receiver, but an earlier attempt's commit persisted
+    client.redis.zadd(ledger.fenced, {key: fence + 5})
+    report = Checker(client, ledger, max_crashes=3, recovery_bound_ms=10_000).check(finished, [])
+    assert [v.invariant for v in report.violations] == ["I9"], report.violations
+    assert "fencing inverted" in report.violations[0].detail and report.to_dict()["fencing_violations"] == 1
+    # and that later attempt's commit was refused: the receiver ended on a fenced attempt
+    keys = client.keys.run("chaos_effect-1")
+    fenced = HistoryEvent(type="fenced", at=1, step="send", visit=1, attempt=2, fence=fence + 5, worker="w9")
+    client.redis.rpush(keys.history, fenced.model_dump_json())
+    client.redis.hincrby(client.keys.stats, "fenced", 1)  # the counter agrees (I6 stays quiet)
+    report = Checker(client, ledger, max_crashes=3, recovery_bound_ms=10_000).check(finished, [])
+    assert [v.invariant for v in report.violations] == ["I9", "I9"], report.violations
+    assert "refused (fenced by worker w9)" in report.violations[1].detail
+    # the committed attempt's write never reached the receiver
+    client.redis.zadd(ledger.fenced, {key: fence - 5})
+    report = Checker(client, ledger, max_crashes=3, recovery_bound_ms=10_000).check(finished, [])
+    assert [v.detail.split(": ", 2)[-1] for v in report.violations] == [
+        "the committed attempt's write never reached the receiver"
+    ]
+
+
+def test_the_fenced_receiver_keeps_the_highest_token_and_refuses_lower_ones(ledger: Ledger) -> None:
+    assert ledger.send_fenced("r:send", 1_796_000_000_100)
+    assert ledger.send_fenced("r:send", 1_796_000_000_200)
+    assert not ledger.send_fenced("r:send", 1_796_000_000_150)  # a replaced attempt, late
+    assert ledger.send_fenced("r:send", 1_796_000_000_200)  # the live attempt, resent
+    assert ledger.fenced_tokens() == {"r:send": 1_796_000_000_200}
