@@ -1,6 +1,6 @@
 """``python -m bench``: every benchmark in one go, each on its own redis-server, then one report.
 
-``python -m bench [--quick] [--redis-server BIN] [--only throughput,growth,recovery,compound] [--out DIR]``
+``python -m bench [--quick] [--redis-server BIN] [--only throughput,growth,recovery,compound,backlog] [--out DIR]``
 
 Runs the benchmarks one after another with their default sizes (``--quick``: the smoke
 sizes), writes ``<out>/<name>.json`` for each, plus ``<out>/report.md`` (every table, the
@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.common import RESULTS, cpu_share, cpu_ticks, loadavg, run_main, write_json
 
-BENCHMARKS = ("throughput", "growth", "recovery", "compound")
+BENCHMARKS = ("throughput", "growth", "recovery", "compound", "backlog")
 
 
 def module(name: str) -> ModuleType:
