@@ -326,15 +326,16 @@ class Store:
             [qk.delayed, qk.stream, self._run(run_id).run, self.keys.stats, qk.queued, self.keys.active], [run_id]
         )
 
-    def passed(self, *, queue: str, offset: int, limit: int, deleted_seen: str = "") -> Call:
+    def passed(self, *, queue: str, cursor: str, limit: int, deleted_seen: str = "") -> Call:
         """Runs of ``queue`` whose entry the group has passed, or that was trimmed or deleted.
 
-        Reply: horizon ms, the stream's highest deleted id, then run ids. ``deleted_seen`` is
-        the highest deleted id whose runs were already looked at (so one foreign XDEL costs one
-        look at the runs before it, not one per sweep).
+        Scans at most ``limit`` index entries after ``cursor`` (``-inf`` to start). Reply:
+        horizon, the stream's highest deleted id, the cursor of the next page ('' when the scan
+        is complete), then run ids. ``deleted_seen`` is the highest deleted id whose runs were
+        already looked at (so one foreign XDEL costs one scan, not one per sweep).
         """
         qk = self.keys.queue(queue)
-        return scripts.load("passed").call([qk.stream, qk.queued], [GROUP, offset, limit, deleted_seen])
+        return scripts.load("passed").call([qk.stream, qk.queued], [GROUP, cursor, limit, deleted_seen])
 
     def sweep(self, *, run_id: str, queue: str) -> Call:
         rk = self._run(run_id)

@@ -48,7 +48,11 @@ SCAN_LIMIT = 500
 DEFAULT_QUEUE = "default"
 # Fleet-wide counters only the supervisor knows; the scripts count everything else themselves.
 OWN_COUNTERS = frozenset({"dead_workers", "lost_entries", "purged", "consumers_removed"})
-BUDGET_S = 1.0  # how long one sweep or one purge may keep paging before the next tick
+# How long one sweep or purge may keep paging in a tick: work left over goes on at the next
+# tick (a reclaim interval later), so a big repair never holds up reclaiming for long.
+BUDGET_S = 0.5
+PASSED_PAGE = 2000  # index entries passed.lua scans per call
+LOGGED_REPAIRS = 20  # repaired runs logged one by one per sweep call; the rest in one line
 
 
 class Supervisor:
@@ -66,6 +70,7 @@ class Supervisor:
         self._stopped = threading.Event()
         self._groups: set[str] = set()
         self._deleted_seen: dict[str, str] = {}  # queue -> highest deleted entry id already looked behind
+        self._sweep_cursor: dict[str, str] = {}  # queue -> where an unfinished sweep of its index resumes
         self._reclaim_from: dict[str, str] = {}
         self._last_seen: dict[str, float] = {}  # last heartbeat of workers found dead, for detection latency
         self.is_leader = False
@@ -97,7 +102,8 @@ class Supervisor:
                 sweep = now >= next_sweep
                 next_sweep = now + self.settings.sweep_interval_s if sweep else next_sweep
                 try:
-                    self.tick(sweep=sweep, purge=sweep)
+                    if self.tick(sweep=sweep, purge=sweep).get("unfinished"):
+                        next_sweep = now  # work left over: go on at the next tick
                 except (redis.RedisError, OSError) as exc:
                     log.warning("supervisor tick failed; retrying", extra={"error": str(exc)})
                 self._stopped.wait(self.settings.reclaim_interval_s)
@@ -130,7 +136,7 @@ class Supervisor:
                 self._per_queue(done, queue, lambda q: {"consumers_removed": self.reap_consumers(q)})
             self._add(done, self.sweep_active())
         if purge:
-            self._add(done, {"purged": self.purge()})
+            self._add(done, self.purge())
         done = {k: v for k, v in done.items() if v}
         own = [self.store.count(k, v) for k, v in done.items() if k in OWN_COUNTERS]
         if own:
@@ -292,26 +298,24 @@ class Supervisor:
         """Check the runs of ``queue`` whose entry the consumer group has passed or lost.
 
         Runs whose entry still waits ahead of the group are not looked at: the cost is the
-        runs that need a look, whatever the backlog behind them. Pages until done or
-        :data:`BUDGET_S` is spent; a run checked and found healthy stays where it was, so the
-        next page starts after those.
+        runs that need a look, whatever the backlog behind them. A scan that needs more than
+        :data:`BUDGET_S` resumes where it stopped at the next tick (``unfinished`` in the result).
         """
         counts: dict[str, int] = {}
         deadline = time.monotonic() + BUDGET_S
-        seen = self._deleted_seen.get(queue, "")
-        kept = 0
+        cursor = self._sweep_cursor.pop(queue, "-inf")
         while True:
-            call = self.store.passed(queue=queue, offset=kept, limit=SCAN_LIMIT, deleted_seen=seen)
-            reply = scripts.execute(self.redis, [call])[0]
-            run_ids = reply[2:]
-            outcomes = self._sweep_runs([(rid, queue) for rid in run_ids])
-            self._add(counts, outcomes)
-            kept += outcomes.get("queued", 0)  # the others left the index (or moved behind the horizon)
-            if len(run_ids) < SCAN_LIMIT:
-                self._deleted_seen[queue] = reply[1]  # every run before that deletion was looked at
+            call = self.store.passed(
+                queue=queue, cursor=cursor, limit=PASSED_PAGE, deleted_seen=self._deleted_seen.get(queue, "")
+            )
+            _horizon, deleted, cursor, *run_ids = scripts.execute(self.redis, [call])[0]
+            self._add(counts, self._sweep_runs([(rid, queue) for rid in run_ids]))
+            if not cursor:
+                self._deleted_seen[queue] = deleted  # every run before that deletion was looked at
                 return counts
             if time.monotonic() > deadline:
-                return counts
+                self._sweep_cursor[queue] = cursor
+                return {**counts, "unfinished": 1}
 
     def sweep_active(self) -> dict[str, int]:
         """Check claimed runs and retries that have not moved for ``sweep_after_s``."""
@@ -327,32 +331,42 @@ class Supervisor:
             queues = pipe.execute()
             # every run checked is re-scored (or leaves the index), so the next page is new runs
             self._add(counts, self._sweep_runs([(r, q or DEFAULT_QUEUE) for r, q in zip(run_ids, queues, strict=True)]))
-            if len(run_ids) < SCAN_LIMIT or time.monotonic() > deadline:
+            if len(run_ids) < SCAN_LIMIT:
                 return counts
+            if time.monotonic() > deadline:
+                return {**counts, "unfinished": 1}
 
     def _sweep_runs(self, runs: list[tuple[str, str]]) -> dict[str, int]:
         if not runs:
             return {}
         calls = [self.store.sweep(run_id=rid, queue=q) for rid, q in runs]
         counts = {"swept": len(calls)}
+        repaired: list[tuple[str, str]] = []
         for (run_id, _), reply_item in zip(runs, scripts.execute(self.redis, calls), strict=True):
             outcome = Outcome.parse(reply_item)
             key = outcome.code.lower()
             counts[key] = counts.get(key, 0) + 1
             if outcome.code == "REPAIRED":
-                log.warning(
-                    "run had no queued work; current step enqueued again",
-                    extra={"run_id": run_id, "reason": outcome.detail[1]},
-                )
+                repaired.append((run_id, str(outcome.detail[1])))
+        for run_id, reason in repaired[:LOGGED_REPAIRS]:
+            log.warning(
+                "run had no queued work; current step enqueued again", extra={"run_id": run_id, "reason": reason}
+            )
+        if len(repaired) > LOGGED_REPAIRS:  # a lost stream: one line for the rest, not one per run
+            log.warning(
+                "more runs had no queued work; current steps enqueued again",
+                extra={"runs": len(repaired) - LOGGED_REPAIRS, "reasons": ",".join(sorted({r for _, r in repaired}))},
+            )
         return counts
 
-    def purge(self) -> int:
+    def purge(self) -> dict[str, int]:
         """Delete finished runs past their retention (completed and cancelled: ``retention_s``;
         failed: ``failed_retention_s``), paging until caught up or :data:`BUDGET_S` is spent."""
-        purged = 0
+        counts: dict[str, int] = {}
         for index, retention_s in (("done", self.settings.retention_s), ("dead", self.settings.failed_retention_s)):
             if retention_s > 0:
-                purged += purge_finished(
+                done = purge_finished(
                     self.redis, self.store, index, FINISHED_IN[index], age_ms=int(retention_s * 1000), budget_s=BUDGET_S
-                ).purged
-        return purged
+                )
+                self._add(counts, {"purged": done.purged, "unfinished": int(not done.complete)})
+        return counts

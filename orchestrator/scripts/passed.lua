@@ -2,16 +2,19 @@
 -- sweep's candidates in the queued index. A run waiting in a stream needs no look while its
 -- entry is ahead of the consumer group; it needs one once the group has passed the entry (it
 -- was delivered, or it vanished and was skipped) or once the entry can no longer be in the
--- stream: older than the stream's first entry (trimmed), the stream empty or gone, or at or
--- before an entry someone deleted ahead of the group (XDEL; only workers' acks delete entries,
--- and those were delivered: Redis >= 7.0 reports the highest id ever deleted). So a sweep costs
--- what needs a look, not the backlog waiting behind it.
+-- stream: older than the stream's first entry (trimmed), or the stream empty or gone. So a
+-- sweep costs what needs a look, not the backlog waiting behind it. One more case: an entry
+-- deleted ahead of the group (XDEL by hand; workers only delete delivered entries). Redis >= 7.0
+-- reports the highest id ever deleted; the runs up to it are scanned once, and of those ahead
+-- of the group only the ones whose entry is really gone are handed out (their score is their
+-- entry id, so the entry is looked up here, without reading the run).
+-- The scan pages through the index from a cursor, so one large look can span several calls.
 -- KEYS[1] stream  KEYS[2] queued index
--- ARGV[1] group  ARGV[2] offset  ARGV[3] max count  ARGV[4] the deleted id already looked behind
--- ('' = none; the caller keeps it so one foreign XDEL costs one look at the runs before it)
--- Returns {horizon (an entry score, see entry_score; '+inf' when the stream is empty or gone), highest deleted id ('' when
--- Redis does not say), run id, ...}: the queued runs whose entry is at or before the
--- horizon, oldest first.
+-- ARGV[1] group  ARGV[2] cursor: the score the last page ended at ('-inf' to start)
+-- ARGV[3] index entries to scan at most  ARGV[4] the deleted id already looked behind ('' = none;
+-- the caller keeps it so that one foreign XDEL costs one scan, not one per sweep)
+-- Returns {horizon ('+inf' when the stream is empty or gone), highest deleted id ('' when Redis
+-- does not say), cursor for the next page ('' when the scan reached the horizon), run id, ...}.
 local function id_parts(id)
   local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
@@ -28,13 +31,14 @@ local function fields(flat)
   return out
 end
 
-local horizon, deleted = '+inf', ''
+-- base: every run at or before it needs a look; scan: the runs up to it need one if their
+-- entry is gone (the part beyond base comes only from a deletion ahead of the group)
+local base, scan, deleted = '+inf', '+inf', ''
 local stream = redis.pcall('XINFO', 'STREAM', KEYS[1])
 if not stream.err then
   local info = fields(stream)
   deleted = info['max-deleted-entry-id'] or ''
   if info['length'] > 0 then
-    horizon = entry_score(info['first-entry'][1]) - 1 / 2048  -- entries before the first one: trimmed
     local last = '0-0'
     local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
     if not groups.err then
@@ -43,14 +47,26 @@ if not stream.err then
         if g['name'] == ARGV[1] then last = g['last-delivered-id'] end
       end
     end
-    horizon = math.max(horizon, entry_score(last))
-    if deleted ~= ARGV[4] and after(deleted, last) then horizon = math.max(horizon, entry_score(deleted)) end
+    -- entries before the first one were trimmed; entries up to last-delivered were passed
+    base = math.max(entry_score(info['first-entry'][1]) - 1 / 2048, entry_score(last))
+    scan = base
+    if deleted ~= ARGV[4] and after(deleted, last) then scan = math.max(base, entry_score(deleted)) end
   end
 end
-if type(horizon) == 'number' then horizon = exact(horizon) end
-local out = {horizon, deleted}
-for _, run_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', horizon, 'LIMIT', tonumber(ARGV[2]),
-    tonumber(ARGV[3]))) do
-  table.insert(out, run_id)
+
+local from = ARGV[2] == '-inf' and '-inf' or '(' .. ARGV[2]
+local rows = redis.call('ZRANGEBYSCORE', KEYS[2], from, type(scan) == 'number' and exact(scan) or scan,
+  'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {type(base) == 'number' and exact(base) or base, deleted, ''}
+for i = 1, #rows, 2 do
+  local score = tonumber(rows[i + 1])
+  local needed = base == '+inf' or score <= base
+  if not needed then
+    local ms = math.floor(score)
+    local seq = (score - ms) * 2048
+    needed = seq >= 2047 or #redis.call('XRANGE', KEYS[1], ms .. '-' .. seq, ms .. '-' .. seq) == 0
+  end
+  if needed then table.insert(out, rows[i]) end
 end
+if #rows / 2 == tonumber(ARGV[3]) then out[3] = rows[#rows] end
 return out

@@ -17,6 +17,6 @@ if not r[1] or not set(ARGV[4])[r[1]] then
 end
 if not set(ARGV[3])[r[1]] then return 0 end
 if r[2] and tonumber(r[2]) > tonumber(ARGV[2]) then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])  -- freed off the main thread
 redis.call('ZREM', KEYS[7], ARGV[1])
 return 1
