@@ -88,7 +88,9 @@ class Client:
         what = f"input of workflow {workflow.name!r}"
         names = type(state).model_fields.keys() | (state.model_extra or {}).keys()
         fields = encode_fields(
-            workflow.json_fields(state, names, what=what), what=what, limit=self.settings.max_payload_bytes
+            workflow.json_fields(state, names, what=what, error=ValidationError),
+            what=what,
+            limit=self.settings.max_payload_bytes,
         )
         digest = hashlib.sha256(dumps(dict(sorted(fields.items())), what="input").encode()).hexdigest()[:32]
         call = self.store.submit(

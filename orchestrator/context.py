@@ -10,15 +10,21 @@ late write from an attempt that was presumed dead and replaced.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+import re
 import time
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any
 
-from orchestrator.codec import dumps
-from orchestrator.errors import OrchestratorError
+from orchestrator.codec import abbreviate, dumps
+from orchestrator.errors import OrchestratorError, ValidationError
 from orchestrator.keys import idempotency_key
 
 STEP_LOG = logging.getLogger("orchestrator.step")
+# a cost unit ends up in a Redis hash field joined with '|' and as a Prometheus label value
+COST_UNIT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
 class ClaimLost(OrchestratorError):
@@ -114,10 +120,38 @@ class StepContext:
             self._raise_if_lost()
         self.snapshot = snapshot
 
-    def record_cost(self, **amounts: float) -> None:
-        """Attach costs to this step's result (e.g. ``tokens=1200, usd=0.004``); summed per name."""
-        for name, amount in amounts.items():
-            self.cost[name] = self.cost.get(name, 0.0) + float(amount)
+    def record_cost(self, **amounts: float | Decimal) -> None:
+        """Attach costs to this step's result (e.g. ``tokens=1200, usd=0.004``); summed per unit as floats.
+
+        All or nothing: raises :class:`ValidationError` naming the unit, and records none of
+        the amounts, when a unit name is not an identifier of at most 64 characters or an
+        amount is not a finite number >= 0 (totals go into Redis with HINCRBYFLOAT, which
+        refuses NaN and Infinity, and into a Prometheus counter, which only goes up), or when
+        the running total would overflow.
+        """
+        totals = {unit: self._checked_total(unit, amount) for unit, amount in amounts.items()}
+        self.cost.update(totals)
+
+    def _checked_total(self, unit: str, amount: object) -> float:
+        """This step's running total of ``unit`` with ``amount`` added, or a ValidationError."""
+        where = f"record_cost() in step {self.step!r} (run {self.run_id!r})"
+        if not COST_UNIT.match(unit):
+            raise ValidationError(
+                f"{where}: unit {abbreviate(unit)} is invalid: expected a name of 1-64 characters of "
+                "A-Z a-z 0-9 _, not starting with a digit (it becomes a Redis hash field and a metric label)",
+                run_id=self.run_id,
+                step=self.step,
+            )
+        value = _as_amount(amount)
+        total = self.cost.get(unit, 0.0) + value if value >= 0 else math.nan  # nan >= 0 is False
+        if not math.isfinite(total):
+            raise ValidationError(
+                f"{where}: {unit}={abbreviate(amount)} is refused: expected a finite number >= 0 "
+                f"(int or float; the total so far is {self.cost.get(unit, 0.0)!r} and must stay finite)",
+                run_id=self.run_id,
+                step=self.step,
+            )
+        return total
 
     def mark_lost(self) -> None:
         self._lost = True
@@ -133,3 +167,14 @@ class StepContext:
                 run_id=self.run_id,
                 step=self.step,
             )
+
+
+def _as_amount(amount: object) -> float:
+    """``amount`` as a float, NaN for anything that is not a finite real number (bool included)."""
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real | Decimal):
+        return math.nan
+    try:
+        value = float(amount)
+    except (OverflowError, ValueError):  # an int beyond float range, Decimal('sNaN')
+        return math.nan
+    return value if math.isfinite(value) else math.nan

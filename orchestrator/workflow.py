@@ -18,7 +18,15 @@ import pydantic
 import pydantic_core
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.codec import STEP_NAME, WORKFLOW_NAME, describe_validation_error
+from orchestrator.codec import (
+    STEP_NAME,
+    WORKFLOW_NAME,
+    JsonValues,
+    check_encoded,
+    describe_serialization_error,
+    describe_validation_error,
+    to_json,
+)
 from orchestrator.errors import DefinitionError, StepResultError, ValidationError
 from orchestrator.keys import QUEUE_PATTERN
 from orchestrator.retry import Retry
@@ -204,13 +212,35 @@ class Workflow(Generic[S]):
                 describe_validation_error(exc, what=f"stored state of workflow {self.name!r}")
             ) from None
 
-    def json_fields(self, state: S, names: Any, *, what: str) -> dict[str, Any]:
-        """JSON-ready values of the named top-level fields of ``state``."""
+    def json_fields(
+        self, state: S, names: Any, *, what: str, error: type[ValidationError] = StepResultError
+    ) -> dict[str, Any]:
+        """JSON-ready values of the named top-level fields of ``state``, checked against the codec limits.
+
+        Raises ``error`` (:class:`StepResultError` for a step's update, :class:`ValidationError` for
+        submit input) naming the field when one cannot be stored and read back
+        (huge integer, too deep, NaN or Infinity: see ``codec.check_encoded``). The values carry
+        their JSON text, so ``encode_fields`` does not serialize them again.
+        """
         try:
             dumped = state.model_dump(mode="json")
         except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
-            raise StepResultError(f"{what} is not JSON-serializable: {exc}") from None
-        return {name: dumped[name] for name in names}
+            raise error(f"{what} is not JSON-serializable: {describe_serialization_error(exc)}") from None
+        values = {name: dumped[name] for name in names}
+        encoded = {
+            name: self._encode_field(state, name, value, what=what, error=error) for name, value in values.items()
+        }
+        return JsonValues(values, encoded)
+
+    @staticmethod
+    def _encode_field(state: BaseModel, name: str, value: Any, *, what: str, error: type[ValidationError]) -> str:
+        """One field's JSON, checked against the field as the model holds it: the JSON-mode dump
+        has already turned a NaN inside an untyped value into None, the attribute has not."""
+        where = f"{what} field {name!r}"
+        raw = to_json(value, what=where, refuse=error)
+        held = state.__dict__[name] if name in state.__dict__ else (state.model_extra or {}).get(name, value)
+        check_encoded(raw, held, what=where, refuse=error)
+        return raw.decode()
 
     def interpret(self, step: StepDef, returned: Any) -> StepOutcome:
         """Normalise what a step returned into an update and the next step (pure)."""
