@@ -19,14 +19,13 @@ import uuid
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-import pydantic
 import redis
 import redis.asyncio as aredis
 
 from orchestrator import faults as fault_points
 from orchestrator import scripts
 from orchestrator._version import __version__
-from orchestrator.codec import Dispatch, describe_validation_error, dumps
+from orchestrator.codec import Dispatch
 from orchestrator.connection import aclose, close, connect, connect_async, outcome_unknown_or_passing
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.faults import Faults
@@ -37,27 +36,16 @@ from orchestrator.store import Claimed, Store, new_claim_token
 from orchestrator.worker.batcher import Batcher
 from orchestrator.worker.execution import StepExecution
 from orchestrator.worker.heartbeat import Heartbeat, InFlightTable
+from orchestrator.worker.queues import ensure_groups, parse_entry, promote_due
 from orchestrator.worker.runtime import Released, Runtime, Shutdown
 from orchestrator.worker.usercode import StepThreads
 from orchestrator.workflow import Workflow
 
 log = logging.getLogger("orchestrator.worker")
 
-REJECTED_MAXLEN = 10_000
-
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-async def ensure_groups(client: aredis.Redis, streams: Sequence[str]) -> None:
-    """Create the consumer group of each stream, reading from its start (idempotent)."""
-    for stream in streams:
-        try:
-            await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
 
 
 class Worker:
@@ -336,11 +324,12 @@ class Worker:
                 await self._start(reply)
 
     async def _start(self, reply: Any) -> None:
+        assert self.rt is not None
         batch: list[tuple[str, str, Dispatch, str]] = []
         for stream, entries in reply:
             queue = self._streams[stream]
             for entry_id, fields in entries:
-                dispatch = self._parse(queue, entry_id, fields)
+                dispatch = parse_entry(self.rt, self.keys, queue, entry_id, fields)  # None: set aside
                 if dispatch is not None:
                     batch.append((queue, entry_id, dispatch, new_claim_token(self.id)))
         if batch:
@@ -388,44 +377,6 @@ class Worker:
             await asyncio.sleep(delay_s)
             delay_s *= 2
         log.error("claims got no answer; their entries stay pending for the supervisor", extra={"count": len(batch)})
-
-    def _parse(self, queue: str, entry_id: str, fields: dict[str, str] | None) -> Dispatch | None:
-        """Validate an entry; a malformed one is set aside with its reason and acked."""
-        try:
-            dispatch = Dispatch.model_validate(fields or {})
-        except pydantic.ValidationError as exc:
-            self._reject(queue, entry_id, fields, describe_validation_error(exc, what=f"stream entry {entry_id}"))
-            return None
-        return dispatch  # an unknown workflow is claimed anyway, then failed with a clear error
-
-    def _reject(self, queue: str, entry_id: str, fields: dict[str, str] | None, reason: str) -> None:
-        assert self.rt is not None
-        log.warning("malformed stream entry set aside", extra={"queue": queue, "entry": entry_id, "reason": reason})
-        kept = {str(k)[:100]: str(v)[:500] for k, v in list((fields or {}).items())[:20]}
-        raw = dumps(kept, what="rejected entry")
-        self.rt.batcher.send(
-            [
-                scripts.command(
-                    "XADD",
-                    self.keys.rejected,
-                    "MAXLEN",
-                    "~",
-                    REJECTED_MAXLEN,
-                    "*",
-                    "queue",
-                    queue,
-                    "entry",
-                    entry_id,
-                    "reason",
-                    reason,
-                    "fields",
-                    raw,
-                )
-            ]
-        )
-        self.rt.count("malformed")
-        self.rt.batcher.send([self.store.count("malformed")])
-        self.rt.ack(queue, entry_id)
 
     def _handle_claim(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, token: str) -> None:
         assert self.rt is not None
@@ -507,16 +458,3 @@ class Worker:
                 await promote_due(self.rt.batcher, self.store, self.queues)
             except (redis.RedisError, OSError) as exc:
                 log.warning("promoting due retries failed", extra={"error": str(exc)})
-
-
-async def promote_due(batcher: Batcher, store: Store, queues: Sequence[str]) -> int:
-    """Enqueue every due retry of ``queues``; returns how many this call moved."""
-    dues = await batcher.call_many([store.due(queue=q, limit=200) for q in queues])
-    calls = []
-    for queue, members in zip(queues, dues, strict=True):
-        if isinstance(members, BaseException):
-            raise members
-        calls += [store.promote(queue=queue, run_id=run_id) for run_id in members]
-    if not calls:
-        return 0
-    return sum(1 for reply in await batcher.call_many(calls) if isinstance(reply, str) and reply)
