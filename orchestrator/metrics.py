@@ -59,6 +59,8 @@ FLEET_COUNTERS = (
     ("orchestrator_fleet_released_steps_total", "released", "Steps handed back by a draining worker."),
     ("orchestrator_fleet_dead_workers_total", "dead_workers", "Workers found without a heartbeat."),
     ("orchestrator_fleet_malformed_entries_total", "malformed", "Stream entries set aside as malformed."),
+    ("orchestrator_fleet_runaway_runs_total", "runaway_runs", "Runs failed at max_run_steps (a loop that never ends)."),
+    ("orchestrator_fleet_purged_runs_total", "purged", "Finished runs deleted after their retention."),
 )
 
 
