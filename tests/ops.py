@@ -49,18 +49,9 @@ class Ops:
         reply = self.r.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=10)
         return [(eid, Dispatch.model_validate(f)) for _, entries in reply for eid, f in entries]
 
-    def claim(
-        self,
-        eid: str,
-        d: Dispatch,
-        worker: str = "w1",
-        lease_ms: int = 5000,
-        max_crashes: int = 3,
-        token: str | None = None,
-        max_steps: int = 0,
-    ) -> Claimed:
-        """``token`` defaults to one per (worker, entry), which these tests use as "the" claim."""
-        return Claimed.parse(self.x(self.claim_call(eid, d, worker, lease_ms, max_crashes, token, max_steps))[0])
+    def claim(self, eid: str, d: Dispatch, worker: str = "w1", **options: Any) -> Claimed:
+        """Claim as ``claim_call`` builds it; the reply parsed."""
+        return Claimed.parse(self.x(self.claim_call(eid, d, worker, **options))[0])
 
     def claim_call(
         self,
@@ -72,6 +63,7 @@ class Ops:
         token: str | None = None,
         max_steps: int = 0,
     ) -> scripts.Call:
+        """``token`` defaults to one per (worker, entry), which these tests use as "the" claim."""
         return self.store.claim(
             dispatch=d,
             queue="q",
@@ -83,21 +75,9 @@ class Ops:
             max_steps=max_steps,
         )
 
-    def commit(
-        self,
-        eid: str,
-        d: Dispatch,
-        worker: str = "w1",
-        next_step: str | None = "b",
-        state: dict[str, str] | None = None,
-        chain_to: str | None = None,
-        token: str | None = None,
-        cost: dict[str, float] | None = None,
-        max_steps: int = 0,
-        record: str | None = None,
-    ) -> Outcome:
-        call = self.commit_call(eid, d, worker, next_step, state, chain_to, token, cost, max_steps, record)
-        return Outcome.parse(self.x(call)[0])
+    def commit(self, eid: str, d: Dispatch, worker: str = "w1", **options: Any) -> Outcome:
+        """Commit as ``commit_call`` builds it; the reply parsed."""
+        return Outcome.parse(self.x(self.commit_call(eid, d, worker, **options))[0])
 
     def commit_call(
         self,
