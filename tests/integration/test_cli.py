@@ -190,3 +190,24 @@ def test_the_demo_kills_a_worker_and_the_run_still_completes(settings: Settings,
     rerun_s = float(re.search(r"the step ran again ([0-9.]+) s after the kill", out).group(1))  # type: ignore[union-attr]
     assert rerun_s < 10
     assert "steps committed before the crash" in out or "step committed before the crash" in out
+
+
+def test_runs_purge_deletes_finished_runs_by_status_and_age_with_a_dry_run_first(
+    settings: Settings, client: Client, ledger: Ledger
+) -> None:
+    with worker_thread([chain], settings):
+        for i in range(3):
+            client.submit(chain, {}, run_id=f"done{i}").wait(timeout_s=30)
+    client.submit(chain, {}, run_id="cancelled")
+    client.cancel("cancelled")
+    assert cli(settings, "runs", "purge", "--older-than", "1h").stdout.startswith("purged 0 runs")  # too young
+    dry = cli(settings, "runs", "purge", "--older-than", "0s", "--status", "completed", "--dry-run", "-o", "json")
+    assert dry.returncode == 0, dry.stderr
+    # kept: the cancelled run, as old, in the same index, not selected
+    assert json.loads(dry.stdout) == {"purged": 3, "kept": 1, "dry_run": True, "statuses": ["completed"]}
+    assert client.get("done0").status == "completed"  # a dry run deletes nothing
+    done = cli(settings, "runs", "purge", "--older-than", "0", "--status", "completed")
+    assert done.returncode == 0 and done.stdout.strip() == "purged 3 runs (completed) finished more than 0 ago"
+    assert [r.run_id for r in client.list_runs()] == ["cancelled"]  # the cancelled run was not selected
+    bad = cli(settings, "runs", "purge", "--older-than", "a week")
+    assert bad.returncode == 2 and "'a week' is not a duration" in bad.stderr
