@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import Client, Retry, Settings, StepContext, Workflow
+from orchestrator.keys import GROUP
 from orchestrator.metrics import compound, parse_detail
 from tests.harness import supervisor_thread, worker_thread
 from tests.helpers import wait_until
@@ -59,6 +60,9 @@ def serve_and_scrape(client: Client, settings: Settings, runs: int) -> tuple[str
     with supervisor_thread(metered) as sup, worker_thread([wf], metered) as worker:
         for i in range(runs):
             client.submit(wf, {}, run_id=f"m{i}").wait(timeout_s=10)
+        # acks ride with the worker's next batch (or go alone within 5 ms): at rest, nothing is pending
+        stream = client.keys.queue("default").stream
+        wait_until(lambda: client.redis.xpending(stream, GROUP)["pending"] == 0, what="the last acks sent")
         wait_until(lambda: sup.metrics_port, what="supervisor metrics up")
         return scrape(worker.metrics_port or 0), scrape(sup.metrics_port or 0)
 
