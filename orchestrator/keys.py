@@ -15,7 +15,9 @@ Key                                Type    Holds                                
                                            live claim (token, fence, worker,       commit, fail,        ``failed_retention_s``)
                                            time), dispatch (entry id | ``delayed`` release, cancel,     after it finishes
                                            | ''), counters, ``v:<step>`` visit     retry_run, promote,
-                                           counts, ``cost:<unit>``, last error     redispatch, sweep)
+                                           counts, ``cost:<unit>``, last error,    redispatch, sweep)
+                                           ``stash_ms`` (step time the stash
+                                           keeps), ``stash_base_ms``
 ``<ns>:run:{R}:state``             hash    current state: top-level field -> JSON  submit, commit       as the run
                                            (input, then each committed update)
 ``<ns>:run:{R}:results``           hash    idempotency key -> step record (the     commit (only if      as the run
@@ -61,8 +63,10 @@ Key                                Type    Holds                                
 ``<ns>:stats:{<ns>}:detail``       hash    per workflow and step, for metrics:     the scripts          forever
                                            ``runs|wf|outcome``, ``steps|wf|step|
                                            outcome``, ``saved_steps|wf``,
-                                           ``saved_ms|wf``, ``cost|wf|step|unit``,
-                                           ``cost_saved|wf|unit``
+                                           ``saved_ms|wf``, ``saved_stash_ms|wf``,
+                                           ``cost|wf|step|unit``,
+                                           ``cost_saved|wf|unit``, ``order|wf|step``
+                                           (a step's place, set by workers)
 ``<ns>:rejected:{<ns>}``           stream  malformed stream entries, kept for      worker               MAXLEN ~10000
                                            inspection with the reason
 ``<ns>:ledger:{<ns>}:executions``  list    chaos/test steps: one JSON record per   chaos and test       until the namespace

@@ -25,6 +25,7 @@ from orchestrator.cli.render import history_text, live_line
 from orchestrator.client import Client
 from orchestrator.demo.agent import research
 from orchestrator.embedded import RedisServer
+from orchestrator.errors import OrchestratorError
 from orchestrator.keys import Keys
 from orchestrator.processes import ProcessGroup
 from orchestrator.settings import Settings
@@ -49,8 +50,8 @@ class Demo:
         self.echo = echo
         self.kill = kill
         env = {
-            **os.environ,
-            "REDIS_URL": url,
+            **{k: v for k, v in os.environ.items() if k != "REDIS_URL"},
+            "ORCHESTRATOR_REDIS_URL": url,  # the variable that wins over REDIS_URL
             "ORCHESTRATOR_NAMESPACE": namespace,
             "ORCHESTRATOR_DEMO_DB": str(self.world),
         }
@@ -183,8 +184,14 @@ def run_demo(*, redis_url: str | None, data_dir: Path, kill: bool, competitors: 
         echo(f"started a private redis-server at {redis_url} (AOF on, data in {data_dir / 'redis'}/)")
     demo = Demo(redis_url, namespace, data_dir, echo, kill)
     try:
-        return demo.run(competitors)
-    except (redis.RedisError, RuntimeError) as exc:
+        code = demo.run(competitors)
+        if server is None:  # the user's Redis: the demo's counters stay there, in its namespace
+            echo(
+                f"\nthe demo's figures stay in namespace {namespace}: "
+                f"orchestrator --namespace {namespace} stats --workflow research"
+            )
+        return code
+    except (OrchestratorError, redis.RedisError, RuntimeError) as exc:
         echo(f"demo failed: {exc}")
         return 1
     finally:

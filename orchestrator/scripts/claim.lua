@@ -16,13 +16,15 @@
 -- ARGV[6] lease ms  ARGV[7] max crashes  ARGV[8] stream entry id  ARGV[9] workflow  ARGV[10] run id
 -- ARGV[11] max committed steps per run (0 = no limit)
 -- Returns {'RUN', fence, attempt, errors, crashes, crashed now 0|1, has stash 0|1, stash,
---          server ms, steps committed, work ms committed, field, value, ...} or {'MISSING'} | {'TERMINAL', status} | {'WRONG_WF', workflow} |
+--          server ms, steps committed, work ms kept, field, value, ...} or {'MISSING'} | {'TERMINAL', status} | {'WRONG_WF', workflow} |
 --          {'DUP'} | {'DUP', 'advanced'} | {'STALE', step, visit} | {'BUSY', worker} | {'QUARANTINED', crashes}
 --          (STALE also when the run is waiting out a retry backoff, or when this entry is not the
 --          run's current dispatch; DUP 'advanced' when the step's result existed but the run had
 --          not moved on, a commit stopped half-way, and this claim moved it on)
+--          "work ms kept": the step time of the committed steps, plus, when the previous attempt
+--          crashed, what the step's stash keeps of it (what a restart from scratch would redo)
 local r = redis.call('HMGET', KEYS[1], 'status', 'wf', 'step', 'visit', 'claim', 'claim_fence',
-  'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes', 'fence', 'seq', 'work_ms', 'dispatch')
+  'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes', 'fence', 'seq', 'work_ms', 'dispatch', 'stash_ms')
 local status = r[1]
 if not status then return {'MISSING'} end
 if r[2] ~= ARGV[9] then return {'WRONG_WF', r[2]} end
@@ -48,9 +50,12 @@ if TERMINAL[status] then return {'TERMINAL', status} end
 if r[3] ~= ARGV[1] or r[4] ~= ARGV[2] or status == 'retrying' then return {'STALE', r[3], r[4]} end
 if r[15] ~= ARGV[8] then return {'STALE', r[3], r[4]} end
 
+-- the step time this step's stash keeps (0 without a stash of this step)
+local snap = redis.call('HGET', KEYS[4], ARGV[3])
+local stash_kept = snap and (tonumber(r[16]) or 0) or 0
+
 local function reply(fence, attempt, crashed)
   local out = {'RUN', fence, attempt, tonumber(r[10] or 0), tonumber(r[11] or 0), crashed}
-  local snap = redis.call('HGET', KEYS[4], ARGV[3])
   if snap then
     table.insert(out, 1); table.insert(out, snap)
   else
@@ -58,7 +63,7 @@ local function reply(fence, attempt, crashed)
   end
   table.insert(out, now_ms())
   table.insert(out, tonumber(r[13] or 0))
-  table.insert(out, tonumber(r[14] or 0))
+  table.insert(out, tonumber(r[14] or 0) + (crashed == 1 and stash_kept or 0))
   local state = redis.call('HGETALL', KEYS[2])
   for i = 1, #state do table.insert(out, state[i]) end
   return out
@@ -83,6 +88,7 @@ if r[5] ~= '' then
   detail(KEYS[13], 1, 'steps', r[2], ARGV[1], 'crashed')
   detail(KEYS[13], tonumber(r[13] or 0), 'saved_steps', r[2])
   detail(KEYS[13], tonumber(r[14] or 0), 'saved_ms', r[2])
+  detail(KEYS[13], stash_kept, 'saved_stash_ms', r[2])
   local fields = redis.call('HGETALL', KEYS[1])
   for i = 1, #fields, 2 do
     if string.sub(fields[i], 1, 5) == 'cost:' then
@@ -115,7 +121,7 @@ local fence = math.max(tonumber(r[12] or 0) + 1, now)
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'fence', string.format('%d', fence), 'claim', ARGV[4],
   'claim_fence', string.format('%d', fence), 'claim_worker', ARGV[5], 'claim_ms', now, 'status', 'running',
-  'updated_ms', now)
+  'updated_ms', now, 'stash_base_ms', string.format('%d', stash_kept))
 redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[6])
 index_active(KEYS[9], KEYS[8], ARGV[10], now)
 r[9] = tostring(attempt)

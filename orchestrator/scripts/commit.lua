@@ -116,6 +116,8 @@ if ARGV[10] ~= '' then
   end
 end
 redis.call('HDEL', KEYS[4], ARGV[3])
+-- the next step starts without a stash: nothing kept yet (stash.lua, claim.lua)
+redis.call('HDEL', KEYS[1], 'stash_ms', 'stash_base_ms')
 redis.call('DEL', KEYS[6])
 redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HINCRBY', KEYS[1], 'work_ms', ARGV[8])

@@ -26,7 +26,7 @@ RULES = DEPLOY / "prometheus" / "rules.yml"
 K8S = DEPLOY / "k8s"
 SETTINGS_PREFIX = "ORCHESTRATOR_"
 
-_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
+_INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<colon>:?)(?P<op>[-?])(?P<arg>[^}]*))?\}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 _DURATION_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -45,10 +45,28 @@ def compose() -> dict[str, Any]:
     return data
 
 
+class MissingVariable(KeyError):
+    """A ``${VAR:?message}`` whose variable is unset or empty: compose refuses to start."""
+
+
 def interpolate(value: str, env: dict[str, str] | None = None) -> str:
-    """Compose's ``${VAR}`` / ``${VAR:-default}`` with an empty environment unless given."""
+    """Compose's interpolation with an empty environment unless given: ``${VAR}``,
+    ``${VAR:-default}`` / ``${VAR-default}``, ``${VAR:?message}`` / ``${VAR?message}`` (an error
+    when unset, with ``:`` also when empty), and ``$$`` for a literal ``$``."""
     env = env or {}
-    return _INTERPOLATION.sub(lambda m: env.get(m["name"]) or m["default"] or "", value)
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, value = m["name"], env.get(m["name"])
+        missing = value is None or (m["colon"] == ":" and value == "")
+        if m["op"] == "?" and missing:
+            raise MissingVariable(f"{name}: {m['arg']}")
+        if m["op"] == "-" and missing:
+            return str(m["arg"])
+        return value or ""
+
+    return _INTERPOLATION.sub(repl, value)
 
 
 def duration_s(value: str) -> float:
@@ -107,6 +125,12 @@ def container_env(deployment: dict[str, Any]) -> dict[str, str]:
             cm = k8s_find("ConfigMap", ref["configMapKeyRef"]["name"])
             env[item["name"]] = cm["data"][ref["configMapKeyRef"]["key"]]
     return env
+
+
+def plain(value: object) -> object:
+    """A setting's value, with a secret's revealed (``SecretStr``), to compare with what was set."""
+    reveal = getattr(value, "get_secret_value", None)
+    return reveal() if callable(reveal) else value
 
 
 def clean_environ() -> dict[str, str]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
@@ -22,16 +24,19 @@ from tests.deploy.manifests import (
     REPO,
     RULES,
     SETTINGS_PREFIX,
+    MissingVariable,
     compose,
     duration_s,
     interpolate,
     load_all,
     load_yaml,
+    plain,
     service_env,
 )
 
 ORCHESTRATOR_SERVICES = ("worker", "supervisor")
 METRICS_PORTS = {"worker": 9100, "supervisor": 9101}
+PASSWORD = "0123456789abcdef0123456789abcdef"  # what deploy/README.md's openssl line makes: hex
 GRAFANA_MOUNTS = [
     "../grafana/provisioning:/etc/grafana/provisioning:ro",
     "../grafana/dashboards:/var/lib/grafana/dashboards:ro",
@@ -93,22 +98,63 @@ def test_worker_and_supervisor_are_built_from_deploy_dockerfile_with_the_reposit
         assert services()[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def redis_config() -> tuple[str, str]:
+    """(where the redis service mounts its config file, the file's content as compose writes it)."""
+    (mount,) = services()["redis"]["configs"]
+    content: str = compose()["configs"][mount["source"]]["content"]
+    return mount["target"], interpolate(content, {"REDIS_PASSWORD": PASSWORD})
+
+
 def test_redis_is_durable_and_never_evicts() -> None:
     redis = services()["redis"]
     assert redis["image"].split(":")[0] == "redis" and redis["image"].split(":")[1].startswith("7")
     command = redis["command"]
     assert command[0] == "redis-server"
-    flags = dict(zip(command[1::2], command[2::2], strict=True))
+    assert command[1] == redis_config()[0], "the config file with the password comes first (redis-server's rule)"
+    flags = dict(zip(command[2::2], command[3::2], strict=True))
     assert flags == {"--appendonly": "yes", "--appendfsync": "always", "--maxmemory-policy": "noeviction"}
     volume, target = redis["volumes"][0].split(":")[:2]
     assert target == "/data" and volume in compose()["volumes"], "Redis data must live in a named volume"
     assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
 
 
+def test_redis_requires_a_password_that_comes_from_the_environment() -> None:
+    """The password is REDIS_PASSWORD (deploy/.env or the shell; compose refuses to start without
+    it), given to Redis in a config file (not on a command line, which `ps` shows) and to the
+    workers and supervisors in their URL; no password is written in the file itself."""
+    target, content = redis_config()
+    assert content == f"requirepass {PASSWORD}\n"
+    raw = COMPOSE.read_text()
+    assert raw.count("${REDIS_PASSWORD:?") == 2, "the config file and the URL, both required"
+    assert "requirepass" not in " ".join(services()["redis"]["command"])
+    assert target in " ".join(services()["redis"]["healthcheck"]["test"]), "the healthcheck authenticates"
+    with pytest.raises(MissingVariable, match="REDIS_PASSWORD"):
+        interpolate(compose()["configs"]["redis-auth"]["content"])
+    for name in ORCHESTRATOR_SERVICES:
+        url = urlsplit(interpolate(service_env(services()[name])["REDIS_URL"], {"REDIS_PASSWORD": PASSWORD}))
+        assert url.password == PASSWORD and url.username in (None, ""), f"{name}: {url}"
+        with pytest.raises(MissingVariable):
+            interpolate(service_env(services()[name])["REDIS_URL"])
+    # deploy/.env holds the password: git ignores it
+    assert ".env" in (DEPLOY / ".gitignore").read_text().split()
+
+
+def test_images_are_pinned_to_exact_versions() -> None:
+    """Third-party images by an exact release tag (or a digest), never a moving one like `7` or
+    `latest`: a rebuild next month must run what was tested."""
+    for name, service in services().items():
+        if "build" in service:
+            continue  # built here from this repository
+        image = service["image"]
+        assert re.fullmatch(r"[\w./-]+(:v?\d+\.\d+\.\d+[\w.-]*)?(@sha256:[0-9a-f]{64})?", image), image
+        assert re.search(r":v?\d+\.\d+\.\d+|@sha256:", image), f"{name}: {image} is not pinned"
+
+
 def test_workers_and_supervisors_reach_redis_and_serve_metrics_to_prometheus() -> None:
     for name in ORCHESTRATOR_SERVICES:
         env = service_env(services()[name])
-        assert env["REDIS_URL"] == "redis://redis:6379/0", f"{name}: the URL must name the redis service"
+        url = interpolate(env["REDIS_URL"], {"REDIS_PASSWORD": PASSWORD})
+        assert url == f"redis://:{PASSWORD}@redis:6379/0", f"{name}: the URL must name the redis service"
         assert env["ORCHESTRATOR_METRICS_HOST"] == "0.0.0.0", f"{name}: /metrics must be reachable from Prometheus"
         assert env["ORCHESTRATOR_METRICS_PORT"] == str(METRICS_PORTS[name])
 
@@ -135,10 +181,11 @@ def test_every_orchestrator_variable_is_a_real_setting_with_a_valid_value(
     assert unknown == [], f"{name}: not settings (pydantic-settings would silently ignore them): {unknown}"
     for key in [k for k in os.environ if k.startswith(SETTINGS_PREFIX) or k == "REDIS_URL"]:
         monkeypatch.delenv(key)
+    env = {key: interpolate(value, {"REDIS_PASSWORD": PASSWORD}) for key, value in env.items()}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = Settings()  # read from exactly this environment, as the container does
-    assert settings.redis_url == env["REDIS_URL"]
+    assert plain(settings.redis_url) == env["REDIS_URL"]
     for key, value in settings_env.items():
         field = key.removeprefix(SETTINGS_PREFIX).lower()
         expected = TypeAdapter(Settings.model_fields[field].annotation).validate_python(value)

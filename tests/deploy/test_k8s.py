@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import textwrap
-import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,18 +19,19 @@ import pytest
 import yaml
 from pydantic import TypeAdapter
 
+from orchestrator._version import __version__
 from orchestrator.keys import GROUP, Keys
 from orchestrator.settings import Settings
 from tests.deploy.manifests import (
     DEPLOY,
     K8S,
-    REPO,
     SETTINGS_PREFIX,
     compose,
     container_env,
     k8s_documents,
     k8s_files,
     k8s_find,
+    plain,
 )
 
 KEDA_API = "keda.sh/v1alpha1"
@@ -220,6 +220,7 @@ def test_the_kustomization_lists_every_manifest_and_only_those() -> None:
         "Deployment",
         "Service",
         "PodDisruptionBudget",
+        "NetworkPolicy",
         "ScaledObject",
         "TriggerAuthentication",
     }
@@ -278,7 +279,7 @@ def test_every_setting_in_the_configmap_and_the_pods_is_real_and_valid(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = Settings()
-    assert settings.redis_url == redis_url()
+    assert plain(settings.redis_url) == redis_url()
     for key, value in settings_env.items():
         field = key.removeprefix(SETTINGS_PREFIX).lower()
         assert getattr(settings, field) == TypeAdapter(Settings.model_fields[field].annotation).validate_python(value)
@@ -313,8 +314,7 @@ def test_pods_are_probed_on_their_named_metrics_port_and_locked_down(name: str) 
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert c["image"] == f"orchestrator:{version}"
+    assert c["image"] == f"orchestrator:{__version__}"
 
 
 @pytest.mark.parametrize("name", DEPLOYMENTS)
@@ -334,6 +334,45 @@ def test_metrics_service_and_disruption_budget_select_the_pods(name: str) -> Non
     rolling = k8s_find("Deployment", name)["spec"]["strategy"]["rollingUpdate"]
     for value in (budget["spec"]["maxUnavailable"], rolling["maxSurge"], rolling["maxUnavailable"]):
         assert isinstance(value, int) or re.fullmatch(r"\d+%", value), value
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects ``labels``."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not ok:
+            return False
+    return True
+
+
+def test_the_network_policy_lets_only_prometheus_reach_the_metrics_ports() -> None:
+    """Both Deployments' pods are selected; ingress is allowed on the containers' `metrics` port
+    only (the one port they listen on), only from pods labelled as Prometheus; egress (Redis,
+    DNS, what steps call) is not restricted."""
+    (policy,) = [d for d in k8s_documents() if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    for name, port in DEPLOYMENTS.items():
+        labels = k8s_find("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert selects(spec["podSelector"], labels), f"{name}'s pods are not selected"
+        assert container(name)["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    assert not selects(spec["podSelector"], {"app.kubernetes.io/name": "redis"}), "selects pods that are not ours"
+    assert spec["policyTypes"] == ["Ingress"], "egress must stay open: Redis, DNS and the steps' own calls"
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    (peer,) = rule["from"]
+    assert peer["namespaceSelector"] == {}, "Prometheus usually runs in a namespace of its own"
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    assert selects(peer["podSelector"], prometheus)
+    assert not selects(peer["podSelector"], {"app.kubernetes.io/name": "orchestrator"})
+    assert not selects(peer["podSelector"], {}), "an empty pod selector would let every pod in"
 
 
 def test_keda_resources_use_only_fields_of_the_keda_crds() -> None:

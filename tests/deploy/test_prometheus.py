@@ -6,10 +6,11 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.deploy.manifests import PROMETHEUS_CONFIG, RULES, compose, duration_s, load_yaml, service_env
+from tests.deploy.manifests import PROMETHEUS_CONFIG, REPO, RULES, compose, duration_s, load_yaml, service_env
 
 RULES_TESTS = Path(__file__).parent / "rules_test.yml"
 
@@ -42,6 +43,48 @@ def test_the_rules_compute_the_compound_figures_and_alert_once(tmp_path: Path) -
     tests = tmp_path / "rules_test.yml"
     tests.write_text(RULES_TESTS.read_text().replace("../../deploy/prometheus/rules.yml", "rules.yml"))
     assert promtool("test", "rules", str(tests)).returncode != 0
+
+
+def rules() -> list[dict[str, Any]]:
+    return [rule for group in load_yaml(RULES)["groups"] for rule in group["rules"]]
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub (and most Markdown renderers) give a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_recording_rules_are_named_level_metric_operations() -> None:
+    """Prometheus' convention: `level:metric:operations`, the level naming the labels kept, the
+    metric the orchestrator metric it derives from (no `_total`), the operations ending in the
+    window (https://prometheus.io/docs/practices/rules/)."""
+    records = [rule["record"] for rule in rules() if "record" in rule]
+    assert records
+    for name in records:
+        level, metric, operations = name.split(":")
+        assert re.fullmatch(r"[a-z]+(_[a-z]+)*", level), name
+        assert metric.startswith("orchestrator_") and not metric.endswith("_total"), name
+        assert re.fullmatch(r"([a-z]+_)*rate5m", operations), name
+    # that the level lists the labels each result keeps is checked on live data, in
+    # tests/grafana/test_prometheus_live.py
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    runbook = (REPO / "docs" / "runbook.md").read_text()
+    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", runbook, re.M)}
+    alerts = [rule for rule in rules() if "alert" in rule]
+    assert {"OrchestratorFleetScrapeError", "OrchestratorNoLeadingSupervisor", "OrchestratorSupervisorsDown"} <= {
+        a["alert"] for a in alerts
+    }
+    for alert in alerts:
+        url = alert["annotations"].get("runbook_url", "")
+        path, _, anchor = url.partition("#")
+        assert path == "docs/runbook.md" and (REPO / path).exists(), f"{alert['alert']}: {url!r}"
+        assert anchor == alert["alert"].lower() and anchor in anchors, f"{alert['alert']}: no section #{anchor}"
+        section = runbook.split(f"## {alert['alert']}\n", 1)[1].split("\n## ", 1)[0]
+        for part in ("**What it means.**", "**How to check.**", "**What to do.**"):
+            assert part in section, f"runbook section {alert['alert']} lacks {part}"
 
 
 def test_every_worker_and_supervisor_replica_is_scraped_on_its_metrics_port() -> None:

@@ -51,18 +51,12 @@ VALUES = {
     "step": ".*",  # "All"
     "datasource": "",
 }
-# drill-down panels with no data for chain17, which has no crash, stash or cost, and no run
-# in flight at the end (they all have data for recovery). Its stash rates are 0, not empty: the
-# workers create the per-step series at 0; the average stash size is 0/0.
-EMPTY_FOR_CHAIN = {
-    "Average stash size, by step",
-    "Runs in flight by status",
-    "Steps not redone (total)",
-    "Step time not redone (total)",
-    "Cost not paid twice (total, by unit)",
-    "Cost spent per second, by step and unit",
-    "Work saved per second",
-}
+# drill-down panels with no data for chain17, which has no crash, stash or cost, and no run in
+# flight at the end (they all have data for recovery): only the average stash size, 0/0. Every
+# other series exists at 0 before its first event: the workers create the per-step series, the
+# supervisors the per-workflow ones (work saved, cost, dead letter, runs in flight) of every
+# workflow and step they know, so panels show 0 rather than "No data".
+EMPTY_FOR_CHAIN = {"Average stash size, by step"}
 Z = 4.0  # tolerance in binomial standard errors: a fair 95% step is outside it once in 16,000
 P = 1 - wl.FAIL_P
 
@@ -109,7 +103,8 @@ def first_samples_taken(prom: Prometheus) -> bool:
 
 
 def rules_evaluated_after(prom: Prometheus, moment: float) -> bool:
-    result = prom.query(f'timestamp(orchestrator:chain_completion_observed:ratio5m{{workflow="{wl.CHAIN}"}})')
+    observed = f'workflow:orchestrator_chain_completion_observed:ratio_rate5m{{workflow="{wl.CHAIN}"}}'
+    result = prom.query(f"timestamp({observed})")
     return bool(result) and float(result[0]["value"][1]) > moment + 2 * SCRAPE_S
 
 
@@ -198,8 +193,12 @@ def test_every_recording_rule_has_data_and_every_alert_evaluates(live: dict[str,
     prom: Prometheus = live["prom"]
     records, alerts = d.rule_names_and_exprs()
     for name, expr in records.items():
-        assert finite(prom.query(name)), f"recording rule {name} recorded nothing"
+        result = prom.query(name)
+        assert finite(result), f"recording rule {name} recorded nothing"
         assert finite(prom.query(expr)), f"recording rule {name}: its expression has no data"
+        # level:metric:operations, the level naming the labels the result keeps
+        kept = {label for r in result for label in r["metric"]} - {"__name__"}
+        assert kept == set(name.split(":")[0].split("_")), f"{name} keeps the labels {sorted(kept)}"
     for group in prom.get("/api/v1/rules")["groups"]:
         for rule in group["rules"]:
             assert rule["health"] == "ok", rule
@@ -212,11 +211,35 @@ def test_every_recording_rule_has_data_and_every_alert_evaluates(live: dict[str,
         "OrchestratorOldestPendingTooOld": False,
         "OrchestratorStepQuarantined": True,
         "OrchestratorStaleCommits": True,
+        "OrchestratorFleetScrapeError": False,  # both replicas read Redis...
+        "OrchestratorNoLeadingSupervisor": False,  # ...one of them leads...
+        "OrchestratorSupervisorsDown": False,  # ...and Prometheus scrapes them
     }
     failing = prom.query(alerts["OrchestratorRunsFailing"])
     assert [r["metric"]["workflow"] for r in failing] == [wl.RECOVERY]
     for name in ("OrchestratorStepQuarantined", "OrchestratorStaleCommits"):  # one alert, not one per replica
         assert len(prom.query(alerts[name])) == 1, name
+
+
+def test_series_of_known_workflows_exist_at_zero_before_their_first_event(live: dict[str, Any]) -> None:
+    """chain17 never crashed, spent, dead-lettered or has a run in flight at the end: its series
+    are there all the same, at 0, so that its panels show 0 and not "No data" (and a first event
+    shows in rate())."""
+    prom: Prometheus = live["prom"]
+    chain = f'workflow="{wl.CHAIN}"'
+    zero = {
+        f"orchestrator_fleet_dead_letter_runs{{{chain}}}": 1,
+        f"orchestrator_fleet_runs_in_flight{{{chain}}}": 3,  # pending, running, retrying
+        f"orchestrator_fleet_work_saved_seconds_total{{{chain}}}": 1,
+        f"orchestrator_fleet_work_saved_steps_total{{{chain}}}": 1,
+        f"orchestrator_fleet_work_saved_stash_seconds_total{{{chain}}}": 1,
+        # per step of the chain, for each unit any step of the fleet reported (recovery's tokens and usd)
+        f"orchestrator_fleet_step_cost_total{{{chain}}}": 2 * len(wl.CHAIN_STEPS),
+        f"orchestrator_fleet_cost_saved_total{{{chain}}}": 2,
+    }
+    for selector, count in zero.items():
+        values = finite(prom.query(f"{M} ({selector})"))
+        assert values == [0.0] * count, f"{selector}: {values}"
 
 
 def panel_query(uid: str, title: str, ref_id: str = "A") -> str:
@@ -290,14 +313,14 @@ def test_five_minute_rules_match_the_injected_failures(live: dict[str, Any]) -> 
     prom: Prometheus = live["prom"]
     measured = live["measured"]
     chain = f'workflow="{wl.CHAIN}"'
-    step_ratios = prom.values(f"orchestrator:step_success_ratio:rate5m{{{chain}}}", "step")
+    step_ratios = prom.values(f"workflow_step:orchestrator_step_success:ratio_rate5m{{{chain}}}", "step")
     # rate() extrapolates an increase to the window's start by up to half a scrape interval,
     # by less for a series whose first value is small next to its increase: within 1% here
     check_step_ratios(step_ratios, ratios(measured), measured, tol=0.01)
-    predicted = prom.value(f"orchestrator:chain_completion_predicted:ratio5m{{{chain}}}")
+    predicted = prom.value(f"workflow:orchestrator_chain_completion_predicted:ratio_rate5m{{{chain}}}")
     check_predicted(predicted, step_ratios, measured)
     assert predicted == pytest.approx(math.prod(ratios(measured).values()), rel=0.05)
-    assert prom.value(f"orchestrator:chain_completion_observed:ratio5m{{{chain}}}") == 1.0
+    assert prom.value(f"workflow:orchestrator_chain_completion_observed:ratio_rate5m{{{chain}}}") == 1.0
 
 
 def test_a_step_that_never_succeeds_makes_the_chain_zero_not_missing(live: dict[str, Any]) -> None:
@@ -306,13 +329,13 @@ def test_a_step_that_never_succeeds_makes_the_chain_zero_not_missing(live: dict[
     workflow for lack of an `ok` or `completed` series)."""
     prom: Prometheus = live["prom"]
     rec = f'workflow="{wl.RECOVERY}"'
-    assert prom.values(f"orchestrator:step_success_ratio:rate5m{{{rec}}}", "step") == {
+    assert prom.values(f"workflow_step:orchestrator_step_success:ratio_rate5m{{{rec}}}", "step") == {
         "gather": 0.5,  # one error, one ok per scenario
         "summarize": 0.5,  # one timeout, one ok
         "poisoned": 0.0,  # three crashes
     }
-    assert prom.value(f"orchestrator:chain_completion_predicted:ratio5m{{{rec}}}") == 0.0
-    assert prom.value(f"orchestrator:chain_completion_observed:ratio5m{{{rec}}}") == 0.0
+    assert prom.value(f"workflow:orchestrator_chain_completion_predicted:ratio_rate5m{{{rec}}}") == 0.0
+    assert prom.value(f"workflow:orchestrator_chain_completion_observed:ratio_rate5m{{{rec}}}") == 0.0
     assert prom.value(f"{M} (orchestrator_chain_completion_predicted_ratio{{{rec}}})") == 0.0
     assert prom.value(f"{M} (orchestrator_chain_completion_observed_ratio{{{rec}}})") == 0.0
     assert prom.value(f"sum({M} (orchestrator_fleet_work_saved_steps_total{{{rec}}}))") >= 6  # 2 steps x 3 crashes

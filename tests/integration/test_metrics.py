@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import Client, Retry, Settings, StepContext, Workflow
+from orchestrator.figures import compound, parse_detail
 from orchestrator.keys import GROUP
-from orchestrator.metrics import compound, parse_detail
 from tests.harness import supervisor_thread, worker_thread
 from tests.helpers import wait_until
 
