@@ -59,11 +59,10 @@ class RawConsumer:
     """The worker's Redis traffic per step, and nothing else."""
 
     def __init__(self, settings: Settings, flow: Workflow[Empty], batch: int) -> None:
-        assert settings.redis_url
         self.settings = settings
         self.flow = flow
         self.batch = batch
-        self.redis = connect(settings.redis_url)
+        self.redis = connect(settings.plain_url())
         self.keys = Keys(settings.namespace)
         self.store = Store(self.keys)
         self.queue = flow.queue

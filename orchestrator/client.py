@@ -3,25 +3,31 @@
 Submitting is idempotent by run id: the submit script creates the run only if the id is
 free, in one atomic step, so concurrent submits of one id (threads, processes, a retry after
 a lost reply) all end up with the same single run.
+
+Every method raises errors of the ``OrchestratorError`` tree only: a Redis that cannot be
+reached is :class:`~orchestrator.errors.RedisUnavailable` (retryable: every call is safe to
+repeat), a refused password or permission :class:`~orchestrator.errors.RedisRefused`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
+import pydantic
 import redis
 from pydantic import BaseModel
 
 from orchestrator import scripts
-from orchestrator.codec import HistoryEvent, StepRecord, dumps, encode_fields, loads
-from orchestrator.connection import close, connect
+from orchestrator.codec import HistoryEvent, StepRecord, describe_validation_error, dumps, encode_fields, loads
+from orchestrator.connection import close, connect, redis_failure
 from orchestrator.errors import (
-    ConfigError,
     InvalidTransition,
+    OrchestratorError,
     RunCancelled,
     RunConflict,
     RunFailed,
@@ -36,21 +42,54 @@ from orchestrator.store import FINISHED_IN, Outcome, Store
 from orchestrator.workflow import FreeState, Workflow
 
 S = TypeVar("S", bound=BaseModel)
+P = ParamSpec("P")
+R = TypeVar("R")
 TERMINAL_EVENTS = frozenset({"completed", "failed", "cancelled", "quarantined"})
 MAX_REASON_CHARS = 1000
 
 
+class _HasSettings(Protocol):
+    @property
+    def settings(self) -> Settings: ...
+
+
+H = TypeVar("H", bound=_HasSettings)
+
+
+def translate(exc: Exception, settings: Settings) -> Exception:
+    """The error of our tree for what redis-py or pydantic raised inside a client call."""
+    if isinstance(exc, pydantic.ValidationError):  # a stored record that does not parse
+        return ValidationError(describe_validation_error(exc, what="a record read from Redis"))
+    if isinstance(exc, redis.RedisError | OSError):
+        return redis_failure(exc, settings.plain_url() if settings.redis_url else "")
+    return exc
+
+
+def _tree_errors(method: Callable[Concatenate[H, P], R]) -> Callable[Concatenate[H, P], R]:
+    """Raise only errors of the ``OrchestratorError`` tree from ``method``."""
+
+    @functools.wraps(method)
+    def wrapper(self: H, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except OrchestratorError:
+            raise  # ours already (WaitTimeout is also a TimeoutError, hence an OSError)
+        except (redis.RedisError, OSError, pydantic.ValidationError) as exc:
+            raise translate(exc, self.settings) from exc
+
+    return wrapper
+
+
 class Client:
-    """Synchronous client for one Redis deployment and namespace. Thread-safe."""
+    """Synchronous client for one Redis deployment and namespace. Thread-safe.
+
+    Raises only errors of the ``OrchestratorError`` tree (see the module docstring).
+    """
 
     def __init__(self, settings: Settings | None = None, *, redis_client: redis.Redis | None = None) -> None:
         self.settings = settings or Settings()
         if redis_client is None:
-            if not self.settings.redis_url:
-                raise ConfigError(
-                    "no Redis URL: set REDIS_URL or ORCHESTRATOR_REDIS_URL, or pass Settings(redis_url=...)"
-                )
-            redis_client = connect(self.settings.redis_url)
+            redis_client = connect(self.settings.plain_url())
         self.redis = redis_client
         self.keys = Keys(self.settings.namespace)
         self.store = Store(self.keys)
@@ -73,6 +112,7 @@ class Client:
 
     # -- submit ---------------------------------------------------------------------------
 
+    @_tree_errors
     def submit(self, workflow: Workflow[S], input: Any = None, *, run_id: str | None = None) -> Run[S]:
         """Start a run of ``workflow`` with ``input``, or return the existing run with this id.
 
@@ -119,17 +159,20 @@ class Client:
 
     # -- reading --------------------------------------------------------------------------
 
+    @_tree_errors
     def run(self, run_id: str, workflow: Workflow[S] | None = None) -> Run[Any]:
         """A handle on an existing run (``workflow`` lets ``wait()`` return its state model)."""
         self.get(run_id)
         return Run(self, run_id, workflow, created=False)
 
+    @_tree_errors
     def get(self, run_id: str) -> RunInfo:
         h: dict[str, str] = self.redis.hgetall(self.keys.run(run_id).run)  # type: ignore[assignment]
         if not h:
             raise RunNotFound(f"no run {run_id!r} in namespace {self.settings.namespace!r}", run_id=run_id)
         return RunInfo.from_hash(run_id, h)
 
+    @_tree_errors
     def state(self, run_id: str, workflow: Workflow[S] | None = None) -> Any:
         """The run's current state: a model instance with ``workflow``, else a plain dict.
 
@@ -141,21 +184,25 @@ class Client:
             return fields
         return workflow.load_state(fields)
 
+    @_tree_errors
     def results(self, run_id: str) -> dict[str, StepRecord]:
         """Persisted step records by idempotency key."""
         raw: dict[str, str] = self.redis.hgetall(self.keys.run(run_id).results)  # type: ignore[assignment]
         return {k: StepRecord.model_validate_json(v) for k, v in raw.items()}
 
+    @_tree_errors
     def history(self, run_id: str) -> RunHistory:
         info = self.get(run_id)
         events = self.events(run_id)
         return RunHistory(run=info, steps=group_attempts(info, events), events=events)
 
+    @_tree_errors
     def events(self, run_id: str, start: int = 0) -> list[HistoryEvent]:
         """The run's history events from index ``start`` on (cheap to poll for new ones)."""
         raw: list[str] = self.redis.lrange(self.keys.run(run_id).history, start, -1)  # type: ignore[assignment]
         return [HistoryEvent.model_validate_json(item) for item in raw]
 
+    @_tree_errors
     def list_runs(self, status: str | None = None, limit: int = 50) -> list[RunInfo]:
         """Most recently active first. ``status`` filters (one of ``STATUSES``)."""
         if status is not None and status not in STATUSES:
@@ -189,6 +236,7 @@ class Client:
         queues: set[str] = self.redis.smembers(self.keys.queues)  # type: ignore[assignment]
         return [self.keys.queue(q).queued for q in sorted(queues)]
 
+    @_tree_errors
     def stats(self) -> dict[str, int]:
         """Fleet-wide counters (crashes detected, fenced commits, redispatches, ...)."""
         counters: dict[str, str] = self.redis.hgetall(self.keys.stats)  # type: ignore[assignment]
@@ -196,6 +244,7 @@ class Client:
 
     # -- control --------------------------------------------------------------------------
 
+    @_tree_errors
     def cancel(self, run_id: str, reason: str = "cancelled by request") -> RunInfo:
         """End an unfinished run now. A running step is told at its next heartbeat."""
         if len(reason) > MAX_REASON_CHARS:
@@ -209,6 +258,7 @@ class Client:
             raise InvalidTransition(f"run {run_id!r} is already {outcome.detail[0]}; nothing to cancel", run_id=run_id)
         return self.get(run_id)
 
+    @_tree_errors
     def retry(self, run_id: str, reason: str = "retried by request") -> Run[Any]:
         """Re-drive a failed run from its failed step (same idempotency key as before)."""
         info = self.get(run_id)
@@ -220,6 +270,7 @@ class Client:
             )
         return Run(self, run_id, None, created=False)
 
+    @_tree_errors
     def purge(
         self,
         statuses: Iterable[str] = ("completed", "cancelled", "failed"),
@@ -262,6 +313,10 @@ class Run(Generic[S]):
         self.run_id = run_id
         self.workflow = workflow
         self.created = created
+
+    @property
+    def settings(self) -> Settings:
+        return self.client.settings
 
     def __repr__(self) -> str:
         return f"Run({self.run_id!r})"
@@ -307,6 +362,7 @@ class Run(Generic[S]):
                 )
             time.sleep(poll_s)
 
+    @_tree_errors
     def wait(self, timeout_s: float = 60.0, poll_s: float = 0.25) -> S:
         """Block until the run finishes; return its final state (a dict without a workflow).
 

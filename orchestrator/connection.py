@@ -1,16 +1,24 @@
 """Redis connections from a URL: single server, TLS, unix socket or Sentinel; never a leaked password.
 
+TLS is ``rediss://`` (one server) or ``rediss+sentinel://`` (the sentinels and the servers they
+name), with redis-py's SSL arguments as query parameters, checked by :mod:`orchestrator.tls`.
+
 Every client retries a command on a dropped connection or timeout. That is safe only because
 every write we send is idempotent (scripts check before they write, XACK/XDEL are no-ops the
 second time): a write whose reply was lost may have executed, and running it again must not
-change the outcome.
+change the outcome. A refused password is never retried: it would only be refused again.
+
+URLs are checked before any connection is made (:func:`check_url`), and the errors redis-py
+raises become errors of the ``OrchestratorError`` tree (:func:`redis_failure`), whose
+messages name the server by its redacted URL.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
@@ -21,13 +29,18 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, OrchestratorError, RedisRefused, RedisUnavailable
+from orchestrator.redact import mask, redact_url, secrets_of, split_url
+from orchestrator.tls import check_tls_files, tls_options, tls_refused, uses_tls
+
+__all__ = ["redact_url"]  # re-exported: the one way to print a URL
 
 SOCKET_TIMEOUT_S = 30.0  # above any XREADGROUP BLOCK we issue, below "hung forever"
 CONNECT_TIMEOUT_S = 5.0
 COMMAND_RETRIES = 6  # 0.05 s doubling to 1.6 s: about 3 s of outage bridged per command
-
-_PASSWORD = re.compile(r"(?P<scheme>[a-z+]+://)(?P<user>[^:@/]*):(?P<password>[^@/]*)@")
+SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+T = TypeVar("T")
 
 
 # Replies that refuse a command for a passing reason (a failover, memory, a busy script): the
@@ -53,15 +66,89 @@ def outcome_unknown_or_passing(exc: BaseException) -> bool:
     return isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError)
 
 
-def redact_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***`` (user names are kept)."""
-    redacted = _PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
-    return re.sub(r"(password=)[^&]*", r"\1***", redacted)
+# How an ACL refusal reads: NOPERM at the top level; inside a script, Redis 7.0 words it as "The
+# user executing the script can't run this command or subcommand" / "can't access at least one
+# of the keys", later versions as a NOPERM error.
+_NO_PERMISSION = re.compile(r"NOPERM|no permissions to|user executing the script can't", re.IGNORECASE)
+
+
+def _without_reprs(text: str) -> str:
+    """``text`` with redis-py's ``<redis.client.Redis(<...>)>`` reprs (every connection argument;
+    a Sentinel error lists one per sentinel) cut to ``<redis>``."""
+    out: list[str] = []
+    depth = 0
+    for i, char in enumerate(text):
+        if char == "<" and (depth or text.startswith("<redis.", i)):
+            if not depth:
+                out.append("<redis>")
+            depth += 1
+        elif depth and char == ">":
+            depth -= 1
+        elif not depth:
+            out.append(char)
+    return "".join(out)
+
+
+def lacks_permission(exc: BaseException) -> bool:
+    """True when Redis refused a command or key for the ACL user, also inside a script."""
+    return isinstance(exc, redis.ResponseError) and bool(_NO_PERMISSION.search(str(exc)))
+
+
+def redis_failure(exc: BaseException, url: str) -> OrchestratorError:
+    """The error of our tree for an error redis-py (or the socket) raised talking to ``url``.
+
+    A refused password says whether the URL had one at all (Redis's NOAUTH) or had a wrong one
+    (WRONGPASS); a missing ACL permission (also inside a script) and a refused TLS handshake say
+    what to check. The server is named by its redacted URL, and any password in redis-py's
+    message is masked.
+    """
+    where = redact_url(url) or "(a client given by the caller)"
+    detail = mask(_without_reprs(" ".join(str(exc).split()).rstrip(".")), secrets_of(url)) or type(exc).__name__
+    if isinstance(exc, redis.AuthenticationError):
+        if not secrets_of(url):
+            return RedisRefused(
+                f"Redis at {where} asks for a password and the URL has none: put it in the URL "
+                "before the host (':PASSWORD@host', or 'USER:PASSWORD@host' for an ACL user)"
+            )
+        return RedisRefused(
+            f"Redis at {where} refused the credentials in the URL ({detail}): check the password "
+            "(and the user name, for an ACL user)"
+        )
+    if lacks_permission(exc):
+        return RedisRefused(
+            f"Redis at {where} refused a command: the URL's user lacks a permission ({detail}); give it "
+            "the ACL of its role for this namespace (docs/security.md): its keys are ~<namespace>:*"
+        )
+    if tls_refused(exc):
+        return RedisRefused(
+            f"Redis at {where} refused the TLS connection ({detail}): check ssl_ca_certs (the CA that "
+            "signed the server's certificate), that the certificate is valid for the URL's host (or "
+            "ssl_check_hostname=false), and, if the server asks for client certificates, ssl_certfile "
+            "and ssl_keyfile (with ssl_password for an encrypted key)"
+        )
+    if outcome_unknown_or_passing(exc):
+        return RedisUnavailable(
+            f"cannot reach Redis at {where}: {detail}; check that it is running and that "
+            "--redis-url / ORCHESTRATOR_REDIS_URL / REDIS_URL point at it" + _tls_hint(url, detail)
+        )
+    return RedisRefused(f"Redis at {where} answered with an error: {detail}")
+
+
+def _tls_hint(url: str, detail: str) -> str:
+    """A server that wants a client certificate and gets none closes the connection right after
+    the handshake (TLS 1.3): the client sees an EOF or a reset, not always the alert."""
+    if uses_tls(url) and re.search(r"SSL|EOF occurred|reset by peer", detail):
+        return "; over TLS, if the server asks for client certificates, give ssl_certfile and ssl_keyfile"
+    return ""
 
 
 @dataclass(frozen=True)
 class SentinelTarget:
-    """A parsed ``redis+sentinel://[user:pass@]host:port[,host:port]/service[/db]`` URL."""
+    """A parsed ``redis[s]+sentinel://[user:pass@]host:port[,host:port]/service[/db]`` URL.
+
+    ``tls`` holds the SSL arguments (``ssl=True`` and the TLS query parameters) for a
+    ``rediss+sentinel://`` URL, for the sentinels and the servers they name alike; {} otherwise.
+    """
 
     hosts: list[tuple[str, int]]
     service: str
@@ -69,6 +156,7 @@ class SentinelTarget:
     username: str | None
     password: str | None
     sentinel_password: str | None
+    tls: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
@@ -79,15 +167,16 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         host, _, port = item.partition(":")
         if not host:
             raise ConfigError(f"redis_url {redact_url(url)!r}: empty sentinel host; expected host:port[,host:port]")
-        try:
-            hosts.append((host, int(port or 26379)))
-        except ValueError as exc:
-            raise ConfigError(f"redis_url {redact_url(url)!r}: sentinel port {port!r} is not a number") from exc
+        number = _port(url, port or "26379", "sentinel port")
+        hosts.append((host, number))
     path = [p for p in parts.path.split("/") if p]
     if not path:
         raise ConfigError(f"redis_url {redact_url(url)!r}: missing service name; expected .../mymaster[/db]")
+    if len(path) > 1:
+        _db(url, path[1])
     query = parse_qs(parts.query)
     sentinel_password = query.get("sentinel_password", [None])[0]
+    tls = tls_options(url)
     return SentinelTarget(
         hosts=hosts,
         service=path[0],
@@ -95,47 +184,157 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
         sentinel_password=sentinel_password,
+        tls={"ssl": True, **tls} if uses_tls(url) else {},
     )
 
 
-def _options() -> dict[str, Any]:
-    return {
+def _options(scheme: str) -> dict[str, Any]:
+    options: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
-        "socket_keepalive": True,
         "health_check_interval": 15,
     }
+    if scheme != "unix":  # TCP keepalive means nothing on a unix socket, whose connection refuses the option
+        options["socket_keepalive"] = True
+    return options
 
 
-def _check_scheme(url: str) -> str:
+def _port(url: str, text: str, what: str = "port") -> int:
+    if text.isdigit() and 1 <= int(text) <= 65535:
+        return int(text)
+    raise ConfigError(f"redis_url {redact_url(url)!r}: {what} {text!r} is invalid; expected a number from 1 to 65535")
+
+
+def _db(url: str, text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    raise ConfigError(f"redis_url {redact_url(url)!r}: database {text!r} is invalid; expected a number, e.g. /0")
+
+
+def check_url(url: str) -> str:
+    """Check ``url`` before anything connects with it; return its scheme, lower-cased.
+
+    Raises :class:`ConfigError` naming ``redis_url`` (redacted) and what is expected, for an
+    unknown scheme, a port that is not a number from 1 to 65535, a database that is not a
+    number, a unix URL without a socket path, a malformed Sentinel URL, or TLS options that are
+    unknown, invalid or on a scheme without TLS (:func:`tls_options`).
+    """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("redis+cluster", "rediss+cluster"):
         raise ConfigError(
             "Redis Cluster is not supported yet: keys are hash-tagged for it, but some scripts still "
             "span a run and its queue (see docs/design.md, 'Redis Cluster')"
         )
-    if scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
+    if scheme not in SCHEMES:
         raise ConfigError(
             f"redis_url {redact_url(url)!r}: unknown scheme {scheme!r}; "
-            "expected redis://, rediss://, unix:// or redis+sentinel://"
+            "expected redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://"
         )
+    if scheme in SENTINEL_SCHEMES:
+        parse_sentinel_url(url)
+        return scheme
+    tls_options(url)
+    parts = urlsplit(url)
+    if parts.netloc.rpartition("@")[0] != split_url(url)[1]:  # redis-py would read another password
+        raise ConfigError(
+            f"redis_url {redact_url(url)!r}: the user name or password holds a '/', '?' or '#'; "
+            "percent-encode it (%2F, %3F, %23)"
+        )
+    if scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"redis_url {redact_url(url)!r}: no socket path; expected unix:///path/to/redis.sock")
+        return scheme
+    hostport = parts.netloc.rpartition("@")[2]
+    _host, colon, port = hostport.rpartition(":") if not hostport.endswith("]") else ("", "", "")
+    if colon:
+        _port(url, port)
+    if parts.path.strip("/"):
+        _db(url, parts.path.strip("/"))
     return scheme
 
 
+def _lower_scheme(url: str, scheme: str) -> str:
+    """``REDIS://...`` as ``redis://...``: redis-py before 8 refuses an upper-case scheme."""
+    return scheme + url[len(scheme) :]
+
+
 def _sentinel_args(url: str) -> tuple[SentinelTarget, dict[str, Any], dict[str, Any]]:
-    """What Sentinel(...) and master_for(...) take, for the sync and the asyncio client alike."""
+    """What Sentinel(...) and master_for(...) take, for the sync and the asyncio client alike.
+
+    With TLS, the sentinels get the SSL arguments through ``sentinel_kwargs`` and the servers
+    they name through master_for's, where ``ssl=True`` picks redis-py's SentinelManagedSSLConnection.
+    """
     target = parse_sentinel_url(url)
-    password = {"password": target.sentinel_password} if target.sentinel_password else None
-    master = {"db": target.db, "username": target.username, "password": target.password}
-    return target, {"sentinel_kwargs": password, **_options()}, master
+    options = _options("redis+sentinel")
+    sentinel = {k: v for k, v in options.items() if k.startswith("socket_")}  # redis-py's default
+    if target.sentinel_password:
+        sentinel["password"] = target.sentinel_password
+    master = {"db": target.db, "username": target.username, "password": target.password, **target.tls}
+    return target, {"sentinel_kwargs": {**sentinel, **target.tls}, **options}, master
+
+
+_NEVER_RETRIED = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
+
+
+class _Refused(Exception):
+    """Carries a refusal past redis-py's retry loop, which retries every connection error."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _RetryUnlessRefused(Retry):
+    """redis-py's retry, except that a refused password or user, or a refused TLS handshake
+    (:func:`tls_refused`), is raised at once.
+
+    redis-py counts those as connection errors and retries them; with its retries nested
+    (connect, health check, command) a URL without the password waited 24 s for a refusal.
+    """
+
+    def call_with_retry(self, do: Callable[[], T], fail: Any, *args: Any, **kwargs: Any) -> T:
+        def attempt() -> T:
+            try:
+                return do()
+            except (*_NEVER_RETRIED, redis.ConnectionError) as exc:
+                if isinstance(exc, _NEVER_RETRIED) or tls_refused(exc):
+                    raise _Refused(exc) from None
+                raise
+
+        try:
+            return super().call_with_retry(attempt, fail, *args, **kwargs)
+        except _Refused as refused:
+            error = refused.error
+        raise error
+
+
+class _AsyncRetryUnlessRefused(AsyncRetry):
+    """:class:`_RetryUnlessRefused` for the asyncio client."""
+
+    async def call_with_retry(self, do: Callable[[], Awaitable[T]], fail: Any, *args: Any, **kwargs: Any) -> T:
+        async def attempt() -> T:
+            try:
+                return await do()
+            except (*_NEVER_RETRIED, redis.ConnectionError) as exc:
+                if isinstance(exc, _NEVER_RETRIED) or tls_refused(exc):
+                    raise _Refused(exc) from None
+                raise
+
+        try:
+            return await super().call_with_retry(attempt, fail, *args, **kwargs)
+        except _Refused as refused:
+            error = refused.error
+        raise error
 
 
 def connect(url: str) -> redis.Redis:
     """A synchronous client for ``url`` that retries commands on connection errors."""
-    retry = Retry(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
-    if _check_scheme(url) != "redis+sentinel":
-        return redis.Redis.from_url(url, retry=retry, **_options())
+    retry = _RetryUnlessRefused(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
+    scheme = check_url(url)
+    check_tls_files(url)
+    if scheme not in SENTINEL_SCHEMES:
+        return redis.Redis.from_url(_lower_scheme(url, scheme), retry=retry, **_options(scheme))
     from redis.sentinel import Sentinel
 
     target, sentinel_kwargs, master_kwargs = _sentinel_args(url)
@@ -178,10 +377,13 @@ FAST_CONNECTIONS: dict[str, type[aconnection.AbstractConnection]] = {
 
 def connect_async(url: str) -> aredis.Redis:
     """An asyncio client for ``url`` with the same retry behaviour as :func:`connect`."""
-    retry = AsyncRetry(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
-    scheme = _check_scheme(url)
-    if scheme != "redis+sentinel":
-        return aredis.Redis.from_url(url, retry=retry, connection_class=FAST_CONNECTIONS[scheme], **_options())
+    retry = _AsyncRetryUnlessRefused(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
+    scheme = check_url(url)
+    check_tls_files(url)
+    if scheme not in SENTINEL_SCHEMES:
+        return aredis.Redis.from_url(
+            _lower_scheme(url, scheme), retry=retry, connection_class=FAST_CONNECTIONS[scheme], **_options(scheme)
+        )
     from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
     target, sentinel_kwargs, master_kwargs = _sentinel_args(url)

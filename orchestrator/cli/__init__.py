@@ -1,102 +1,77 @@
 """The ``orchestrator`` command: worker, supervisor, submit, status, history, runs, retry, cancel, demo.
 
 Exit codes: 0 ok, 1 error (the message says what happened and what to do), 2 usage (a bad
-flag, argument or setting). Connection: ``--redis-url`` or ``REDIS_URL``; with neither, an
-embedded redis-server is started (see ``orchestrator redis``).
+flag, argument or setting). Connection: ``--redis-url`` (before or after the command's name),
+else ``ORCHESTRATOR_REDIS_URL``, else ``REDIS_URL``: the order the library reads them in. With
+none, commands that need a server (submit, worker, supervisor) start an embedded redis-server
+(see ``orchestrator redis``); commands that only read or act on existing runs never do.
+
+Nothing this command prints carries a password: every error message and log line has the
+password of any URL in it masked, and so has an unexpected traceback.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
-from pathlib import Path
+import traceback
 
 import click
 import redis
 
-from orchestrator.cli.common import CliState
-from orchestrator.connection import redact_url
+from orchestrator.cli.common import CliState, OrchestratorGroup, shared_options
+from orchestrator.connection import redis_failure
 from orchestrator.errors import ConfigError, OrchestratorError
-from orchestrator.logs import configure
 from orchestrator.settings import unknown_variables
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option(
-    "--redis-url",
-    envvar=["REDIS_URL", "ORCHESTRATOR_REDIS_URL"],
-    default=None,
-    show_envvar=True,
-    help="redis://, rediss://, unix:// or redis+sentinel:// URL; unset = embedded server",
+@click.group(
+    cls=OrchestratorGroup,
+    params=shared_options(top=True),
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.option("--namespace", envvar="ORCHESTRATOR_NAMESPACE", default=None, help="key prefix [orch]")
-@click.option(
-    "--data-dir",
-    envvar="ORCHESTRATOR_DATA_DIR",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="embedded server data folder [.orchestrator]",
-)
-@click.option(
-    "--log-level",
-    envvar="ORCHESTRATOR_LOG_LEVEL",
-    default="INFO",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-)
-@click.option("--log-format", envvar="ORCHESTRATOR_LOG_FORMAT", default="text", type=click.Choice(["text", "json"]))
 @click.version_option(package_name="orchestrator")
 @click.pass_context
-def cli(
-    ctx: click.Context,
-    redis_url: str | None,
-    namespace: str | None,
-    data_dir: Path | None,
-    log_level: str,
-    log_format: str,
-) -> None:
+def cli(ctx: click.Context) -> None:
     """Durable multi-step workflows on Redis Streams."""
-    configure(log_level.upper(), log_format)
+    state = ctx.ensure_object(CliState)
+    for name in ("ORCHESTRATOR_REDIS_URL", "REDIS_URL"):
+        state.secrets.add_url(os.environ.get(name))
+    state.configure_logging()
     for line in unknown_variables(os.environ):
         logging.getLogger("orchestrator.cli").warning(line)
-    ctx.obj = CliState(
-        {
-            "redis_url": redis_url,
-            "namespace": namespace,
-            "data_dir": data_dir,
-            "log_level": log_level.upper(),
-            "log_format": log_format,
-        }
-    )
 
 
 def main() -> None:
     """Entry point: run the CLI, turning our errors into a message and exit code 1 (2 for config)."""
+    state = CliState()
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, obj=state)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)
     except click.ClickException as exc:
-        exc.show()
+        shown = io.StringIO()
+        exc.show(file=shown)
+        click.echo(state.secrets.mask(shown.getvalue()), err=True, nl=False)
         sys.exit(exc.exit_code)
-    except ConfigError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        sys.exit(2)
-    except OrchestratorError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        sys.exit(1)
-    except redis.AuthenticationError as exc:
-        click.echo(f"error: Redis refused the credentials in the URL: {redact_url(str(exc))}", err=True)
-        sys.exit(1)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        click.echo(f"error: cannot reach Redis: {redact_url(str(exc))}; check --redis-url / REDIS_URL", err=True)
-        sys.exit(1)
-    except redis.RedisError as exc:
-        click.echo(f"error: Redis answered with an error: {redact_url(str(exc))}", err=True)
-        sys.exit(1)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except (OrchestratorError, redis.RedisError) as exc:
+        _fail(state, exc)
+    except Exception as exc:  # a bug, ours or in an imported workflow module: show where, never a password
+        click.echo(state.secrets.mask(traceback.format_exc()), err=True, nl=False)
+        what = f"error: unexpected {type(exc).__name__} (traceback above); if it comes from orchestrator's code, "
+        click.echo(state.secrets.mask(what + "please report it"), err=True)
+        sys.exit(1)
+
+
+def _fail(state: CliState, exc: OrchestratorError | redis.RedisError) -> None:
+    error = exc if isinstance(exc, OrchestratorError) else redis_failure(exc, state.url)  # raw: e.g. `stats`
+    click.echo(state.secrets.mask(f"error: {error.message}"), err=True)
+    sys.exit(2 if isinstance(error, ConfigError) else 1)
 
 
 from orchestrator.cli import chaos, demo, fleet, runs, serve, server  # noqa: E402, F401 - registers the commands

@@ -124,12 +124,13 @@ def chaos(state: CliState, /, fsync: str, seed: int | None, chaos_dir: Path, out
     the ledger on a second one. Exits 1 if any invariant broke: run it before going live.
     """
     config = ChaosConfig(**options, **({"seed": seed} if seed is not None else {}))
-    url = state.overrides.get("redis_url")
+    configured = state.configured()
+    url = configured.plain_url() if configured.redis_url else None
     if url is not None and config.lost_writes:
         raise click.UsageError(
             "--lost-writes restores Redis from an older copy of its data, destroying every write made "
-            "since; it runs only on the redis-server the chaos run starts itself. Unset REDIS_URL "
-            "(and --redis-url) to use it."
+            "since; it runs only on the redis-server the chaos run starts itself. Unset "
+            "ORCHESTRATOR_REDIS_URL and REDIS_URL (and --redis-url) to use it."
         )
     if chaos_dir.exists():
         shutil.rmtree(chaos_dir)

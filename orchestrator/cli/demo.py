@@ -29,8 +29,9 @@ def demo(state: CliState, kill: bool, competitors: int, demo_dir: Path) -> None:
     """
     from orchestrator.demo.runner import run_demo
 
+    configured = state.configured()
     code = run_demo(
-        redis_url=state.overrides.get("redis_url"),
+        redis_url=configured.plain_url() if configured.redis_url else None,
         data_dir=demo_dir,
         kill=kill,
         competitors=competitors,

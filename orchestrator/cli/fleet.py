@@ -15,9 +15,12 @@ import click
 from orchestrator.cli import cli
 from orchestrator.cli.common import CliState, emit_json, output_option, pass_state
 from orchestrator.client import Client
+from orchestrator.figures import parse_detail, step_order
 from orchestrator.metrics import FleetCollector
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
+# `top` reads the whole fleet state at every refresh: not more often than this
+MIN_INTERVAL_S = 0.5
 
 
 def read_fleet(client: Client) -> Samples:
@@ -32,6 +35,12 @@ def read_fleet(client: Client) -> Samples:
     return out
 
 
+def read_step_order(client: Client) -> dict[str, list[str]]:
+    """Each workflow's steps in workflow order (as its workers announced it at start)."""
+    raw: dict[str, str] = client.redis.hgetall(client.keys.stats_detail)  # type: ignore[assignment]
+    return step_order(parse_detail(raw))
+
+
 def by(samples: Samples, name: str, *labels: str) -> dict[tuple[str, ...], float]:
     return {tuple(lab.get(k, "") for k in labels): v for lab, v in samples.get(name, [])}
 
@@ -41,8 +50,11 @@ def single(samples: Samples, name: str) -> float:
     return values[0] if values else 0.0
 
 
-def compound_rows(samples: Samples) -> list[dict[str, Any]]:
-    """One row per workflow: steps, lowest p_i, predicted vs observed completion, recoveries, work saved."""
+def compound_rows(samples: Samples, order: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    """One row per workflow: steps, p_i (in workflow order), predicted vs observed completion,
+    runs completed and failed (by final outcome: a failed run retried is not failed any more),
+    recoveries, work saved (committed steps and stashed progress that resumed runs did not redo)."""
+    order = order or {}
     p_i = by(samples, "orchestrator_step_success_ratio", "workflow", "step")
     predicted = by(samples, "orchestrator_chain_completion_predicted_ratio", "workflow")
     observed = by(samples, "orchestrator_chain_completion_observed_ratio", "workflow")
@@ -50,21 +62,26 @@ def compound_rows(samples: Samples) -> list[dict[str, Any]]:
     attempts = by(samples, "orchestrator_fleet_step_attempts_total", "workflow", "step", "outcome")
     saved_steps = by(samples, "orchestrator_fleet_work_saved_steps_total", "workflow")
     saved_s = by(samples, "orchestrator_fleet_work_saved_seconds_total", "workflow")
+    stashed_s = by(samples, "orchestrator_fleet_work_saved_stash_seconds_total", "workflow")
     rows = []
     for workflow in sorted({wf for wf, _ in runs} | {wf for wf, _ in p_i}):
         ratios = {step: r for (wf, step), r in p_i.items() if wf == workflow}
+        position = {step: i for i, step in enumerate(order.get(workflow, []))}
+        failed = runs.get((workflow, "failed"), 0.0) - runs.get((workflow, "retried"), 0.0)
         rows.append(
             {
                 "workflow": workflow,
                 "steps": len(ratios),
-                "p_i": dict(sorted(ratios.items())),
+                "p_i": dict(sorted(ratios.items(), key=lambda item: (position.get(item[0], len(position)), item[0]))),
                 "predicted": predicted.get((workflow,)),
                 "observed": observed.get((workflow,)),
                 "completed": runs.get((workflow, "completed"), 0.0),
-                "failed": runs.get((workflow, "failed"), 0.0),
+                "failed": max(0.0, failed),
+                "retried": runs.get((workflow, "retried"), 0.0),
                 "recoveries": sum(n for (wf, _, o), n in attempts.items() if wf == workflow and o == "crashed"),
                 "saved_steps": saved_steps.get((workflow,), 0.0),
                 "saved_seconds": saved_s.get((workflow,), 0.0),
+                "saved_stash_seconds": stashed_s.get((workflow,), 0.0),
             }
         )
     return rows
@@ -87,15 +104,27 @@ def compound_text(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['workflow']:<20} {r['steps']:>5} {_pct(lowest):>10} {_pct(r['predicted']):>19} "
             f"{_pct(r['observed']):>8} {r['completed']:>6.0f} {r['failed']:>6.0f} {r['recoveries']:>10.0f}"
-            f"  {r['saved_steps']:.0f} steps, {r['saved_seconds']:.1f} s"
+            f"  {_work_saved(r)}"
         )
     return "\n".join(lines)
 
 
-def steps_text(samples: Samples, workflow: str) -> str:
+def _work_saved(row: dict[str, Any]) -> str:
+    """What resuming did not redo: the committed steps (their step time), plus the progress the
+    crashed steps' last ``ctx.stash()`` kept."""
+    stashed_s, total_s = row["saved_stash_seconds"], row["saved_seconds"]
+    if not row["saved_steps"] and not total_s:
+        return "-"
+    committed = f"{row['saved_steps']:.0f} steps, {total_s - stashed_s:.1f} s"
+    return f"{committed} + {stashed_s:.1f} s stashed = {total_s:.1f} s" if stashed_s else committed
+
+
+def steps_text(samples: Samples, workflow: str, order: list[str] | None = None) -> str:
+    """The attempts of each step of ``workflow``, in workflow order (``order``, then any other by name)."""
     attempts = by(samples, "orchestrator_fleet_step_attempts_total", "workflow", "step", "outcome")
     p_i = by(samples, "orchestrator_step_success_ratio", "workflow", "step")
-    steps = sorted({s for wf, s, _ in attempts if wf == workflow})
+    seen = {s for wf, s, _ in attempts if wf == workflow}
+    steps = [s for s in order or [] if s in seen] + sorted(seen - set(order or []))
     lines = [
         f"steps of {workflow}:",
         f"  {'STEP':<24} {'OK':>6} {'ERROR':>6} {'TIMEOUT':>7} {'CRASHED':>7} {'FENCED':>6} {'p_i':>7}",
@@ -111,9 +140,11 @@ def steps_text(samples: Samples, workflow: str) -> str:
 
 def fleet_text(samples: Samples) -> str:
     queues = sorted({q for (q,) in by(samples, "orchestrator_queue_length", "queue")})
+    leading = single(samples, "orchestrator_fleet_leading_supervisors")
     lines = [
         f"workers live {single(samples, 'orchestrator_fleet_live_workers'):.0f}, "
-        f"dead letter {sum(v for _, v in samples.get('orchestrator_fleet_dead_letter_runs', [])):.0f} runs"
+        f"dead letter {sum(v for _, v in samples.get('orchestrator_fleet_dead_letter_runs', [])):.0f} runs, "
+        + ("a supervisor leads" if leading else "no supervisor leads (nothing re-dispatches, sweeps or retries)")
     ]
     for q in queues:
         length = by(samples, "orchestrator_queue_length", "queue")[(q,)]
@@ -137,6 +168,18 @@ def fleet_text(samples: Samples) -> str:
     return "\n".join(lines)
 
 
+def stats_text(client: Client, workflow: str | None = None) -> str:
+    """What ``orchestrator stats`` prints: the compound table, the steps of ``workflow`` (in
+    workflow order) if given, and the fleet's queues and recoveries."""
+    samples = read_fleet(client)
+    order = read_step_order(client)
+    parts = [compound_text(compound_rows(samples, order))]
+    if workflow:
+        parts.append(steps_text(samples, workflow, order.get(workflow)))
+    parts.append(fleet_text(samples))
+    return "\n\n".join(parts)
+
+
 @cli.command()
 @click.option("--workflow", default=None, help="also show each step of this workflow")
 @output_option
@@ -144,22 +187,30 @@ def fleet_text(samples: Samples) -> str:
 def stats(state: CliState, workflow: str | None, output: str) -> None:
     """The compound table: per workflow, each step's success ratio p_i, the completion a run would
     have without durability (their product) next to the completion it has with it, and the work
-    resuming saved. Lifetime figures of this namespace."""
+    resuming saved. Lifetime figures of this namespace.
+
+    Runs count by their final outcome (a failed run that was retried and completed is completed);
+    work saved is the committed steps resumed runs did not redo, plus what their crashed steps'
+    stashes kept. --workflow lists its steps in workflow order."""
     client = state.client()
-    samples = read_fleet(client)
-    rows = compound_rows(samples)
     if output == "json":
-        emit_json({"workflows": rows, "counters": client.stats()})
+        emit_json({"workflows": compound_rows(read_fleet(client), read_step_order(client)), "counters": client.stats()})
         return
-    click.echo(compound_text(rows))
-    if workflow:
-        click.echo("\n" + steps_text(samples, workflow))
-    click.echo("\n" + fleet_text(samples))
+    click.echo(stats_text(client, workflow))
 
 
 @cli.command()
-@click.option("--interval", "-n", type=float, default=2.0, show_default=True, help="seconds between refreshes")
-@click.option("--iterations", type=int, default=0, help="stop after this many refreshes [0 = until Ctrl-C]")
+@click.option(
+    "--interval",
+    "-n",
+    type=click.FloatRange(min=MIN_INTERVAL_S),
+    default=2.0,
+    show_default=True,
+    help=f"seconds between refreshes (at least {MIN_INTERVAL_S:g}: each one reads the fleet's state from Redis)",
+)
+@click.option(
+    "--iterations", type=click.IntRange(min=0), default=0, help="stop after this many refreshes [0 = until Ctrl-C]"
+)
 @pass_state
 def top(state: CliState, interval: float, iterations: int) -> None:
     """A live view of the fleet: throughput, queues, recoveries and the compound table."""
@@ -183,7 +234,8 @@ def top(state: CliState, interval: float, iterations: int) -> None:
             last = (now, done, ok)
             click.clear()
             click.echo(f"orchestrator top  {time.strftime('%H:%M:%S')}  namespace {client.settings.namespace}{rate}\n")
-            click.echo(fleet_text(samples) + "\n\n" + compound_text(compound_rows(samples)))
+            rows = compound_rows(samples, read_step_order(client))
+            click.echo(fleet_text(samples) + "\n\n" + compound_text(rows))
             shown += 1
             if iterations and shown >= iterations:
                 return

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from orchestrator.cli import cli
-from orchestrator.cli.common import CliState, emit_json, load_workflows, output_option, pass_state
+from orchestrator.cli.common import CliState, load_workflows, output_option, pass_state
 from orchestrator.cli.render import history_text, live_line, runs_table, status_text
 from orchestrator.retention import Purged
 from orchestrator.runs import STATUSES
@@ -61,23 +61,23 @@ def submit(
 ) -> None:
     """Start a run of WORKFLOW (module:attribute) with INPUT (JSON; '-' reads stdin)."""
     (flow,) = load_workflows((workflow,))
-    client = state.client()
+    client = state.client(start_embedded=True)
     run = client.submit(flow, read_input(input, file), run_id=run_id)
     result: dict[str, Any] = {"run_id": run.run_id, "created": run.created}
     if output == "text":
-        click.echo(f"{'submitted' if run.created else 'already exists'}: {run.run_id}")
+        state.echo(f"{'submitted' if run.created else 'already exists'}: {run.run_id}")
     if wait_s is not None:
         if output == "text":  # show progress while waiting: a long run is not a silent one
             t0 = 0
             for ev in run.follow(timeout_s=wait_s):
                 t0 = t0 or ev.at
-                click.echo(live_line(ev, t0))
+                state.echo(live_line(ev, t0))
         final = run.wait(timeout_s=max(1.0, wait_s))
         result["state"] = final.model_dump(mode="json") if hasattr(final, "model_dump") else final
     if output == "json":
-        emit_json(result)
+        state.emit_json(result)
     elif "state" in result:
-        click.echo(json.dumps(result["state"], indent=2))
+        state.echo(json.dumps(result["state"], indent=2))
 
 
 @cli.command()
@@ -87,7 +87,7 @@ def submit(
 def status(state: CliState, run_id: str, output: str) -> None:
     """Show where a run is: status, current step, attempt, fencing token, error."""
     info = state.client().get(run_id)
-    emit_json(info.model_dump(mode="json")) if output == "json" else click.echo(status_text(info))
+    state.emit_json(info.model_dump(mode="json")) if output == "json" else state.echo(status_text(info))
 
 
 @cli.command()
@@ -106,10 +106,10 @@ def history(state: CliState, run_id: str, follow: bool, timeout_s: float, output
         t0 = 0
         for ev in client.run(run_id).follow(timeout_s=timeout_s):
             t0 = t0 or ev.at
-            click.echo(ev.model_dump_json(exclude_none=True) if output == "json" else live_line(ev, t0))
+            state.echo(ev.model_dump_json(exclude_none=True) if output == "json" else live_line(ev, t0))
         return
     hist = client.history(run_id)
-    emit_json(hist.model_dump(mode="json")) if output == "json" else click.echo(history_text(hist))
+    state.emit_json(hist.model_dump(mode="json")) if output == "json" else state.echo(history_text(hist))
 
 
 @cli.group()
@@ -126,9 +126,9 @@ def runs_list(state: CliState, status_filter: str | None, limit: int, output: st
     """Runs by most recent activity, optionally only those with one status."""
     found = state.client().list_runs(status=status_filter, limit=limit)
     if output == "json":
-        emit_json([r.model_dump(mode="json") for r in found])
+        state.emit_json([r.model_dump(mode="json") for r in found])
     else:
-        click.echo(runs_table(found))
+        state.echo(runs_table(found))
 
 
 DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>[smhdw]?)$")
@@ -174,10 +174,10 @@ def runs_purge(state: CliState, statuses: tuple[str, ...], older_than: str, dry_
 
     done = state.client().purge(chosen, older_than_s=age_s, dry_run=dry_run, on_page=progress)
     if output == "json":
-        emit_json({"purged": done.purged, "kept": done.kept, "dry_run": dry_run, "statuses": list(chosen)})
+        state.emit_json({"purged": done.purged, "kept": done.kept, "dry_run": dry_run, "statuses": list(chosen)})
         return
     verb = "would purge" if dry_run else "purged"
-    click.echo(f"{verb} {done.purged} runs ({', '.join(chosen)}) finished more than {older_than} ago")
+    state.echo(f"{verb} {done.purged} runs ({', '.join(chosen)}) finished more than {older_than} ago")
 
 
 @cli.command()
@@ -190,9 +190,9 @@ def retry(state: CliState, run_id: str, output: str) -> None:
     client.retry(run_id)
     info = client.get(run_id)
     if output == "json":
-        emit_json(info.model_dump(mode="json"))
+        state.emit_json(info.model_dump(mode="json"))
     else:
-        click.echo(f"retrying {run_id} from step {info.step} (key {info.idempotency_key})")
+        state.echo(f"retrying {run_id} from step {info.step} (key {info.idempotency_key})")
 
 
 @cli.command()
@@ -203,4 +203,4 @@ def retry(state: CliState, run_id: str, output: str) -> None:
 def cancel(state: CliState, run_id: str, reason: str, output: str) -> None:
     """Cancel an unfinished run; a running step is told at its next heartbeat."""
     info = state.client().cancel(run_id, reason)
-    emit_json(info.model_dump(mode="json")) if output == "json" else click.echo(f"cancelled {run_id}")
+    state.emit_json(info.model_dump(mode="json")) if output == "json" else state.echo(f"cancelled {run_id}")

@@ -52,7 +52,7 @@ def worker(state: CliState, /, workflows: tuple[str, ...], worker_id: str | None
     A second signal stops at once (the supervisor re-dispatches what was running).
     """
     flows = load_workflows(workflows)
-    settings = state.settings(**flags)
+    settings = state.settings(start_embedded=True, **flags)
     w = Worker(flows, settings, worker_id=worker_id)
     install_signals(lambda: w.shutdown(), lambda: w.shutdown(immediate=True))
     w.run()
@@ -74,6 +74,6 @@ def supervisor(state: CliState, /, **flags: Any) -> None:
 
     Run two or more for availability: one leads (a lease in Redis), the others stand by.
     """
-    s = Supervisor(state.settings(**flags))
+    s = Supervisor(state.settings(start_embedded=True, **flags))
     install_signals(s.shutdown, s.shutdown)
     s.run()

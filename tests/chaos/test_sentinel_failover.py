@@ -19,6 +19,7 @@ import redis
 
 from orchestrator import Client
 from orchestrator.embedded import RedisServer, find_redis_server, free_port
+from orchestrator.errors import RedisUnavailable
 from tests.chaos.conftest import Fleet
 from tests.chaos.invariants import check_completed_chain
 from tests.conftest import fast_settings
@@ -115,7 +116,7 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
 def test_a_sentinel_failover_under_load_leaves_no_run_hanging(topology: Topology, tmp_path: Path) -> None:
     settings = fast_settings(topology.url)
     fleet = Fleet(settings, tmp_path)
-    direct = Client(settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{topology.replica_port}/0"}))
+    direct = Client(settings.with_url(f"redis://127.0.0.1:{topology.replica_port}/0"))
     client = Client(settings)
     try:
         fleet.supervisor()
@@ -130,7 +131,7 @@ def test_a_sentinel_failover_under_load_leaves_no_run_hanging(topology: Topology
                 try:
                     client.submit(chain, {"sleep_s": 0.02}, run_id=f"f{i}")
                     submitted.append(f"f{i}")
-                except redis.RedisError:
+                except (redis.RedisError, RedisUnavailable):
                     pass  # mid-failover: this run id is retried next round
                 else:
                     i += 1

@@ -7,6 +7,7 @@ import redis
 
 from orchestrator.settings import Settings
 from tests.ops import Ops
+from tests.secure_redis import certs, tls_redis_server  # noqa: F401  (TLS fixtures: certificates, a TLS-capable binary)
 
 
 @pytest.fixture

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from orchestrator import Client, Settings
 from orchestrator.embedded import RedisServer
-from tests.harness import REPO, process_env, start_worker, worker_thread
+from tests.harness import process_env, run_cli, start_worker, worker_thread
 from tests.ledger import Ledger
 from workers.testflows import chain
 
@@ -20,15 +19,7 @@ from workers.testflows import chain
 def cli(
     settings: Settings, *args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env or process_env(settings),
-        cwd=REPO,
-        timeout=timeout,
-    )
+    return run_cli(*args, env=env or process_env(settings), stdin=stdin, timeout=timeout)
 
 
 def test_submit_status_history_and_list_in_text_and_json(settings: Settings, ledger: Ledger, tmp_path: Path) -> None:
@@ -155,7 +146,7 @@ def test_a_redis_password_never_appears_in_output_or_logs(tmp_path: Path, ledger
         finally:
             proc.signal(2)
             proc.wait()
-        assert wrong.returncode == 1 and "Redis refused the credentials" in wrong.stderr
+        assert wrong.returncode == 1 and "refused the credentials in the URL" in wrong.stderr
         assert "Traceback" not in wrong.stderr
         for text in (
             result.stdout,
@@ -174,7 +165,7 @@ def test_the_demo_kills_a_worker_and_the_run_still_completes(settings: Settings,
     result = cli(
         settings,
         "--redis-url",
-        settings.redis_url or "",
+        settings.plain_url(),
         "demo",
         "--competitors",
         "3",

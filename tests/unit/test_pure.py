@@ -13,7 +13,7 @@ import orchestrator
 from orchestrator import End, Goto, NonRetryableError, Retry, Settings, Workflow
 from orchestrator.codec import Dispatch, dumps
 from orchestrator.connection import parse_sentinel_url, redact_url
-from orchestrator.errors import DefinitionError, PayloadTooLarge, StepResultError, ValidationError
+from orchestrator.errors import ConfigError, DefinitionError, PayloadTooLarge, StepResultError, ValidationError
 from orchestrator.faults import Faults, InjectedFault
 from orchestrator.keys import Keys, idempotency_key
 
@@ -191,9 +191,9 @@ def test_every_setting_has_a_cli_flag_of_the_same_name() -> None:
 
 
 def test_settings_refuse_a_lease_that_heartbeats_cannot_keep_alive() -> None:
-    with pytest.raises(ValueError, match=r"lease_s \(2.0\) must be more than 3 x heartbeat_interval_s"):
+    with pytest.raises(ConfigError, match=r"lease_s \(2.0\) must be more than 3 x heartbeat_interval_s"):
         Settings(lease_s=2.0, heartbeat_interval_s=1.0)
-    with pytest.raises(ValueError, match="namespace"):
+    with pytest.raises(ConfigError, match="namespace"):
         Settings(namespace="a b")
 
 
@@ -201,8 +201,8 @@ def test_settings_read_env_and_plain_redis_url(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("REDIS_URL", "redis://:secret@h:1/0")
     monkeypatch.setenv("ORCHESTRATOR_LEASE_S", "9")
     s = Settings()
-    assert s.redis_url == "redis://:secret@h:1/0" and s.lease_s == 9
-    assert "secret" not in repr(s) and "secret" not in s.redacted_url
+    assert s.plain_url() == "redis://:secret@h:1/0" and s.lease_s == 9
+    assert "secret" not in repr(s) and "secret" not in s.redacted_url and "secret" not in str(s.redis_url)
 
 
 def test_redact_url_hides_passwords() -> None:
@@ -261,6 +261,8 @@ def test_public_api_is_pinned() -> None:
         "NonRetryableError",
         "OrchestratorError",
         "PayloadTooLarge",
+        "RedisRefused",
+        "RedisUnavailable",
         "Retry",
         "Run",
         "RunCancelled",
