@@ -89,6 +89,28 @@ def _without_reprs(text: str) -> str:
     return "".join(out)
 
 
+# What a Redis Cluster node answers a client that is not cluster-aware, as redis-py raises it: a
+# key of another node (MOVED, ASK), keys of several slots in one call (CROSSSLOT), a slot on the
+# move (TRYAGAIN) or not served (CLUSTERDOWN).
+_CLUSTER_REPLIES: dict[type[Exception], str] = {
+    redis.exceptions.MovedError: "MOVED",
+    redis.exceptions.AskError: "ASK",
+    redis.exceptions.ClusterCrossSlotError: "CROSSSLOT",
+    redis.exceptions.TryAgainError: "TRYAGAIN",
+    redis.exceptions.ClusterDownError: "CLUSTERDOWN",
+}
+
+
+def cluster_reply(exc: BaseException) -> str | None:
+    """The reply (``MOVED``, ``CROSSSLOT``...) when ``exc`` (or the reply it was raised from, as
+    our scripts module does) is one only a Redis Cluster node gives."""
+    for error in (exc, exc.__cause__):
+        for kind, word in _CLUSTER_REPLIES.items():
+            if isinstance(error, kind):
+                return word
+    return None
+
+
 def lacks_permission(exc: BaseException) -> bool:
     """True when Redis refused a command or key for the ACL user, also inside a script."""
     return isinstance(exc, redis.ResponseError) and bool(_NO_PERMISSION.search(str(exc)))
@@ -113,6 +135,12 @@ def redis_failure(exc: BaseException, url: str) -> OrchestratorError:
         return RedisRefused(
             f"Redis at {where} refused the credentials in the URL ({detail}): check the password "
             "(and the user name, for an ACL user)"
+        )
+    if reply := cluster_reply(exc):
+        return ConfigError(
+            f"Redis at {where} is a Redis Cluster node (it answered {reply}): Redis Cluster is "
+            "not supported yet; point the URL at a single Redis or Valkey server, or at Sentinel "
+            "(redis+sentinel://)"
         )
     if lacks_permission(exc):
         return RedisRefused(

@@ -69,6 +69,8 @@ Key                                Type    Holds                                
                                            (a step's place, set by workers)
 ``<ns>:rejected:{<ns>}``           stream  malformed stream entries, kept for      worker               MAXLEN ~10000
                                            inspection with the reason
+``<ns>:probe:{a}``, ``{b}``        (none)  never written: read together at start   (read only)          never exists
+                                           to tell a Redis Cluster node (CROSSSLOT)
 ``<ns>:ledger:{<ns>}:executions``  list    chaos/test steps: one JSON record per   chaos and test       until the namespace
                                            execution (key, fence, worker, saw)     workflows only       is deleted
 ``<ns>:ledger:{<ns>}:effects``     hash    fake receiver: idempotency key ->       chaos and test       as above
@@ -193,6 +195,13 @@ class Keys:
     @property
     def rejected(self) -> str:
         return f"{self.namespace}:rejected:{{{self.namespace}}}"
+
+    @property
+    def cluster_probe(self) -> tuple[str, str]:
+        """Two keys in different hash slots, never written: ``EXISTS`` on both answers 0 from a
+        single server and CROSSSLOT from a Redis Cluster node, which workers and supervisors
+        refuse at start (see ``connection.is_cluster_reply``)."""
+        return f"{self.namespace}:probe:{{a}}", f"{self.namespace}:probe:{{b}}"
 
     @property
     def ledger(self) -> LedgerKeys:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from orchestrator.connection import redis_failure
-from orchestrator.errors import RedisUnavailable
+from orchestrator.errors import ConfigError, RedisUnavailable
 from orchestrator.redact import redact_url
 
 BASE_S = 0.1
@@ -59,7 +59,14 @@ class Outage:
         return self._since is not None
 
     def failed(self, exc: BaseException) -> float:
-        """Count a failure; log it when due; return the seconds to wait before the next try."""
+        """Count a failure; log it when due; return the seconds to wait before the next try.
+
+        Raises the :class:`~orchestrator.errors.ConfigError` that ``exc`` means when waiting
+        cannot help (the URL names a Redis Cluster node): the process must stop and say so.
+        """
+        failure = redis_failure(exc, self.url)
+        if isinstance(failure, ConfigError):
+            raise failure from None
         now = self.clock()
         if self._since is None:
             self._since, self._since_wall, self._logged = now, time.time(), now - LOG_EVERY_S
@@ -67,7 +74,6 @@ class Outage:
         delay_s = min(CAP_S, BASE_S * 2.0 ** (self.attempts - 1)) * random.uniform(0.75, 1.0)
         if now - self._logged >= LOG_EVERY_S:
             self._logged = now
-            failure = redis_failure(exc, self.url)
             unavailable = isinstance(failure, RedisUnavailable)
             self.log.log(
                 logging.WARNING if unavailable else logging.ERROR,

@@ -97,6 +97,7 @@ class Supervisor:
         )
         outage = Outage(log, "supervising", self.settings.plain_url(), fields={"supervisor": self.id})
         next_sweep = time.monotonic()
+        probed = False
         try:
             while not self._stopped.is_set():
                 now = time.monotonic()
@@ -104,6 +105,9 @@ class Supervisor:
                 next_sweep = now + self.settings.sweep_interval_s if sweep else next_sweep
                 pause_s = self.settings.reclaim_interval_s
                 try:
+                    if not probed:  # a cluster node answers CROSSSLOT: refused (see outage)
+                        self.redis.exists(*self.keys.cluster_probe)
+                        probed = True
                     if self.tick(sweep=sweep, purge=sweep).get("unfinished"):
                         next_sweep = now  # work left over: go on at the next tick
                     outage.recovered()

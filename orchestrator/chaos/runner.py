@@ -28,9 +28,9 @@ from orchestrator.chaos.checker import Checker, Report, Violation
 from orchestrator.chaos.ledger import Ledger
 from orchestrator.chaos.rollback import Rollbacks
 from orchestrator.client import Client
-from orchestrator.connection import close, connect
+from orchestrator.connection import close, connect, redis_failure
 from orchestrator.embedded import RedisServer
-from orchestrator.errors import RedisUnavailable
+from orchestrator.errors import OrchestratorError, RedisUnavailable
 from orchestrator.keys import GROUP
 from orchestrator.processes import ProcessGroup
 from orchestrator.settings import Settings
@@ -263,6 +263,10 @@ class ChaosRun:
 
     def run(self) -> Report:
         cfg = self.config
+        try:  # refuse a deployment we cannot serve (a cluster node answers CROSSSLOT) before starting anything
+            self.client.redis.exists(*self.client.keys.cluster_probe)
+        except redis.RedisError as exc:
+            raise redis_failure(exc, self.settings.plain_url()) from None
         sec, usec = self.client.redis.time()
         self.clock_offset_ms = sec * 1000 + usec // 1000 - int(time.time() * 1000)
         for i in range(cfg.supervisors):
@@ -288,8 +292,11 @@ class ChaosRun:
     def _wait_for_workers(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
         while self.client.redis.zcard(self.client.keys.workers) < self.config.workers:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"chaos workers did not start; see {self.procs.logs}")
+            exited = [name for name in self.procs.procs if name.startswith("chaos-w") and not self.procs.alive(name)]
+            if time.monotonic() > deadline or exited:
+                self.procs.stop_all()
+                why = f"{', '.join(exited)} exited" if exited else f"not all registered within {timeout_s:g} s"
+                raise OrchestratorError(f"chaos workers did not start ({why}); see their logs in {self.procs.logs}")
             time.sleep(0.05)
 
     def _inject(self, cfg: ChaosConfig) -> None:

@@ -71,7 +71,7 @@ def _first_error(results: list[Any], calls: Sequence[Call]) -> None:
     for res, call in zip(results, calls, strict=True):
         if isinstance(res, ResponseError):
             name = call.script.name if call.script else str(call.command[0])
-            raise ResponseError(f"{name}: {res}")
+            raise ResponseError(f"{name}: {res}") from res  # the cause keeps redis-py's class (MovedError...)
 
 
 def execute(client: redis.Redis, calls: Sequence[Call], *, raise_on_error: bool = True) -> list[Any]:

@@ -206,6 +206,7 @@ class Worker:
         outage = Outage(log, "starting the worker", self.settings.plain_url(), fields={"worker": self.id})
         while not self._stopping.is_set():
             try:
+                await client.exists(*self.keys.cluster_probe)  # a cluster node answers CROSSSLOT: refused
                 await ensure_groups(client, list(self._streams))
                 await client.sadd(self.keys.queues, *self.queues)
                 await self._announce_steps(client)
