@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,28 @@ def redis_cpu_s(admin: redis.Redis) -> float:
     """CPU seconds redis-server has used: with the children's CPU, it shows on which side the time goes."""
     info = admin.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def command_stats(admin: redis.Redis) -> dict[str, dict[str, int]]:
+    """Calls and µs per command since the last ``CONFIG RESETSTAT`` (``INFO commandstats``), by Redis'
+    names (``evalsha``, ``xinfo|groups``). The benchmark's own ``INFO`` and ``CONFIG`` are left out.
+
+    Redis counts a script call twice over: once as ``evalsha`` and once per command the script
+    runs (under that command's name), so the total is commands sent plus commands run by
+    scripts; likewise an ``evalsha``'s µs include those of the commands inside it.
+    """
+    stats: dict[str, dict[str, Any]] = admin.info("commandstats")
+    out = {}
+    for key, value in stats.items():
+        name = key.removeprefix("cmdstat_")
+        if name != "info" and not name.startswith("config|"):
+            out[name] = {"calls": int(value["calls"]), "usec": int(value["usec"])}
+    return out
+
+
+def command_calls(admin: redis.Redis) -> Counter[str]:
+    """Calls per command since the last ``CONFIG RESETSTAT`` (see :func:`command_stats`)."""
+    return Counter({name: v["calls"] for name, v in command_stats(admin).items()})
 
 
 def per_step_us(before: float | None, after: float | None, total_steps: int) -> float | None:

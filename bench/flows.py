@@ -19,6 +19,7 @@ loop) and ``payload`` (growth: each step returns an update of a given size).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,8 @@ from orchestrator import Goto, StepContext, Workflow
 
 STEPS = 10
 STEPS_ENV = "BENCH_STEPS"
+HOLD_ENV = "BENCH_HOLD_S"
+HOLD_S = 600.0
 WORKFLOW = "noop"
 
 
@@ -149,3 +152,12 @@ def payload_step(k: int) -> Callable[[StepContext, Payload], dict[str, Any]]:
 
 timed = make_timed(steps_from_env())
 payload = make_payload(steps_from_env())
+
+
+async def holding(ctx: StepContext, state: Empty) -> None:
+    """A long step that only awaits (a model call in flight): the claim stays live, nothing else runs."""
+    await asyncio.sleep(float(os.environ.get(HOLD_ENV, HOLD_S)))
+
+
+hold: Workflow[Empty] = Workflow("hold", state=Empty)
+hold.step(name="held")(holding)

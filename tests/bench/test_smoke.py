@@ -16,7 +16,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def bench(name: str, tmp_path: Path, *args: str) -> dict[str, Any]:
-    out = tmp_path / f"{name}.json"
+    summary: dict[str, Any] = run_bench(name, tmp_path / f"{name}.json", *args)["summary"]
+    return summary
+
+
+def run_bench(name: str, out: Path, *args: str) -> dict[str, Any]:
+    """``python -m bench.<name> --quick --json OUT ARGS``: its JSON document, checked for the basics."""
     done = subprocess.run(
         [sys.executable, "-m", f"bench.{name}", "--quick", "--json", str(out), *args],
         cwd=REPO,
@@ -27,7 +32,7 @@ def bench(name: str, tmp_path: Path, *args: str) -> dict[str, Any]:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     doc: dict[str, Any] = json.loads(out.read_text())
     assert doc["markdown"] in done.stdout and doc["environment"]["redis_server"]
-    return doc["summary"]
+    return doc
 
 
 @pytest.mark.timeout(180)

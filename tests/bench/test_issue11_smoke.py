@@ -1,0 +1,86 @@
+"""The issue-11 baselines end to end at smoke sizes: ``bench.stepcost`` (Redis work per committed
+step, ours against the minimal durable step) and ``bench.liveness`` (what in-flight claims cost
+per second). What is asserted is structure and bookkeeping (every step counted once, the two
+halves of the command split adding up, no lease lost), never a timing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.bench.test_smoke import run_bench
+
+REPO = Path(__file__).resolve().parents[2]
+CHAINS, STEPS, PACED = 30, 5, 3
+INFLIGHT = (10, 30)
+
+
+@pytest.fixture(scope="module")
+def stepcost(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("stepcost") / "stepcost.json"
+    sizes = ["--chains", str(CHAINS), "--steps", str(STEPS), "--paced-runs", str(PACED)]
+    return run_bench("stepcost", out, *sizes)
+
+
+@pytest.fixture(scope="module")
+def liveness(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("liveness") / "liveness.json"
+    inflight = ",".join(str(n) for n in INFLIGHT)
+    sizing = ["--inflight", inflight, "--window-s", "2", "--settle-s", "0.5", "--idle-settle-s", "0.5"]
+    return run_bench("liveness", out, *sizing)
+
+
+@pytest.mark.timeout(180)
+def test_stepcost_counts_every_step_once_on_both_sides(stepcost: dict[str, Any]) -> None:
+    total = CHAINS * STEPS
+    ours, mini = stepcost["ours"], stepcost["minimal"]
+    assert ours["steps"] == mini["steps"] == total
+    assert mini["results_written"] == total and mini["consumer"]["results_written"] == total
+    assert mini["calls"]["hsetnx"] == mini["calls"]["xack"] == mini["calls"]["xadd"] == total  # seeds + next steps
+    by_script = stepcost["attribution_pass"]["attribution"]["evalsha_by_script"]
+    assert by_script["commit"] == total and by_script["submit"] == CHAINS
+
+
+@pytest.mark.timeout(180)
+def test_stepcost_splits_redis_counts_into_sent_and_run_by_scripts(stepcost: dict[str, Any]) -> None:
+    tap = stepcost["attribution_pass"]
+    att = tap["attribution"]
+    assert Counter(att["sent"]) + Counter(att["in_scripts"]) == Counter(tap["calls"])
+    assert att["sent"]["evalsha"] == sum(att["evalsha_by_script"].values())
+    assert "evalsha" not in att["in_scripts"] and att["in_scripts"]  # scripts call no scripts, but run commands
+    if att["evalsha_line_first"]:  # MONITOR shows a script's commands after its EVALSHA: each put down to one
+        inside = sum((Counter(calls) for calls in att["inside_by_script"].values()), Counter())
+        assert inside == Counter(att["in_scripts"]) and "?" not in att["inside_by_script"]
+
+
+@pytest.mark.timeout(180)
+def test_stepcost_figures_are_positive_and_ours_does_more_redis_work(stepcost: dict[str, Any]) -> None:
+    ours, mini, summary = stepcost["ours"], stepcost["minimal"], stepcost["summary"]
+    for side in (ours, mini):
+        assert side["steps_per_s"] > 0 and side["redis_cpu_us_per_step"] > 0 and side["consumer_cpu_us_per_step"] > 0
+    assert ours["commands_per_step"] > mini["commands_per_step"]
+    assert summary["ratios"]["commands_per_step"] > 1
+    in_scripts = summary["commands_in_scripts_per_step"]
+    assert in_scripts["ours"] > 0 and in_scripts["minimal"] == 0
+    rows = {row["config"]: row for row in stepcost["paced"]}
+    assert set(rows) == {"ours x1 paced", "raw batched paced", "minimal loop paced"}
+    assert all(row["chains"] == PACED and row["latency_p50_ms"] > 0 for row in rows.values())
+    assert rows["minimal loop paced"]["ratio_to_minimal"] == 1
+
+
+@pytest.mark.timeout(180)
+def test_liveness_holds_every_claim_and_renews_each_lease(liveness: dict[str, Any]) -> None:
+    levels = liveness["levels"]
+    assert [lv["inflight"] for lv in levels] == list(INFLIGHT)
+    for lv in levels:
+        assert lv["leases_lost"] == 0 and lv["still_claimed"]
+        workers_only = lv["inflight_workers"]
+        # every worker beats at least once in any 2 s window, renewing each of its claims (one GET each)
+        assert workers_only["calls"].get("get", 0) >= lv["inflight"]
+        assert workers_only["calls"].get("evalsha", 0) >= lv["inflight"]
+        for key in ("idle", "inflight_fleet", "inflight_workers"):
+            assert lv[key]["commands_per_s"] > 0 and lv[key]["redis_cpu_ms_per_s"] >= 0
+        assert lv["per_inflight"]["commands_per_s"] > 0
