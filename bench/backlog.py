@@ -157,11 +157,19 @@ class Backlog:
     def __init__(self, server: Server, **settings: Any) -> None:
         server.admin.flushall()  # the scripts stay loaded; nothing of a previous scenario remains
         self.admin = server.admin
-        self.settings = Settings(redis_url=server.url, namespace=f"bl-{uuid.uuid4().hex[:10]}", **settings)
-        self.keys = Keys(self.settings.namespace)
+        # one partition: the whole backlog in one stream and one index, the worst case for a pass
+        namespace = f"bl-{uuid.uuid4().hex[:10]}"
+        self.settings = Settings(redis_url=server.url, namespace=namespace, partitions=1, **settings)
+        self.keys = Keys(self.settings.namespace, 1)
         self.store = Store(self.keys)
-        self.qk = self.keys.queue(QUEUE)
+        self.lane = (QUEUE, 0)
+        self.qk = self.keys.queue(*self.lane)
         self.admin.xgroup_create(self.qk.stream, GROUP, id="0", mkstream=True)
+
+    def index(self, name: str) -> str:
+        """The finished-run index ``done`` or ``dead`` of the one partition."""
+        part = self.keys.part(0)
+        return part.done if name == "done" else part.dead
 
     def run_ids(self, prefix: str, n: int) -> list[str]:
         """Run ids in submit order (so in stream order)."""
@@ -215,7 +223,7 @@ class Backlog:
             claims = scripts.execute(self.admin, [self.claim(eid, d, 60_000) for eid, d in batch])
             assert all(Claimed.parse(c).code == "RUN" for c in claims)
             ends = [self.fail_call(eid, d) if fail else self.commit_call(eid, d) for eid, d in batch]
-            replies = scripts.execute(self.admin, [*ends, *self.store.ack(QUEUE, [eid for eid, _ in batch])])
+            replies = scripts.execute(self.admin, [*ends, *self.store.ack(QUEUE, 0, [eid for eid, _ in batch])])
             assert all(Outcome.parse(r).code == ("FAILED" if fail else "OK") for r in replies[: len(ends)])
 
     def commit_call(self, eid: str, d: Dispatch) -> Call:
@@ -316,7 +324,7 @@ def passes(backlog: Backlog, supervisor: Supervisor, lost: list[str], most: int)
     out: list[dict[str, Any]] = []
     left = list(lost)
     while (left or not lost) and len(out) < most:
-        counts, wall, cpu = timed(backlog.admin, lambda: supervisor.sweep_queue(QUEUE))
+        counts, wall, cpu = timed(backlog.admin, lambda: supervisor.sweep_queue(backlog.lane))
         left = backlog.lost(left)
         out.append({"wall_s": wall, "redis_cpu_s": cpu, "swept": counts.get("swept", 0), "counts": counts})
         out[-1]["left"] = len(left)
@@ -384,8 +392,8 @@ def reclaim_case(server: Server, n: int, options: Options) -> dict[str, Any]:
     supervisor = backlog.supervisor()
     try:
         with CountedLogs():
-            counts, wall, cpu = timed(server.admin, lambda: supervisor.reclaim(QUEUE))
-            idle = [timed(server.admin, lambda: supervisor.reclaim(QUEUE)) for _ in range(options.idle_passes)]
+            counts, wall, cpu = timed(server.admin, lambda: supervisor.reclaim(backlog.lane))
+            idle = [timed(server.admin, lambda: supervisor.reclaim(backlog.lane)) for _ in range(options.idle_passes)]
     finally:
         close(supervisor.redis)
     moved = [d.run for _, d in dead if not backlog.lost([d.run]) and redispatched(backlog, d.run)]
@@ -414,7 +422,7 @@ def redispatched(backlog: Backlog, run_id: str) -> bool:
 
 def purge_passes(backlog: Backlog, supervisor: Supervisor, index: str) -> list[dict[str, Any]]:
     """``Supervisor.purge()`` call after call until the index is empty."""
-    key = backlog.store.finished_index(index)
+    key = backlog.index(index)
     passes: list[dict[str, Any]] = []
     while backlog.admin.zcard(key):
         counts, wall, cpu = timed(backlog.admin, supervisor.purge)
@@ -429,7 +437,7 @@ def raw_purge(backlog: Backlog, cutoff_ms: int) -> int:
     """The raw limit: a page of the index (as large as purge's), then DEL of each run's keys and one
     ZREM, pipelined: what purge.lua deletes, without its checks."""
     purged = 0
-    key = backlog.keys.done
+    key = backlog.keys.part(0).done
     while True:
         page: list[str] = backlog.admin.zrangebyscore(key, "-inf", cutoff_ms, start=0, num=PAGE)  # type: ignore[assignment]
         if not page:
@@ -471,7 +479,7 @@ def purge_case(server: Server, n: int) -> dict[str, Any]:
             close(supervisor.redis)
         total = sum(p["purged"] for p in passes)
         out[index] = purge_rates(passes, total, sum(p["wall_s"] for p in passes), sum(p["redis_cpu_s"] for p in passes))
-        out[index] |= {"left": backlog.admin.zcard(backlog.store.finished_index(index)), "samples": passes}
+        out[index] |= {"left": backlog.admin.zcard(backlog.index(index)), "samples": passes}
     out["keys_left"] = backlog.admin.dbsize()  # the stream, the group's queue set, stats: no run keys
     out["run_keys_left"] = sum(1 for _ in backlog.admin.scan_iter(f"{backlog.keys.namespace}:run:*", count=1000))
     backlog.finish(backlog.run_ids("r", n), fail=False)

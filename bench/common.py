@@ -35,6 +35,7 @@ import orchestrator
 from bench.procs import REPO
 from orchestrator import scripts
 from orchestrator.embedded import RedisServer
+from orchestrator.keys import Keys
 
 RESULTS = REPO / "bench" / "results"
 PEER_PACKAGES = ("rq", "celery", "kombu", "billiard")
@@ -309,3 +310,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, 1 repeat")
     parser.add_argument("--json", nargs="?", const="", default=None, metavar="PATH", help="also write JSON")
     parser.add_argument("--redis-server", metavar="BINARY", help="redis-server binary [found as the CLI finds it]")
+
+
+def finished_runs(admin: redis.Redis, keys: Keys, *indexes: str) -> int:
+    """Runs in the ``done`` (and/or ``dead``) indexes of every partition, in one round trip."""
+    pipe = admin.pipeline(transaction=False)
+    for part in keys.parts:
+        for index in indexes or ("done",):
+            pipe.zcard(part.done if index == "done" else part.dead)
+    return sum(int(n) for n in pipe.execute())

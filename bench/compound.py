@@ -41,6 +41,7 @@ from bench.common import (
     Server,
     add_common_args,
     bench_server,
+    finished_runs,
     fmt,
     json_path,
     markdown,
@@ -154,7 +155,7 @@ def run_row(server: Server, p: float, options: Options) -> dict[str, Any]:
         for run_id in run_ids:
             client.submit(compound, plan, run_id=run_id)
         deadline = time.monotonic() + options.timeout_s
-        while server.admin.zcard(client.keys.done) + server.admin.zcard(client.keys.dead) < options.runs:
+        while finished_runs(server.admin, client.keys, "done", "dead") < options.runs:
             driver.tick()
             if time.monotonic() > deadline:
                 break

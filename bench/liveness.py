@@ -153,9 +153,15 @@ def window(server: Server, name: str, seconds: float, workers: Sequence[Child], 
 def claimed(server: Server, keys: Keys, n: int) -> bool:
     """Every step claimed: N entries pending in the group, none waiting, N runs in the active index."""
     admin = server.admin
-    stream = keys.queue(hold.queue)
-    pending = int(admin.xpending(stream.stream, GROUP)["pending"])
-    return pending >= n and admin.zcard(stream.queued) == 0 and admin.zcard(keys.active) >= n
+    pipe = admin.pipeline(transaction=False)
+    for p in range(keys.partitions):
+        lane = keys.queue(hold.queue, p)
+        pipe.xpending(lane.stream, GROUP)
+        pipe.zcard(lane.queued)
+        pipe.zcard(keys.part(p).active)
+    replies = pipe.execute()
+    pending = sum(int(summary["pending"]) for summary in replies[0::3])
+    return pending >= n and sum(replies[1::3]) == 0 and sum(replies[2::3]) >= n
 
 
 def level(server: Server, n: int, options: Options) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import redis
 
 from bench import marks
-from bench.common import Server, per_step_us, percentile, redis_cpu_s
+from bench.common import Server, finished_runs, per_step_us, percentile, redis_cpu_s
 from bench.flows import STEPS_ENV, make_noop
 from bench.peers.base import PeerSpec
 from bench.procs import Fleet, child_env, wait_registered, wait_until
@@ -149,7 +149,9 @@ def measure_ours(server: Server, config: str, repeat: int, consumers: Sequence[S
         start = time.perf_counter()
         submitted, submit_s = submit_all(shape, submit)
         timeout_s = 60 + total / 50 + shape.runs * shape.interval_s
-        end = wait_until(lambda: server.admin.zcard(keys.done) >= shape.runs, timeout_s, "every run completing", fleet)
+        end = wait_until(
+            lambda: finished_runs(server.admin, keys) >= shape.runs, timeout_s, "every run completing", fleet
+        )
         cpu_after = (fleet.cpu_s(), redis_cpu_s(server.admin))
     finished = run_finish_ms(server.admin, keys, run_ids, shape.steps)
     latencies = [f - s * 1000 for f, s in zip(finished, submitted, strict=True)]

@@ -63,27 +63,30 @@ class RawConsumer:
         self.flow = flow
         self.batch = batch
         self.redis = connect(settings.plain_url())
-        self.keys = Keys(settings.namespace)
+        self.keys = Keys(settings.namespace, settings.partitions)
         self.store = Store(self.keys)
         self.queue = flow.queue
-        self.stream = self.keys.queue(flow.queue).stream
+        self.streams = self.keys.streams(flow.queue)  # one per partition, all read at once, as the worker does
         self.id = f"raw-{socket.gethostname()}-{os.getpid()}"
         self.counts: Counter[str] = Counter()
-        self.tokens: dict[str, str] = {}  # entry id -> the token it was claimed with
-        self.chain_tokens: dict[str, str] = {}  # entry id -> the token its commit chains with
+        # (run id, entry id) -> the token it was claimed with / its commit chains with (entry ids
+        # repeat across the partitions' streams; a run's entries are all in its partition's)
+        self.tokens: dict[tuple[str, str], str] = {}
+        self.chain_tokens: dict[tuple[str, str], str] = {}
         self.stopping = False
 
     def register(self) -> None:
         """Create the consumer group like the worker does, then appear in the workers zset (the readiness signal)."""
-        with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists already
-            self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        for stream in self.streams:
+            with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists already
+                self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
         self.redis.zadd(self.keys.workers, {self.id: now_ms()})
 
     def read(self) -> list[tuple[str, Dispatch]]:
         """XREADGROUP as the worker issues it; entries are trusted (``model_construct``: no validation)."""
         block = self.settings.block_ms
         reply: StreamReply | None = self.redis.xreadgroup(  # type: ignore[assignment]
-            GROUP, self.id, {self.stream: ">"}, count=self.batch, block=block
+            GROUP, self.id, dict.fromkeys(self.streams, ">"), count=self.batch, block=block
         )
         out = []
         for _stream, entries in reply or []:
@@ -94,12 +97,12 @@ class RawConsumer:
 
     def claim(self, entry_id: str, d: Dispatch) -> Call:
         """The claim the worker builds in ``Worker._claim``: same token scheme, lease and limits."""
-        self.tokens[entry_id] = new_claim_token(self.id)
+        self.tokens[d.run, entry_id] = new_claim_token(self.id)
         return self.store.claim(
             dispatch=d,
             queue=self.queue,
             entry_id=entry_id,
-            token=self.tokens[entry_id],
+            token=self.tokens[d.run, entry_id],
             worker=self.id,
             lease_ms=self.settings.lease_ms,
             max_crashes=self.settings.max_crashes,
@@ -113,11 +116,11 @@ class RawConsumer:
         meta = {"step": d.step, "visit": d.visit, "attempt": claimed.attempt, "fence": claimed.fence}
         meta |= {"worker": self.id, "start_ms": start_ms, "end_ms": end_ms}
         record = json.dumps({**meta, "update": {}, "next": next_step, "cost": {}}, separators=(",", ":"))
-        self.chain_tokens[entry_id] = new_claim_token(self.id)
+        self.chain_tokens[d.run, entry_id] = new_claim_token(self.id)
         return self.store.commit(
             dispatch=d,
             queue=self.queue,
-            token=self.tokens.pop(entry_id),
+            token=self.tokens.pop((d.run, entry_id)),
             record=record,
             event=json.dumps(meta, separators=(",", ":")),
             next_step=next_step,
@@ -126,26 +129,30 @@ class RawConsumer:
             state={},
             max_steps=self.settings.max_run_steps,
             chain_to=self.id,
-            chain_token=self.chain_tokens[entry_id],
+            chain_token=self.chain_tokens[d.run, entry_id],
             lease_ms=self.settings.lease_ms,
         )
 
-    def ack(self, entry_ids: list[str]) -> list[Call]:
-        """The worker's ack of its own entries (ack.lua: XACK+XDEL of entries still pending for this consumer)."""
-        return [self.store.ack_owned(self.queue, self.id, entry_ids)]
+    def ack(self, entries: Sequence[tuple[str, Dispatch]]) -> list[Call]:
+        """The worker's ack of its own entries (ack.lua: XACK+XDEL of entries still pending for
+        this consumer), one call per stream, as the worker batches them."""
+        by_stream: dict[str, list[str]] = {}
+        for entry_id, d in entries:
+            by_stream.setdefault(self.keys.queue_of(self.queue, d.run).stream, []).append(entry_id)
+        return [self.store.ack_owned(stream, self.id, ids) for stream, ids in by_stream.items()]
 
     def chained(self, ready: Sequence[Ready], replies: Sequence[Any]) -> list[Ready]:
         """Count commit outcomes (a log shows whether anything but OK happened); the steps they chained."""
         out = []
         for (eid, d, _), reply in zip(ready, replies, strict=True):
-            chain_token = self.chain_tokens.pop(eid)
+            chain_token = self.chain_tokens.pop((d.run, eid))
             outcome = Outcome.parse(reply)
             self.counts[f"commit_{outcome.code}"] += 1
             committed = Committed.parse(outcome.detail) if outcome.code == "OK" else None
             if committed is not None and committed.chained is not None:
                 self.counts["chained"] += 1
                 nxt = Dispatch.model_construct(run=d.run, wf=d.wf, step=committed.next_step, visit=committed.visit)
-                self.tokens[committed.entry_id] = chain_token
+                self.tokens[d.run, committed.entry_id] = chain_token
                 out.append((committed.entry_id, nxt, committed.chained))
         return out
 
@@ -157,7 +164,7 @@ class RawConsumer:
             if claimed.code == "RUN":
                 ready.append((eid, d, claimed))
             else:
-                self.tokens.pop(eid, None)
+                self.tokens.pop((d.run, eid), None)
                 self.counts[f"claim_{claimed.code}"] += 1
         return ready
 
@@ -165,12 +172,12 @@ class RawConsumer:
         """Two round trips for the whole batch: all claims, then all commits with the ack of the batch;
         then one per round of chained steps (commits plus the acks of the steps they follow)."""
         ready = self.claim_all(batch, scripts.execute(self.redis, [self.claim(eid, d) for eid, d in batch]))
-        acks = [eid for eid, _ in batch]
+        acks = list(batch)
         while ready or acks:
             start = now_ms()
             commits = [self.commit(eid, d, claimed, start) for eid, d, claimed in ready]
             replies = scripts.execute(self.redis, [*commits, *(self.ack(acks) if acks else [])])
-            acks = [eid for eid, _, _ in ready]
+            acks = [(eid, d) for eid, d, _ in ready]
             ready = self.chained(ready, replies[: len(commits)])
 
     def run_unbatched(self, batch: list[tuple[str, Dispatch]]) -> None:
@@ -178,11 +185,11 @@ class RawConsumer:
         for eid, d in batch:
             ready = self.claim_all([(eid, d)], scripts.execute(self.redis, [self.claim(eid, d)]))
             if not ready:
-                scripts.execute(self.redis, self.ack([eid]))
+                scripts.execute(self.redis, self.ack([(eid, d)]))
             while ready:
                 step_id, step, claimed = ready[0]
                 replies = scripts.execute(self.redis, [self.commit(step_id, step, claimed, now_ms())])
-                scripts.execute(self.redis, self.ack([step_id]))
+                scripts.execute(self.redis, self.ack([(step_id, step)]))
                 ready = self.chained(ready, replies)
 
     def serve(self) -> None:

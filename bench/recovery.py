@@ -126,7 +126,10 @@ class Ours:
     def history_recovery(self, killed_id: str, kill_t: float) -> dict[str, Any]:
         """From the runs' histories: each claim the killed worker held, and when its step was claimed again."""
         delays, redispatched = [], 0
-        run_ids: list[str] = self.client.redis.zrange(self.client.keys.done, 0, -1)  # type: ignore[assignment]
+        pipe = self.client.redis.pipeline(transaction=False)
+        for part in self.client.keys.parts:
+            pipe.zrange(part.done, 0, -1)
+        run_ids: list[str] = [rid for ids in pipe.execute() for rid in ids]
         for run_id in run_ids:
             for ev in self.client.events(run_id):
                 if ev.type == "crashed" and ev.worker == killed_id:

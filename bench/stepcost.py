@@ -357,7 +357,11 @@ def ours_load(server: Server, options: Options, *, tap: bool) -> dict[str, Any]:
             meter = Meter(server.admin, workers, [supervisor])
             for run_id in run_ids:
                 client.submit(flow, run_id=run_id)
-            until(lambda: poll.call("ZCARD", keys.done) >= options.chains, 60 + total / 50, fleet)
+            until(
+                lambda: sum(int(poll.call("ZCARD", p.done)) for p in keys.parts) >= options.chains,
+                60 + total / 50,
+                fleet,
+            )
             window = meter.stop()
             stats = command_stats(server.admin)
             calls = Counter({name: v["calls"] for name, v in stats.items()}) - poll.sent

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from orchestrator import scripts
 from orchestrator.codec import HistoryEvent, StepRecord, describe_validation_error, dumps, encode_fields, loads
 from orchestrator.connection import close, connect, redis_failure
+from orchestrator.counters import read_summed
 from orchestrator.errors import (
     InvalidTransition,
     OrchestratorError,
@@ -35,6 +36,7 @@ from orchestrator.errors import (
     ValidationError,
 )
 from orchestrator.keys import RUN_ID_PATTERN, Keys
+from orchestrator.layout import check_layout
 from orchestrator.retention import Purged, purge_finished
 from orchestrator.runs import STATUSES, TERMINAL, RunHistory, RunInfo, group_attempts
 from orchestrator.settings import Settings
@@ -51,6 +53,8 @@ MAX_REASON_CHARS = 1000
 class _HasSettings(Protocol):
     @property
     def settings(self) -> Settings: ...
+
+    def _check_layout(self, *, record: bool) -> None: ...
 
 
 H = TypeVar("H", bound=_HasSettings)
@@ -71,6 +75,7 @@ def _tree_errors(method: Callable[Concatenate[H, P], R]) -> Callable[Concatenate
     @functools.wraps(method)
     def wrapper(self: H, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            self._check_layout(record=False)
             return method(self, *args, **kwargs)
         except OrchestratorError:
             raise  # ours already (WaitTimeout is also a TimeoutError, hence an OSError)
@@ -91,8 +96,14 @@ class Client:
         if redis_client is None:
             redis_client = connect(self.settings.plain_url())
         self.redis = redis_client
-        self.keys = Keys(self.settings.namespace)
+        self.keys = Keys(self.settings.namespace, self.settings.partitions)
         self.store = Store(self.keys)
+        self._layout_checked = False
+
+    def _check_layout(self, *, record: bool) -> None:
+        """Once per client: the namespace's partition count must be ours (``layout``)."""
+        if not self._layout_checked:
+            self._layout_checked = check_layout(self.redis, self.store, record=record) is not None
 
     @classmethod
     def from_url(cls, url: str, **settings: Any) -> Client:
@@ -119,6 +130,7 @@ class Client:
         Raises :class:`ValidationError` (naming the field) for invalid input or run id, and
         :class:`RunConflict` when the id belongs to a run of another workflow or input.
         """
+        self._check_layout(record=True)  # the namespace's first submit records its partition count
         run_id = run_id or uuid.uuid4().hex
         if not RUN_ID_PATTERN.match(run_id):
             raise ValidationError(
@@ -207,16 +219,21 @@ class Client:
         """Most recently active first. ``status`` filters (one of ``STATUSES``)."""
         if status is not None and status not in STATUSES:
             raise ValidationError(f"status {status!r} is invalid: expected one of {', '.join(STATUSES)}")
-        unfinished = [self.keys.active, *self._queued_indexes()]
+        parts = self.keys.parts
+        unfinished = [*(p.active for p in parts), *self._queued_indexes()]
+        done, dead = [p.done for p in parts], [p.dead for p in parts]
         sources = {
-            None: [*unfinished, self.keys.done, self.keys.dead],
-            "failed": [self.keys.dead],
-            "completed": [self.keys.done],
-            "cancelled": [self.keys.done],
+            None: [*unfinished, *done, *dead],
+            "failed": dead,
+            "completed": done,
+            "cancelled": done,
         }.get(status, unfinished)
         ids: list[tuple[float, str]] = []
+        each = max(limit, 10_000 // len(sources))  # the most recent of each index, ~10,000 in all
+        pipe = self.redis.pipeline(transaction=False)
         for key in sources:
-            rows: list[tuple[str, float]] = self.redis.zrevrange(key, 0, 10_000, withscores=True)  # type: ignore[assignment]
+            pipe.zrevrange(key, 0, each, withscores=True)
+        for rows in pipe.execute():
             ids += [(score, rid) for rid, score in rows]
         ids.sort(reverse=True)
         out: list[RunInfo] = []
@@ -234,13 +251,13 @@ class Client:
 
     def _queued_indexes(self) -> list[str]:
         queues: set[str] = self.redis.smembers(self.keys.queues)  # type: ignore[assignment]
-        return [self.keys.queue(q).queued for q in sorted(queues)]
+        return [self.keys.queue(q, p).queued for q in sorted(queues) for p in range(self.keys.partitions)]
 
     @_tree_errors
     def stats(self) -> dict[str, int]:
         """Fleet-wide counters (crashes detected, fenced commits, redispatches, ...)."""
-        counters: dict[str, str] = self.redis.hgetall(self.keys.stats)  # type: ignore[assignment]
-        return {k: int(v) for k, v in counters.items()}
+        counters = read_summed(self.redis, self.keys.all_stats)
+        return {k: int(float(v)) for k, v in counters.items()}
 
     # -- control --------------------------------------------------------------------------
 
@@ -320,6 +337,9 @@ class Run(Generic[S]):
 
     def __repr__(self) -> str:
         return f"Run({self.run_id!r})"
+
+    def _check_layout(self, *, record: bool) -> None:
+        self.client._check_layout(record=record)
 
     def info(self) -> RunInfo:
         return self.client.get(self.run_id)

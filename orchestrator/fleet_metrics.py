@@ -16,6 +16,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from orchestrator.counters import add_up
 from orchestrator.figures import RUN_STATUSES, Detail, apportion, compound, known_workflows, parse_detail
 from orchestrator.keys import GROUP, Keys
 
@@ -98,11 +99,13 @@ class FleetCollector(Collector):
 
     def _collect(self) -> Iterator[Metric]:
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self.keys.stats)
-        pipe.hgetall(self.keys.stats_detail)
+        for key in (*self.keys.all_stats, *self.keys.all_stats_detail):
+            pipe.hgetall(key)
         pipe.smembers(self.keys.queues)
         pipe.time()
-        stats, raw_detail, queues, (sec, usec) = pipe.execute()
+        *hashes, queues, (sec, usec) = pipe.execute()
+        n = len(self.keys.all_stats)
+        stats, raw_detail = add_up(hashes[:n]), add_up(hashes[n:])
         detail = parse_detail(raw_detail)
         known = known_workflows(detail)
         now_ms = int(sec) * 1000 + int(usec) // 1000
@@ -226,24 +229,34 @@ class FleetCollector(Collector):
             "orchestrator_queue_delayed_entries", "Retries waiting out their backoff.", labels=["queue"]
         )
         for queue in queues:
-            qk = self.keys.queue(queue)
             pipe = self.client.pipeline(transaction=False)
-            pipe.xlen(qk.stream)
-            pipe.xpending(qk.stream, GROUP)
-            pipe.xinfo_groups(qk.stream)
-            pipe.zcard(qk.delayed)
-            xlen, summary, groups, n_delayed = pipe.execute(raise_on_error=False)
-            length.add_metric([queue], float(xlen) if isinstance(xlen, int) else 0.0)
-            pend = summary.get("pending", 0) if isinstance(summary, dict) else 0
-            pending.add_metric([queue], float(pend))
-            group = next((g for g in groups if g.get("name") == GROUP), None) if isinstance(groups, list) else None
-            reported = (group or {}).get("lag")
-            # Redis reports no lag once entries were deleted out of order (workers XDEL what they
-            # ack); the stream then holds only undelivered and pending entries, so derive it
-            lag.add_metric([queue], float(reported) if reported is not None else max(0.0, float(xlen or 0) - pend))
-            low = summary.get("min") if isinstance(summary, dict) else None
-            oldest.add_metric([queue], max(0.0, (now_ms - int(str(low).split("-")[0])) / 1000) if low else 0.0)
-            delayed.add_metric([queue], float(n_delayed) if isinstance(n_delayed, int) else 0.0)
+            for p in range(self.keys.partitions):
+                qk = self.keys.queue(queue, p)
+                pipe.xlen(qk.stream)
+                pipe.xpending(qk.stream, GROUP)
+                pipe.xinfo_groups(qk.stream)
+                pipe.zcard(qk.delayed)
+            replies = pipe.execute(raise_on_error=False)
+            totals = [0.0, 0.0, 0.0, 0.0]  # length, pending, lag, delayed: summed over the partitions
+            oldest_ms: int | None = None
+            for i in range(0, len(replies), 4):
+                xlen, summary, groups, n_delayed = replies[i : i + 4]
+                entries = float(xlen) if isinstance(xlen, int) else 0.0
+                pend = float(summary.get("pending", 0)) if isinstance(summary, dict) else 0.0
+                group = next((g for g in groups if g.get("name") == GROUP), None) if isinstance(groups, list) else None
+                reported = (group or {}).get("lag")
+                # Redis reports no lag once entries were deleted out of order (workers XDEL what
+                # they ack); the stream then holds only undelivered and pending entries, so derive it
+                behind = float(reported) if reported is not None else max(0.0, entries - pend)
+                waiting = float(n_delayed) if isinstance(n_delayed, int) else 0.0
+                totals = [a + b for a, b in zip(totals, (entries, pend, behind, waiting), strict=True)]
+                low = summary.get("min") if isinstance(summary, dict) else None
+                if low:
+                    low_ms = int(str(low).split("-")[0])
+                    oldest_ms = low_ms if oldest_ms is None else min(oldest_ms, low_ms)
+            for family, value in zip((length, pending, lag, delayed), totals, strict=True):
+                family.add_metric([queue], value)
+            oldest.add_metric([queue], max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms is not None else 0.0)
         yield from (length, pending, lag, oldest, delayed)
 
     def _runs(self, queues: list[str], known: dict[str, list[str]], now_ms: int) -> Iterator[Metric]:
@@ -315,7 +328,7 @@ class FleetCollector(Collector):
         return picked
 
     def _dead_by_workflow(self) -> dict[tuple[str, ...], float]:
-        picked = self._sample([self.keys.dead])
+        picked = self._sample([p.dead for p in self.keys.parts])
         pipe = self.client.pipeline(transaction=False)
         for rid, _ in picked:
             pipe.hget(self.keys.run(rid).run, "wf")
@@ -329,7 +342,8 @@ class FleetCollector(Collector):
         """Unfinished runs by (workflow, status), and the run ids read. Unfinished runs are in
         ``active`` (claimed, or waiting out a retry backoff) or in their queue's ``queued``
         index (their dispatch waits in the stream)."""
-        picked = self._sample([self.keys.active, *(self.keys.queue(q).queued for q in queues)])
+        queued = [self.keys.queue(q, p).queued for q in queues for p in range(self.keys.partitions)]
+        picked = self._sample([*(p.active for p in self.keys.parts), *queued])
         pipe = self.client.pipeline(transaction=False)
         for rid, _ in picked:
             pipe.hmget(self.keys.run(rid).run, "wf", "status")
@@ -341,7 +355,11 @@ class FleetCollector(Collector):
 
     def _memory(self, unfinished: list[str]) -> dict[str, list[float]]:
         """Redis memory of up to ``memory_sample`` runs (half unfinished, half recently finished), by workflow."""
-        recent: list[str] = self.client.zrevrange(self.keys.done, 0, self.memory_sample - 1)  # type: ignore[assignment]
+        pipe = self.client.pipeline(transaction=False)
+        for part in self.keys.parts:
+            pipe.zrevrange(part.done, 0, self.memory_sample - 1, withscores=True)
+        newest = sorted((row for rows in pipe.execute() for row in rows), key=lambda row: -row[1])
+        recent = [rid for rid, _ in newest[: self.memory_sample]]
         sampled = (unfinished[: self.memory_sample // 2] + recent)[: self.memory_sample]
         pipe = self.client.pipeline(transaction=False)
         for rid in sampled:

@@ -1,16 +1,25 @@
 """Every Redis key, stream and group name: the data model in one place.
 
-``<ns>`` is ``Settings.namespace`` (default ``orch``), ``R`` a run id, ``Q`` a queue name.
-Lua scripts get every key they touch as ``KEYS`` from :mod:`orchestrator.store`, which builds
-them here; no script builds a key name.
-Keys of one run share the hash tag ``{R}``, keys of one queue share ``{Q}``, fleet-wide keys
-share ``{<ns>}``. Many scripts touch a run, its queue and the fleet indexes in one call, which
-Redis Cluster refuses (CROSSSLOT); see docs/design.md, "Redis Cluster".
+``<ns>`` is ``Settings.namespace`` (default ``orch``), ``R`` a run id, ``Q`` a queue name, ``T``
+a partition's hash tag. Lua scripts get every key they touch as ``KEYS`` from
+:mod:`orchestrator.store`, which builds them here; no script builds a key name.
+
+**Partitions.** A namespace has ``P`` partitions (``Settings.partitions``, 16 by default, recorded
+in the ``config`` fleet key when the namespace is first used and checked by every process). A
+run belongs to partition ``crc32(R) mod P``, and every key a script touches for it (its own keys,
+its queue's stream and ``queued``/``delayed`` sets in that partition, the partition's run
+indexes and counters) carries the partition's tag ``T`` = ``<ns>:p<i>:<n>``, with the smallest
+``n`` that puts the tag's hash slot in the ``i``-th of ``P`` equal ranges of Redis Cluster's
+16,384 slots: every script is single-slot, and partitions spread evenly over a cluster's shards.
+Fleet keys (workers, leader, queues, config, the fleet's own counters) share ``{<ns>}`` and are
+touched by their own scripts. Below, ``{T}`` stands for the run's partition's tag. Resharding
+moves whole partitions (a partition is one slot); the partition count cannot change for a
+namespace's life (``orchestrator migrate`` moves a namespace from the layout before partitions).
 
 =================================  ======  ======================================  ===================  ====================
 Key                                Type    Holds                                   Written by           Lifetime
 =================================  ======  ======================================  ===================  ====================
-``<ns>:run:{R}``                   hash    run record: workflow, queue, status,    every run script     purged ``retention_s``
+``<ns>:run:{T}:R``                 hash    run record: workflow, queue, status,    every run script     purged ``retention_s``
                                            cursor (step, visit, attempt), fence,   (submit, claim,      (failed runs:
                                            live claim (token, fence, worker,       commit, fail,        ``failed_retention_s``)
                                            time), dispatch (entry id | ``delayed`` release, cancel,     after it finishes
@@ -18,38 +27,38 @@ Key                                Type    Holds                                
                                            counts, ``cost:<unit>``, last error,    redispatch, sweep)
                                            ``stash_ms`` (step time the stash
                                            keeps), ``stash_base_ms``
-``<ns>:run:{R}:state``             hash    current state: top-level field -> JSON  submit, commit       as the run
+``<ns>:run:{T}:R:state``           hash    current state: top-level field -> JSON  submit, commit       as the run
                                            (input, then each committed update)
-``<ns>:run:{R}:results``           hash    idempotency key -> step record (the     commit (only if      as the run
+``<ns>:run:{T}:R:results``         hash    idempotency key -> step record (the     commit (only if      as the run
                                            update delta, duration, fence, worker,  absent: never
                                            next step)                              overwritten)
-``<ns>:run:{R}:stash``             hash    idempotency key -> last ``stash()`` of  stash (live claim    deleted at commit
+``<ns>:run:{T}:R:stash``           hash    idempotency key -> last ``stash()`` of  stash (live claim    deleted at commit
                                            an unfinished step                      only); commit
-``<ns>:run:{R}:history``           list    JSON events: submitted, ok, error,      the run scripts      as the run
+``<ns>:run:{T}:R:history``         list    JSON events: submitted, ok, error,      the run scripts      as the run
                                            crashed, fenced, retried, repaired ...
-``<ns>:run:{R}:lease``             string  the live claim's token (unique per      claim, commit        PX ``lease_s``,
+``<ns>:run:{T}:R:lease``           string  the live claim's token (unique per      claim, commit        PX ``lease_s``,
                                            claim: worker id and a nonce)           (chained claim);     renewed each beat
                                                                                    renew; deleted by
                                                                                    commit, fail,
                                                                                    release, cancel
-``<ns>:queue:{Q}``                 stream  dispatches ``run step visit wf``;       submit, commit,      entry deleted
+``<ns>:queue:{T}:Q``               stream  dispatches ``run step visit wf``;       submit, commit,      entry deleted
                                            consumer group ``workers``              release, promote,    (XDEL) once acked
                                                                                    redispatch, sweep,
                                                                                    retry_run
-``<ns>:queue:{Q}:queued``          zset    run id -> its entry's id as a score     the scripts that     while the run waits
+``<ns>:queued:{T}:Q``              zset    run id -> its entry's id as a score     the scripts that     while the run waits
                                            (ms + seq/2048), for runs whose         add entries; claim   in the stream
                                            dispatch waits in this stream           removes; sweep
                                            (unclaimed): the sweep looks only at
                                            those the group has passed
-``<ns>:queue:{Q}:delayed``         zset    run id -> due ms (a retry waiting out   fail; promote,       until due
+``<ns>:delayed:{T}:Q``             zset    run id -> due ms (a retry waiting out   fail; promote,       until due
                                            its backoff; one per run at most)       cancel remove
-``<ns>:runs:{<ns>}:active``        zset    run id -> when to look at it: claimed   claim, commit        until the run ends
+``<ns>:runs:{T}:active``           zset    run id -> when to look at it: claimed   claim, commit        until the run ends
                                            runs (claim time), retries (due time);  (chained), fail,
                                            unfinished runs not waiting in a stream sweep; the others
                                                                                    remove
-``<ns>:runs:{<ns>}:done``          zset    run id -> finished ms (completed and    commit, cancel       until purged
+``<ns>:runs:{T}:done``             zset    run id -> finished ms (completed and    commit, cancel       until purged
                                            cancelled runs)
-``<ns>:runs:{<ns>}:dead``          zset    dead-letter: failed run id -> ms        fail, claim          until retried/purged
+``<ns>:runs:{T}:dead``             zset    dead-letter: failed run id -> ms        fail, claim          until retried/purged
                                                                                    (quarantine),
                                                                                    commit (runaway)
 ``<ns>:fleet:{<ns>}:workers``      zset    worker id -> last heartbeat ms          heartbeat;           removed at shutdown
@@ -58,15 +67,23 @@ Key                                Type    Holds                                
 ``<ns>:fleet:{<ns>}:leader``       string  id of the supervisor that acts          leader, resign       PX 3 x reclaim
                                                                                                         interval + 1 s
 ``<ns>:fleet:{<ns>}:queues``       set     queue names in use                      submit, heartbeat    forever
-``<ns>:stats:{<ns>}``              hash    fleet-wide counters (steps_ok, crashes, the scripts;        forever
-                                           fenced, redispatched, repaired, ...)    supervisor, worker
-``<ns>:stats:{<ns>}:detail``       hash    per workflow and step, for metrics:     the scripts          forever
+``<ns>:fleet:{<ns>}:config``       hash    ``partitions``: the namespace's count   layout (first        forever
+                                                                                   process to use it)
+``<ns>:stats:{T}``                 hash    a partition's counters (steps_ok,       the scripts          forever
+                                           crashes, fenced, redispatched,
+                                           repaired, ...); readers add up all
+``<ns>:stats:{T}:detail``          hash    a partition's per workflow and step     the scripts          forever
+                                           counts (fields as the fleet's below)
+``<ns>:stats:{<ns>}``              hash    the fleet's own counters (dead          supervisor, worker   forever
+                                           workers, lost entries, purged, ...)
+``<ns>:stats:{<ns>}:detail``       hash    per workflow and step, for metrics:     workers (zeroed      forever
                                            ``runs|wf|outcome``, ``steps|wf|step|
                                            outcome``, ``saved_steps|wf``,
                                            ``saved_ms|wf``, ``saved_stash_ms|wf``,
                                            ``cost|wf|step|unit``,
-                                           ``cost_saved|wf|unit``, ``order|wf|step``
-                                           (a step's place, set by workers)
+                                           ``cost_saved|wf|unit``, ``order|wf|step`` series, step
+                                           (a step's place, set by workers); the   order)
+                                           scripts count in their partition's
 ``<ns>:rejected:{<ns>}``           stream  malformed stream entries, kept for      worker               MAXLEN ~10000
                                            inspection with the reason
 ``<ns>:probe:{a}``, ``{b}``        (none)  never written: read together at start   (read only)          never exists
@@ -92,17 +109,48 @@ hash holds only the current value of each field. Nothing stores a full snapshot 
 
 from __future__ import annotations
 
+import functools
 import re
+import zlib
 from dataclasses import dataclass
+
+from redis.crc import key_slot
 
 GROUP = "workers"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@+=/-]{1,200}$")
 QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 
 
+SLOTS = 16384  # Redis Cluster's hash slots
+DEFAULT_PARTITIONS = 16
+MAX_PARTITIONS = 1024
+
+
+def partition_of(run_id: str, partitions: int) -> int:
+    """The partition of a run: CRC-32 of its id modulo the namespace's partition count.
+
+    Fixed for the life of the namespace (the count is stored at first use and checked by every
+    process), so every process finds a run's keys from its id alone.
+    """
+    return zlib.crc32(run_id.encode()) % partitions
+
+
+@functools.cache
+def partition_tag(namespace: str, partition: int, partitions: int) -> str:
+    """The hash tag shared by every key of one partition: ``<ns>:p<i>:<n>`` with the smallest
+    ``n`` that puts the tag's slot in the ``i``-th of ``partitions`` equal ranges of Redis
+    Cluster's 16,384 slots, so that partitions spread evenly over a cluster's shards (plain
+    ``<ns>:p<i>`` tags fall 4/5/7 over three masters). Deterministic: every process and version
+    computes the same tags."""
+    n = 0
+    while key_slot(f"{namespace}:p{partition}:{n}".encode()) * partitions // SLOTS != partition:
+        n += 1
+    return f"{namespace}:p{partition}:{n}"
+
+
 @dataclass(frozen=True)
 class RunKeys:
-    """The keys of one run; all share the ``{run_id}`` hash tag."""
+    """The keys of one run; all share its partition's hash tag."""
 
     run: str
     state: str
@@ -114,11 +162,23 @@ class RunKeys:
 
 @dataclass(frozen=True)
 class QueueKeys:
-    """The keys of one queue; all share the ``{queue}`` hash tag."""
+    """The keys of one queue in one partition; all share the partition's hash tag."""
 
     stream: str
     queued: str
     delayed: str
+
+
+@dataclass(frozen=True)
+class PartitionKeys:
+    """The run indexes and counters of one partition, in the slot of its runs and queues."""
+
+    partition: int
+    active: str
+    done: str
+    dead: str
+    stats: str
+    stats_detail: str
 
 
 @dataclass(frozen=True)
@@ -135,12 +195,23 @@ class LedgerKeys:
 
 @dataclass(frozen=True)
 class Keys:
-    """Builds every key of one namespace. Cheap to create; holds no connection."""
+    """Builds every key of one namespace. Cheap to create; holds no connection.
+
+    ``partitions`` must be the namespace's (``Settings.partitions``, stored in the ``config``
+    fleet key at first use): a run's keys are found from its id and that count.
+    """
 
     namespace: str = "orch"
+    partitions: int = DEFAULT_PARTITIONS
+
+    def partition_of(self, run_id: str) -> int:
+        return partition_of(run_id, self.partitions)
+
+    def tag(self, partition: int) -> str:
+        return partition_tag(self.namespace, partition, self.partitions)
 
     def run(self, run_id: str) -> RunKeys:
-        base = f"{self.namespace}:run:{{{run_id}}}"
+        base = f"{self.namespace}:run:{{{self.tag(self.partition_of(run_id))}}}:{run_id}"
         return RunKeys(
             run=base,
             state=f"{base}:state",
@@ -150,24 +221,40 @@ class Keys:
             lease=f"{base}:lease",
         )
 
-    def queue(self, name: str) -> QueueKeys:
-        base = f"{self.namespace}:queue:{{{name}}}"
-        return QueueKeys(stream=base, queued=f"{base}:queued", delayed=f"{base}:delayed")
+    def queue(self, name: str, partition: int) -> QueueKeys:
+        tag = f"{{{self.tag(partition)}}}:{name}"
+        ns = self.namespace
+        # the streams alone match <ns>:queue:* (KEDA's read-only ACL pattern, docs/security.md)
+        return QueueKeys(stream=f"{ns}:queue:{tag}", queued=f"{ns}:queued:{tag}", delayed=f"{ns}:delayed:{tag}")
+
+    def queue_of(self, name: str, run_id: str) -> QueueKeys:
+        """The keys of queue ``name`` in the partition of ``run_id``: where its dispatches go."""
+        return self.queue(name, self.partition_of(run_id))
+
+    def streams(self, name: str) -> list[str]:
+        """The streams of queue ``name``, one per partition, in partition order."""
+        return [self.queue(name, p).stream for p in range(self.partitions)]
+
+    def part(self, partition: int) -> PartitionKeys:
+        tag = self.tag(partition)
+        return PartitionKeys(
+            partition=partition,
+            active=f"{self.namespace}:runs:{{{tag}}}:active",
+            done=f"{self.namespace}:runs:{{{tag}}}:done",
+            dead=f"{self.namespace}:runs:{{{tag}}}:dead",
+            stats=f"{self.namespace}:stats:{{{tag}}}",
+            stats_detail=f"{self.namespace}:stats:{{{tag}}}:detail",
+        )
+
+    def part_of(self, run_id: str) -> PartitionKeys:
+        return self.part(self.partition_of(run_id))
+
+    @property
+    def parts(self) -> list[PartitionKeys]:
+        return [self.part(p) for p in range(self.partitions)]
 
     def _fleet(self, suffix: str) -> str:
         return f"{self.namespace}:fleet:{{{self.namespace}}}:{suffix}"
-
-    @property
-    def active(self) -> str:
-        return f"{self.namespace}:runs:{{{self.namespace}}}:active"
-
-    @property
-    def done(self) -> str:
-        return f"{self.namespace}:runs:{{{self.namespace}}}:done"
-
-    @property
-    def dead(self) -> str:
-        return f"{self.namespace}:runs:{{{self.namespace}}}:dead"
 
     @property
     def workers(self) -> str:
@@ -185,12 +272,27 @@ class Keys:
         return self._fleet("queues")
 
     @property
+    def config(self) -> str:
+        return self._fleet("config")
+
+    @property
     def stats(self) -> str:
+        """Fleet counters that no script keeps with a run (the supervisor's and workers' own)."""
         return f"{self.namespace}:stats:{{{self.namespace}}}"
 
     @property
     def stats_detail(self) -> str:
+        """Fleet-level detail: zeroed series and each step's place, announced by workers."""
         return f"{self.namespace}:stats:{{{self.namespace}}}:detail"
+
+    @property
+    def all_stats(self) -> list[str]:
+        """Every counters hash, fleet first: readers add them up."""
+        return [self.stats, *(p.stats for p in self.parts)]
+
+    @property
+    def all_stats_detail(self) -> list[str]:
+        return [self.stats_detail, *(p.stats_detail for p in self.parts)]
 
     @property
     def rejected(self) -> str:
@@ -200,7 +302,7 @@ class Keys:
     def cluster_probe(self) -> tuple[str, str]:
         """Two keys in different hash slots, never written: ``EXISTS`` on both answers 0 from a
         single server and CROSSSLOT from a Redis Cluster node, which workers and supervisors
-        refuse at start (see ``connection.is_cluster_reply``)."""
+        refuse at start (see ``connection.cluster_reply``)."""
         return f"{self.namespace}:probe:{{a}}", f"{self.namespace}:probe:{{b}}"
 
     @property
@@ -213,6 +315,34 @@ class Keys:
             items=f"{base}:items",
             fenced=f"{base}:fenced",
         )
+
+
+@dataclass(frozen=True)
+class LegacyKeys:
+    """The keys of the layout before partitions (up to 0.x, read only by ``orchestrator migrate``):
+    a run's keys tagged with its id, a queue's with its name, the run indexes fleet-wide. The
+    fleet keys, the counters (now the fleet's own) and the rejected stream kept their names."""
+
+    namespace: str
+
+    def run(self, run_id: str) -> RunKeys:
+        base = f"{self.namespace}:run:{{{run_id}}}"
+        return RunKeys(
+            run=base,
+            state=f"{base}:state",
+            results=f"{base}:results",
+            stash=f"{base}:stash",
+            history=f"{base}:history",
+            lease=f"{base}:lease",
+        )
+
+    def queue(self, name: str) -> QueueKeys:
+        base = f"{self.namespace}:queue:{{{name}}}"
+        return QueueKeys(stream=base, queued=f"{base}:queued", delayed=f"{base}:delayed")
+
+    def index(self, name: str) -> str:
+        """``active``, ``done`` or ``dead``."""
+        return f"{self.namespace}:runs:{{{self.namespace}}}:{name}"
 
 
 def idempotency_key(run_id: str, step: str, visit: int) -> str:

@@ -45,13 +45,34 @@ def purge_finished(
 
     With ``dry_run`` nothing is deleted; the runs that would be are counted.
     """
-    key = store.finished_index(index)
     sec, usec = client.time()
     cutoff_ms = sec * 1000 + usec // 1000 - age_ms
     result = Purged()
     deadline = None if budget_s is None else time.monotonic() + budget_s
+    for part in store.keys.parts:
+        key = part.done if index == "done" else part.dead
+        if not _purge_index(client, store, key, index, statuses, cutoff_ms, result, deadline, dry_run, on_page):
+            result.complete = False
+            return result
+    return result
+
+
+def _purge_index(
+    client: redis.Redis,
+    store: Store,
+    key: str,
+    index: str,
+    statuses: Sequence[str],
+    cutoff_ms: int,
+    result: Purged,
+    deadline: float | None,
+    dry_run: bool,
+    on_page: Callable[[Purged], None] | None,
+) -> bool:
+    """One partition's index, added to ``result``; False when the deadline came first."""
+    seen = result.kept + (result.purged if dry_run else 0)  # the offset counts only this index's runs
     while True:
-        offset = result.kept if not dry_run else result.kept + result.purged
+        offset = result.kept + (result.purged if dry_run else 0) - seen
         run_ids: list[str] = client.zrangebyscore(key, "-inf", cutoff_ms, start=offset, num=PAGE)  # type: ignore[assignment]
         if dry_run:
             pipe = client.pipeline(transaction=False)
@@ -72,7 +93,6 @@ def purge_finished(
         if on_page is not None:
             on_page(result)
         if len(run_ids) < PAGE:
-            return result
+            return True
         if deadline is not None and time.monotonic() > deadline:
-            result.complete = False
-            return result
+            return False

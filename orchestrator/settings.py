@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.connection import check_url, redact_url
 from orchestrator.errors import ConfigError
+from orchestrator.keys import DEFAULT_PARTITIONS, MAX_PARTITIONS
 from orchestrator.redact import Secrets
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -48,6 +49,12 @@ class Settings(BaseSettings):
         description="redis://, rediss://, unix:// or redis+sentinel:// URL; unset = embedded server",
     )
     namespace: str = Field(default="orch", description="prefix of every key; isolates deployments")
+    partitions: int = Field(
+        default=DEFAULT_PARTITIONS,
+        ge=1,
+        le=MAX_PARTITIONS,
+        description="runs are spread over this many partitions (hash slots); fixed for a namespace's life",
+    )
     heartbeat_interval_s: float = Field(default=1.0, gt=0, description="worker heartbeat period")
     lease_s: float = Field(default=4.0, gt=0, description="a claim expires this long after its last heartbeat")
     reclaim_interval_s: float = Field(default=0.5, gt=0, description="supervisor scan period for expired leases")

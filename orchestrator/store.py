@@ -16,7 +16,7 @@ from typing import Any
 
 from orchestrator import scripts
 from orchestrator.codec import Dispatch
-from orchestrator.keys import GROUP, Keys, RunKeys, idempotency_key
+from orchestrator.keys import GROUP, Keys, PartitionKeys, QueueKeys, RunKeys, idempotency_key
 from orchestrator.scripts import Call
 
 Reply = list[Any]
@@ -117,6 +117,10 @@ class Store:
     def _run(self, run_id: str) -> RunKeys:
         return self.keys.run(run_id)
 
+    def _at(self, run_id: str, queue: str) -> tuple[RunKeys, QueueKeys, PartitionKeys]:
+        """A run's keys, its queue's in its partition, and its partition's indexes and counters."""
+        return self.keys.run(run_id), self.keys.queue_of(queue, run_id), self.keys.part_of(run_id)
+
     def submit(
         self,
         *,
@@ -129,17 +133,9 @@ class Store:
         request_id: str,
         state: Mapping[str, str],
     ) -> Call:
-        rk = self._run(run_id)
+        rk, qk, pk = self._run(run_id), self.keys.queue_of(queue, run_id), self.keys.part_of(run_id)
         return scripts.load("submit").call(
-            [
-                rk.run,
-                rk.state,
-                rk.history,
-                self.keys.queue(queue).stream,
-                self.keys.queue(queue).queued,
-                self.keys.stats,
-                self.keys.stats_detail,
-            ],
+            [rk.run, rk.state, rk.history, qk.stream, qk.queued, pk.stats, pk.stats_detail],
             [run_id, workflow, queue, first_step, input_sha, event, request_id, *_pairs(state)],
         )
 
@@ -156,8 +152,7 @@ class Store:
         max_steps: int,
     ) -> Call:
         """``token`` comes from :func:`new_claim_token`; resend the same call after a lost reply."""
-        rk = self._run(dispatch.run)
-        qk = self.keys.queue(queue)
+        rk, qk, pk = self._at(dispatch.run, queue)
         return scripts.load("claim").call(
             [
                 rk.run,
@@ -168,11 +163,11 @@ class Store:
                 rk.lease,
                 qk.stream,
                 qk.queued,
-                self.keys.active,
-                self.keys.done,
-                self.keys.dead,
-                self.keys.stats,
-                self.keys.stats_detail,
+                pk.active,
+                pk.done,
+                pk.dead,
+                pk.stats,
+                pk.stats_detail,
             ],
             [
                 dispatch.step,
@@ -208,9 +203,7 @@ class Store:
     ) -> Call:
         """``chain_to``: the consumer that takes the next step at once when nothing else waits,
         under ``chain_token`` (a new claim token); ``max_steps`` = 0 puts no limit on the run."""
-        rk = self._run(dispatch.run)
-        qk = self.keys.queue(queue)
-        k = self.keys
+        rk, qk, k = self._at(dispatch.run, queue)
         return scripts.load("commit").call(
             [
                 rk.run,
@@ -258,19 +251,16 @@ class Store:
         retry_delay_ms: int | None,
         error: str,
     ) -> Call:
-        rk = self._run(dispatch.run)
-        qk = self.keys.queue(queue)
-        k = self.keys
+        rk, qk, k = self._at(dispatch.run, queue)
         return scripts.load("fail").call(
             [rk.run, rk.history, rk.lease, qk.delayed, qk.queued, k.active, k.done, k.dead, k.stats, k.stats_detail],
             [dispatch.run, token, event, kind, "" if retry_delay_ms is None else retry_delay_ms, error],
         )
 
     def release(self, *, run_id: str, queue: str, token: str, event: str) -> Call:
-        rk = self._run(run_id)
-        qk = self.keys.queue(queue)
+        rk, qk, pk = self._at(run_id, queue)
         return scripts.load("release").call(
-            [rk.run, rk.lease, rk.history, qk.stream, qk.queued, self.keys.active, self.keys.stats],
+            [rk.run, rk.lease, rk.history, qk.stream, qk.queued, pk.active, pk.stats],
             [run_id, token, event],
         )
 
@@ -281,17 +271,19 @@ class Store:
         rk = self._run(run_id)
         return scripts.load("stash").call([rk.run, rk.stash], [token, idem_key, snapshot])
 
-    def ack(self, queue: str, entry_ids: Sequence[str]) -> list[Call]:
+    def ack(self, queue: str, partition: int, entry_ids: Sequence[str]) -> list[Call]:
         """XACK then XDEL, whoever holds the entries (the supervisor dropping dead entries)."""
-        stream = self.keys.queue(queue).stream
+        stream = self.keys.queue(queue, partition).stream
         return [scripts.command("XACK", stream, GROUP, *entry_ids), scripts.command("XDEL", stream, *entry_ids)]
 
-    def ack_owned(self, queue: str, consumer: str, entry_ids: Sequence[str]) -> Call:
-        """XACK and XDEL of the entries still pending for ``consumer`` (a worker's own acks)."""
-        return scripts.load("ack").call([self.keys.queue(queue).stream], [GROUP, consumer, *entry_ids])
+    def ack_owned(self, stream: str, consumer: str, entry_ids: Sequence[str]) -> Call:
+        """XACK and XDEL of the entries of ``stream`` still pending for ``consumer`` (a worker's own acks)."""
+        return scripts.load("ack").call([stream], [GROUP, consumer, *entry_ids])
 
-    def reap_consumer(self, *, queue: str, consumer: str) -> Call:
-        return scripts.load("reap_consumer").call([self.keys.queue(queue).stream, self.keys.workers], [GROUP, consumer])
+    def reap_consumer(self, *, stream: str, consumer: str) -> Call:
+        """Delete a dead worker's consumer from ``stream``'s group if it has nothing pending
+        there (the caller has checked that the worker is gone from the fleet)."""
+        return scripts.load("reap_consumer").call([stream], [GROUP, consumer])
 
     def heartbeat(self, *, worker: str, ttl_ms: int, queues: Sequence[str], info: Mapping[str, str]) -> Call:
         return scripts.load("heartbeat").call(
@@ -300,10 +292,9 @@ class Store:
         )
 
     def redispatch(self, *, queue: str, entry_id: str, consumer: str, lease_ms: int, dispatch: Dispatch) -> Call:
-        rk = self._run(dispatch.run)
-        qk = self.keys.queue(queue)
+        rk, qk, pk = self._at(dispatch.run, queue)
         return scripts.load("redispatch").call(
-            [rk.run, rk.lease, rk.results, qk.stream, rk.history, self.keys.stats, qk.queued, self.keys.active],
+            [rk.run, rk.lease, rk.results, qk.stream, rk.history, pk.stats, qk.queued, pk.active],
             [
                 GROUP,
                 entry_id,
@@ -316,17 +307,15 @@ class Store:
             ],
         )
 
-    def due(self, *, queue: str, limit: int) -> Call:
+    def due(self, *, queue: str, partition: int, limit: int) -> Call:
         """Run ids whose retry is due (the delayed set's members are run ids)."""
-        return scripts.load("due").call([self.keys.queue(queue).delayed], [limit])
+        return scripts.load("due").call([self.keys.queue(queue, partition).delayed], [limit])
 
     def promote(self, *, queue: str, run_id: str) -> Call:
-        qk = self.keys.queue(queue)
-        return scripts.load("promote").call(
-            [qk.delayed, qk.stream, self._run(run_id).run, self.keys.stats, qk.queued, self.keys.active], [run_id]
-        )
+        rk, qk, pk = self._at(run_id, queue)
+        return scripts.load("promote").call([qk.delayed, qk.stream, rk.run, pk.stats, qk.queued, pk.active], [run_id])
 
-    def passed(self, *, queue: str, cursor: str, limit: int, deleted_seen: str = "") -> Call:
+    def passed(self, *, queue: str, partition: int, cursor: str, limit: int, deleted_seen: str = "") -> Call:
         """Runs of ``queue`` whose entry the group has passed, or that was trimmed or deleted.
 
         Scans at most ``limit`` index entries after ``cursor`` (``-inf`` to start). Reply:
@@ -334,30 +323,25 @@ class Store:
         is complete), then run ids. ``deleted_seen`` is the highest deleted id whose runs were
         already looked at (so one foreign XDEL costs one scan, not one per sweep).
         """
-        qk = self.keys.queue(queue)
+        qk = self.keys.queue(queue, partition)
         return scripts.load("passed").call([qk.stream, qk.queued], [GROUP, cursor, limit, deleted_seen])
 
     def sweep(self, *, run_id: str, queue: str) -> Call:
-        rk = self._run(run_id)
-        qk = self.keys.queue(queue)
+        rk, qk, pk = self._at(run_id, queue)
         return scripts.load("sweep").call(
-            [rk.run, rk.lease, qk.stream, qk.delayed, qk.queued, self.keys.active, rk.history, self.keys.stats],
+            [rk.run, rk.lease, qk.stream, qk.delayed, qk.queued, pk.active, rk.history, pk.stats],
             [run_id, GROUP],
         )
 
     def cancel(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
-        rk = self._run(run_id)
-        qk = self.keys.queue(queue)
-        k = self.keys
+        rk, qk, k = self._at(run_id, queue)
         return scripts.load("cancel").call(
             [rk.run, rk.lease, rk.history, qk.delayed, qk.queued, k.active, k.done, k.stats, k.stats_detail],
             [run_id, reason, request_id],
         )
 
     def retry(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
-        rk = self._run(run_id)
-        qk = self.keys.queue(queue)
-        k = self.keys
+        rk, qk, k = self._at(run_id, queue)
         return scripts.load("retry_run").call(
             [rk.run, rk.history, qk.stream, qk.queued, k.active, k.dead, k.stats, k.stats_detail],
             [run_id, reason, request_id],
@@ -367,13 +351,18 @@ class Store:
         """Delete a finished run of ``index`` (``done`` or ``dead``) in ``statuses`` finished by ``cutoff_ms``."""
         rk = self._run(run_id)
         return scripts.load("purge").call(
-            [rk.run, rk.state, rk.results, rk.stash, rk.history, rk.lease, self.finished_index(index)],
+            [rk.run, rk.state, rk.results, rk.stash, rk.history, rk.lease, self.finished_index(run_id, index)],
             [run_id, cutoff_ms, ",".join(statuses), ",".join(FINISHED_IN[index])],
         )
 
-    def finished_index(self, index: str) -> str:
-        """The key of a finished-run index by name: ``done`` or ``dead``."""
-        return {"done": self.keys.done, "dead": self.keys.dead}[index]
+    def finished_index(self, run_id: str, index: str) -> str:
+        """The key of the finished-run index ``index`` (``done`` or ``dead``) of ``run_id``'s partition."""
+        part = self.keys.part_of(run_id)
+        return part.done if index == "done" else part.dead
+
+    def layout(self) -> Call:
+        """Record this namespace's partition count if it has none; reply: the recorded count."""
+        return scripts.load("layout").call([self.keys.config], [self.keys.partitions])
 
     def leader(self, *, candidate: str, lease_ms: int) -> Call:
         return scripts.load("leader").call([self.keys.leader], [candidate, lease_ms])

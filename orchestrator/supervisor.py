@@ -36,6 +36,7 @@ from orchestrator.connection import close, connect
 from orchestrator.errors import ConfigError
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys
+from orchestrator.layout import check_layout
 from orchestrator.metrics import FleetCollector, MetricsServer, SupervisorMetrics
 from orchestrator.outage import Outage
 from orchestrator.retention import purge_finished
@@ -47,6 +48,7 @@ log = logging.getLogger("orchestrator.supervisor")
 SCAN_LIMIT = 500
 # its consumer group exists before any worker starts, so autoscalers watching it (KEDA) work
 DEFAULT_QUEUE = "default"
+Lane = tuple[str, int]  # a queue in one partition: one stream, its group, its queued and delayed sets
 # Fleet-wide counters only the supervisor knows; the scripts count everything else themselves.
 OWN_COUNTERS = frozenset({"dead_workers", "lost_entries", "purged", "consumers_removed"})
 # How long one sweep or purge may keep paging in a tick: work left over goes on at the next
@@ -63,15 +65,15 @@ class Supervisor:
         self.settings = settings or Settings()
         self.settings.plain_url()  # raises ConfigError when no URL is set
         self.id = supervisor_id or f"sup-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
-        self.keys = Keys(self.settings.namespace)
+        self.keys = Keys(self.settings.namespace, self.settings.partitions)
         self.store = Store(self.keys)
         self.redis = connect(self.settings.plain_url())
         self._faults = Faults(self.settings.faults)
         self._stopped = threading.Event()
-        self._groups: set[str] = set()
-        self._deleted_seen: dict[str, str] = {}  # queue -> highest deleted entry id already looked behind
-        self._sweep_cursor: dict[str, str] = {}  # queue -> where an unfinished sweep of its index resumes
-        self._reclaim_from: dict[str, str] = {}
+        self._groups: set[Lane] = set()
+        self._deleted_seen: dict[Lane, str] = {}  # highest deleted entry id already looked behind
+        self._sweep_cursor: dict[Lane, str] = {}  # where an unfinished sweep of a lane's index resumes
+        self._reclaim_from: dict[Lane, str] = {}
         self._last_seen: dict[str, float] = {}  # last heartbeat of workers found dead, for detection latency
         self.is_leader = False
         self.totals: dict[str, int] = {}
@@ -105,8 +107,9 @@ class Supervisor:
                 next_sweep = now + self.settings.sweep_interval_s if sweep else next_sweep
                 pause_s = self.settings.reclaim_interval_s
                 try:
-                    if not probed:  # a cluster node answers CROSSSLOT: refused (see outage)
+                    if not probed:  # a cluster node answers CROSSSLOT, another partition count: refused
                         self.redis.exists(*self.keys.cluster_probe)
+                        check_layout(self.redis, self.store)
                         probed = True
                     if self.tick(sweep=sweep, purge=sweep).get("unfinished"):
                         next_sweep = now  # work left over: go on at the next tick
@@ -146,15 +149,19 @@ class Supervisor:
             return {}
         done: dict[str, int] = {}
         queues: list[str] = sorted(set(self.redis.smembers(self.keys.queues)) | {DEFAULT_QUEUE})  # type: ignore[arg-type]
-        for queue in queues:
-            self._per_queue(done, queue, self._ensure_group)
-            self._per_queue(done, queue, self.reclaim)
-            self._per_queue(done, queue, lambda q: {"promoted": self.promote(q)})
+        lanes = [(queue, p) for queue in queues for p in range(self.keys.partitions)]
+        for lane in lanes:
+            self._per_lane(done, lane, self._ensure_group)
+        # one round trip each for every lane's pending entries and due retries, not one per lane
+        pending, due = self._scan_pending(lanes), self._due(lanes)
+        for lane in lanes:
+            self._per_lane(done, lane, lambda ln: self.reclaim(ln, pending[ln]))
+            self._per_lane(done, lane, lambda ln: {"promoted": self.promote(ln, due[ln])})
         self._add(done, {"dead_workers": self.reap_workers()})
         if sweep:
-            for queue in queues:
-                self._per_queue(done, queue, self.sweep_queue)
-                self._per_queue(done, queue, lambda q: {"consumers_removed": self.reap_consumers(q)})
+            for lane in lanes:
+                self._per_lane(done, lane, self.sweep_queue)
+                self._per_lane(done, lane, lambda ln: {"consumers_removed": self.reap_consumers(ln)})
             self._add(done, self.sweep_active())
         if purge:
             self._add(done, self.purge())
@@ -165,35 +172,39 @@ class Supervisor:
         self._add(self.totals, done)
         return done
 
-    def _per_queue(self, into: dict[str, int], queue: str, work: Callable[[str], dict[str, int] | None]) -> None:
-        """Do one queue's part of a tick; an error there is logged and the tick goes on."""
+    def _per_lane(self, into: dict[str, int], lane: Lane, work: Callable[[Lane], dict[str, int] | None]) -> None:
+        """Do one lane's part of a tick; an error there is logged and the tick goes on."""
         try:
-            self._add(into, work(queue) or {})
+            self._add(into, work(lane) or {})
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
-                self._groups.discard(queue)  # made again at the next tick
-            log.warning("supervisor work on a queue failed", extra={"queue": queue, "error": str(exc)})
+                self._groups.discard(lane)  # made again at the next tick
+            queue, partition = lane
+            log.warning(
+                "supervisor work on a queue failed", extra={"queue": queue, "partition": partition, "error": str(exc)}
+            )
 
     @staticmethod
     def _add(into: dict[str, int], more: dict[str, int]) -> None:
         for key, value in more.items():
             into[key] = into.get(key, 0) + value
 
-    def _ensure_group(self, queue: str) -> None:
+    def _ensure_group(self, lane: Lane) -> None:
         """Create the queue's consumer group (and stream) unless this supervisor saw it lately.
 
         A group that vanished (Redis lost its data, an operator's DEL) is noticed through a
         NOGROUP error anywhere in the tick, and made again here at the next tick.
         """
-        if queue in self._groups:
+        if lane in self._groups:
             return
+        queue, partition = lane
         try:
-            self.redis.xgroup_create(self.keys.queue(queue).stream, GROUP, id="0", mkstream=True)
-            log.info("consumer group created", extra={"queue": queue})
+            self.redis.xgroup_create(self.keys.queue(queue, partition).stream, GROUP, id="0", mkstream=True)
+            log.info("consumer group created", extra={"queue": queue, "partition": partition})
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        self._groups.add(queue)
+        self._groups.add(lane)
 
     def _resign(self) -> None:
         with contextlib.suppress(redis.RedisError):
@@ -201,19 +212,36 @@ class Supervisor:
 
     # -- reclaiming -----------------------------------------------------------------------
 
-    def reclaim(self, queue: str) -> dict[str, int]:
+    def _scan_pending(self, lanes: list[Lane]) -> dict[Lane, Any]:
+        """Each lane's pending entries idle for a lease (at most ``SCAN_LIMIT``, from where the
+        last full page ended), in one pipeline; a lane's error is its value."""
+        pipe = self.redis.pipeline(transaction=False)
+        for lane in lanes:
+            stream = self.keys.queue(*lane).stream
+            start = self._reclaim_from.get(lane, "-")
+            pipe.xpending_range(stream, GROUP, min=start, max="+", count=SCAN_LIMIT, idle=self.settings.lease_ms)
+        return dict(zip(lanes, pipe.execute(raise_on_error=False), strict=True))
+
+    def _due(self, lanes: list[Lane]) -> dict[Lane, Any]:
+        """Each lane's retries due now, in one round trip; a lane's error is its value."""
+        calls = [self.store.due(queue=q, partition=p, limit=SCAN_LIMIT) for q, p in lanes]
+        return dict(zip(lanes, scripts.execute(self.redis, calls, raise_on_error=False), strict=True))
+
+    def reclaim(self, lane: Lane, pending: Any = None) -> dict[str, int]:
         """Re-dispatch pending entries idle for a lease whose claim has no live lease.
 
         Scans at most ``SCAN_LIMIT`` entries per tick, resuming where the last full page ended,
         so a large number of long-running steps cannot hide a dead worker's entries.
+        ``pending``: the lane's scan, if :meth:`_scan_pending` did it.
         """
-        stream = self.keys.queue(queue).stream
-        start = self._reclaim_from.get(queue, "-")
-        pending = self.redis.xpending_range(
-            stream, GROUP, min=start, max="+", count=SCAN_LIMIT, idle=self.settings.lease_ms
-        )
+        queue, partition = lane
+        stream = self.keys.queue(queue, partition).stream
+        if pending is None:
+            pending = self._scan_pending([lane])[lane]
+        if isinstance(pending, Exception):
+            raise pending
         last = str(pending[-1]["message_id"]) if pending else ""
-        self._reclaim_from[queue] = f"({last}" if len(pending) == SCAN_LIMIT else "-"
+        self._reclaim_from[lane] = f"({last}" if len(pending) == SCAN_LIMIT else "-"
         if not pending:
             return {}
         owners = {str(p["message_id"]): str(p["consumer"]) for p in pending}
@@ -230,7 +258,7 @@ class Supervisor:
             else:
                 found.append((entry_id, dispatch))
         if lost:  # payload trimmed or unreadable: nothing to re-run from here; the sweep repairs its run
-            scripts.execute(self.redis, self.store.ack(queue, lost))
+            scripts.execute(self.redis, self.store.ack(queue, partition, lost))
             log.warning(
                 "pending entries without a readable payload dropped", extra={"queue": queue, "count": len(lost)}
             )
@@ -285,8 +313,13 @@ class Supervisor:
         except pydantic.ValidationError:
             return None
 
-    def promote(self, queue: str) -> int:
-        run_ids = scripts.execute(self.redis, [self.store.due(queue=queue, limit=SCAN_LIMIT)])[0]
+    def promote(self, lane: Lane, run_ids: Any = None) -> int:
+        """Enqueue the lane's due retries (``run_ids``: from :meth:`_due`, if it looked already)."""
+        queue, _ = lane
+        if run_ids is None:
+            run_ids = self._due([lane])[lane]
+        if isinstance(run_ids, Exception):
+            raise run_ids
         calls = [self.store.promote(queue=queue, run_id=run_id) for run_id in run_ids]
         return sum(1 for reply in scripts.execute(self.redis, calls) if reply)
 
@@ -304,18 +337,21 @@ class Supervisor:
             log.warning("worker presumed dead: no heartbeat", extra={"worker": worker_id, "silent_ms": now - last_ms})
         return len(rows) // 2
 
-    def reap_consumers(self, queue: str) -> int:
+    def reap_consumers(self, lane: Lane) -> int:
         """Remove consumers of workers no longer in the fleet once nothing is pending for them."""
-        consumers = self.redis.xinfo_consumers(self.keys.queue(queue).stream, GROUP)
-        gone = [str(c["name"]) for c in consumers if not c["pending"] and c["idle"] > self.settings.lease_ms]
-        if not gone:
+        stream = self.keys.queue(*lane).stream
+        consumers = self.redis.xinfo_consumers(stream, GROUP)
+        idle = [str(c["name"]) for c in consumers if not c["pending"] and c["idle"] > self.settings.lease_ms]
+        if not idle:
             return 0
-        calls = [self.store.reap_consumer(queue=queue, consumer=name) for name in gone]
+        beats = self.redis.zmscore(self.keys.workers, idle)
+        gone = [name for name, beat in zip(idle, beats, strict=True) if beat is None]
+        calls = [self.store.reap_consumer(stream=stream, consumer=name) for name in gone]
         return sum(int(reply) for reply in scripts.execute(self.redis, calls))
 
     # -- sweeping -------------------------------------------------------------------------
 
-    def sweep_queue(self, queue: str) -> dict[str, int]:
+    def sweep_queue(self, lane: Lane) -> dict[str, int]:
         """Check the runs of ``queue`` whose entry the consumer group has passed or lost.
 
         Runs whose entry still waits ahead of the group are not looked at: the cost is the
@@ -324,27 +360,40 @@ class Supervisor:
         """
         counts: dict[str, int] = {}
         deadline = time.monotonic() + BUDGET_S
-        cursor = self._sweep_cursor.pop(queue, "-inf")
+        queue, partition = lane
+        cursor = self._sweep_cursor.pop(lane, "-inf")
         while True:
             call = self.store.passed(
-                queue=queue, cursor=cursor, limit=PASSED_PAGE, deleted_seen=self._deleted_seen.get(queue, "")
+                queue=queue,
+                partition=partition,
+                cursor=cursor,
+                limit=PASSED_PAGE,
+                deleted_seen=self._deleted_seen.get(lane, ""),
             )
             _horizon, deleted, cursor, *run_ids = scripts.execute(self.redis, [call])[0]
             self._add(counts, self._sweep_runs([(rid, queue) for rid in run_ids]))
             if not cursor:
-                self._deleted_seen[queue] = deleted  # every run before that deletion was looked at
+                self._deleted_seen[lane] = deleted  # every run before that deletion was looked at
                 return counts
             if time.monotonic() > deadline:
-                self._sweep_cursor[queue] = cursor
+                self._sweep_cursor[lane] = cursor
                 return {**counts, "unfinished": 1}
 
     def sweep_active(self) -> dict[str, int]:
-        """Check claimed runs and retries that have not moved for ``sweep_after_s``."""
-        age_ms = int(self.settings.sweep_after_s * 1000)
+        """Check claimed runs and retries that have not moved for ``sweep_after_s``, in every partition."""
         counts: dict[str, int] = {}
         deadline = time.monotonic() + BUDGET_S
+        for part in self.keys.parts:
+            self._add(counts, self._sweep_active(part.active, deadline))
+            if counts.get("unfinished"):
+                return counts
+        return counts
+
+    def _sweep_active(self, active: str, deadline: float) -> dict[str, int]:
+        age_ms = int(self.settings.sweep_after_s * 1000)
+        counts: dict[str, int] = {}
         while True:
-            call = self.store.stale(key=self.keys.active, age_ms=age_ms, limit=SCAN_LIMIT)
+            call = self.store.stale(key=active, age_ms=age_ms, limit=SCAN_LIMIT)
             run_ids = scripts.execute(self.redis, [call])[0][1::2]
             pipe = self.redis.pipeline(transaction=False)
             for run_id in run_ids:

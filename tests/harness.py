@@ -67,7 +67,9 @@ def worker_thread(workflows: Sequence[Workflow[Any]], settings: Settings, **kwar
     client = connect(settings.plain_url())
     try:
         wait_until(
-            lambda: client.zscore(Keys(settings.namespace).workers, worker.id) is not None, what="worker registered"
+            # ZRANGEBYSCORE: in the worker's ACL (docs/security.md), as the settings may carry its user
+            lambda: worker.id in client.zrangebyscore(Keys(settings.namespace).workers, "-inf", "+inf"),
+            what="worker registered",
         )
         yield worker
     finally:
@@ -115,14 +117,17 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
 class Proc:
     """A real ``orchestrator`` subprocess whose output goes to a log file."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str], log_path: Path, launcher: Sequence[str] = ()) -> None:
-        """``launcher`` replaces ``python -m orchestrator`` (e.g. to skew the child's clock)."""
+    def __init__(
+        self, args: Sequence[str], env: dict[str, str], log_path: Path, launcher: Sequence[str] = (), cwd: Path = REPO
+    ) -> None:
+        """``launcher`` replaces ``python -m orchestrator`` (e.g. to skew the child's clock); ``cwd``
+        comes first on the child's ``sys.path`` (``python -m``), so it picks the code that runs."""
         self.log_path = log_path
         with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.popen = subprocess.Popen(
                 [*(launcher or (sys.executable, "-m", "orchestrator")), *args],
                 env=env,
-                cwd=REPO,
+                cwd=cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

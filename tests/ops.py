@@ -15,14 +15,32 @@ from orchestrator.settings import Settings
 from orchestrator.store import Claimed, Outcome, Store
 
 
+def partition_mates(keys: Keys, run_id: str, prefix: str, count: int = 1) -> list[str]:
+    """``count`` run ids ``<prefix>NNNNNN``, in order, in the same partition as ``run_id`` (so
+    their dispatches share its stream)."""
+    home = keys.partition_of(run_id)
+    mates = (f"{prefix}{i:06d}" for i in range(1_000_000))
+    return [rid for _, rid in zip(range(count), (r for r in mates if keys.partition_of(r) == home), strict=False)]
+
+
+def in_another_partition(keys: Keys, run_id: str, prefix: str) -> str:
+    """A run id starting with ``prefix`` in another partition than ``run_id``."""
+    return next(
+        f"{prefix}-{i}" for i in range(10_000) if keys.partition_of(f"{prefix}-{i}") != keys.partition_of(run_id)
+    )
+
+
 class Ops:
     """Drives the scripts for one run the way a worker would."""
 
     def __init__(self, r: redis.Redis, settings: Settings, run_id: str = "r1") -> None:
-        self.r, self.keys = r, Keys(settings.namespace)
+        self.r, self.keys = r, Keys(settings.namespace, settings.partitions)
         self.store = Store(self.keys)
         self.run_id = run_id
-        self.stream = self.keys.queue("q").stream
+        self.partition = self.keys.partition_of(run_id)
+        self.q = self.keys.queue_of("q", run_id)  # the run's queue keys, in its partition
+        self.part = self.keys.part_of(run_id)  # its partition's indexes and counters
+        self.stream = self.q.stream
         self.rk = self.keys.run(run_id)
         with contextlib.suppress(redis.ResponseError):
             r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from orchestrator.chaos.ledger import Execution, Ledger
 from orchestrator.client import Client
 from orchestrator.codec import HistoryEvent, StepRecord
@@ -345,10 +347,11 @@ class Checker:
         """I4 at rest: once every run is done, nothing may be left pending in any queue."""
         queues: set[str] = self.client.redis.smembers(self.client.keys.queues)  # type: ignore[assignment]
         for queue in sorted(queues):
-            stream = self.client.keys.queue(queue).stream
-            try:
-                pending = self.client.redis.xpending(stream, GROUP)["pending"]
-            except Exception:  # no group: nothing was ever read from this queue
-                continue
+            pending = 0
+            for stream in self.client.keys.streams(queue):
+                try:
+                    pending += self.client.redis.xpending(stream, GROUP)["pending"]
+                except redis.ResponseError:  # no group: nothing was ever read from this stream
+                    continue
             if pending:
                 self._fail(report, "I4", "-", f"{pending} entries still pending in queue {queue!r} at rest")

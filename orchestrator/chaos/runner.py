@@ -248,7 +248,7 @@ class ChaosRun:
         )
 
     def _inject_malformed(self) -> None:
-        stream = self.client.keys.queue(flows.QUEUE).stream
+        stream = self.client.keys.queue(flows.QUEUE, self.rng.randrange(self.client.keys.partitions)).stream
         junk = self.rng.choice(
             [
                 {"junk": "1"},
@@ -399,8 +399,10 @@ class ChaosRun:
         self.echo(f"drain timed out after {cfg.drain_timeout_s:g} s; checking what is there")
 
     def _pending(self) -> int:
-        stream = self.client.keys.queue(flows.QUEUE).stream
-        return int(self.client.redis.xpending(stream, GROUP)["pending"])
+        pipe = self.client.redis.pipeline(transaction=False)
+        for stream in self.client.keys.streams(flows.QUEUE):
+            pipe.xpending(stream, GROUP)
+        return sum(int(summary["pending"]) for summary in pipe.execute())
 
     def _check(self) -> Report:
         report = Report()

@@ -139,6 +139,13 @@ def shared_options(*, top: bool) -> list[click.Option]:
             help="key prefix [orch; env: ORCHESTRATOR_NAMESPACE]",
         ),
         click.Option(
+            ["--partitions"],
+            type=int,
+            callback=_remember,
+            expose_value=False,
+            help="runs are spread over this many partitions; fixed for a namespace [16; env: ORCHESTRATOR_PARTITIONS]",
+        ),
+        click.Option(
             ["--data-dir"],
             type=click.Path(path_type=Path),
             callback=_remember,

@@ -38,7 +38,7 @@ def read_fleet(client: Client) -> Samples:
 def read_step_order(client: Client) -> dict[str, list[str]]:
     """Each workflow's steps in workflow order (as its workers announced it at start)."""
     raw: dict[str, str] = client.redis.hgetall(client.keys.stats_detail)  # type: ignore[assignment]
-    return step_order(parse_detail(raw))
+    return step_order(parse_detail(raw))  # the places live in the fleet's detail hash only
 
 
 def by(samples: Samples, name: str, *labels: str) -> dict[tuple[str, ...], float]:

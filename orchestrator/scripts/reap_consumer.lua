@@ -1,8 +1,9 @@
--- Remove a worker presumed dead from a consumer group, only if it is still absent from the
--- fleet and has no pending entries (a late XREADGROUP must not lose what it read).
--- KEYS[1] stream  KEYS[2] workers zset  ARGV[1] group  ARGV[2] consumer
+-- Remove a worker presumed dead from one stream's consumer group, only if it has no pending
+-- entries there (a late XREADGROUP must not lose what it read). The caller checked that the
+-- worker is gone from the fleet (a fleet key, in another slot than the stream); a worker that
+-- comes back in between loses nothing: its next XREADGROUP makes the consumer again.
+-- KEYS[1] stream  ARGV[1] group  ARGV[2] consumer
 -- Returns 1 when the consumer was deleted, 0 when it was kept (or the group is gone).
-if redis.call('ZSCORE', KEYS[2], ARGV[2]) then return 0 end
 local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
 if pending.err or #pending > 0 then return 0 end
 redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])

@@ -80,8 +80,10 @@ class StepExecution(Outcomes):
         claimed: Claimed,
         workflow: Workflow[Any] | None,
         token: str,
+        chained: int = 0,
     ) -> None:
         self.rt = rt
+        self.chained = chained  # steps of this run this worker took in a row from commits, without the queue
         self.queue = queue
         self.entry_id = entry_id
         self.dispatch = dispatch

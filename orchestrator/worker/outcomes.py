@@ -30,6 +30,8 @@ log = logging.getLogger("orchestrator.worker")
 
 RESEND_FOR_S = 30.0  # beyond redis-py's own retries (~3 s): how long an outcome is resent
 APPLIED = frozenset({"OK", "REPLAY", "RETRY", "FAILED", "RELEASED", "TERMINAL", "MISSING"})
+# steps a worker takes in a row from its own commits before the next goes through the queue
+MAX_CHAINED_STEPS = 8
 
 
 class CommitRefused(ValidationError):
@@ -47,6 +49,7 @@ class Outcomes:
     claimed: Claimed
     workflow: Workflow[Any] | None
     token: str
+    chained: int
     ctx: StepContext
     start_ms: int
     log_fields: dict[str, Any]
@@ -76,7 +79,10 @@ class Outcomes:
             cost=ctx.cost,
         ).model_dump_json()
         self.rt.faults.hit("before_commit", d.step)
-        chain = outcome.next_step is not None and self.rt.may_chain()
+        # Chain (take the next step at once) at most MAX_CHAINED_STEPS times in a row: commit.lua
+        # sees only this partition's stream, so the bound is what keeps a run from jumping ahead
+        # of runs waiting in the other partitions for longer than that.
+        chain = outcome.next_step is not None and self.chained < MAX_CHAINED_STEPS and self.rt.may_chain()
         chain_token = new_claim_token(self.rt.worker_id) if chain else ""
         call = self.rt.store.commit(
             dispatch=d,
@@ -111,7 +117,9 @@ class Outcomes:
                 successor = Dispatch.model_construct(
                     run=d.run, wf=d.wf, step=committed.next_step, visit=committed.visit
                 )
-                self.rt.start_chained(self.queue, committed.entry_id, successor, committed.chained, chain_token)
+                self.rt.start_chained(
+                    self.queue, committed.entry_id, successor, committed.chained, chain_token, self.chained + 1
+                )
 
     # -- fail and release -----------------------------------------------------------------
 
@@ -193,7 +201,7 @@ class Outcomes:
     def _ack(self, result: Outcome) -> None:
         """Ack the entry once the outcome is durable, unless this attempt was replaced."""
         if result.code in APPLIED and not self.superseded:
-            self.rt.ack(self.queue, self.entry_id)
+            self.rt.ack(self.queue, self.dispatch.run, self.entry_id)
 
     # -- reporting ------------------------------------------------------------------------
 

@@ -31,14 +31,22 @@ async def ensure_groups(client: aredis.Redis, streams: Sequence[str]) -> None:
                 raise
 
 
-def parse_entry(rt: Runtime, keys: Keys, queue: str, entry_id: str, fields: dict[str, str] | None) -> Dispatch | None:
-    """The dispatch an entry carries, or None when it is malformed: then it is set aside in the
-    ``rejected`` stream with the reason, counted and acked (the run record is the source of
-    truth; if it was a run's only dispatch, the sweep makes a valid one)."""
+def parse_entry(
+    rt: Runtime, keys: Keys, lane: tuple[str, int], entry_id: str, fields: dict[str, str] | None
+) -> Dispatch | None:
+    """The dispatch an entry of ``lane`` (a queue in one partition) carries, or None when it is
+    malformed or belongs to a run of another partition: then it is set aside in the ``rejected``
+    stream with the reason, counted and acked (the run record is the source of truth; if it was a
+    run's only dispatch, the sweep makes a valid one)."""
+    queue, partition = lane
     try:
-        return Dispatch.model_validate(fields or {})  # an unknown workflow is claimed, then failed clearly
+        dispatch = Dispatch.model_validate(fields or {})  # an unknown workflow is claimed, then failed clearly
     except pydantic.ValidationError as exc:
         reason = describe_validation_error(exc, what=f"stream entry {entry_id}")
+    else:
+        if keys.partition_of(dispatch.run) == partition:
+            return dispatch
+        reason = f"stream entry {entry_id}: run {dispatch.run!r} is not of partition {partition}, whose stream this is"
     log.warning("malformed stream entry set aside", extra={"queue": queue, "entry": entry_id, "reason": reason})
     kept = {str(k)[:100]: str(v)[:500] for k, v in list((fields or {}).items())[:20]}
     raw = dumps(kept, what="rejected entry")
@@ -46,15 +54,16 @@ def parse_entry(rt: Runtime, keys: Keys, queue: str, entry_id: str, fields: dict
     rt.batcher.send([scripts.command(*rejected, "queue", queue, "entry", entry_id, "reason", reason, "fields", raw)])
     rt.count("malformed")
     rt.batcher.send([rt.store.count("malformed")])
-    rt.ack(queue, entry_id)
+    rt.ack_in(keys.queue(queue, partition).stream, entry_id)
     return None
 
 
 async def promote_due(batcher: Batcher, store: Store, queues: Sequence[str]) -> int:
-    """Enqueue every due retry of ``queues``; returns how many this call moved."""
-    dues = await batcher.call_many([store.due(queue=q, limit=200) for q in queues])
+    """Enqueue every due retry of ``queues`` (in every partition); returns how many this call moved."""
+    lanes = [(q, p) for q in queues for p in range(store.keys.partitions)]
+    dues = await batcher.call_many([store.due(queue=q, partition=p, limit=200) for q, p in lanes])
     calls = []
-    for queue, members in zip(queues, dues, strict=True):
+    for (queue, _), members in zip(lanes, dues, strict=True):
         if isinstance(members, BaseException):
             raise members
         calls += [store.promote(queue=queue, run_id=run_id) for run_id in members]

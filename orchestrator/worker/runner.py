@@ -16,6 +16,7 @@ import os
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from orchestrator.connection import aclose, close, connect, connect_async, outco
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys
+from orchestrator.layout import check_layout_async
 from orchestrator.metrics import MetricsServer, WorkerMetrics, step_positions, zero_fields
 from orchestrator.outage import Outage
 from orchestrator.settings import Settings
@@ -75,21 +77,25 @@ class Worker:
             wf.first_step  # noqa: B018 - raises DefinitionError for a workflow without steps
             self.workflows[wf.name] = wf
         self.id = worker_id or new_worker_id()
-        self.keys = Keys(self.settings.namespace)
+        self.keys = Keys(self.settings.namespace, self.settings.partitions)
         self.store = Store(self.keys)
         self.queues = sorted({wf.queue for wf in workflows})
-        self._streams = {self.keys.queue(q).stream: q for q in self.queues}
+        # every queue's stream in every partition -> (queue, partition)
+        self._streams = {self.keys.queue(q, p).stream: (q, p) for q in self.queues for p in range(self.keys.partitions)}
         self._faults = Faults(self.settings.faults)
         self._table = InFlightTable()
         self._executions: dict[str, StepExecution] = {}  # by claim token
-        self._by_entry: dict[str, StepExecution] = {}  # the one execution of each stream entry
+        # the one execution of each stream entry, by (stream, entry id): ids repeat across streams
+        self._by_entry: dict[tuple[str, str], StepExecution] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
         self._stop_requested = False  # set at once by shutdown(), from any thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._immediate = False
-        self._rotation = 0
+        # entries read when no slot was free for them (one read takes from every lane's stream):
+        # pending for this worker, claimed in order as slots free
+        self._waiting: deque[tuple[str, str, Dispatch]] = deque()
         self.rt: Runtime | None = None
         self.metrics = WorkerMetrics()
         self.metrics_port: int | None = None
@@ -186,6 +192,7 @@ class Worker:
                 promoter = asyncio.create_task(self._housekeeping_loop(), name="promoter")
                 await self._fetch_loop(async_redis)
                 promoter.cancel()
+                await self._hand_back_waiting()
                 await self._drain()
         finally:
             self.rt.flush()
@@ -207,6 +214,7 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 await client.exists(*self.keys.cluster_probe)  # a cluster node answers CROSSSLOT: refused
+                await check_layout_async(client, self.store)  # another partition count: refused
                 await ensure_groups(client, list(self._streams))
                 await client.sadd(self.keys.queues, *self.queues)
                 await self._announce_steps(client)
@@ -286,7 +294,7 @@ class Worker:
     async def _deregister(self, async_redis: aredis.Redis) -> None:
         """Leave the fleet; leave the consumer groups too unless entries are still pending for us."""
         calls = [scripts.command("ZREM", self.keys.workers, self.id), scripts.command("DEL", self.keys.worker(self.id))]
-        calls += [self.store.reap_consumer(queue=queue, consumer=self.id) for queue in self.queues]
+        calls += [self.store.reap_consumer(stream=stream, consumer=self.id) for stream in self._streams]
         try:
             await scripts.execute_async(async_redis, calls)
         except (redis.RedisError, OSError) as exc:
@@ -294,35 +302,54 @@ class Worker:
 
     # -- reading and claiming -------------------------------------------------------------
 
-    def _free_slots(self) -> int:
-        """Concurrency left: running steps and abandoned step threads both take a slot."""
+    def _open_slots(self) -> int:
+        """Slots not running a step: running steps and abandoned step threads both take one."""
         assert self.rt is not None
         return self.settings.concurrency - len(self._tasks) - self.rt.threads.abandoned
 
+    def _free_slots(self) -> int:
+        """Open slots not promised to an entry already read (``_waiting``)."""
+        return self._open_slots() - len(self._waiting)
+
     def _may_chain(self) -> bool:
         """A committing step may hand its slot to its run's next step unless the worker is
-        stopping (the step finishing still holds its slot, so the count stays the same)."""
+        stopping or entries it read wait for a slot (the step finishing still holds its slot,
+        so the count stays the same)."""
         return not self._stop_requested and self._free_slots() >= 0
 
-    def _start_chained(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, token: str) -> None:
-        """Run a step its predecessor's commit claimed for this worker, or give it back at once
-        (re-enqueued, no crash counted) when a stop came while that commit was in flight."""
+    def _start_chained(
+        self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, token: str, chained: int
+    ) -> None:
+        """Run a step its predecessor's commit claimed for this worker (the ``chained``-th in a
+        row), or give it back at once (re-enqueued, no crash counted) when a stop came while
+        that commit was in flight."""
         if not self._stop_requested:
-            self._handle_claim(queue, entry_id, dispatch, claimed, token)
+            self._handle_claim(queue, entry_id, dispatch, claimed, token, chained)
             return
         assert self.rt is not None
-        execution = self._execution(queue, entry_id, dispatch, claimed, token)
+        execution = self._execution(queue, entry_id, dispatch, claimed, token, chained)
         self._track(execution, execution.hand_back("worker stopping"))
 
     def _read_plan(self) -> tuple[dict[Any, Any], int]:
-        """Streams to read now and the COUNT for each (COUNT applies per stream), so that one
-        read never returns more entries than there are free slots; streams take turns."""
-        free = self._free_slots()
-        streams = list(self._streams)
-        first = self._rotation % len(streams)
-        self._rotation += 1
-        chosen = (streams[first:] + streams[:first])[: min(len(streams), free)]
-        return {s: ">" for s in chosen}, free // len(chosen)
+        """Every lane's stream, and the COUNT for each (COUNT applies per stream): the free slots
+        shared out, at least one each. Reading every stream at once keeps a new entry from
+        waiting for its stream's turn; what comes beyond the free slots waits in ``_waiting``
+        (at most one entry per stream)."""
+        return dict.fromkeys(self._streams, ">"), max(1, self._free_slots() // len(self._streams))
+
+    async def _claim_waiting(self) -> None:
+        """Claim as many waiting entries as there are open slots, oldest first."""
+        take = min(self._open_slots(), len(self._waiting))
+        batch = [self._waiting.popleft() for _ in range(take)]
+        await self._claim([(queue, eid, d, new_claim_token(self.id)) for queue, eid, d in batch])
+
+    async def _hand_back_waiting(self) -> None:
+        """At a stop, entries read but never started go back to the queue at once (claimed and
+        handed back, as a stopping worker does with a chained step), not after a lease."""
+        batch = [(queue, eid, d, new_claim_token(self.id)) for queue, eid, d in self._waiting]
+        self._waiting.clear()
+        if batch:
+            await self._claim(batch)
 
     async def _wait_for_slot(self) -> None:
         assert self._stopping is not None and self._slot_freed is not None
@@ -336,6 +363,9 @@ class Worker:
         assert self._stopping is not None
         outage = Outage(log, "reading the queues", self.settings.plain_url(), fields={"worker": self.id})
         while not self._stopping.is_set():
+            if self._waiting and self._open_slots() > 0:
+                await self._claim_waiting()
+                continue
             if self._free_slots() <= 0:
                 await self._wait_for_slot()
                 continue
@@ -361,13 +391,16 @@ class Worker:
         assert self.rt is not None
         batch: list[tuple[str, str, Dispatch, str]] = []
         for stream, entries in reply:
-            queue = self._streams[stream]
+            lane = self._streams[stream]
+            queue = lane[0]
             for entry_id, fields in entries:
-                dispatch = parse_entry(self.rt, self.keys, queue, entry_id, fields)  # None: set aside
+                dispatch = parse_entry(self.rt, self.keys, lane, entry_id, fields)  # None: set aside
                 if dispatch is not None:
                     batch.append((queue, entry_id, dispatch, new_claim_token(self.id)))
-        if batch:
-            await self._claim(batch)
+        fits = max(0, self._free_slots())
+        self._waiting.extend((queue, eid, d) for queue, eid, d, _ in batch[fits:])
+        if batch[:fits]:
+            await self._claim(batch[:fits])
 
     async def _claim(self, batch: list[tuple[str, str, Dispatch, str]]) -> None:
         """Claim a batch in one pipeline; a claim whose reply is lost is sent again, same token.
@@ -412,11 +445,17 @@ class Worker:
             delay_s *= 2
         log.error("claims got no answer; their entries stay pending for the supervisor", extra={"count": len(batch)})
 
-    def _handle_claim(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, token: str) -> None:
+    def _handle_claim(
+        self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, token: str, chained: int = 0
+    ) -> None:
         assert self.rt is not None
         fields = {"run_id": dispatch.run, "step": dispatch.step, "entry": entry_id}
         if claimed.code != "RUN":
             self._skip(queue, entry_id, dispatch, claimed, fields)
+            return
+        if self._stop_requested:  # claimed while stopping: give it back at once, no crash counted
+            execution = self._execution(queue, entry_id, dispatch, claimed, token, chained)
+            self._track(execution, execution.hand_back("worker stopping"))
             return
         metrics = self.rt.metrics
         wait_ms = claimed.server_ms - int(entry_id.split("-")[0])
@@ -430,10 +469,12 @@ class Worker:
                 "previous attempt crashed; resuming from the last persisted step",
                 extra={**fields, "crashes": claimed.crashes, "has_stash": claimed.snapshot is not None},
             )
-        execution = self._execution(queue, entry_id, dispatch, claimed, token)
+        execution = self._execution(queue, entry_id, dispatch, claimed, token, chained)
         self._track(execution, execution.run())
 
-    def _execution(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, token: str) -> StepExecution:
+    def _execution(
+        self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, token: str, chained: int = 0
+    ) -> StepExecution:
         """A new execution of an entry; one still running for the same entry is superseded.
 
         The same entry reaches this worker twice only when Redis lost writes (its group's
@@ -441,11 +482,13 @@ class Worker:
         can no longer write anything, and the worker stops it rather than run the step twice.
         """
         assert self.rt is not None
-        earlier = self._by_entry.get(entry_id)
+        entry = (self.keys.queue_of(queue, dispatch.run).stream, entry_id)
+        earlier = self._by_entry.get(entry)
         if earlier is not None and not earlier.finished and earlier.token != token:
             earlier.supersede()
-        execution = StepExecution(self.rt, queue, entry_id, dispatch, claimed, self.workflows.get(dispatch.wf), token)
-        self._by_entry[entry_id] = execution
+        workflow = self.workflows.get(dispatch.wf)
+        execution = StepExecution(self.rt, queue, entry_id, dispatch, claimed, workflow, token, chained)
+        self._by_entry[entry] = execution
         return execution
 
     def _track(self, execution: StepExecution, work: Coroutine[Any, Any, None]) -> None:
@@ -468,13 +511,15 @@ class Worker:
         level = logging.WARNING if claimed.code in ("QUARANTINED", "MISSING", "WRONG_WF") else logging.INFO
         log.log(level, f"entry not run: {claimed.code.lower()}", extra={**fields, "detail": claimed.detail})
         if claimed.code != "BUSY":  # another claim runs the step; if it dies, this pending entry recovers it
-            self.rt.ack(queue, entry_id)
+            self.rt.ack(queue, dispatch.run, entry_id)
 
     def _finished(self, task: asyncio.Task[None], token: str) -> None:
         self._tasks.discard(task)
         execution = self._executions.pop(token, None)
-        if execution is not None and self._by_entry.get(execution.entry_id) is execution:
-            del self._by_entry[execution.entry_id]
+        if execution is not None:
+            entry = (self.keys.queue_of(execution.queue, execution.dispatch.run).stream, execution.entry_id)
+            if self._by_entry.get(entry) is execution:
+                del self._by_entry[entry]
         self.metrics.in_flight.set(len(self._tasks))
         if self._slot_freed:
             self._slot_freed.set()

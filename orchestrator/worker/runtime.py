@@ -53,8 +53,8 @@ class Runtime:
     threads: StepThreads
     metrics: WorkerMetrics
     may_chain: Callable[[], bool]  # may a commit claim its run's next step for this worker?
-    # run a step the commit claimed: (queue, entry id, dispatch, claim, claim token)
-    start_chained: Callable[[str, str, Dispatch, Claimed, str], None]
+    # run a step the commit claimed: (queue, entry id, dispatch, claim, claim token, steps chained in a row)
+    start_chained: Callable[[str, str, Dispatch, Claimed, str, int], None]
     stopping_now: Callable[[], bool]  # an immediate stop: stop resending outcomes
     counts: Counter[str] = field(default_factory=Counter)
     acks: dict[str, list[str]] = field(default_factory=dict)
@@ -64,15 +64,21 @@ class Runtime:
         scripts themselves, in the same atomic step as what they count."""
         self.counts[name] += amount
 
-    def ack(self, queue: str, entry_id: str) -> None:
-        """Ack after the current loop iteration, together with every other step that finished in it."""
+    def ack(self, queue: str, run_id: str, entry_id: str) -> None:
+        """Ack after the current loop iteration, together with every other step that finished in it.
+
+        The entry is in ``queue``'s stream of ``run_id``'s partition: workers set aside entries
+        found in another partition's stream (``parse_entry``)."""
+        self.ack_in(self.store.keys.queue_of(queue, run_id).stream, entry_id)
+
+    def ack_in(self, stream: str, entry_id: str) -> None:
         if not self.acks:
             self.loop.call_soon(self._send_acks)
-        self.acks.setdefault(queue, []).append(entry_id)
+        self.acks.setdefault(stream, []).append(entry_id)
 
     def _send_acks(self) -> None:
         acks, self.acks = self.acks, {}
-        self.batcher.send_riding([self.store.ack_owned(queue, self.worker_id, ids) for queue, ids in acks.items()])
+        self.batcher.send_riding([self.store.ack_owned(stream, self.worker_id, ids) for stream, ids in acks.items()])
 
     def flush(self) -> None:
         """Queue every pending ack now (at shutdown, before the batcher closes)."""

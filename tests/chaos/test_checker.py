@@ -61,7 +61,7 @@ def test_each_kind_of_damage_is_caught(client: Client, ledger: Ledger, finished:
     client.redis.hincrby(client.keys.stats, "steps_ok", -1)
     # a run left unfinished, and an entry left pending
     client.redis.hset(client.keys.run(chain_run).run, "status", "running")
-    stream = client.keys.queue(flows.QUEUE).stream
+    stream = client.keys.queue_of(flows.QUEUE, chain_run).stream
     client.redis.xadd(stream, {"run": chain_run, "wf": "chaos_chain", "step": "c0", "visit": "1"})
     client.redis.xreadgroup("workers", "someone", {stream: ">"}, count=1)
     assert check(client, ledger, finished) == {"I1", "I4"}

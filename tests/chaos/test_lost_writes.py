@@ -100,7 +100,7 @@ def test_fencing_does_not_invert_after_redis_loses_writes(tmp_path: Path) -> Non
         ledger = Ledger(ledger_redis, settings.namespace)
         fleet = Fleet(settings, tmp_path)
         try:
-            client.redis.xgroup_create(client.keys.queue("default").stream, GROUP, id="0", mkstream=True)
+            client.redis.xgroup_create(client.keys.queue_of("default", "held-1").stream, GROUP, id="0", mkstream=True)
             run = client.submit(held, {"seconds": 6.0}, run_id="held-1")
             key = "held-1:hold"
             snapshot = server.snapshot()  # the run is queued, and nobody has read it yet

@@ -91,7 +91,7 @@ def test_a_submit_whose_reply_is_lost_still_creates_exactly_one_run(settings: Se
     run = client.submit(chain, {}, run_id="lost-reply")
     assert run.created  # the resent submit recognised its own request
     assert proxy.stats()["connections_cut"] == 1
-    assert client.redis.xlen(client.keys.queue("default").stream) == 1
+    assert client.redis.xlen(client.keys.queue_of("default", "lost-reply").stream) == 1
     client.close()
 
 

@@ -34,12 +34,14 @@ from pydantic import BaseModel
 from orchestrator import Client, RedisRefused, StepContext, Supervisor, Workflow, scripts
 from orchestrator.connection import connect, connect_async
 from orchestrator.embedded import RedisServer, free_port, server_version
+from orchestrator.keda import KedaScaling
 from orchestrator.keys import GROUP, Keys
 from orchestrator.metrics import FleetCollector
 from orchestrator.settings import Settings
 from tests.conftest import fast_settings
 from tests.harness import REPO, Proc, process_env, run_cli, start_worker, worker_thread
 from tests.helpers import wait_until
+from tests.ops import partition_mates
 from workers.testflows import chain, effects
 
 DOC = REPO / "docs" / "security.md"
@@ -55,10 +57,12 @@ def words(text: str) -> list[str]:
 # The scripts each role runs (orchestrator/store.py builds the calls; the callers are named).
 ROLE_SCRIPTS: dict[str, list[str]] = {
     # worker/runner.py, outcomes.py, execution.py, heartbeat.py, queues.py, runtime.py (ack_owned)
-    "worker": words("claim commit fail release renew stash ack reap_consumer heartbeat due promote"),
+    "worker": words("layout claim commit fail release renew stash ack reap_consumer heartbeat due promote"),
     # supervisor.py, retention.py (purge)
-    "supervisor": words("reap_consumer redispatch due promote passed sweep purge leader resign reap_workers stale"),
-    "client": ["submit"],  # Client.submit
+    "supervisor": words(
+        "layout reap_consumer redispatch due promote passed sweep purge leader resign reap_workers stale"
+    ),
+    "client": ["layout", "submit"],  # Client.submit (the first records the namespace's partition count)
     "operator": ["cancel", "retry_run", "purge"],  # Client.cancel, retry, purge (the CLI's cancel, retry, runs purge)
     "reader": [],
     "keda": [],
@@ -83,15 +87,16 @@ DIRECT: dict[str, set[str]] = {
     "supervisor": CONNECTION | SCRIPTING | SCRAPE | PURGE_PAGES | SUPERVISING,
     # client.py: SADD queues at submit; get/state/results/stats (HGETALL), wait (HGET), events
     # (LRANGE), list_runs (SMEMBERS, ZREVRANGE)
-    "client": CONNECTION | SCRIPTING | {"sadd", "hget", "hgetall", "lrange", "smembers", "zrevrange"},
-    "operator": CONNECTION | SCRIPTING | PURGE_PAGES | {"hgetall"},  # get() before cancel and retry
+    # every client call first compares the namespace's partition count (HMGET of its config)
+    "client": CONNECTION | SCRIPTING | {"sadd", "hget", "hgetall", "hmget", "lrange", "smembers", "zrevrange"},
+    "operator": CONNECTION | SCRIPTING | PURGE_PAGES | {"hgetall", "hmget"},  # get() before cancel and retry
     # runs list, status, history, stats, top, runs purge --dry-run
     "reader": CONNECTION | SCRAPE | PURGE_PAGES | {"lrange"},
     # KEDA's redis-streams scaler (go-redis): XPENDING (pending trigger); INFO (server version,
     # every poll), XINFO GROUPS and XLEN when the group is missing (lag trigger)
     "keda": CONNECTION | {"info", "xinfo|groups", "xlen", "xpending"},
 }
-KEY_PATTERNS = {"reader": "%R~orch:*", "keda": "%R~orch:queue:{*}"}  # read-only; the others ~orch:*
+KEY_PATTERNS = {"reader": "%R~orch:*", "keda": "%R~orch:queue:*"}  # read-only; the others ~orch:*
 _CONTAINERS = ("xinfo", "xgroup")  # commands whose ACL name includes the subcommand
 _CALL = re.compile(r"redis\.p?call\(\s*'([A-Za-z]+)'(?:\s*,\s*'([A-Za-z]+)')?")
 
@@ -293,7 +298,8 @@ def test_workers_supervisors_clients_and_operators_do_their_whole_job_with_their
         ok(cli(urls["operator"], ns, "cancel", "c1"))
         assert operator.get("c1").status == "cancelled"
         stranded = [client.submit(chain, {}, run_id=f"stranded{i}") for i in range(3)]
-        acl.admin.delete(client.keys.queue("default").stream)  # the queue is lost with three runs in it
+        for stream in client.keys.streams("default"):  # the queue is lost with three runs in it
+            acl.admin.delete(stream)
         fleet.worker("late")
         assert all(r.wait(timeout_s=30).i == 10 for r in stranded)
         assert {e.detail for r in stranded for e in client.events(r.run_id) if e.type == "repaired"} == {
@@ -308,7 +314,10 @@ def test_workers_supervisors_clients_and_operators_do_their_whole_job_with_their
         purger = fleet.supervisor("purger", ORCHESTRATOR_RETENTION_S="0.001", ORCHESTRATOR_FAILED_RETENTION_S="0.001")
         keys, admin = client.keys, acl.admin
         wait_until(
-            lambda: admin.zcard(keys.done) + admin.zcard(keys.dead) == 0 and not admin.exists(keys.run("r1").run),
+            lambda: (
+                sum(admin.zcard(p.done) + admin.zcard(p.dead) for p in keys.parts) == 0
+                and not admin.exists(keys.run("r1").run)
+            ),
             timeout_s=20,
             what="the supervisor purged every finished run",
         )
@@ -399,11 +408,12 @@ def test_keda_reads_lag_and_pending_of_the_queue_streams_and_nothing_else(acl: A
     urls = acl.users(ns)
     settings = fast_settings(urls["client"], namespace=ns)
     with Client(settings) as client:
-        for i in range(3):
-            client.submit(note, {}, run_id=f"k{i}")
-        stream = client.keys.queue("default").stream
+        for run_id in partition_mates(client.keys, "k", "k", 3):  # one partition: one stream
+            client.submit(note, {}, run_id=run_id)
+        stream = client.keys.queue_of("default", run_id).stream
         acl.admin.xgroup_create(stream, GROUP, id="0")
-        queued = client.keys.queue("default").queued  # of the queue, but not a stream: not KEDA's
+        partitions = client.keys.partitions
+        queued = client.keys.queue_of("default", run_id).queued  # of the queue, but not a stream: not KEDA's
     for protocol in (2, 3):  # go-redis speaks RESP3 (HELLO 3 AUTH ...), redis-py RESP2 by default
         keda = redis.Redis.from_url(urls["keda"], decode_responses=True, protocol=protocol)
         assert keda.ping()
@@ -416,6 +426,23 @@ def test_keda_reads_lag_and_pending_of_the_queue_streams_and_nothing_else(acl: A
         with pytest.raises(redis.exceptions.NoPermissionError):
             keda.xadd(stream, {"x": "1"})
         keda.close()
+    # every trigger `orchestrator keda` makes for the namespace (one pair per partition stream):
+    # the scaler's reads, as that trigger's mode sends them, with the groups created
+    made = KedaScaling(ns, partitions, ("default",), ("127.0.0.1:6379",))
+    for other in set(made.streams()) - {stream}:
+        acl.admin.xgroup_create(other, GROUP, id="0", mkstream=True)
+    keda = redis.Redis.from_url(urls["keda"], decode_responses=True, protocol=3)
+    lags = 0
+    for trigger in made.triggers():
+        meta = trigger["metadata"]
+        if "lagCount" in meta:
+            assert int(str(keda.info("server")["redis_version"]).split(".")[0]) >= 7
+            (group,) = keda.xinfo_groups(meta["stream"])
+            lags += group["lag"]
+        else:
+            assert keda.xpending(meta["stream"], meta["consumerGroup"])["pending"] == 0
+    keda.close()
+    assert lags == 3
     assert {(reason, obj) for _, reason, _, obj in acl.denials(ns)} == {("key", queued), ("command", "xadd")}
 
 
@@ -429,7 +456,7 @@ def test_keda_through_the_default_user_with_a_password_only(tmp_path: Path) -> N
         ns = namespace()
         server.admin.execute_command("ACL", "SETUSER", "admin", "on", ">admin-pw", "~*", "&*", "+@all")
         admin = redis.Redis(port=server.server.port, username="admin", password="admin-pw", decode_responses=True)
-        stream = Keys(ns).queue("default").stream
+        stream = Keys(ns).queue("default", 0).stream
         admin.xgroup_create(stream, GROUP, id="0", mkstream=True)
         admin.xadd(stream, {"run": "r", "wf": "w", "step": "s", "visit": "1"})
         admin.execute_command("ACL", "SETUSER", "default", *server.rules(doc_lines()["default"], ns, "keda-pw"))

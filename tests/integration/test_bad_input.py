@@ -136,7 +136,7 @@ MALFORMED: list[dict[str, str]] = [
 def test_malformed_stream_entries_are_set_aside_and_the_worker_keeps_serving(
     client: Client, settings: Settings, ledger: Ledger
 ) -> None:
-    stream = client.keys.queue("default").stream
+    stream = client.keys.queue_of("default", "nobody").stream  # the stream of the run "nobody"'s partition
     client.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
     for fields in MALFORMED:
         client.redis.xadd(stream, fields)  # type: ignore[arg-type]

@@ -110,7 +110,7 @@ def test_inputs_that_break_the_codec_are_refused_where_they_enter(client: Client
         client.submit(flow, {field: value}, run_id="in")
     keys = client.keys.run("in")
     assert client.redis.exists(keys.run, keys.state, keys.history) == 0
-    assert client.redis.exists(client.keys.queue(flow.queue).stream) == 0
+    assert client.redis.exists(*client.keys.streams(flow.queue)) == 0
 
 
 def test_values_within_the_limits_go_through_every_door_unchanged(client: Client, settings: Settings) -> None:

@@ -61,8 +61,10 @@ def serve_and_scrape(client: Client, settings: Settings, runs: int) -> tuple[str
         for i in range(runs):
             client.submit(wf, {}, run_id=f"m{i}").wait(timeout_s=10)
         # acks ride with the worker's next batch (or go alone within 5 ms): at rest, nothing is pending
-        stream = client.keys.queue("default").stream
-        wait_until(lambda: client.redis.xpending(stream, GROUP)["pending"] == 0, what="the last acks sent")
+        streams = client.keys.streams("default")
+        wait_until(
+            lambda: sum(client.redis.xpending(s, GROUP)["pending"] for s in streams) == 0, what="the last acks sent"
+        )
         wait_until(lambda: sup.metrics_port, what="supervisor metrics up")
         return scrape(worker.metrics_port or 0), scrape(sup.metrics_port or 0)
 

@@ -16,7 +16,7 @@ from orchestrator.codec import Dispatch
 from orchestrator.keys import GROUP
 from orchestrator.settings import Settings
 from orchestrator.store import Committed, Outcome
-from tests.ops import Ops
+from tests.ops import Ops, partition_mates
 
 
 def _raw(ops: Ops) -> redis.Redis:
@@ -47,8 +47,8 @@ def test_fencing_does_not_invert_when_the_same_worker_claims_an_entry_redis_forg
     again and claims it. Every write of the forgotten attempt must be refused, the live one's
     accepted, and the persisted record must carry the live attempt's (higher) fence."""
     ops.submit()
-    q = ops.keys.queue("q")
-    snapshot = _forget(ops, [ops.rk.run, ops.rk.lease, ops.stream, q.queued, ops.keys.active])
+    q = ops.q
+    snapshot = _forget(ops, [ops.rk.run, ops.rk.lease, ops.stream, q.queued, ops.part.active])
     ((eid, d),) = ops.read("w1")
     first = ops.claim(eid, d, token="w1:nonce-1")
     time.sleep(0.002)  # the fence is the Redis clock in ms: the second claim comes later
@@ -144,7 +144,7 @@ def test_a_half_committed_last_step_completes_its_run(ops: Ops) -> None:
     assert Outcome.parse(ops.x(ops.store.sweep(run_id="r1", queue="q"))[0]).code == "REPAIRED"
     ((eid2, d2),) = ops.read()
     assert ops.claim(eid2, d2).detail == "advanced"
-    assert ops.run()["status"] == "completed" and ops.r.zscore(ops.keys.done, "r1") is not None
+    assert ops.run()["status"] == "completed" and ops.r.zscore(ops.part.done, "r1") is not None
 
 
 def test_a_run_that_loops_forever_fails_at_max_run_steps(ops: Ops) -> None:
@@ -161,7 +161,7 @@ def test_a_run_that_loops_forever_fails_at_max_run_steps(ops: Ops) -> None:
     run = ops.run()
     assert run["status"] == "failed" and "max_run_steps" in json.loads(run["error"])["message"]
     assert (run["step"], run["visit"]) == ("a", "4")  # a retry resumes at the next visit
-    assert ops.r.zscore(ops.keys.dead, "r1") is not None
+    assert ops.r.zscore(ops.part.dead, "r1") is not None
     assert ops.r.xlen(ops.stream) == 3  # the three visits' entries; the runaway one added none
 
 
@@ -173,8 +173,10 @@ def test_scripts_keep_working_when_a_queue_stream_or_its_group_disappears(ops: O
     ((eid, _),) = ops.read("c1")
     ops.r.delete(ops.stream)  # an operator's DEL, or a Redis restarted without its data
     assert ops.x(ops.store.ack_owned("q", "c1", [eid]))[0] == 0  # nothing to ack, no error
-    assert ops.x(ops.store.reap_consumer(queue="q", consumer="c1"))[0] == 0
-    horizon, _deleted, _cursor, *runs = ops.x(ops.store.passed(queue="q", cursor="-inf", limit=10))[0]
+    assert ops.x(ops.store.reap_consumer(stream=ops.stream, consumer="c1"))[0] == 0
+    horizon, _deleted, _cursor, *runs = ops.x(
+        ops.store.passed(queue="q", partition=ops.partition, cursor="-inf", limit=10)
+    )[0]
     assert (horizon, runs) == ("+inf", ["r1"])  # the stream is gone: the run needs a look
     out = Outcome.parse(ops.x(ops.store.sweep(run_id="r1", queue="q"))[0])
     assert out.code == "REPAIRED" and out.detail[1] == "no queued entry"
@@ -204,30 +206,37 @@ def test_a_late_claim_of_a_replaced_entry_is_stale(ops: Ops) -> None:
 
 def test_the_sweep_looks_only_at_runs_the_group_has_passed_or_that_lost_their_entry(ops: Ops) -> None:
     settings = Settings(namespace=ops.keys.namespace)
-    backlog = [Ops(ops.r, settings, run_id=f"b{i:03d}") for i in range(300)]
+    ids = partition_mates(ops.keys, "r1", "b", 300)  # runs whose dispatches share r1's stream
+    backlog = [Ops(ops.r, settings, run_id=rid) for rid in ids]
     for run in backlog:
         run.submit()
 
     def passed() -> list[str]:
-        return ops.x(ops.store.passed(queue="q", cursor="-inf", limit=1000))[0][3:]
+        return ops.x(ops.store.passed(queue="q", partition=ops.partition, cursor="-inf", limit=1000))[0][3:]
 
     assert passed() == []  # 300 healthy queued runs: nothing to look at
     ops.r.xtrim(ops.stream, maxlen=290, approximate=False)  # a trimmer drops the 10 oldest entries
-    assert passed() == [f"b{i:03d}" for i in range(10)]
+    assert passed() == ids[:10]
     delivered = ops.r.xreadgroup(GROUP, "w1", {ops.stream: ">"}, count=5)[0][1]
     assert len(passed()) == 15  # 5 delivered: their runs need a look until they are claimed
     for eid, fields in delivered:
         ops.claim(eid, Dispatch.model_validate(fields))
-    assert passed() == [f"b{i:03d}" for i in range(10)]
+    assert passed() == ids[:10]
     victim = ops.r.xrange(ops.stream, "-", "+")[-1]  # the newest entry, far ahead of the group
     ops.r.xdel(ops.stream, victim[0])
-    _horizon, deleted, _cursor, *runs = ops.x(ops.store.passed(queue="q", cursor="-inf", limit=1000))[0]
+    _horizon, deleted, _cursor, *runs = ops.x(
+        ops.store.passed(queue="q", partition=ops.partition, cursor="-inf", limit=1000)
+    )[0]
     if deleted:  # Redis >= 7.0 reports the highest deleted id: the runs before it are scanned once,
         # and of those ahead of the group, only the one whose entry is gone is handed out
-        assert runs == [*(f"b{i:03d}" for i in range(10)), victim[1]["run"]]
-        again = ops.x(ops.store.passed(queue="q", cursor="-inf", limit=1000, deleted_seen=deleted))[0][3:]
-        assert again == [f"b{i:03d}" for i in range(10)]
+        assert runs == [*ids[:10], victim[1]["run"]]
+        again = ops.x(
+            ops.store.passed(queue="q", partition=ops.partition, cursor="-inf", limit=1000, deleted_seen=deleted)
+        )[0][3:]
+        assert again == ids[:10]
     # a scan pages through the index: a small page gives a cursor to go on from
-    first = ops.x(ops.store.passed(queue="q", cursor="-inf", limit=4, deleted_seen=deleted))[0]
-    rest = ops.x(ops.store.passed(queue="q", cursor=first[2], limit=1000, deleted_seen=deleted))[0]
-    assert first[2] != "" and rest[2] == "" and first[3:] + rest[3:] == [f"b{i:03d}" for i in range(10)]
+    first = ops.x(ops.store.passed(queue="q", partition=ops.partition, cursor="-inf", limit=4, deleted_seen=deleted))[0]
+    rest = ops.x(
+        ops.store.passed(queue="q", partition=ops.partition, cursor=first[2], limit=1000, deleted_seen=deleted)
+    )[0]
+    assert first[2] != "" and rest[2] == "" and first[3:] + rest[3:] == ids[:10]

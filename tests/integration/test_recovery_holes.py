@@ -18,7 +18,7 @@ from orchestrator.keys import GROUP
 from tests.harness import supervisor_thread, worker_thread
 from tests.helpers import wait_until
 from tests.ledger import Ledger
-from tests.ops import Ops
+from tests.ops import Ops, partition_mates
 from workers.testflows import chain
 
 nan_cost = Workflow("nan_cost")
@@ -70,20 +70,21 @@ def test_the_fleet_recovers_when_a_queue_stream_or_its_group_disappears(
     persistence) used to stall it: the worker looped on NOGROUP, every supervisor tick failed,
     and new runs stayed pending. Runs queued when it vanished must be repaired, new runs must
     flow, and the supervisor must keep doing its other work meanwhile."""
-    stream = client.keys.queue("default").stream
+    streams = client.keys.streams("default")
     with worker_thread([chain], settings) as worker, supervisor_thread(settings) as supervisor:
         client.submit(chain, {}, run_id="before").wait(timeout_s=20)
         worker.shutdown()  # nobody reads while the stream vanishes with runs queued in it
         wait_until(lambda: client.redis.zscore(client.keys.workers, worker.id) is None, what="worker gone")
         stranded = [client.submit(chain, {}, run_id=f"stranded{i}") for i in range(3)]
-        client.redis.delete(stream)
-        assert client.redis.exists(stream) == 0
+        client.redis.delete(*streams)
+        assert client.redis.exists(*streams) == 0
         with worker_thread([chain], settings):
             after = client.submit(chain, {}, run_id="after")
             assert after.wait(timeout_s=30).i == 10  # a run submitted after the loss goes through
             for run in stranded:
                 assert run.wait(timeout_s=30).i == 10  # and the ones it took with it are repaired
-            client.redis.xgroup_destroy(stream, GROUP)  # the group alone, this time
+            lost = client.keys.queue_of("default", "after-group").stream
+            client.redis.xgroup_destroy(lost, GROUP)  # the group alone, this time
             assert client.submit(chain, {}, run_id="after-group").wait(timeout_s=30).i == 10
     repaired = [e.detail for r in stranded for e in client.events(r.run_id) if e.type == "repaired"]
     assert repaired == ["no queued entry"] * 3
@@ -96,17 +97,19 @@ def test_recovery_and_retention_keep_up_with_a_backlog(client: Client, settings:
     500 runs a minute. Now a pass looks only at the runs that need a look (whatever waits
     behind them), and one purge pass deletes everything past retention."""
     n = 3_000
-    ops = [Ops(r, settings, run_id=f"q{i:05d}") for i in range(n)]
+    ids = partition_mates(client.keys, "q00000", "q", n)  # one partition: one stream and its index
+    ops = [Ops(r, settings, run_id=rid) for rid in ids]
     submits = [op.submit_call() for op in ops]
     for start in range(0, n, 500):
         scripts.execute(r, submits[start : start + 500])
-    stream = client.keys.queue("q").stream
+    lane = ("q", client.keys.partition_of(ids[0]))
+    stream = client.keys.queue(*lane).stream
     r.xtrim(stream, maxlen=n - 7, approximate=False)  # a trimmer drops the 7 oldest entries
     supervisor = Supervisor(settings)
     try:
-        first = supervisor.sweep_queue("q")
+        first = supervisor.sweep_queue(lane)
         assert first.get("repaired") == 7 and first.get("swept") == 7  # one pass, and only those 7
-        assert supervisor.sweep_queue("q").get("swept", 0) == 0  # the healthy backlog costs nothing
+        assert supervisor.sweep_queue(lane).get("swept", 0) == 0  # the healthy backlog costs nothing
         # retention: finish 3,000 runs, then one purge pass deletes them all
         done = settings.model_copy(update={"retention_s": 0.001, "failed_retention_s": 0.001})
         purger = Supervisor(done)
@@ -118,8 +121,8 @@ def test_recovery_and_retention_keep_up_with_a_backlog(client: Client, settings:
         assert failed.fail(eid, d, delay_ms=None).code == "FAILED"
         time.sleep(0.01)
         assert purger.purge() == {"purged": n + 1, "unfinished": 0}
-        assert r.zcard(client.keys.done) == 0 and r.zcard(client.keys.dead) == 0
-        assert r.exists(client.keys.run("q00000").run, client.keys.run("failed-run").run) == 0
+        assert sum(r.zcard(p.done) + r.zcard(p.dead) for p in client.keys.parts) == 0
+        assert r.exists(client.keys.run(ids[0]).run, client.keys.run("failed-run").run) == 0
         purger.redis.close()
     finally:
         supervisor.redis.close()

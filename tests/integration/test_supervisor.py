@@ -10,15 +10,17 @@ from orchestrator import Client, Settings, Supervisor, scripts
 from orchestrator.codec import Dispatch
 from orchestrator.keys import GROUP
 from orchestrator.store import Claimed
+from tests.ops import partition_mates
 from workers.testflows import chain
 
 
 def test_a_dead_claim_behind_600_live_ones_is_redispatched_within_a_few_ticks(
     client: Client, settings: Settings, r: redis.Redis
 ) -> None:
-    for i in range(601):
-        client.submit(chain, {}, run_id=f"run{i:03d}")
-    stream = client.keys.queue("default").stream
+    ids = partition_mates(client.keys, "run000", "run", 601)  # one partition: one stream to scan
+    for run_id in ids:
+        client.submit(chain, {}, run_id=run_id)
+    stream = client.keys.queue_of("default", ids[0]).stream
     r.xgroup_create(stream, GROUP, id="0")
     entries = [
         (eid, Dispatch.model_validate(f))
@@ -32,7 +34,7 @@ def test_a_dead_claim_behind_600_live_ones_is_redispatched_within_a_few_ticks(
             entry_id=eid,
             token=f"w:{eid}",
             worker="w",
-            lease_ms=1 if d.run == "run600" else 60_000,
+            lease_ms=1 if d.run == ids[-1] else 60_000,
             max_crashes=3,
             max_steps=0,
         )
@@ -45,7 +47,7 @@ def test_a_dead_claim_behind_600_live_ones_is_redispatched_within_a_few_ticks(
     for _ in range(3):
         found += supervisor.tick(sweep=False).get("redispatched", 0)
     assert found == 1
-    assert r.hget(client.keys.run("run600").run, "dispatch") != entries[-1][0]
+    assert r.hget(client.keys.run(ids[-1]).run, "dispatch") != entries[-1][0]
     # the live entries had their idle time reset, so the next scans do not wade through them
     assert r.xpending_range(stream, GROUP, "-", "+", 1000, idle=int(settings.lease_s * 1000)) == []
     assert r.xpending(stream, GROUP)["pending"] == 600

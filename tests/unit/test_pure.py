@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+from redis.crc import key_slot
 
 import orchestrator
 from orchestrator import End, Goto, NonRetryableError, Retry, Settings, Workflow
@@ -134,12 +136,26 @@ def test_input_validation_names_the_field_and_value() -> None:
 # -- keys -------------------------------------------------------------------------------
 
 
-def test_every_key_of_a_run_shares_its_hash_tag() -> None:
-    rk = Keys("orch").run("acme-q4")
-    for key in vars(rk).values():
-        assert "{acme-q4}" in key
-    qk = Keys("orch").queue("default")
-    assert "{default}" in qk.stream and "{default}" in qk.delayed
+def test_every_key_a_run_script_touches_shares_the_runs_partition_slot() -> None:
+    keys = Keys("orch")
+    for run_id in ("acme-q4", "r1", "x" * 200):
+        slots = {key_slot(k.encode()) for k in vars(keys.run(run_id)).values()}
+        slots |= {key_slot(k.encode()) for k in vars(keys.queue_of("default", run_id)).values()}
+        part = keys.part_of(run_id)
+        slots |= {key_slot(k.encode()) for k in (part.active, part.done, part.dead, part.stats, part.stats_detail)}
+        assert len(slots) == 1, run_id
+
+
+def test_partitions_spread_evenly_over_the_slot_space() -> None:
+    """Partition i's tag lands in the i-th 1/P of the 16,384 slots, so P partitions spread over
+    any number of equal-range shards as evenly as P allows (plain tags fall 4/5/7 over 3)."""
+    for partitions in (1, 3, 16, 64):
+        keys = Keys("orch", partitions)
+        for p in range(partitions):
+            assert key_slot(keys.tag(p).encode()) * partitions // 16384 == p
+    keys = Keys("orch", 16)
+    shares = Counter(keys.partition_of(f"run-{i}") for i in range(16_000))
+    assert set(shares) == set(range(16)) and max(shares.values()) < 1.1 * 1000
 
 
 def test_idempotency_key_is_run_and_step_plus_visit_after_the_first() -> None:
