@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
+from click.testing import CliRunner
 
+from orchestrator.cli import cli
 from orchestrator.embedded import find_redis_server
 from orchestrator.errors import ConfigError
 
@@ -167,3 +172,75 @@ def redis_binaries() -> dict[str, tuple[int, ...]]:
 
 def redis_7_binary() -> str | None:
     return next((path for path, version in redis_binaries().items() if version >= (7,)), None)
+
+
+# -- KEDA: what its scalingModifiers and the HPA do with the triggers' values ------------------
+
+_LAG_TERM = re.compile(r"^\((?P<name>[A-Za-z_][A-Za-z0-9_]*) > 0 \? (?P=name) : 0\)$")
+_NAME_TERM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def formula_terms(formula: str) -> list[tuple[str, bool]]:
+    """The terms of a scalingModifiers formula of the form this project generates: a sum of
+    ``name`` and ``(name > 0 ? name : 0)`` terms, as (trigger name, clamped at 0). Anything
+    else fails, so that a change of the formula's shape is seen here first."""
+    terms = []
+    for term in formula.split(" + "):
+        clamped = _LAG_TERM.match(term)
+        if clamped:
+            terms.append((clamped["name"], True))
+        else:
+            assert _NAME_TERM.match(term), f"a term this simulation does not know: {term!r}"
+            terms.append((term, False))
+    return terms
+
+
+def formula_value(formula: str, values: Mapping[str, float]) -> float:
+    """The formula evaluated as expr-lang does for KEDA, every trigger's value given (KEDA
+    cannot evaluate it, and fails the composite metric, while a trigger has no value)."""
+    terms = formula_terms(formula)
+    assert {name for name, _ in terms} == set(values), "every trigger, and only those, has a value"
+    return float(sum(max(values[name], 0) if clamped else values[name] for name, clamped in terms))
+
+
+def keda_replicas(spec: dict[str, Any], values: Mapping[str, float]) -> int:
+    """The worker replicas KEDA and its HPA settle on for the triggers' ``values``: 0 while the
+    formula is at or below ``activationTarget`` (after the cooldown), else ``ceil(formula /
+    target)`` (an AverageValue target) within ``minReplicaCount`` (at least 1: KEDA activated
+    it) and ``maxReplicaCount``."""
+    modifiers = spec["advanced"]["scalingModifiers"]
+    assert modifiers.get("metricType", "AverageValue") == "AverageValue"
+    value = formula_value(modifiers["formula"], values)
+    lowest = spec.get("minReplicaCount", 0)
+    if value <= float(modifiers.get("activationTarget", "0")) and lowest == 0:
+        return 0
+    wanted = math.ceil(value / float(modifiers["target"]))
+    return int(min(max(wanted, lowest, 1), spec.get("maxReplicaCount", 100)))
+
+
+def keda_lag(xinfo_lag: int | None) -> int:
+    """A lag as KEDA's scaler gets it from go-redis: NULL (Redis cannot tell) reads as -1."""
+    return -1 if xinfo_lag is None else xinfo_lag
+
+
+def orchestrator_keda(line: str) -> tuple[str, str]:
+    """Run a documented ``orchestrator keda ...`` command line (in-process, with no
+    ``ORCHESTRATOR_*`` variable of this process): its output, and the file it is redirected to
+    (``> path``), if any."""
+    args = shlex.split(line)
+    target = ""
+    if ">" in args:
+        target = args[args.index(">") + 1]
+        args = args[: args.index(">")]
+    assert args[:2] == ["orchestrator", "keda"], line
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith(SETTINGS_PREFIX)}
+    result = CliRunner().invoke(cli, args[1:], env=unset, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout, target
+
+
+def shared_option(line: str, option: str) -> str:
+    """The value of ``--option VALUE`` in a documented command line."""
+    args = shlex.split(line)
+    assert option in args, f"{option} not given in {line!r}"
+    return args[args.index(option) + 1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import math
 import os
 import re
 import shutil
@@ -18,9 +19,10 @@ import jsonschema
 import pytest
 import yaml
 from pydantic import TypeAdapter
+from redis.crc import key_slot
 
 from orchestrator._version import __version__
-from orchestrator.keys import GROUP, Keys
+from orchestrator.keys import GROUP, SLOTS, Keys
 from orchestrator.settings import Settings
 from tests.deploy.manifests import (
     DEPLOY,
@@ -28,10 +30,14 @@ from tests.deploy.manifests import (
     SETTINGS_PREFIX,
     compose,
     container_env,
+    formula_terms,
     k8s_documents,
     k8s_files,
     k8s_find,
+    keda_replicas,
+    orchestrator_keda,
     plain,
+    shared_option,
 )
 
 KEDA_API = "keda.sh/v1alpha1"
@@ -103,6 +109,18 @@ SCALED_OBJECT_SPEC = {
             "additionalProperties": False,
             "properties": {
                 "restoreToOriginalReplicaCount": {"type": "boolean"},
+                # KEDA >= 2.13: one composite metric from the named triggers
+                "scalingModifiers": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["formula", "target"],
+                    "properties": {
+                        "formula": {"type": "string"},
+                        "target": {"type": "string"},
+                        "activationTarget": {"type": "string"},
+                        "metricType": {"enum": ["AverageValue", "Value"]},
+                    },
+                },
                 "horizontalPodAutoscalerConfig": {
                     "type": "object",
                     "additionalProperties": False,
@@ -182,7 +200,28 @@ REDIS_STREAMS_METADATA = {
     "enableTLS",
     "unsafeSsl",
 }
+# The same for redis-cluster-streams (https://keda.sh/docs/2.13/scalers/redis-cluster-streams/):
+# `addresses` of the cluster's nodes, and no database index.
+REDIS_CLUSTER_STREAMS_METADATA = {
+    "addresses",
+    "hosts",
+    "ports",
+    "addressesFromEnv",
+    "hostsFromEnv",
+    "portsFromEnv",
+    "usernameFromEnv",
+    "passwordFromEnv",
+    "stream",
+    "consumerGroup",
+    "pendingEntriesCount",
+    "streamLength",
+    "lagCount",
+    "activationLagCount",
+    "enableTLS",
+    "unsafeSsl",
+}
 REDIS_STREAMS_AUTH_PARAMETERS = {"username", "password", "tls", "ca", "cert", "key", "keyPassword"}
+KEDA_YAML = K8S / "keda.yaml"
 
 
 def builtin_documents() -> list[dict[str, Any]]:
@@ -199,9 +238,38 @@ def container(name: str) -> dict[str, Any]:
     return found
 
 
+def scaled_spec() -> dict[str, Any]:
+    spec: dict[str, Any] = k8s_find("ScaledObject", "orchestrator-worker")["spec"]
+    return spec
+
+
 def triggers() -> dict[str, dict[str, Any]]:
-    scaled = k8s_find("ScaledObject", "orchestrator-worker")
-    return {t["name"]: t for t in scaled["spec"]["triggers"]}
+    found = {t["name"]: t for t in scaled_spec()["triggers"]}
+    assert len(found) == len(scaled_spec()["triggers"]), "trigger names must be unique"
+    return found
+
+
+def lag_and_pending() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The lag triggers and the pending triggers, in manifest order. KEDA picks a trigger's mode
+    by its keys: a non-zero lagCount makes a lag trigger, else a consumerGroup a pending one."""
+    lag = [t for t in scaled_spec()["triggers"] if int(t["metadata"].get("lagCount", "0"))]
+    pending = [t for t in scaled_spec()["triggers"] if t not in lag]
+    return lag, pending
+
+
+def layout() -> tuple[str, int]:
+    """The namespace and partition count the pods run with (the ConfigMap, else the defaults)."""
+    data = k8s_find("ConfigMap", "orchestrator-config")["data"]
+    settings = Settings(
+        namespace=data.get("ORCHESTRATOR_NAMESPACE", "orch"), partitions=int(data.get("ORCHESTRATOR_PARTITIONS", 16))
+    )
+    return settings.namespace, settings.partitions
+
+
+def header_command() -> str:
+    """The `orchestrator keda ...` line of keda.yaml's header: how the file was made."""
+    (line,) = re.findall(r"^#\s+(orchestrator keda .*)$", KEDA_YAML.read_text(), re.M)
+    return str(line)
 
 
 def redis_url() -> str:
@@ -375,6 +443,17 @@ def test_the_network_policy_lets_only_prometheus_reach_the_metrics_ports() -> No
     assert not selects(peer["podSelector"], {}), "an empty pod selector would let every pod in"
 
 
+def test_keda_yaml_is_what_its_header_command_prints_for_the_pods_namespace_and_partitions() -> None:
+    """keda.yaml is generated: edited by hand, or left behind by a change of orchestrator/keda.py
+    or keys.py, it differs from the output of the command its header names, run here."""
+    line = header_command()
+    namespace, partitions = layout()
+    assert shared_option(line, "--namespace") == namespace
+    assert int(shared_option(line, "--partitions")) == partitions
+    output, _ = orchestrator_keda(line)
+    assert output == KEDA_YAML.read_text(), f"deploy/k8s/keda.yaml is stale: run `{line} > deploy/k8s/keda.yaml`"
+
+
 def test_keda_resources_use_only_fields_of_the_keda_crds() -> None:
     scaled = k8s_find("ScaledObject", "orchestrator-worker")
     auth = k8s_find("TriggerAuthentication", "orchestrator-redis")
@@ -385,59 +464,117 @@ def test_keda_resources_use_only_fields_of_the_keda_crds() -> None:
     typo["triggers"][0]["metadata"]["lagCount"] = 16  # unquoted: an int, which the CRD refuses
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(typo, SCALED_OBJECT_SPEC)
+    typo = copy.deepcopy(scaled["spec"])
+    typo["advanced"]["scalingModifiers"]["target"] = 12
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(typo, SCALED_OBJECT_SPEC)
 
 
-def test_keda_scales_the_worker_deployment_on_its_real_stream_and_group() -> None:
-    scaled = k8s_find("ScaledObject", "orchestrator-worker")["spec"]
-    target = scaled["scaleTargetRef"]
+def test_keda_reads_every_partition_stream_of_the_queue_with_a_lag_and_a_pending_trigger() -> None:
+    target = scaled_spec()["scaleTargetRef"]
     assert (target.get("apiVersion", "apps/v1"), target.get("kind", "Deployment")) == ("apps/v1", "Deployment")
     k8s_find("Deployment", target["name"])
-    namespace = k8s_find("ConfigMap", "orchestrator-config")["data"].get("ORCHESTRATOR_NAMESPACE", "orch")
-    assert len(triggers()) == 2
-    for trigger in triggers().values():
+    namespace, partitions = layout()
+    streams = Keys(namespace, partitions).streams("default")
+    assert len(set(streams)) == partitions == 16
+    for p, stream in enumerate(streams):  # each partition's stream in its share of the slots
+        assert stream.startswith(f"{namespace}:queue:{{") and stream.endswith("}:default")
+        assert key_slot(stream.encode()) * partitions // SLOTS == p
+    lag, pending = lag_and_pending()
+    assert [t["metadata"]["stream"] for t in lag] == streams
+    assert [t["metadata"]["stream"] for t in pending] == streams
+    for trigger in lag + pending:
         meta = trigger["metadata"]
         assert trigger["type"] == "redis-streams"
         assert set(meta) <= REDIS_STREAMS_METADATA, set(meta) - REDIS_STREAMS_METADATA
-        assert meta["stream"] == Keys(namespace).queue("default").stream == "orch:queue:{default}"
         assert meta["consumerGroup"] == GROUP
         assert "password" not in meta and "passwordFromEnv" not in meta, "the password comes from the Secret"
         auth = k8s_find("TriggerAuthentication", trigger["authenticationRef"]["name"])
         for ref in auth["spec"]["secretTargetRef"]:
             assert ref["parameter"] in REDIS_STREAMS_AUTH_PARAMETERS
             assert ref["key"] in k8s_find("Secret", ref["name"])["stringData"]
+    for trigger in lag:  # lagCount makes a lag trigger (and then KEDA wants activationLagCount)
+        assert int(trigger["metadata"]["activationLagCount"]) == 0
+        assert not {"pendingEntriesCount", "streamLength"} & set(trigger["metadata"])
+    for trigger in pending:
+        assert int(trigger["metadata"]["pendingEntriesCount"]) >= 1
+        assert not {"lagCount", "activationLagCount", "streamLength"} & set(trigger["metadata"])
 
 
-def test_lag_wakes_workers_from_zero_and_pending_keeps_them_while_steps_run() -> None:
-    lag, pending = triggers()["undelivered-steps"]["metadata"], triggers()["steps-in-flight"]["metadata"]
-    # KEDA picks the mode by key: lagCount makes a lag trigger (and then requires activationLagCount)
-    assert int(lag["lagCount"]) >= 1 and int(lag["activationLagCount"]) == 0
-    assert "pendingEntriesCount" not in lag and "streamLength" not in lag
-    assert int(pending["pendingEntriesCount"]) >= 1
-    assert not {"lagCount", "activationLagCount", "streamLength"} & set(pending), "it would become a lag trigger"
-    assert k8s_find("ScaledObject", "orchestrator-worker")["spec"]["minReplicaCount"] == 0
-    # below a worker's concurrency, so that full workers ask for more even while the lag is unknown
+def test_the_formula_sums_every_trigger_once_and_scales_from_zero() -> None:
+    modifiers = scaled_spec()["advanced"]["scalingModifiers"]
+    terms = formula_terms(modifiers["formula"])
+    lag, _ = lag_and_pending()
+    assert sorted(name for name, _ in terms) == sorted(triggers()), "each trigger exactly once"
+    assert {name for name, clamped in terms if clamped} == {t["name"] for t in lag}, "lags (only) clamped at 0"
+    # KEDA's fallback wants an integer target with scalingModifiers, and an AverageValue metric
+    assert int(modifiers["target"]) >= 1 and modifiers["metricType"] == "AverageValue"
+    assert modifiers["activationTarget"] == "0" and scaled_spec()["minReplicaCount"] == 0
+    assert "fallback" in scaled_spec()
+
+
+def test_keda_wakes_sums_partitions_and_adds_workers_when_they_are_full() -> None:
+    """The formula evaluated as KEDA does, the HPA's ceil(metric / target) after it."""
+    spec = scaled_spec()
+    lag, pending = lag_and_pending()
+    target, most = int(spec["advanced"]["scalingModifiers"]["target"]), spec["maxReplicaCount"]
+
+    def replicas(lags: list[int], in_flight: list[int]) -> int:
+        values = {t["name"]: v for t, v in zip(lag, lags, strict=True)}
+        values.update({t["name"]: v for t, v in zip(pending, in_flight, strict=True)})
+        return keda_replicas(spec, values)
+
+    n = len(lag)
+    assert replicas([0] * n, [0] * n) == 0, "idle: zero workers"
+    assert replicas([0] * (n - 1) + [1], [0] * n) == 1, "the first undelivered step, in any partition, wakes one"
+    assert replicas([0] * n, [0] * (n - 1) + [1]) == 1, "a step still running keeps one"
+    # 10 queued in each partition: the sum asks for ceil(160 / 12) = 14 workers, where KEDA's
+    # max over the triggers would have seen 10 steps, one worker
+    assert replicas([10] * n, [0] * n) == math.ceil(10 * n / target) > max(math.ceil(10 / target), 1)
+    # Redis cannot tell the lags (NULL: -1 to KEDA); the one it can still wakes a worker
+    assert replicas([-1] * (n - 1) + [1], [0] * n) == 1
+    # 3 workers full (16 steps each in flight) while the lag is unknown: a 4th is asked for
+    concurrency = worker_concurrency()
+    in_flight = [3 * concurrency // n + (1 if p < 3 * concurrency % n else 0) for p in range(n)]
+    assert sum(in_flight) == 3 * concurrency and replicas([-1] * n, in_flight) == 4
+    assert replicas([1000] * n, [0] * n) == most, "no more than maxReplicaCount"
+
+
+def worker_concurrency() -> int:
     args = container("orchestrator-worker")["args"]
-    concurrency = int(args[args.index("--concurrency") + 1])
-    assert int(pending["pendingEntriesCount"]) < concurrency
+    return int(args[args.index("--concurrency") + 1])
+
+
+def test_the_target_is_below_a_workers_concurrency() -> None:
+    # so that full workers ask for more also while Redis cannot tell the lag
+    assert int(scaled_spec()["advanced"]["scalingModifiers"]["target"]) < worker_concurrency()
 
 
 def test_keda_reaches_the_redis_the_workers_use() -> None:
     url = urlsplit(redis_url())
     secret = k8s_find("Secret", "orchestrator-redis")["stringData"]
+    auth = {r["parameter"] for r in k8s_find("TriggerAuthentication", "orchestrator-redis")["spec"]["secretTargetRef"]}
     for trigger in triggers().values():
         meta = trigger["metadata"]
         assert meta["address"] == f"{url.hostname}:{url.port or 6379}"
         assert "." in (url.hostname or ""), "KEDA resolves the address from its own namespace: use a qualified name"
         assert int(meta.get("databaseIndex", "0")) == int(url.path.strip("/") or 0)
-        assert (meta.get("enableTLS", "false") == "true") == (url.scheme == "rediss")
+        tls = meta.get("enableTLS", "false") == "true" or "tls" in auth
+        assert tls == (url.scheme == "rediss")
     assert url.password == secret["REDIS_PASSWORD"] == "CHANGE-ME", "placeholders, documented in secret.yaml"
 
 
-def test_the_readme_tells_how_to_create_the_consumer_group_for_scale_from_zero() -> None:
-    readme = (DEPLOY / "README.md").read_text()
-    stream = triggers()["undelivered-steps"]["metadata"]["stream"]
+def test_the_readme_creates_the_consumer_group_of_every_stream_keda_reads() -> None:
+    (line,) = [line for line in readme_block("orchestrator keda").splitlines() if line.startswith("orchestrator keda")]
+    command, _, pipe = line.partition(" | ")
+    assert pipe.startswith("redis-cli ")
+    namespace, partitions = layout()
+    assert (shared_option(command, "--namespace"), int(shared_option(command, "--partitions"))) == layout()
+    output, _ = orchestrator_keda(command)
+    streams = [t["metadata"]["stream"] for t in lag_and_pending()[0]]
     # the same command the workers run at start: from id 0, creating the stream if need be
-    assert f"XGROUP CREATE '{stream}' {GROUP} 0 MKSTREAM" in readme
+    assert output.splitlines() == [f'XGROUP CREATE "{stream}" {GROUP} 0 MKSTREAM' for stream in streams]
+    assert Keys(namespace, partitions).streams("default") == streams
 
 
 def readme_block(first_line: str) -> str:
@@ -456,6 +593,12 @@ def test_the_readme_overlay_sets_the_image_the_workflows_the_secret_and_keda_add
     overlay.mkdir()
     kustomization = readme_block("# my-deploy/kustomization.yaml")
     (overlay / "kustomization.yaml").write_text(kustomization)
+    # KEDA's patch, made by the command its comment gives
+    (line,) = re.findall(r"^\s*#\s+(orchestrator keda .*)$", kustomization, re.M)
+    assert (shared_option(line, "--namespace"), int(shared_option(line, "--partitions"))) == layout()
+    patch, path = orchestrator_keda(line)
+    assert path.startswith("my-deploy/") and f"path: {path.removeprefix('my-deploy/')}" in kustomization
+    (tmp_path / path).write_text(patch)
     # the redis.env its comment describes
     env_lines = re.findall(r"^\s*#\s+(REDIS_(?:URL|PASSWORD)=\S+)$", kustomization, re.M)
     (overlay / "redis.env").write_text("\n".join(env_lines) + "\n")
@@ -467,8 +610,12 @@ def test_the_readme_overlay_sets_the_image_the_workflows_the_secret_and_keda_add
     assert {ref["name"] for ref in auth["spec"]["secretTargetRef"]} == {"orchestrator-redis"}
     url = urlsplit(secret["REDIS_URL"])
     assert url.password == secret["REDIS_PASSWORD"]
-    for trigger in docs["ScaledObject", "orchestrator-worker"]["spec"]["triggers"]:
+    spec = docs["ScaledObject", "orchestrator-worker"]["spec"]
+    assert spec["advanced"]["scalingModifiers"] == scaled_spec()["advanced"]["scalingModifiers"]
+    assert len(spec["triggers"]) == len(scaled_spec()["triggers"])
+    for trigger, base in zip(spec["triggers"], scaled_spec()["triggers"], strict=True):
         assert trigger["metadata"]["address"] == f"{url.hostname}:{url.port}"
+        assert {**trigger["metadata"], "address": ""} == {**base["metadata"], "address": ""}
     for name in DEPLOYMENTS:
         (c,) = docs["Deployment", name]["spec"]["template"]["spec"]["containers"]
         assert c["image"] == "REGISTRY/orchestrator:0.1.0"

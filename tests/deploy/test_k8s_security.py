@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 
 from orchestrator.settings import Settings
-from tests.deploy.manifests import K8S, REPO
+from tests.deploy.manifests import K8S, REPO, orchestrator_keda, shared_option
 from tests.deploy.test_k8s import (
     KEDA_API,
     KUBERNETES_VERSIONS,
@@ -25,6 +25,8 @@ from tests.deploy.test_k8s import (
     SCALED_OBJECT_SPEC,
     TRIGGER_AUTHENTICATION_SPEC,
     kustomize,
+    layout,
+    scaled_spec,
 )
 
 COMPONENTS = K8S / "components"
@@ -68,6 +70,20 @@ def auth_refs(docs: Docs) -> dict[str, tuple[str, str]]:
     return {r["parameter"]: (r["name"], r["key"]) for r in refs}
 
 
+def secret_value(docs: Docs, name: str, key: str) -> str:
+    secret = docs["Secret", name]
+    if key in secret.get("stringData", {}):
+        return str(secret["stringData"][key])
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def keda_tls(docs: Docs, meta: dict[str, str]) -> bool:
+    """Whether KEDA's trigger with metadata ``meta`` talks TLS: its own enableTLS, or the
+    TriggerAuthentication's `tls` parameter (read from a Secret) set to `enable`."""
+    params = auth_refs(docs)
+    return meta.get("enableTLS") == "true" or ("tls" in params and secret_value(docs, *params["tls"]) == "enable")
+
+
 def check_keda(docs: Docs) -> None:
     """What tests/deploy/test_k8s.py checks of the base's KEDA resources, and KEDA's TLS rules."""
     scaled, auth = docs["ScaledObject", "orchestrator-worker"], docs["TriggerAuthentication", "orchestrator-redis"]
@@ -77,12 +93,17 @@ def check_keda(docs: Docs) -> None:
     params = auth_refs(docs)
     assert set(params) <= REDIS_STREAMS_AUTH_PARAMETERS, set(params) - REDIS_STREAMS_AUTH_PARAMETERS
     assert ("cert" in params) == ("key" in params), "KEDA wants a client certificate and its key together"
+    for ref in auth["spec"]["secretTargetRef"]:  # a Secret it reads is in its namespace (some are the user's)
+        if ("Secret", ref["name"]) in docs:
+            assert docs["Secret", ref["name"]]["metadata"]["namespace"] == auth["metadata"]["namespace"]
+    if "tls" in params:
+        assert secret_value(docs, *params["tls"]) in ("enable", "disable")
     for trigger in scaled["spec"]["triggers"]:
         meta = trigger["metadata"]
         assert set(meta) <= REDIS_STREAMS_METADATA, set(meta) - REDIS_STREAMS_METADATA
         # KEDA refuses `tls` in both the trigger and its TriggerAuthentication
         assert not ("enableTLS" in meta and "tls" in params)
-        assert ("ca" in params) <= (meta.get("enableTLS") == "true"), "a CA without TLS is ignored"
+        assert ("ca" in params) <= keda_tls(docs, meta), "a CA without TLS is ignored"
 
 
 @pytest.mark.parametrize("components", [("redis-acl",), ("redis-tls",), ("redis-acl", "redis-tls")])
@@ -104,14 +125,19 @@ def test_the_components_render_on_the_base_as_valid_kubernetes_and_keda(
     assert url_key(docs, "orchestrator-worker") == "REDIS_URL"
     assert url_key(docs, "orchestrator-supervisor") == ("REDIS_SUPERVISOR_URL" if acl else "REDIS_URL")
     assert ("username" in params) == acl and params.get("username", ("", "REDIS_USERNAME"))[1] == "REDIS_USERNAME"
-    for trigger in docs["ScaledObject", "orchestrator-worker"]["spec"]["triggers"]:
-        assert trigger["metadata"].get("enableTLS", "false") == ("true" if tls else "false")
+    triggers = docs["ScaledObject", "orchestrator-worker"]["spec"]["triggers"]
+    assert len(triggers) == len(scaled_spec()["triggers"]) == 2 * layout()[1]
+    for trigger in triggers:  # TLS once, in the TriggerAuthentication, for every trigger
+        assert "enableTLS" not in trigger["metadata"]
+        assert keda_tls(docs, trigger["metadata"]) == tls
     if tls:
-        assert {p: params[p] for p in ("ca", "cert", "key")} == {
+        assert {p: params[p] for p in ("tls", "ca", "cert", "key")} == {
+            "tls": ("orchestrator-keda-tls", "tls"),
             "ca": ("orchestrator-redis-tls", "ca.crt"),
             "cert": ("orchestrator-redis-tls", "tls.crt"),
             "key": ("orchestrator-redis-tls", "tls.key"),
         }
+        assert secret_value(docs, "orchestrator-keda-tls", "tls") == "enable"
     for name in ("orchestrator-worker", "orchestrator-supervisor"):
         pod = docs["Deployment", name]["spec"]["template"]["spec"]
         mounts = [m for m in container(docs, name).get("volumeMounts", []) if m["mountPath"] == TLS_MOUNT]
@@ -146,8 +172,16 @@ def test_the_documented_overlay_renders_and_its_urls_keda_and_mounts_agree(tmp_p
     kustomization = doc_block("# my-deploy/kustomization.yaml")
     env_lines = re.findall(r"^\s*#\s+(REDIS_[A-Z_]+=\S+)$", kustomization, re.M)
     files = {"redis.env": "\n".join(env_lines) + "\n", "ca.crt": "CA\n", "tls.crt": "CERT\n", "tls.key": "KEY\n"}
+    (line,) = re.findall(r"^\s*#\s+(orchestrator keda .*)$", kustomization, re.M)
+    assert (shared_option(line, "--namespace"), int(shared_option(line, "--partitions"))) == layout()
+    patch, path = orchestrator_keda(line)
+    assert path.startswith("my-deploy/") and f"path: {path.removeprefix('my-deploy/')}" in kustomization
+    files[path.removeprefix("my-deploy/")] = patch
     docs = render(tmp_path, kustomization, files)
     check_keda(docs)
+    for (kind, name), doc in docs.items():
+        if kind != "Namespace":  # the generated Secrets too, not in kubectl's current namespace
+            assert doc["metadata"].get("namespace") == "orchestrator", (kind, name)
     secret = {k: base64.b64decode(v).decode() for k, v in docs["Secret", "orchestrator-redis"]["data"].items()}
     assert set(secret) == {"REDIS_URL", "REDIS_SUPERVISOR_URL", "REDIS_USERNAME", "REDIS_PASSWORD"}
     tls_keys = set(docs["Secret", "orchestrator-redis-tls"]["data"])
@@ -160,7 +194,9 @@ def test_the_documented_overlay_renders_and_its_urls_keda_and_mounts_agree(tmp_p
         for option, path in ((k, v[0]) for k, v in parse_qs(parts.query).items()):
             assert option in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"), option
             assert path.startswith(f"{TLS_MOUNT}/") and path.rpartition("/")[2] in tls_keys, path
-        for trigger in docs["ScaledObject", "orchestrator-worker"]["spec"]["triggers"]:
+        triggers = docs["ScaledObject", "orchestrator-worker"]["spec"]["triggers"]
+        assert len(triggers) == len(scaled_spec()["triggers"])
+        for trigger in triggers:
             assert trigger["metadata"]["address"] == f"{parts.hostname}:{parts.port}"
-            assert trigger["metadata"]["enableTLS"] == "true"
+            assert keda_tls(docs, trigger["metadata"])
     assert secret["REDIS_USERNAME"] == "orch-keda" and "orch-keda" in acl_users()

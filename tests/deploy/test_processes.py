@@ -5,8 +5,8 @@ binaries, and KEDA's lag signal against the real stream of a real worker."""
 
 from __future__ import annotations
 
-import math
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -33,10 +34,15 @@ from tests.deploy.manifests import (
     compose,
     interpolate,
     k8s_find,
+    keda_lag,
+    keda_replicas,
+    orchestrator_keda,
     redis_7_binary,
     redis_version,
     service_env,
+    shared_option,
 )
+from tests.deploy.test_k8s import readme_block
 from tests.helpers import wait_until
 
 STACK = ("worker", "supervisor", "supervisor")  # the compose supervisor service has two replicas
@@ -285,57 +291,129 @@ def test_the_redis_flags_work_with_redis_7(tmp_path: Path) -> None:
     run_redis_with_compose_flags(binary, tmp_path)
 
 
-def keda_desired(metric: int, target: str, activation: str = "0") -> int:
-    """What KEDA asks of the HPA for one redis-streams trigger: 0 while the metric is at or
-    below the activation threshold, else ceil(metric / target) (an AverageValue target)."""
-    return math.ceil(metric / int(target)) if metric > int(activation) else 0
+def keda_values(r: redis.Redis, triggers: list[dict[str, Any]], streams: dict[str, str]) -> dict[str, int]:
+    """Every trigger's value as KEDA's redis-streams scaler reads it: a lag trigger (a non-zero
+    lagCount) the `lag` of its group in XINFO GROUPS (NULL: -1, as go-redis gives it), a pending
+    trigger the count of XPENDING. ``streams`` maps the manifest's streams to this test's."""
+    values = {}
+    for trigger in triggers:
+        meta = trigger["metadata"]
+        stream = streams[meta["stream"]]
+        if int(meta.get("lagCount", "0")):
+            (group,) = [g for g in r.xinfo_groups(stream) if g["name"] == meta["consumerGroup"]]
+            values[trigger["name"]] = keda_lag(group["lag"])
+        else:
+            values[trigger["name"]] = int(r.xpending(stream, meta["consumerGroup"])["pending"])
+    return values
 
 
-def test_keda_lag_trigger_wakes_workers_from_zero_on_the_real_stream(tmp_path: Path) -> None:
-    """With zero workers only the lag of the consumer group shows queued work (the pending
-    list is empty): the group created up front as deploy/README.md says, runs submitted, then
-    the compose worker started and drained."""
+def readme_groups_command() -> str:
+    (line,) = [line for line in readme_block("orchestrator keda").splitlines() if "--print groups" in line]
+    return line
+
+
+def readme_python_groups() -> str:
+    """The Python the README feeds a supervisor pod to create the groups without redis-cli."""
+    block = readme_block("kubectl -n orchestrator exec -i deploy/orchestrator-supervisor -- python -")
+    return block.split("<<'EOF'\n", 1)[1].rsplit("EOF", 1)[0]
+
+
+def test_keda_formula_wakes_keeps_and_releases_workers_on_the_real_streams(tmp_path: Path) -> None:
+    """With zero workers only the lags of the consumer groups show queued work (the pending lists
+    are empty): the groups created as deploy/README.md says, runs submitted into several
+    partitions, then the compose worker started and drained; at each stage every trigger of
+    keda.yaml read as KEDA reads it and combined by its formula into the replicas KEDA wants."""
     binary = redis_7_binary()
     if not binary:
         pytest.skip("XINFO GROUPS reports the lag from Redis 7 on; no Redis 7 redis-server here")
-    scaled = k8s_find("ScaledObject", "orchestrator-worker")["spec"]
-    lag_meta, pending_meta = (t["metadata"] for t in scaled["triggers"])
-    assert lag_meta["stream"] == Keys("orch").queue("default").stream  # here: the same key in a namespace of our own
+    redis_cli = shutil.which("redis-cli", path=str(Path(binary).parent)) or shutil.which("redis-cli")
+    spec = k8s_find("ScaledObject", "orchestrator-worker")["spec"]
+    line = readme_groups_command()
+    partitions = int(shared_option(line, "--partitions"))
+    manifest_streams = Keys(shared_option(line, "--namespace"), partitions).streams("default")
+    assert {t["metadata"]["stream"] for t in spec["triggers"]} == set(manifest_streams)
     with RedisServer(tmp_path / "redis", appendfsync=None, binary=binary) as server:
-        namespace = f"deploy{uuid.uuid4().hex[:8]}"
-        stream = Keys(namespace).queue("default").stream
+        namespace = f"deploy{uuid.uuid4().hex[:8]}"  # the same keys, in a namespace of this test
+        keys = Keys(namespace, partitions)
+        streams = dict(zip(manifest_streams, keys.streams("default"), strict=True))
         r = redis.Redis.from_url(server.url, decode_responses=True)
-        client = Client(Settings(redis_url=server.url, namespace=namespace))
+        client = Client(Settings(redis_url=server.url, namespace=namespace, partitions=partitions))
 
-        def lag_and_pending() -> tuple[int | None, int]:
-            (group,) = [g for g in r.xinfo_groups(stream) if g["name"] == lag_meta["consumerGroup"]]
-            return group["lag"], group["pending"]
+        def replicas() -> int:
+            return keda_replicas(spec, keda_values(r, spec["triggers"], streams))
+
+        lags = {t["name"] for t in spec["triggers"] if int(t["metadata"].get("lagCount", "0"))}
+
+        def totals() -> tuple[int, int]:
+            """The lags and the pending counts, each summed over the partitions."""
+            values = keda_values(r, spec["triggers"], streams)
+            lag = sum(v for name, v in values.items() if name in lags)
+            return lag, sum(values.values()) - lag
 
         try:
-            r.execute_command("XGROUP", "CREATE", stream, GROUP, "0", "MKSTREAM")
-            assert lag_and_pending() == (0, 0)  # idle: both triggers inactive, zero workers is right
-            for company in ("Initech", "Globex", "Hooli"):
-                client.submit(research, {"company": company, "how_many": 1})
-            lag, pending = lag_and_pending()
-            assert (lag, pending) == (3, 0)
-            assert keda_desired(lag, lag_meta["lagCount"], lag_meta["activationLagCount"]) >= 1, "lag wakes it"
-            assert keda_desired(pending, pending_meta["pendingEntriesCount"]) == 0, "pending alone never would"
+            # the README's command, for this namespace
+            command = line.partition(" | ")[0].replace("--namespace orch", f"--namespace {namespace}")
+            groups, _ = orchestrator_keda(command)
+            if redis_cli:
+                out = subprocess.run(
+                    [redis_cli, "-u", server.url], input=groups, capture_output=True, text=True, timeout=30
+                )
+                assert out.returncode == 0 and "ERR" not in out.stdout, out.stdout + out.stderr
+            else:  # the same commands, as redis-cli would send them
+                for command_line in groups.splitlines():
+                    r.execute_command(*shlex.split(command_line))
+            for stream in keys.streams("default"):
+                assert [g["name"] for g in r.xinfo_groups(stream)] == [GROUP]
+            assert totals() == (0, 0) and replicas() == 0, "idle: zero workers is right"
+
+            # three runs, each in a partition of its own
+            run_ids: dict[int, str] = {}
+            for i in range(200):
+                run_ids.setdefault(keys.partition_of(f"keda-{i}"), f"keda-{i}")
+            chosen = list(run_ids.values())[:3]
+            for run_id, company in zip(chosen, ("Initech", "Globex", "Hooli"), strict=True):
+                client.submit(research, {"company": company, "how_many": 1}, run_id=run_id)
+            assert totals() == (3, 0)
+            assert replicas() == 1, "the lags wake one worker (pending alone never would: it is 0)"
 
             worker = service("worker", server.url, namespace, tmp_path)
+            worker.env["ORCHESTRATOR_PARTITIONS"] = str(partitions)
             (tmp_path / "work").mkdir()
             worker.start(tmp_path / "work")
             try:
-                wait_until(lambda: lag_and_pending() == (0, 3), timeout_s=20, what="all three steps claimed")
-                assert keda_desired(3, pending_meta["pendingEntriesCount"]) >= 1, "pending keeps the worker"
+                wait_until(lambda: totals() == (0, 3), timeout_s=20, what="all three steps claimed")
+                assert replicas() == 1, "the steps in flight keep the worker"
                 assert worker.stop() == 0, worker.output()
             finally:
                 if worker.popen.poll() is None:
                     worker.popen.kill()
             # drained: every run's next step is queued (visible as lag) or waits out a retry
-            # backoff in the delayed set, which the supervisors move to the stream when due
-            lag, pending = lag_and_pending()
-            delayed = r.zcard(Keys(namespace).queue("default").delayed)
-            assert pending == 0 and lag is not None and lag + delayed == 3, (lag, pending, delayed)
+            # backoff in its partition's delayed set, which the supervisors move to the stream when due
+            values = keda_values(r, spec["triggers"], streams)
+            assert min(values.values()) >= 0, "Redis could tell every lag"
+            lag, pending = totals()
+            delayed = sum(int(r.zcard(keys.queue("default", p).delayed)) for p in range(partitions))
+            assert pending == 0 and lag + delayed == 3, (lag, pending, delayed)
+            assert replicas() == (1 if lag else 0)
         finally:
             client.close()
+            r.close()
+
+
+def test_the_readme_python_creates_every_group_keda_reads(tmp_path: Path) -> None:
+    """The README's way without redis-cli: its Python, run with a supervisor pod's settings."""
+    with RedisServer(tmp_path / "redis", appendfsync=None) as server:
+        namespace = f"deploy{uuid.uuid4().hex[:8]}"
+        env = service("supervisor", server.url, namespace, tmp_path).env
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            for _ in range(2):  # again: BUSYGROUP is fine
+                done = subprocess.run(
+                    [sys.executable, "-"], input=readme_python_groups(), env=env, capture_output=True, text=True
+                )
+                assert done.returncode == 0, done.stderr
+            partitions = int(env.get("ORCHESTRATOR_PARTITIONS", "16"))
+            for stream in Keys(namespace, partitions).streams("default"):
+                assert [(g["name"], g["last-delivered-id"]) for g in r.xinfo_groups(stream)] == [(GROUP, "0-0")]
+        finally:
             r.close()
