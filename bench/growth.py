@@ -96,7 +96,7 @@ class Session:
 
     def __init__(self, server: Server, fleet: Fleet, target: str, steps: int) -> None:
         self.settings = Settings(redis_url=server.url, namespace=f"growth-{uuid.uuid4().hex[:10]}")
-        self.keys = Keys(self.settings.namespace)
+        self.keys = Keys(self.settings.namespace, self.settings.partitions)
         self.server = server
         self.client = Client(self.settings)
         env = child_env(self.settings, server.url, {STEPS_ENV: str(steps)})

@@ -168,7 +168,7 @@ def level(server: Server, n: int, options: Options) -> dict[str, Any]:
     """A fresh fleet: idle window, N steps claimed, a window with the fleet, a window with the workers only."""
     server.admin.flushdb()
     settings = Settings(redis_url=server.url, namespace=f"live-{uuid.uuid4().hex[:10]}")
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.partitions)
     # drain_grace 0: on SIGTERM a worker hands its held steps back at once instead of waiting 30 s
     env = child_env(settings, server.url, {HOLD_ENV: str(HOLD_S), "ORCHESTRATOR_DRAIN_GRACE_S": "0"})
     concurrency = math.ceil(n / options.workers) + SPARE_SLOTS

@@ -132,7 +132,7 @@ def measure_ours(server: Server, config: str, repeat: int, consumers: Sequence[S
     """Our workers (or the raw loop): start them, submit, wait for every run, check every run, stop them."""
     server.admin.flushdb()  # every measurement starts on an empty keyspace
     settings = Settings(redis_url=server.url, namespace=f"bench-{uuid.uuid4().hex[:12]}")
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.partitions)
     env = child_env(settings, server.url, {STEPS_ENV: str(shape.steps)})
     flow = make_noop(shape.steps)
     total = shape.runs * shape.steps

@@ -152,6 +152,7 @@ def child_env(settings: Settings | None, url: str, extra: dict[str, str] | None 
     env["ORCHESTRATOR_REDIS_URL"] = url
     if settings is not None:
         env["ORCHESTRATOR_NAMESPACE"] = settings.namespace
+        env["ORCHESTRATOR_PARTITIONS"] = str(settings.partitions)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
     env.update(extra or {})
     return env

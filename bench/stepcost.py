@@ -333,7 +333,7 @@ def ours_load(server: Server, options: Options, *, tap: bool) -> dict[str, Any]:
     """Our workers and a supervisor on ``chains`` x ``steps`` no-op steps; every run checked afterwards."""
     server.admin.flushdb()
     settings = Settings(redis_url=server.url, namespace=f"cost-{uuid.uuid4().hex[:10]}")
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.partitions)
     env = child_env(settings, server.url, {STEPS_ENV: str(options.steps)})
     flow = make_noop(options.steps)
     run_ids = [f"r{i:05d}" for i in range(options.chains)]
