@@ -159,6 +159,11 @@ class RunKeys:
     history: str
     lease: str
 
+    @classmethod
+    def under(cls, base: str) -> RunKeys:
+        """The keys of a run whose record is ``base``; the others are ``base`` plus a suffix."""
+        return cls(*(base if name == "run" else f"{base}:{name}" for name in cls.__dataclass_fields__))
+
 
 @dataclass(frozen=True)
 class QueueKeys:
@@ -212,14 +217,7 @@ class Keys:
 
     def run(self, run_id: str) -> RunKeys:
         base = f"{self.namespace}:run:{{{self.tag(self.partition_of(run_id))}}}:{run_id}"
-        return RunKeys(
-            run=base,
-            state=f"{base}:state",
-            results=f"{base}:results",
-            stash=f"{base}:stash",
-            history=f"{base}:history",
-            lease=f"{base}:lease",
-        )
+        return RunKeys.under(base)
 
     def queue(self, name: str, partition: int) -> QueueKeys:
         tag = f"{{{self.tag(partition)}}}:{name}"
@@ -327,14 +325,7 @@ class LegacyKeys:
 
     def run(self, run_id: str) -> RunKeys:
         base = f"{self.namespace}:run:{{{run_id}}}"
-        return RunKeys(
-            run=base,
-            state=f"{base}:state",
-            results=f"{base}:results",
-            stash=f"{base}:stash",
-            history=f"{base}:history",
-            lease=f"{base}:lease",
-        )
+        return RunKeys.under(base)
 
     def queue(self, name: str) -> QueueKeys:
         base = f"{self.namespace}:queue:{{{name}}}"

@@ -96,6 +96,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_") and k != "REDIS_URL"}
     for name in (
         "namespace",
+        "partitions",
         "heartbeat_interval_s",
         "lease_s",
         "reclaim_interval_s",

@@ -412,3 +412,8 @@ def test_a_consumer_is_reaped_only_with_nothing_pending(ops: Ops) -> None:
     ops.r.xack(ops.stream, GROUP, *[e["message_id"] for e in ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10)])
     assert ops.x(reap)[0] == 1
     assert [c["name"] for c in ops.r.xinfo_consumers(ops.stream, GROUP)] == []
+    # a worker presumed dead that comes back loses nothing: its next read that gets an entry makes it again
+    (mate,) = partition_mates(ops.keys, "r1", "r2-")
+    Ops(ops.r, Settings(namespace=ops.keys.namespace), run_id=mate).submit()
+    assert [d.run for _, d in ops.read("w1")] == [mate]
+    assert [(c["name"], c["pending"]) for c in ops.r.xinfo_consumers(ops.stream, GROUP)] == [("w1", 1)]

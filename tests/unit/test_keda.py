@@ -15,39 +15,9 @@ from orchestrator.cli import cli
 from orchestrator.errors import ConfigError
 from orchestrator.keda import CLUSTER, STANDALONE, KedaScaling, keda_scaling, scalar, to_yaml
 from orchestrator.keys import GROUP, Keys
+from tests.deploy.test_k8s import REDIS_CLUSTER_STREAMS_METADATA, REDIS_STREAMS_METADATA  # KEDA's documented fields
 
 ADDRESS = "redis.orchestrator.svc.cluster.local:6379"
-# Trigger metadata KEDA documents for each scaler (https://keda.sh/docs/2.13/scalers/redis-streams/,
-# .../redis-cluster-streams/): a cluster takes `addresses` (comma-separated host:port of its
-# nodes) where a single server takes `address`, and has no database index.
-STANDALONE_FIELDS = {
-    "address",
-    "host",
-    "port",
-    "addressFromEnv",
-    "hostFromEnv",
-    "portFromEnv",
-    "usernameFromEnv",
-    "passwordFromEnv",
-    "stream",
-    "consumerGroup",
-    "pendingEntriesCount",
-    "streamLength",
-    "lagCount",
-    "activationLagCount",
-    "databaseIndex",
-    "enableTLS",
-    "unsafeSsl",
-}
-SINGLE_SERVER_ONLY = {"address", "host", "port", "addressFromEnv", "hostFromEnv", "portFromEnv", "databaseIndex"}
-CLUSTER_FIELDS = (STANDALONE_FIELDS - SINGLE_SERVER_ONLY) | {
-    "addresses",
-    "hosts",
-    "ports",
-    "addressesFromEnv",
-    "hostsFromEnv",
-    "portsFromEnv",
-}
 
 
 def scaling(**overrides: Any) -> KedaScaling:
@@ -66,7 +36,7 @@ def test_one_lag_and_one_pending_trigger_per_partition_stream_in_partition_order
     for trigger in triggers:
         meta = trigger["metadata"]
         assert trigger["type"] == STANDALONE and trigger["authenticationRef"] == {"name": "orchestrator-redis"}
-        assert set(meta) <= STANDALONE_FIELDS
+        assert set(meta) <= REDIS_STREAMS_METADATA
         assert all(isinstance(value, str) for value in meta.values()), "KEDA's CRD wants strings"
         assert (meta["address"], meta["databaseIndex"], meta["consumerGroup"]) == (ADDRESS, "0", GROUP)
     for trigger in lag:
@@ -88,7 +58,7 @@ def test_the_cluster_variant_uses_the_cluster_scalers_fields() -> None:
     for trigger in made.triggers():
         meta = trigger["metadata"]
         assert trigger["type"] == CLUSTER == "redis-cluster-streams"
-        assert set(meta) <= CLUSTER_FIELDS, set(meta) - CLUSTER_FIELDS
+        assert set(meta) <= REDIS_CLUSTER_STREAMS_METADATA, set(meta) - REDIS_CLUSTER_STREAMS_METADATA
         assert meta["addresses"] == ",".join(nodes) and "address" not in meta and "databaseIndex" not in meta
     # the rest is the single server's: same streams, names and formula
     plain = scaling()
