@@ -39,6 +39,7 @@ from tests.deploy.manifests import (
     plain,
     shared_option,
 )
+from tests.keda_fields import REDIS_STREAMS_METADATA
 
 KEDA_API = "keda.sh/v1alpha1"
 DEPLOYMENTS = {"orchestrator-worker": 9100, "orchestrator-supervisor": 9101}
@@ -178,47 +179,6 @@ TRIGGER_AUTHENTICATION_SPEC = {
             },
         }
     },
-}
-# Trigger metadata of KEDA's redis-streams scaler (https://keda.sh/docs/latest/scalers/redis-streams/)
-# and the parameters its TriggerAuthentication can fill.
-REDIS_STREAMS_METADATA = {
-    "address",
-    "host",
-    "port",
-    "addressFromEnv",
-    "hostFromEnv",
-    "portFromEnv",
-    "usernameFromEnv",
-    "passwordFromEnv",
-    "stream",
-    "consumerGroup",
-    "pendingEntriesCount",
-    "streamLength",
-    "lagCount",
-    "activationLagCount",
-    "databaseIndex",
-    "enableTLS",
-    "unsafeSsl",
-}
-# The same for redis-cluster-streams (https://keda.sh/docs/2.13/scalers/redis-cluster-streams/):
-# `addresses` of the cluster's nodes, and no database index.
-REDIS_CLUSTER_STREAMS_METADATA = {
-    "addresses",
-    "hosts",
-    "ports",
-    "addressesFromEnv",
-    "hostsFromEnv",
-    "portsFromEnv",
-    "usernameFromEnv",
-    "passwordFromEnv",
-    "stream",
-    "consumerGroup",
-    "pendingEntriesCount",
-    "streamLength",
-    "lagCount",
-    "activationLagCount",
-    "enableTLS",
-    "unsafeSsl",
 }
 REDIS_STREAMS_AUTH_PARAMETERS = {"username", "password", "tls", "ca", "cert", "key", "keyPassword"}
 KEDA_YAML = K8S / "keda.yaml"

@@ -15,7 +15,7 @@ from orchestrator.cli import cli
 from orchestrator.errors import ConfigError
 from orchestrator.keda import CLUSTER, STANDALONE, KedaScaling, keda_scaling, scalar, to_yaml
 from orchestrator.keys import GROUP, Keys
-from tests.deploy.test_k8s import REDIS_CLUSTER_STREAMS_METADATA, REDIS_STREAMS_METADATA  # KEDA's documented fields
+from tests.keda_fields import REDIS_CLUSTER_STREAMS_METADATA, REDIS_STREAMS_METADATA
 
 ADDRESS = "redis.orchestrator.svc.cluster.local:6379"
 
