@@ -86,4 +86,6 @@ def test_liveness_holds_every_claim_and_renews_each_lease(liveness: dict[str, An
         assert workers_only["calls"].get("evalsha", 0) >= lv["inflight"]
         for key in ("idle", "inflight_fleet", "inflight_workers"):
             assert lv[key]["commands_per_s"] > 0 and lv[key]["redis_cpu_ms_per_s"] >= 0
-        assert lv["per_inflight"]["commands_per_s"] > 0
+        # per_inflight is (in flight - idle) / N: at smoke sizes the supervisor's own scans (which
+        # vary window to window) outweigh 10 claims' renewals, so its sign is noise and not asserted
+        assert set(lv["per_inflight"]) >= {"commands_per_s", "redis_cpu_us_per_s"}
