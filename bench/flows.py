@@ -14,7 +14,9 @@ thread per sync step costs.
 
 The other workflows: ``timed`` (recovery: the step body every system runs, from
 :mod:`bench.marks`), ``loop`` (growth: one step that re-enters itself with ``Goto``, an agent
-loop) and ``payload`` (growth: each step returns an update of a given size).
+loop) and ``payload`` (growth: each step returns an update of a given size), ``hold`` (liveness:
+one step that awaits for an hour) and ``agent`` (the agent-shaped capacity benchmark: ``BENCH_STEPS``
+steps that each await ``BENCH_AWAIT_S`` seconds, a model call in flight).
 """
 
 from __future__ import annotations
@@ -161,3 +163,25 @@ async def holding(ctx: StepContext, state: Empty) -> None:
 
 hold: Workflow[Empty] = Workflow("hold", state=Empty)
 hold.step(name="held")(holding)
+
+
+AWAIT_ENV = "BENCH_AWAIT_S"
+AWAIT_S = 1.0
+
+
+async def thinking(ctx: StepContext, state: Empty) -> None:
+    """A model call and nothing else: the step awaits ``BENCH_AWAIT_S`` seconds (simulated LLM latency)."""
+    await asyncio.sleep(float(os.environ.get(AWAIT_ENV, AWAIT_S)))
+
+
+def make_agent(steps: int = STEPS) -> Workflow[Empty]:
+    """``a0 .. a{n-1}``: each step awaits (an agent calling its model ``steps`` times in a row)."""
+    if steps < 1:
+        raise ValueError(f"a workflow needs at least one step, got {steps}")
+    flow: Workflow[Empty] = Workflow("agent", state=Empty)
+    for k in range(steps):
+        flow.step(name=f"a{k}")(thinking)
+    return flow
+
+
+agent = make_agent(steps_from_env())
