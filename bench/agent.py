@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 import uuid
@@ -52,6 +53,8 @@ from bench.common import (
     add_common_args,
     bench_server,
     command_calls,
+    cpu_share,
+    cpu_ticks,
     finished_runs,
     fmt,
     json_path,
@@ -153,17 +156,21 @@ def level(server: Server, n: int, options: Options) -> dict[str, Any]:
         client.redis.ping()  # the submitter's connection is open before the window starts
         admin.config_resetstat()
         meter = Meter(admin, workers, [supervisor])
+        machine = (cpu_ticks(), time.process_time())
         for run_id in run_ids:
             client.submit(flow, run_id=run_id)
         submit_s = time.perf_counter() - meter.start[3]
         polls = wait_done(admin, keys, n, 60 + options.steps * options.await_s * 5 + n / 20, fleet)
         window = meter.stop()
+        machine_cores = busy_cores(machine[0], cpu_ticks())
+        own_cpu_s = time.process_time() - machine[1]  # this process: the submits and the polls
         calls = command_calls(admin)
         calls["zcard"] -= polls * keys.partitions * 2  # done + dead, per partition
         counters = client.stats()
     timelines = read_timelines(admin, keys, run_ids, options.steps)
     out: dict[str, Any] = {"runs": n, "concurrency": concurrency, "submit_s": submit_s}
     out |= costs(window, calls, counters, n * options.steps)
+    out |= neighbours(window, machine_cores, own_cpu_s)
     out |= analyse(timelines, options)
     print(
         f"  {n:>6} runs: steady {fmt(out['steady_steps_per_s'])} steps/s of {fmt(out['ideal_steps_per_s'])} "
@@ -172,6 +179,20 @@ def level(server: Server, n: int, options: Options) -> dict[str, Any]:
         flush=True,
     )
     return out
+
+
+def busy_cores(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Cores of the machine busy over a window, anyone's (/proc/stat): the machine is shared."""
+    share = cpu_share(before, after)
+    return None if share is None else share["busy"] * (os.cpu_count() or 1)
+
+
+def neighbours(window: Window, machine_cores: float | None, own_cpu_s: float) -> dict[str, Any]:
+    """How busy the machine was over the window, and how much of that was not this benchmark: a
+    level that shared the CPU with someone else's tests is a noisier level."""
+    ours = (window.consumer_cpu_s + window.supervisor_cpu_s + window.redis_cpu_s + own_cpu_s) / window.elapsed_s
+    others = None if machine_cores is None else max(0.0, machine_cores - ours)
+    return {"machine_busy_cores": machine_cores, "our_cores": ours, "others_cores": others}
 
 
 def costs(window: Window, calls: Counter[str], counters: dict[str, int], total: int) -> dict[str, Any]:
@@ -330,15 +351,25 @@ def tables(levels: list[dict[str, Any]], goal: dict[str, Any], options: Options)
         ],
         right=(1, 2, 3, 4, 5, 6),
     )
-    cost = markdown(
+    return "\n\n".join([head, rate, costs_table(levels), hops_table(levels), goal_line(goal)])
+
+
+def costs_table(levels: list[dict[str, Any]]) -> str:
+    """CPU and Redis commands per committed step, and how busy the shared machine was."""
+
+    def cores(lv: dict[str, Any]) -> str:
+        others = "-" if lv["others_cores"] is None else f"{lv['others_cores']:.2f}"
+        return f"{lv['worker_cpu_share']:.2f} / {lv['redis_cpu_share']:.2f} / {lv['our_cores']:.2f} / {others}"
+
+    return markdown(
         [
             "N",
             "worker CPU µs/step",
             "Redis CPU µs/step",
             "supervisor CPU µs/step",
-            "cores busy: workers / Redis",
             "Redis commands/step",
             "of which renewals (GET)",
+            "cores busy: workers / Redis / all ours / others",
         ],
         [
             [
@@ -346,15 +377,14 @@ def tables(levels: list[dict[str, Any]], goal: dict[str, Any], options: Options)
                 fmt(lv["worker_cpu_us_per_step"]),
                 fmt(lv["redis_cpu_us_per_step"]),
                 fmt(lv["supervisor_cpu_us_per_step"], 1),
-                f"{lv['worker_cpu_share']:.2f} / {lv['redis_cpu_share']:.2f}",
                 fmt(lv["commands_per_step"], 1),
                 fmt(lv["renewals_per_step"], 2),
+                cores(lv),
             ]
             for lv in levels
         ],
         right=(1, 2, 3, 4, 5, 6),
     )
-    return "\n\n".join([head, rate, cost, hops_table(levels), goal_line(goal)])
 
 
 def hops_table(levels: list[dict[str, Any]]) -> str:

@@ -45,6 +45,7 @@ def test_agent_figures_are_positive_and_against_the_ideal(agent: dict[str, Any])
         assert lv["worker_cpu_us_per_step"] > 0 and lv["redis_cpu_us_per_step"] > 0
         assert lv["commands_per_step"] > 0 and lv["supervisor_cpu_us_per_step"] >= 0
         assert set(lv["hop_split_ms"]) == {"dispatch", "late_wake_up", "commit"}
+        assert lv["our_cores"] > 0 and lv["machine_busy_cores"] is not None and lv["others_cores"] >= 0
     summary = agent["summary"]
     assert [lv["runs"] for lv in summary["levels"]] == list(RUNS)
     assert summary["target"]["met"] is None  # N = 1,000 was not measured: no verdict
