@@ -62,8 +62,8 @@ class RawConsumer:
         self.settings = settings
         self.flow = flow
         self.batch = batch
-        self.redis = connect(settings.plain_url())
         self.keys = Keys(settings.namespace, settings.partitions)
+        self.redis = connect(settings.plain_url(), probe=self.keys.cluster_probe)
         self.store = Store(self.keys)
         self.queue = flow.queue
         self.streams = self.keys.streams(flow.queue)  # one per partition, all read at once, as the worker does

@@ -93,10 +93,10 @@ class Client:
 
     def __init__(self, settings: Settings | None = None, *, redis_client: redis.Redis | None = None) -> None:
         self.settings = settings or Settings()
-        if redis_client is None:
-            redis_client = connect(self.settings.plain_url())
-        self.redis = redis_client
         self.keys = Keys(self.settings.namespace, self.settings.partitions)
+        if redis_client is None:
+            redis_client = connect(self.settings.plain_url(), probe=self.keys.cluster_probe)
+        self.redis = redis_client
         self.store = Store(self.keys)
         self._layout_checked = False
 

@@ -1,4 +1,12 @@
-"""Redis connections from a URL: single server, TLS, unix socket or Sentinel; never a leaked password.
+"""Redis connections from a URL: single server, Redis Cluster, TLS, unix socket or Sentinel; never a
+leaked password.
+
+A Redis Cluster is recognised from a plain ``redis://`` or ``rediss://`` URL of any of its nodes,
+as KEDA and redis-cli take it: :func:`connect` sends ``EXISTS`` on two keys of different hash
+slots (``Keys.cluster_probe``, inside the namespace, so no extra ACL permission), which a single
+server answers with 0 and a cluster node with CROSSSLOT; then it returns redis-py's cluster
+client, which follows MOVED/ASK and routes every key (and every script, by its keys) to the
+node that serves its slot.
 
 TLS is ``rediss://`` (one server) or ``rediss+sentinel://`` (the sentinels and the servers they
 name), with redis-py's SSL arguments as query parameters, checked by :mod:`orchestrator.tls`.
@@ -16,14 +24,16 @@ messages name the server by its redacted URL.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 import redis
 import redis.asyncio as aredis
+import redis.asyncio.cluster as acluster
+import redis.cluster
 from redis.asyncio import connection as aconnection
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -138,9 +148,9 @@ def redis_failure(exc: BaseException, url: str) -> OrchestratorError:
         )
     if reply := cluster_reply(exc):
         return ConfigError(
-            f"Redis at {where} is a Redis Cluster node (it answered {reply}): Redis Cluster is "
-            "not supported yet; point the URL at a single Redis or Valkey server, or at Sentinel "
-            "(redis+sentinel://)"
+            f"Redis at {where} is a Redis Cluster node (it answered {reply}) but this client was made "
+            "for a single server: connect with the namespace's cluster probe (connection.connect(url, "
+            "probe=Keys(namespace).cluster_probe)), as every command of the CLI does"
         )
     if lacks_permission(exc):
         return RedisRefused(
@@ -251,8 +261,8 @@ def check_url(url: str) -> str:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("redis+cluster", "rediss+cluster"):
         raise ConfigError(
-            "Redis Cluster is not supported yet: keys are hash-tagged for it, but some scripts still "
-            "span a run and its queue (see docs/design.md, 'Redis Cluster')"
+            f"redis_url {redact_url(url)!r}: a Redis Cluster takes a plain redis:// or rediss:// URL "
+            "of any of its nodes (it is recognised when connecting)"
         )
     if scheme not in SCHEMES:
         raise ConfigError(
@@ -356,19 +366,87 @@ class _AsyncRetryUnlessRefused(AsyncRetry):
         raise error
 
 
-def connect(url: str) -> redis.Redis:
-    """A synchronous client for ``url`` that retries commands on connection errors."""
-    retry = _RetryUnlessRefused(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
+def _retry() -> Retry:
+    return _RetryUnlessRefused(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
+
+
+def _async_retry() -> AsyncRetry:
+    return _AsyncRetryUnlessRefused(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
+
+
+def is_cluster_node(url: str, probe: Sequence[str]) -> bool:
+    """True when the server at ``url`` answers ``EXISTS`` on the ``probe`` keys (two keys of
+    different hash slots) with CROSSSLOT, as only a Redis Cluster node does.
+
+    One attempt, no retry: a server that cannot be reached (or refuses the password) is taken
+    for a single server here, and the error comes from the first real command, worded as it
+    always is (a worker or supervisor then waits for Redis and probes again at start-up).
+    """
+    scheme = check_url(url)
+    if scheme not in ("redis", "rediss") or not probe:
+        return False
+    check_tls_files(url)
+    options = {**_options(scheme), "health_check_interval": 0}
+    try:
+        with redis.Redis.from_url(
+            _lower_scheme(url, scheme), retry=Retry(ExponentialWithJitterBackoff(), 0), **options
+        ) as plain:
+            plain.exists(*probe)
+    except redis.exceptions.ClusterCrossSlotError:
+        return True
+    except (redis.RedisError, OSError):
+        return False
+    return False
+
+
+def _cluster_options(url: str, scheme: str) -> dict[str, Any]:
+    """What redis-py's cluster clients take besides the URL: our timeouts and keepalive, and
+    ``require_full_coverage=False``, so that a shard without a master (between a kill and its
+    replica's promotion) leaves the other shards' runs going."""
+    options = _options(scheme)
+    return {**options, "require_full_coverage": False}
+
+
+def connect(url: str, *, probe: Sequence[str] = ()) -> redis.Redis:
+    """A synchronous client for ``url`` that retries commands on connection errors.
+
+    With ``probe`` (``Keys.cluster_probe``), a Redis Cluster node's URL gets redis-py's cluster
+    client (:func:`is_cluster_node`); it is typed as ``redis.Redis``, whose commands it serves
+    (every command we send is single-slot, or a pipeline it splits by node).
+    """
     scheme = check_url(url)
     check_tls_files(url)
+    if is_cluster_node(url, probe):
+        cluster = redis.cluster.RedisCluster.from_url(
+            _lower_scheme(url, scheme), retry=_retry(), **_cluster_options(url, scheme)
+        )
+        return cast(redis.Redis, cluster)
     if scheme not in SENTINEL_SCHEMES:
-        return redis.Redis.from_url(_lower_scheme(url, scheme), retry=retry, **_options(scheme))
+        return redis.Redis.from_url(_lower_scheme(url, scheme), retry=_retry(), **_options(scheme))
     from redis.sentinel import Sentinel
 
     target, sentinel_kwargs, master_kwargs = _sentinel_args(url)
     sentinel = Sentinel(target.hosts, **sentinel_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
-    client: redis.Redis = sentinel.master_for(target.service, retry=retry, **master_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
+    client: redis.Redis = sentinel.master_for(target.service, retry=_retry(), **master_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
     return client
+
+
+def is_cluster(client: redis.Redis | aredis.Redis) -> bool:
+    """True for a client :func:`connect` or :func:`connect_async` made for a Redis Cluster."""
+    return isinstance(client, redis.cluster.RedisCluster | acluster.RedisCluster)
+
+
+def check_topology(client: redis.Redis, probe: Sequence[str]) -> None:
+    """Raise the CROSSSLOT reply (a :class:`ConfigError` through :func:`redis_failure`) when a
+    single-server client talks to a cluster node: one made while the node could not be reached."""
+    if not is_cluster(client):
+        client.exists(*probe)
+
+
+async def check_topology_async(client: aredis.Redis, probe: Sequence[str]) -> None:
+    """:func:`check_topology` for the asyncio client."""
+    if not is_cluster(client):
+        await client.exists(*probe)
 
 
 class _HiredisPacking:
@@ -403,26 +481,36 @@ FAST_CONNECTIONS: dict[str, type[aconnection.AbstractConnection]] = {
 }
 
 
-def connect_async(url: str) -> aredis.Redis:
-    """An asyncio client for ``url`` with the same retry behaviour as :func:`connect`."""
-    retry = _AsyncRetryUnlessRefused(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
+def connect_async(url: str, *, probe: Sequence[str] = ()) -> aredis.Redis:
+    """An asyncio client for ``url`` with the same retry behaviour (and the same cluster
+    recognition, with ``probe``) as :func:`connect`."""
     scheme = check_url(url)
     check_tls_files(url)
+    if is_cluster_node(url, probe):
+        cluster = acluster.RedisCluster.from_url(
+            _lower_scheme(url, scheme), retry=_async_retry(), **_cluster_options(url, scheme)
+        )
+        return cast(aredis.Redis, cluster)
     if scheme not in SENTINEL_SCHEMES:
         return aredis.Redis.from_url(
-            _lower_scheme(url, scheme), retry=retry, connection_class=FAST_CONNECTIONS[scheme], **_options(scheme)
+            _lower_scheme(url, scheme),
+            retry=_async_retry(),
+            connection_class=FAST_CONNECTIONS[scheme],
+            **_options(scheme),
         )
     from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
     target, sentinel_kwargs, master_kwargs = _sentinel_args(url)
     sentinel = AsyncSentinel(target.hosts, **sentinel_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
-    client: aredis.Redis = sentinel.master_for(target.service, retry=retry, **master_kwargs)
+    client: aredis.Redis = sentinel.master_for(target.service, retry=_async_retry(), **master_kwargs)
     return client
 
 
 def close(client: redis.Redis) -> None:
     """Close a client from :func:`connect` with its pool (and a Sentinel's own connections)."""
     client.close()
+    if is_cluster(client):  # its close() closed every node's connections
+        return
     pool = client.connection_pool
     pool.disconnect()
     for sentinel in getattr(getattr(pool, "sentinel_manager", None), "sentinels", []):
@@ -432,6 +520,9 @@ def close(client: redis.Redis) -> None:
 
 async def aclose(client: aredis.Redis) -> None:
     """Close a client from :func:`connect_async` with its pool (and a Sentinel's connections)."""
+    if is_cluster(client):
+        await client.aclose()
+        return
     await client.aclose(close_connection_pool=True)
     for sentinel in getattr(getattr(client.connection_pool, "sentinel_manager", None), "sentinels", []):
         await sentinel.aclose(close_connection_pool=True)

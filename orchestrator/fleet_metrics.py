@@ -102,8 +102,8 @@ class FleetCollector(Collector):
         for key in (*self.keys.all_stats, *self.keys.all_stats_detail):
             pipe.hgetall(key)
         pipe.smembers(self.keys.queues)
-        pipe.time()
-        *hashes, queues, (sec, usec) = pipe.execute()
+        *hashes, queues = pipe.execute()
+        sec, usec = self.client.time()  # a keyless command: a cluster's pipelines refuse it
         n = len(self.keys.all_stats)
         stats, raw_detail = add_up(hashes[:n]), add_up(hashes[n:])
         detail = parse_detail(raw_detail)

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from orchestrator import scripts
 from orchestrator.codec import Dispatch
-from orchestrator.connection import close, connect
+from orchestrator.connection import check_topology, close, connect
 from orchestrator.errors import ConfigError
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys
@@ -67,7 +67,7 @@ class Supervisor:
         self.id = supervisor_id or f"sup-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.keys = Keys(self.settings.namespace, self.settings.partitions)
         self.store = Store(self.keys)
-        self.redis = connect(self.settings.plain_url())
+        self.redis = connect(self.settings.plain_url(), probe=self.keys.cluster_probe)
         self._faults = Faults(self.settings.faults)
         self._stopped = threading.Event()
         self._groups: set[Lane] = set()
@@ -108,7 +108,7 @@ class Supervisor:
                 pause_s = self.settings.reclaim_interval_s
                 try:
                     if not probed:  # a cluster node answers CROSSSLOT, another partition count: refused
-                        self.redis.exists(*self.keys.cluster_probe)
+                        check_topology(self.redis, self.keys.cluster_probe)
                         check_layout(self.redis, self.store)
                         probed = True
                     if self.tick(sweep=sweep, purge=sweep).get("unfinished"):

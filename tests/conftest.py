@@ -1,7 +1,15 @@
-"""Fixtures: real redis-server processes on free loopback ports, one namespace per test."""
+"""Fixtures: real redis-server processes on free loopback ports, one namespace per test.
+
+With ``ORCHESTRATOR_TEST_CLUSTER=1`` the session's server is a Redis Cluster on loopback (3
+masters, 3 replicas; tests/cluster.py) reached through one node's plain URL, as users give it,
+and ``r`` is redis-py's cluster client: the suites that use only these fixtures run unchanged
+against a cluster (CI runs the protocol suites so). Tests that restart or kill "the" server
+(``fresh_server``) stay on a single server.
+"""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,13 +20,20 @@ import redis
 from orchestrator import Client
 from orchestrator.embedded import RedisServer
 from orchestrator.settings import Settings
+from orchestrator.chaos.cluster import LoopbackCluster
 from tests.ledger import Ledger
+
+ON_CLUSTER = os.environ.get("ORCHESTRATOR_TEST_CLUSTER", "") not in ("", "0")
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One server for the session; tests stay apart by namespace, not by FLUSHALL."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"), appendfsync=None).start()
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | LoopbackCluster]:
+    """One server (or cluster) for the session; tests stay apart by namespace, not by FLUSHALL."""
+    server: RedisServer | LoopbackCluster
+    if ON_CLUSTER:
+        server = LoopbackCluster(tmp_path_factory.mktemp("cluster")).start()
+    else:
+        server = RedisServer(tmp_path_factory.mktemp("redis"), appendfsync=None).start()
     yield server
     server.stop()
 
@@ -50,13 +65,17 @@ def fast_settings(url: str, **overrides: object) -> Settings:
 
 
 @pytest.fixture
-def settings(redis_server: RedisServer) -> Settings:
+def settings(redis_server: RedisServer | LoopbackCluster) -> Settings:
     return fast_settings(redis_server.url)
 
 
 @pytest.fixture
-def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+def r(redis_server: RedisServer | LoopbackCluster) -> Iterator[redis.Redis]:
+    client: redis.Redis
+    if ON_CLUSTER:
+        client = redis.RedisCluster.from_url(redis_server.url, decode_responses=True)  # type: ignore[assignment]
+    else:
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     yield client
     client.close()
 

@@ -64,7 +64,7 @@ def worker_thread(workflows: Sequence[Workflow[Any]], settings: Settings, **kwar
     worker = Worker(workflows, settings, **kwargs)
     thread = threading.Thread(target=worker.run, name=f"worker-{worker.id}", daemon=True)
     thread.start()
-    client = connect(settings.plain_url())
+    client = connect(settings.plain_url(), probe=Keys(settings.namespace).cluster_probe)
     try:
         wait_until(
             # ZRANGEBYSCORE: in the worker's ACL (docs/security.md), as the settings may carry its user

@@ -136,5 +136,6 @@ def current() -> Ledger:
             target = direct or (settings.plain_url() if settings.redis_url else None)
             if not target:
                 raise RuntimeError("the ledger needs ORCHESTRATOR_REDIS_URL or REDIS_URL in the environment")
-            _local[key] = Ledger(connect(target), settings.namespace)
+            probe = Keys(settings.namespace).cluster_probe
+            _local[key] = Ledger(connect(target, probe=probe), settings.namespace)
         return _local[key]

@@ -25,10 +25,12 @@ import redis
 
 from orchestrator.chaos import flows
 from orchestrator.chaos.checker import Checker, Report, Violation
+from orchestrator.chaos.cluster import LoopbackCluster
+from orchestrator.chaos.cluster_faults import FAILOVER, ClusterFaults
 from orchestrator.chaos.ledger import Ledger
 from orchestrator.chaos.rollback import Rollbacks
 from orchestrator.client import Client
-from orchestrator.connection import close, connect, redis_failure
+from orchestrator.connection import check_topology, close, connect, redis_failure
 from orchestrator.embedded import RedisServer
 from orchestrator.errors import OrchestratorError, RedisUnavailable
 from orchestrator.keys import GROUP
@@ -53,6 +55,8 @@ class ChaosConfig:
     crash_point_share: float = 0.3
     redis_restarts: int = 2
     lost_writes: int = 0  # restores from an older copy (each loses 2-5 s of writes)
+    failovers: int = 1  # on a cluster the run started: kill -9 of a master, its replica promoted
+    reshards: int = 1  # on a cluster the run started: a quarter of the partitions' slots moved
     supervisor_kills: int = 1
     in_flight: int = 30
     work_s: float = 0.05
@@ -74,11 +78,13 @@ class Injected:
 
 
 class ChaosRun:
-    """One chaos run against ``settings.redis_url``; ``server`` is set when we own Redis.
+    """One chaos run against ``settings.redis_url``; ``server`` is set when we own Redis, and
+    ``cluster`` when we own the Redis Cluster it points at (failovers and resharding then).
 
     ``ledger_url`` puts the ledger on another server (workers get it as
-    ``ORCHESTRATOR_LEDGER_URL``): required for ``lost_writes``, since a restore from an older
-    copy would roll back a ledger kept in the same Redis along with what it observes.
+    ``ORCHESTRATOR_LEDGER_URL``): required for ``lost_writes`` and for a cluster's failovers,
+    since a restore from an older copy (or a promoted replica that missed the last writes)
+    would roll back a ledger kept in the same Redis along with what it observes.
     """
 
     def __init__(
@@ -90,12 +96,18 @@ class ChaosRun:
         logs: Path,
         echo: Echo,
         ledger_url: str | None = None,
+        cluster: LoopbackCluster | None = None,
     ) -> None:
         if config.lost_writes and (server is None or ledger_url is None):
             raise ValueError(
                 "lost_writes restores Redis from an older copy: it needs a server the chaos run started "
                 "itself (never yours) and a ledger on another server"
             )
+        if cluster is not None and ledger_url is None:
+            raise ValueError("a cluster's failovers may lose writes: the ledger must live on another server")
+        self.cluster = cluster
+        self.rollbacks: Rollbacks | None = None
+        self.cluster_faults: ClusterFaults | None = None
         self.config = config
         self.settings = settings.model_copy(update={"namespace": f"chaos-{uuid.uuid4().hex[:8]}"})
         self.server = server
@@ -264,7 +276,7 @@ class ChaosRun:
     def run(self) -> Report:
         cfg = self.config
         try:  # refuse a deployment we cannot serve (a cluster node answers CROSSSLOT) before starting anything
-            self.client.redis.exists(*self.client.keys.cluster_probe)
+            check_topology(self.client.redis, self.client.keys.cluster_probe)
         except redis.RedisError as exc:
             raise redis_failure(exc, self.settings.plain_url()) from None
         sec, usec = self.client.redis.time()
@@ -308,9 +320,7 @@ class ChaosRun:
         sup_kills = [
             start + cfg.duration_s * (i + 0.5) / max(1, cfg.supervisor_kills) for i in range(cfg.supervisor_kills)
         ]
-        rollbacks = None
-        if self.server is not None:
-            rollbacks = Rollbacks.plan(self.server, cfg.lost_writes, start, cfg.duration_s, self.rng)
+        self._plan_owned_faults(cfg, start)
         next_junk = start + cfg.malformed_every_s
         next_poll = start
         last_report = start
@@ -334,8 +344,7 @@ class ChaosRun:
             if sup_kills and now >= sup_kills[0]:
                 sup_kills.pop(0)
                 self._kill_supervisor()
-            if rollbacks is not None:  # we own Redis: restart it, restore it from older copies
-                self._redis_faults(now, restarts, rollbacks)
+            self._owned_faults(now, restarts)
             self._watch_exits()
             self._replace_workers(now)
             if now - last_report >= 10:
@@ -344,9 +353,50 @@ class ChaosRun:
                     f"  {now - start:5.0f} s: {len(self.submitted)} runs submitted, faults {self.injected.counts}"
                 )
             time.sleep(0.02)
+        self._end_faults()
+
+    def _end_faults(self) -> None:
+        """Start the workers still due for a restart; wait for a cluster fault under way."""
         for _ in self.restarts:
             self._start_worker()
         self.restarts.clear()
+        if self.cluster_faults is not None:
+            self._finish_cluster_faults(self.cluster_faults)
+
+    def _plan_owned_faults(self, cfg: ChaosConfig, start: float) -> None:
+        """Plan the faults only a Redis we started can take: restarts and restores of our
+        server, failovers and resharding of our cluster."""
+        if self.server is not None:
+            self.rollbacks = Rollbacks.plan(self.server, cfg.lost_writes, start, cfg.duration_s, self.rng)
+        if self.cluster is not None:
+            self.cluster_faults = ClusterFaults.plan(
+                self.cluster, self.client.keys, cfg.failovers, cfg.reshards, start, cfg.duration_s, self.rng
+            )
+
+    def _owned_faults(self, now: float, restarts: list[float]) -> None:
+        if self.rollbacks is not None:  # we own Redis: restart it, restore it from older copies
+            self._redis_faults(now, restarts, self.rollbacks)
+        if self.cluster_faults is not None:  # we own the cluster: fail a master over, move slots
+            self._cluster_faults(now, self.cluster_faults)
+
+    def _cluster_faults(self, now: float, faults: ClusterFaults) -> None:
+        """A failover or a resharding when due. Processes started from then on get a live
+        node's URL; a failover counts as a restore from an older copy (see cluster_faults)."""
+        kind = faults.tick(now)
+        if kind is None:
+            return
+        self.injected.add(kind)
+        self.procs.env["ORCHESTRATOR_REDIS_URL"] = faults.url()
+        if kind == FAILOVER:
+            self._restored()
+        self.echo(f"  cluster: {kind}")
+
+    def _finish_cluster_faults(self, faults: ClusterFaults) -> None:
+        faults.wait()
+        self.procs.env["ORCHESTRATOR_REDIS_URL"] = faults.url()
+        if faults.errors:
+            raise OrchestratorError(f"a cluster fault could not be injected: {'; '.join(faults.errors)}")
+        self.echo(f"  cluster: {faults.moved_keys} keys moved with their slots; every node back")
 
     def _replace_workers(self, now: float) -> None:
         for due in [t for t in self.restarts if t <= now]:

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from orchestrator.chaos.checker import Report
+from orchestrator.chaos.cluster import LoopbackCluster
 from orchestrator.chaos.runner import RESTORED, ChaosConfig, ChaosRun
 from orchestrator.cli import cli
 from orchestrator.cli.common import CliState, emit_json, output_option, pass_state
@@ -95,6 +96,23 @@ def render(report: Report, header: str) -> str:
     help="restarts of Redis from an older copy of its data, each losing 2-5 s of acknowledged writes "
     "(only when the chaos run started Redis itself; the ledger then lives on a second server)",
 )
+@click.option(
+    "--cluster",
+    "own_cluster",
+    is_flag=True,
+    help="start a Redis Cluster of its own on loopback (3 masters, 3 replicas) instead of one server, "
+    "and fail masters over and move slots under load (the ledger lives on a separate server)",
+)
+@click.option(
+    "--failovers", type=int, default=1, show_default=True, help="with --cluster: kill -9 of a master serving runs"
+)
+@click.option(
+    "--reshards",
+    type=int,
+    default=1,
+    show_default=True,
+    help="with --cluster: moves of a quarter of the partitions' slots to another master",
+)
 @click.option("--supervisor-kills", type=int, default=1, show_default=True)
 @click.option("--in-flight", type=int, default=30, show_default=True, help="runs kept in flight")
 @click.option("--work-s", type=float, default=0.05, show_default=True, help="how long each step works")
@@ -116,41 +134,55 @@ def render(report: Report, header: str) -> str:
 )
 @output_option
 @pass_state
-def chaos(state: CliState, /, fsync: str, seed: int | None, chaos_dir: Path, output: str, **options: Any) -> None:
+def chaos(
+    state: CliState, /, fsync: str, seed: int | None, chaos_dir: Path, output: str, own_cluster: bool, **options: Any
+) -> None:
     """Run a synthetic workload under kill -9 and Redis restarts, then check the invariants.
 
-    With REDIS_URL/--redis-url it runs against that deployment (in a fresh namespace; Redis is
-    not restarted); without one it starts its own redis-server and restarts it too, and keeps
-    the ledger on a second one. Exits 1 if any invariant broke: run it before going live.
+    With REDIS_URL/--redis-url it runs against that deployment (a single server, Sentinel, or
+    any node of a Redis Cluster; in a fresh namespace; Redis is not restarted); without one it
+    starts its own redis-server and restarts it too, and keeps the ledger on a second one; with
+    --cluster it starts its own Redis Cluster and fails masters over and moves slots under load.
+    Exits 1 if any invariant broke: run it before going live.
     """
     config = ChaosConfig(**options, **({"seed": seed} if seed is not None else {}))
     configured = state.configured()
     url = configured.plain_url() if configured.redis_url else None
-    if url is not None and config.lost_writes:
+    if url is not None and (config.lost_writes or own_cluster):
         raise click.UsageError(
-            "--lost-writes restores Redis from an older copy of its data, destroying every write made "
-            "since; it runs only on the redis-server the chaos run starts itself. Unset "
-            "ORCHESTRATOR_REDIS_URL and REDIS_URL (and --redis-url) to use it."
+            f"{'--cluster' if own_cluster else '--lost-writes'} kills or rewinds the Redis it runs on; it runs "
+            "only on servers the chaos run starts itself. Unset ORCHESTRATOR_REDIS_URL and REDIS_URL (and "
+            "--redis-url) to use it."
         )
+    if own_cluster and config.lost_writes:
+        raise click.UsageError("--lost-writes restores a single server; with --cluster, --failovers loses writes")
     if chaos_dir.exists():
         shutil.rmtree(chaos_dir)
     servers: list[RedisServer] = []
-    if url is None:
-        servers = [
-            RedisServer(chaos_dir / "redis", appendfsync=fsync).start(),
-            RedisServer(chaos_dir / "ledger", appendfsync="always").start(),  # the observer outlives rollbacks
-        ]
-        url = servers[0].url
-    else:
-        config.redis_restarts = 0
-    settings = state.settings(redis_url=url)
-    where = f"own redis-server (appendfsync {fsync})" if servers else settings.redacted_url
+    cluster: LoopbackCluster | None = None
     try:
+        if url is None:
+            servers = [RedisServer(chaos_dir / "ledger", appendfsync="always").start()]  # outlives rollbacks
+            if own_cluster:
+                cluster = LoopbackCluster(chaos_dir / "cluster", appendfsync=fsync).start()
+                url = cluster.url
+            else:
+                servers.insert(0, RedisServer(chaos_dir / "redis", appendfsync=fsync).start())
+                url = servers[0].url
+        if configured.redis_url or cluster:
+            config.redis_restarts = 0
+        settings = state.settings(redis_url=url)
+        where = settings.redacted_url
+        if cluster is not None:
+            where = f"own Redis Cluster ({cluster.version}, 3 masters + 3 replicas, appendfsync {fsync})"
+        elif servers:
+            where = f"own redis-server (appendfsync {fsync})"
         run = ChaosRun(
             settings,
             config,
-            server=servers[0] if servers else None,
-            ledger_url=servers[1].url if servers else None,
+            server=servers[0] if len(servers) == 2 else None,
+            ledger_url=servers[-1].url if servers else None,
+            cluster=cluster,
             logs=chaos_dir / "logs",
             echo=lambda s: click.echo(s, err=True),
         )
@@ -161,6 +193,8 @@ def chaos(state: CliState, /, fsync: str, seed: int | None, chaos_dir: Path, out
     finally:
         for server in servers:
             server.stop()
+        if cluster is not None:
+            cluster.stop()
     header = (
         f"chaos run: {config.duration_s:g} s of faults on {where}, {config.workers} workers, "
         f"{config.supervisors} supervisors, seed {config.seed}"

@@ -27,7 +27,15 @@ from orchestrator import faults as fault_points
 from orchestrator import scripts
 from orchestrator._version import __version__
 from orchestrator.codec import Dispatch
-from orchestrator.connection import aclose, close, connect, connect_async, outcome_unknown_or_passing
+from orchestrator.connection import (
+    aclose,
+    check_topology_async,
+    close,
+    connect,
+    connect_async,
+    is_cluster,
+    outcome_unknown_or_passing,
+)
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys
@@ -88,6 +96,7 @@ class Worker:
         # the one execution of each stream entry, by (stream, entry id): ids repeat across streams
         self._by_entry: dict[tuple[str, str], StepExecution] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._claiming = 0  # entries in a claim call still in flight: their slots are taken
         self._slot_freed: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
         self._stop_requested = False  # set at once by shutdown(), from any thread
@@ -151,8 +160,8 @@ class Worker:
         fault_points.arm(self._faults)
         exporter = self._serve_metrics()  # first: a port in use stops the worker before it connects
         url = self.settings.plain_url()
-        async_redis = connect_async(url)
-        sync_redis = connect(url)
+        async_redis = connect_async(url, probe=self.keys.cluster_probe)
+        sync_redis = connect(url, probe=self.keys.cluster_probe)
         batcher = Batcher(async_redis)
         self.rt = Runtime(
             self.id,
@@ -213,7 +222,7 @@ class Worker:
         outage = Outage(log, "starting the worker", self.settings.plain_url(), fields={"worker": self.id})
         while not self._stopping.is_set():
             try:
-                await client.exists(*self.keys.cluster_probe)  # a cluster node answers CROSSSLOT: refused
+                await check_topology_async(client, self.keys.cluster_probe)
                 await check_layout_async(client, self.store)  # another partition count: refused
                 await ensure_groups(client, list(self._streams))
                 await client.sadd(self.keys.queues, *self.queues)
@@ -305,7 +314,7 @@ class Worker:
     def _open_slots(self) -> int:
         """Slots not running a step: running steps and abandoned step threads both take one."""
         assert self.rt is not None
-        return self.settings.concurrency - len(self._tasks) - self.rt.threads.abandoned
+        return self.settings.concurrency - len(self._tasks) - self._claiming - self.rt.threads.abandoned
 
     def _free_slots(self) -> int:
         """Open slots not promised to an entry already read (``_waiting``)."""
@@ -330,12 +339,23 @@ class Worker:
         execution = self._execution(queue, entry_id, dispatch, claimed, token, chained)
         self._track(execution, execution.hand_back("worker stopping"))
 
-    def _read_plan(self) -> tuple[dict[Any, Any], int]:
-        """Every lane's stream, and the COUNT for each (COUNT applies per stream): the free slots
-        shared out, at least one each. Reading every stream at once keeps a new entry from
+    def _read_groups(self, client: aredis.Redis) -> list[list[str]]:
+        """The streams each XREADGROUP reads: every stream at once on one server; on a Redis
+        Cluster, where one call's keys must share a hash slot, one call per partition (its
+        queues' streams share the partition's tag), each blocking on its own connection."""
+        if not is_cluster(client):
+            return [list(self._streams)]
+        by_partition: dict[int, list[str]] = {}
+        for stream, (_queue, partition) in self._streams.items():
+            by_partition.setdefault(partition, []).append(stream)
+        return list(by_partition.values())
+
+    def _read_count(self) -> int:
+        """The COUNT of each read (COUNT applies per stream): the free slots shared out over
+        every stream, at least one each. Reading every stream at once keeps a new entry from
         waiting for its stream's turn; what comes beyond the free slots waits in ``_waiting``
         (at most one entry per stream)."""
-        return dict.fromkeys(self._streams, ">"), max(1, self._free_slots() // len(self._streams))
+        return max(1, self._free_slots() // len(self._streams))
 
     async def _claim_waiting(self) -> None:
         """Claim as many waiting entries as there are open slots, oldest first."""
@@ -360,8 +380,13 @@ class Worker:
             waiter.cancel()
 
     async def _fetch_loop(self, client: aredis.Redis) -> None:
+        """Read every stream until a stop: one reader, or one per partition on a cluster."""
+        await asyncio.gather(*(self._reader(client, streams) for streams in self._read_groups(client)))
+
+    async def _reader(self, client: aredis.Redis, streams: list[str]) -> None:
         assert self._stopping is not None
         outage = Outage(log, "reading the queues", self.settings.plain_url(), fields={"worker": self.id})
+        offsets: dict[Any, Any] = dict.fromkeys(streams, ">")
         while not self._stopping.is_set():
             if self._waiting and self._open_slots() > 0:
                 await self._claim_waiting()
@@ -369,9 +394,10 @@ class Worker:
             if self._free_slots() <= 0:
                 await self._wait_for_slot()
                 continue
-            streams, count = self._read_plan()
             try:
-                reply = await client.xreadgroup(GROUP, self.id, streams, count=count, block=self.settings.block_ms)
+                reply = await client.xreadgroup(
+                    GROUP, self.id, offsets, count=self._read_count(), block=self.settings.block_ms
+                )
                 outage.recovered()
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):  # refused for now (MISCONF, READONLY, OOM...): wait, retry
@@ -379,7 +405,7 @@ class Worker:
                     continue
                 # the stream or its group vanished (Redis lost its data, an operator's DEL): make it again
                 log.warning("a queue's consumer group is gone; creating it again", extra={"error": str(exc)})
-                await ensure_groups(client, list(self._streams))
+                await ensure_groups(client, streams)
                 continue
             except (redis.RedisError, OSError) as exc:
                 await self._pause(outage.failed(exc))
@@ -409,6 +435,14 @@ class Worker:
         lost reply costs neither a crash count nor the step: without the resend the claim would
         sit unused until its lease lapsed, and the next claim would count a crash.
         """
+        assert self.rt is not None
+        self._claiming += len(batch)  # their slots are taken until each claim is handled
+        try:
+            await self._send_claims(batch)
+        finally:
+            self._claiming -= len(batch)
+
+    async def _send_claims(self, batch: list[tuple[str, str, Dispatch, str]]) -> None:
         assert self.rt is not None
         delay_s = 0.05
         for _ in range(6):

@@ -20,7 +20,10 @@ from tests.ops import Ops, partition_mates
 
 
 def _raw(ops: Ops) -> redis.Redis:
-    """A client without reply decoding (DUMP payloads are bytes)."""
+    """A client without reply decoding (DUMP payloads are bytes), of the same kind as ``ops.r``."""
+    if isinstance(ops.r, redis.RedisCluster):
+        node = ops.r.get_default_node()
+        return redis.RedisCluster(host=node.host, port=node.port)  # type: ignore[return-value]
     kwargs = ops.r.connection_pool.connection_kwargs
     return redis.Redis(host=kwargs["host"], port=kwargs["port"], db=kwargs.get("db", 0))
 

@@ -1,4 +1,6 @@
-"""A real Redis Cluster on loopback for tests: masters and replicas as plain redis-server processes.
+"""A real Redis Cluster on loopback, for the tests and ``orchestrator chaos --cluster``: masters
+and replicas as plain redis-server processes, and the two faults a cluster adds (a master's
+``kill -9`` with its replica's promotion, and slots moved between masters under load).
 
 Built with redis-py rather than ``redis-cli --cluster create``, so that it needs nothing but the
 server binary and works the same for Redis 7 and Valkey: every node is started with
@@ -9,10 +11,17 @@ the cluster is ready when every node reports ``cluster_state:ok`` and agrees on 
 ``cluster-node-timeout`` is 2 s, so a ``kill -9``'d master's replica takes over in about 4-5 s
 (../shared/context/cluster-research.md, 1.10); ``cluster-require-full-coverage no``, so a lost
 shard leaves the others serving.
+
+Resharding (:meth:`LoopbackCluster.move_slot`) follows the steps ``redis-cli --cluster reshard``
+takes, with redis-py so that no redis-cli is needed: the target marks the slot IMPORTING, the
+source MIGRATING, the keys move in batches with ``MIGRATE``, then every master is told the
+slot's new owner (``CLUSTER SETSLOT <slot> NODE``). Meanwhile clients get ASK for keys already
+moved and TRYAGAIN for a multi-key call whose keys are split between the two nodes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -21,11 +30,13 @@ from pathlib import Path
 
 import redis
 
-from orchestrator.embedded import RedisServer, free_port
+from orchestrator.embedded import RedisServer, find_redis_server, free_port
 from orchestrator.errors import ConfigError
 
 SLOTS = 16384
 NODE_TIMEOUT_MS = 2000
+MIGRATE_BATCH = 100  # keys per MIGRATE
+MIGRATE_TIMEOUT_MS = 5000
 
 
 def _cluster_ports(count: int) -> list[int]:
@@ -83,14 +94,24 @@ class LoopbackCluster:
     nodes: list[ClusterNode] = field(default_factory=list)
 
     @property
+    def version(self) -> str:
+        """The nodes' server (``redis-server`` or ``valkey-server``) and version, for reports."""
+        with self.live_nodes()[0].client() as client:
+            info = client.info("server")
+        return (
+            f"{'Valkey' if 'valkey_version' in info else 'Redis'} {info.get('valkey_version') or info['redis_version']}"
+        )
+
+    @property
     def url(self) -> str:
         """A plain URL of one node, as KEDA and redis-cli take a cluster."""
         return self.nodes[0].url
 
     def start(self, timeout_s: float = 30.0) -> LoopbackCluster:
         count = self.masters * (1 + self.replicas)
+        binary = self.binary or find_redis_server()
         for i, port in enumerate(_cluster_ports(count)):
-            node = ClusterNode(self.data_dir / f"node-{i}", port=port, binary=self.binary, appendfsync=self.appendfsync)
+            node = ClusterNode(self.data_dir / f"node-{i}", port=port, binary=binary, appendfsync=self.appendfsync)
             self.nodes.append(node)
         try:
             for node in self.nodes:
@@ -177,3 +198,41 @@ class LoopbackCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+    # -- the faults a cluster adds ----------------------------------------------------------
+
+    def masters_now(self) -> list[ClusterNode]:
+        """The live nodes that are masters at this moment (a promoted replica included)."""
+        return [n for n in self.live_nodes() if self.role(n) == "master"]
+
+    def kill_master(self, slot: int) -> ClusterNode:
+        """``kill -9`` the master serving ``slot``; its replica takes over after the node
+        timeout. Returns the killed node (:meth:`rejoin` starts it again, as a replica)."""
+        node = self.master_of_slot(slot)
+        node.kill()
+        return node
+
+    def rejoin(self, node: ClusterNode, timeout_s: float = 30.0) -> None:
+        """Start a killed node again on its port and data: its ``nodes.conf`` makes it rejoin,
+        and the promoted replica's newer epoch turns it into that replica's replica."""
+        node.start(timeout_s)
+
+    def move_slot(self, slot: int, target: ClusterNode) -> int:
+        """Move ``slot`` (and its keys) from its master to the master ``target``, under load;
+        returns the number of keys moved. Masters that cannot be reached are skipped when the
+        new owner is announced: the cluster bus spreads it to them."""
+        source = self.master_of_slot(slot)
+        if source is target:
+            return 0
+        source_id, target_id = source.node_id(), target.node_id()
+        moved = 0
+        with source.client() as src, target.client() as dst:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, MIGRATE_BATCH):
+                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, MIGRATE_TIMEOUT_MS, "KEYS", *keys)
+                moved += len(keys)
+            for node in [target, source, *self.masters_now()]:
+                with node.client() as client, contextlib.suppress(redis.RedisError):
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        return moved
