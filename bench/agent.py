@@ -326,7 +326,7 @@ def target(levels: list[dict[str, Any]], workers: int) -> dict[str, Any]:
 
 
 def pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
+    return "-" if value is None else f"{value:.1%}"
 
 
 def tables(levels: list[dict[str, Any]], goal: dict[str, Any], options: Options) -> str:
@@ -419,7 +419,7 @@ def hops_table(levels: list[dict[str, Any]]) -> str:
 
 def goal_line(goal: dict[str, Any]) -> str:
     met = {True: "met", False: "**no**"}.get(goal["met"], "not measured")
-    value = "-" if goal["value"] is None else f"{goal['value']:.0%}"
+    value = "-" if goal["value"] is None else f"{goal['value']:.1%}"
     return f"target {goal['target']} {goal['bound']}: {value}, {met}"
 
 
