@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from orchestrator import scripts
 from orchestrator.codec import HistoryEvent, StepRecord, describe_validation_error, dumps, encode_fields, loads
-from orchestrator.connection import close, connect, redis_failure
+from orchestrator.connection import REDIS_FAILURES, close, connect, redis_failure
 from orchestrator.counters import read_summed
 from orchestrator.errors import (
     InvalidTransition,
@@ -64,7 +64,7 @@ def translate(exc: Exception, settings: Settings) -> Exception:
     """The error of our tree for what redis-py or pydantic raised inside a client call."""
     if isinstance(exc, pydantic.ValidationError):  # a stored record that does not parse
         return ValidationError(describe_validation_error(exc, what="a record read from Redis"))
-    if isinstance(exc, redis.RedisError | OSError):
+    if isinstance(exc, REDIS_FAILURES):
         return redis_failure(exc, settings.plain_url() if settings.redis_url else "")
     return exc
 
@@ -79,7 +79,7 @@ def _tree_errors(method: Callable[Concatenate[H, P], R]) -> Callable[Concatenate
             return method(self, *args, **kwargs)
         except OrchestratorError:
             raise  # ours already (WaitTimeout is also a TimeoutError, hence an OSError)
-        except (redis.RedisError, OSError, pydantic.ValidationError) as exc:
+        except (*REDIS_FAILURES, pydantic.ValidationError) as exc:
             raise translate(exc, self.settings) from exc
 
     return wrapper

@@ -51,6 +51,9 @@ COMMAND_RETRIES = 6  # 0.05 s doubling to 1.6 s: about 3 s of outage bridged per
 SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 T = TypeVar("T")
+# What talking to Redis can raise: redis-py's errors, the socket's, and the one error of
+# redis-py's cluster client that is no RedisError (it cannot read the slot map from any node).
+REDIS_FAILURES = (redis.RedisError, OSError, redis.exceptions.RedisClusterException)
 
 
 # Replies that refuse a command for a passing reason (a failover, memory, a busy script): the
@@ -126,6 +129,21 @@ def lacks_permission(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and bool(_NO_PERMISSION.search(str(exc)))
 
 
+def _slot_map_failure(exc: BaseException, where: str) -> OrchestratorError:
+    """What redis-py's cluster client means by "Redis Cluster cannot be connected": no node let
+    it read the slot map. It words a refused ``CLUSTER SLOTS`` as "Cluster mode is not enabled";
+    the refusal itself is further down the exception chain."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        seen = seen.__cause__ or seen.__context__ if seen is not None else None
+        if seen is not None and lacks_permission(seen):
+            return RedisRefused(
+                f"Redis at {where} is a Redis Cluster node, and the URL's user may not read the cluster's "
+                f"slot map ({seen}): add +cluster|slots to its ACL, on every node (docs/security.md)"
+            )
+    return RedisUnavailable(f"cannot use the Redis Cluster at {where}: no node answered with its slot map ({exc})")
+
+
 def redis_failure(exc: BaseException, url: str) -> OrchestratorError:
     """The error of our tree for an error redis-py (or the socket) raised talking to ``url``.
 
@@ -136,6 +154,8 @@ def redis_failure(exc: BaseException, url: str) -> OrchestratorError:
     """
     where = redact_url(url) or "(a client given by the caller)"
     detail = mask(_without_reprs(" ".join(str(exc).split()).rstrip(".")), secrets_of(url)) or type(exc).__name__
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        return _slot_map_failure(exc, where)
     if isinstance(exc, redis.AuthenticationError):
         if not secrets_of(url):
             return RedisRefused(
@@ -148,9 +168,9 @@ def redis_failure(exc: BaseException, url: str) -> OrchestratorError:
         )
     if reply := cluster_reply(exc):
         return ConfigError(
-            f"Redis at {where} is a Redis Cluster node (it answered {reply}) but this client was made "
-            "for a single server: connect with the namespace's cluster probe (connection.connect(url, "
-            "probe=Keys(namespace).cluster_probe)), as every command of the CLI does"
+            f"Redis at {where} is a Redis Cluster node (it answered {reply}), but this process connected "
+            "to it as to a single server: the node could not be reached when it started (start it again), "
+            "or the URL's user may not run EXISTS, which recognises a cluster (docs/security.md)"
         )
     if lacks_permission(exc):
         return RedisRefused(
@@ -378,9 +398,10 @@ def is_cluster_node(url: str, probe: Sequence[str]) -> bool:
     """True when the server at ``url`` answers ``EXISTS`` on the ``probe`` keys (two keys of
     different hash slots) with CROSSSLOT, as only a Redis Cluster node does.
 
-    One attempt, no retry: a server that cannot be reached (or refuses the password) is taken
-    for a single server here, and the error comes from the first real command, worded as it
-    always is (a worker or supervisor then waits for Redis and probes again at start-up).
+    One attempt, no retry: a server that cannot be reached (or refuses the password, or the
+    user's EXISTS) is taken for a single server here, and the error comes from the first real
+    command, worded as it always is (a worker or supervisor then waits for Redis, or for a
+    grant, and probes again at start-up).
     """
     scheme = check_url(url)
     if scheme not in ("redis", "rediss") or not probe:
@@ -394,7 +415,7 @@ def is_cluster_node(url: str, probe: Sequence[str]) -> bool:
             plain.exists(*probe)
     except redis.exceptions.ClusterCrossSlotError:
         return True
-    except (redis.RedisError, OSError):
+    except (redis.RedisError, OSError):  # a refused EXISTS too: the first real command says why
         return False
     return False
 
@@ -417,9 +438,12 @@ def connect(url: str, *, probe: Sequence[str] = ()) -> redis.Redis:
     scheme = check_url(url)
     check_tls_files(url)
     if is_cluster_node(url, probe):
-        cluster = redis.cluster.RedisCluster.from_url(
-            _lower_scheme(url, scheme), retry=_retry(), **_cluster_options(url, scheme)
-        )
+        try:  # the synchronous client reads the slot map at once
+            cluster = redis.cluster.RedisCluster.from_url(
+                _lower_scheme(url, scheme), retry=_retry(), **_cluster_options(url, scheme)
+            )
+        except REDIS_FAILURES as exc:
+            raise redis_failure(exc, url) from None
         return cast(redis.Redis, cluster)
     if scheme not in SENTINEL_SCHEMES:
         return redis.Redis.from_url(_lower_scheme(url, scheme), retry=_retry(), **_options(scheme))

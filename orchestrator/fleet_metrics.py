@@ -16,6 +16,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from orchestrator.connection import REDIS_FAILURES
 from orchestrator.counters import add_up
 from orchestrator.figures import RUN_STATUSES, Detail, apportion, compound, known_workflows, parse_detail
 from orchestrator.keys import GROUP, Keys
@@ -92,7 +93,7 @@ class FleetCollector(Collector):
         try:
             yield from self._collect()
             error.add_metric([], 0)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             log.warning("fleet metrics unavailable", extra={"error": str(exc)})
             error.add_metric([], 1)
         yield error

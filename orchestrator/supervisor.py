@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from orchestrator import scripts
 from orchestrator.codec import Dispatch
-from orchestrator.connection import check_topology, close, connect
+from orchestrator.connection import REDIS_FAILURES, check_topology, close, connect
 from orchestrator.errors import ConfigError
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys
@@ -114,7 +114,7 @@ class Supervisor:
                     if self.tick(sweep=sweep, purge=sweep).get("unfinished"):
                         next_sweep = now  # work left over: go on at the next tick
                     outage.recovered()
-                except (redis.RedisError, OSError) as exc:
+                except REDIS_FAILURES as exc:
                     pause_s = max(pause_s, outage.failed(exc))
                 self._stopped.wait(pause_s)
         finally:

@@ -1,6 +1,6 @@
 """Fixtures: real redis-server processes on free loopback ports, one namespace per test.
 
-With ``ORCHESTRATOR_TEST_CLUSTER=1`` the session's server is a Redis Cluster on loopback (3
+With ``TEST_ON_REDIS_CLUSTER=1`` the session's server is a Redis Cluster on loopback (3
 masters, 3 replicas; tests/cluster.py) reached through one node's plain URL, as users give it,
 and ``r`` is redis-py's cluster client: the suites that use only these fixtures run unchanged
 against a cluster (CI runs the protocol suites so). Tests that restart or kill "the" server
@@ -18,12 +18,20 @@ import pytest
 import redis
 
 from orchestrator import Client
+from orchestrator.chaos.cluster import LoopbackCluster
 from orchestrator.embedded import RedisServer
 from orchestrator.settings import Settings
-from orchestrator.chaos.cluster import LoopbackCluster
 from tests.ledger import Ledger
 
-ON_CLUSTER = os.environ.get("ORCHESTRATOR_TEST_CLUSTER", "") not in ("", "0")
+ON_CLUSTER = os.environ.get("TEST_ON_REDIS_CLUSTER", "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if ON_CLUSTER:
+        skip = pytest.mark.skip(reason="needs a single server of its own kind (TEST_ON_REDIS_CLUSTER=1)")
+        for item in items:
+            if "single_server" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

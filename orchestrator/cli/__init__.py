@@ -59,7 +59,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except (OrchestratorError, redis.RedisError) as exc:
+    except (OrchestratorError, redis.RedisError, redis.exceptions.RedisClusterException) as exc:
         _fail(state, exc)
     except Exception as exc:  # a bug, ours or in an imported workflow module: show where, never a password
         click.echo(state.secrets.mask(traceback.format_exc()), err=True, nl=False)
@@ -68,7 +68,7 @@ def main() -> None:
         sys.exit(1)
 
 
-def _fail(state: CliState, exc: OrchestratorError | redis.RedisError) -> None:
+def _fail(state: CliState, exc: OrchestratorError | redis.RedisError | redis.exceptions.RedisClusterException) -> None:
     error = exc if isinstance(exc, OrchestratorError) else redis_failure(exc, state.url)  # raw: e.g. `stats`
     click.echo(state.secrets.mask(f"error: {error.message}"), err=True)
     sys.exit(2 if isinstance(error, ConfigError) else 1)

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from orchestrator import scripts
+from orchestrator.connection import REDIS_FAILURES
 from orchestrator.context import StepContext
 from orchestrator.faults import Faults
 from orchestrator.store import Store
@@ -130,7 +131,7 @@ class Heartbeat(threading.Thread):
         calls += [self._store.renew(run_id=i.run_id, token=i.token, lease_ms=self._lease_ms) for i in live]
         try:
             replies: list[Any] = scripts.execute(self._client, calls, raise_on_error=False)
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             self._report_failure(exc)
             return
         self._failing_since = None

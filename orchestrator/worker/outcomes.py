@@ -19,7 +19,7 @@ import redis
 
 from orchestrator import scripts
 from orchestrator.codec import Dispatch, ErrorInfo, StepRecord, dumps, encode_fields
-from orchestrator.connection import outcome_unknown_or_passing
+from orchestrator.connection import REDIS_FAILURES, outcome_unknown_or_passing
 from orchestrator.context import StepContext
 from orchestrator.errors import ValidationError
 from orchestrator.store import Claimed, Committed, Outcome, new_claim_token
@@ -182,7 +182,7 @@ class Outcomes:
             try:
                 result = Outcome.parse(await self.rt.batcher.call(call))
                 break
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 if not outcome_unknown_or_passing(exc):
                     raise
                 if time.monotonic() + delay_s > deadline or self.rt.stopping_now():

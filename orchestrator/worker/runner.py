@@ -28,6 +28,7 @@ from orchestrator import scripts
 from orchestrator._version import __version__
 from orchestrator.codec import Dispatch
 from orchestrator.connection import (
+    REDIS_FAILURES,
     aclose,
     check_topology_async,
     close,
@@ -227,7 +228,7 @@ class Worker:
                 await ensure_groups(client, list(self._streams))
                 await client.sadd(self.keys.queues, *self.queues)
                 await self._announce_steps(client)
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 await self._pause(outage.failed(exc))
                 continue
             outage.recovered()
@@ -306,7 +307,7 @@ class Worker:
         calls += [self.store.reap_consumer(stream=stream, consumer=self.id) for stream in self._streams]
         try:
             await scripts.execute_async(async_redis, calls)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             log.warning("could not deregister; the supervisor will clean up", extra={"error": str(exc)})
 
     # -- reading and claiming -------------------------------------------------------------
@@ -407,7 +408,7 @@ class Worker:
                 log.warning("a queue's consumer group is gone; creating it again", extra={"error": str(exc)})
                 await ensure_groups(client, streams)
                 continue
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 await self._pause(outage.failed(exc))
                 continue
             if reply:
@@ -571,7 +572,7 @@ class Worker:
             await asyncio.sleep(delay_s)
             try:
                 await promote_due(self.rt.batcher, self.store, self.queues)
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 delay_s = max(self.settings.promote_interval_s, outage.failed(exc))
                 continue
             outage.recovered()

@@ -17,6 +17,8 @@ from tests.helpers import wait_until
 from tests.ledger import Ledger
 from workers.testflows import slow
 
+pytestmark = pytest.mark.single_server
+
 OUTAGE_S = 9.0
 
 

@@ -17,6 +17,8 @@ from tests.helpers import wait_until
 from tests.ledger import Ledger
 from workers.testflows import chain, slow
 
+pytestmark = pytest.mark.single_server
+
 
 @pytest.fixture
 def proxy(redis_server: RedisServer) -> Iterator[FaultProxy]:

@@ -44,6 +44,8 @@ from tests.helpers import wait_until
 from tests.ops import partition_mates
 from workers.testflows import chain, effects
 
+pytestmark = pytest.mark.single_server
+
 DOC = REPO / "docs" / "security.md"
 ROLES = ("worker", "supervisor", "client", "operator", "reader", "keda")
 ADMIN_PASSWORD = "acl-admin-pw"
@@ -70,6 +72,10 @@ ROLE_SCRIPTS: dict[str, list[str]] = {
 # redis-py's health check (a PING before the next command of a connection idle 15 s) and its
 # CLIENT SETINFO at connect (refused harmlessly without it, but logged in ACL LOG each time)
 CONNECTION = {"ping", "client|setinfo"}
+PROBE = {"exists"}  # connection.is_cluster_node: EXISTS on two keys of different slots, at connect
+# On a Redis Cluster only, for every role but KEDA: redis-py's cluster client reads the slot map
+# and the command table (docs/security.md; test_cluster.py runs the roles with them)
+CLUSTER_ADDITIONS = ["+cluster|slots", "+command"]
 SCRIPTING = {"evalsha", "script|load"}  # scripts.execute: EVALSHA, and SCRIPT LOAD on NOSCRIPT
 # fleet_metrics.FleetCollector (the supervisor's /metrics, `orchestrator stats` and `top`);
 # ZRANDMEMBER samples run records past RUN_SAMPLE runs, MEMORY USAGE sizes a few
@@ -81,17 +87,20 @@ SUPERVISING = set(words("smembers time xgroup|create xinfo|consumers xpending xr
 DIRECT: dict[str, set[str]] = {
     # runner.py: XREADGROUP, SADD queues, HINCRBY/HSET zeroed series and step order, ZREM/DEL at
     # shutdown; queues.py: XGROUP CREATE, HINCRBY counters
-    "worker": CONNECTION | SCRIPTING | {"xreadgroup", "xgroup|create", "sadd", "hincrby", "hset", "zrem", "del"},
+    "worker": CONNECTION
+    | PROBE
+    | SCRIPTING
+    | {"xreadgroup", "xgroup|create", "sadd", "hincrby", "hset", "zrem", "del"},
     # supervisor.py: queues, clock, groups, consumers, pending entries, HGET of run records, ZMSCORE
     # of the fleet, XACK/XDEL of dropped entries (store.ack), HINCRBY counters; the scrape; retention
-    "supervisor": CONNECTION | SCRIPTING | SCRAPE | PURGE_PAGES | SUPERVISING,
+    "supervisor": CONNECTION | PROBE | SCRIPTING | SCRAPE | PURGE_PAGES | SUPERVISING,
     # client.py: SADD queues at submit; get/state/results/stats (HGETALL), wait (HGET), events
     # (LRANGE), list_runs (SMEMBERS, ZREVRANGE)
     # every client call first compares the namespace's partition count (HMGET of its config)
-    "client": CONNECTION | SCRIPTING | {"sadd", "hget", "hgetall", "hmget", "lrange", "smembers", "zrevrange"},
-    "operator": CONNECTION | SCRIPTING | PURGE_PAGES | {"hgetall", "hmget"},  # get() before cancel and retry
+    "client": CONNECTION | PROBE | SCRIPTING | {"sadd", "hget", "hgetall", "hmget", "lrange", "smembers", "zrevrange"},
+    "operator": CONNECTION | PROBE | SCRIPTING | PURGE_PAGES | {"hgetall", "hmget"},  # get() before cancel and retry
     # runs list, status, history, stats, top, runs purge --dry-run
-    "reader": CONNECTION | SCRAPE | PURGE_PAGES | {"lrange"},
+    "reader": CONNECTION | PROBE | SCRAPE | PURGE_PAGES | {"lrange"},
     # KEDA's redis-streams scaler (go-redis): XPENDING (pending trigger); INFO (server version,
     # every poll), XINFO GROUPS and XLEN when the group is missing (lag trigger)
     "keda": CONNECTION | {"info", "xinfo|groups", "xlen", "xpending"},
@@ -146,6 +155,11 @@ def test_the_doc_gives_each_role_exactly_the_commands_it_needs() -> None:
         assert not [r for r in rules[6:] if not r.startswith("+") or r.startswith("+@")], f"{role}: commands only"
         missing, extra = sorted(needed(role) - commands(rules)), sorted(commands(rules) - needed(role))
         assert (missing, extra) == ([], []), f"{role}: missing {missing}, not needed {extra}"
+
+
+def test_the_doc_names_the_additions_a_cluster_needs() -> None:
+    """test_cluster.py runs every role on a cluster with exactly these additions."""
+    assert f"add `{' '.join(CLUSTER_ADDITIONS)}` to each of our lines" in " ".join(DOC.read_text().split())
 
 
 def test_every_script_is_run_by_a_role() -> None:

@@ -3,7 +3,7 @@
 A cluster is recognised from a plain URL of any node; every command works through it; a master
 killed under load fails over, slots moved under load are followed, and every invariant of
 ``orchestrator chaos`` holds meanwhile. (The protocol suites also run whole against a cluster:
-``ORCHESTRATOR_TEST_CLUSTER=1``, see tests/conftest.py and .ci/run.)
+``TEST_ON_REDIS_CLUSTER=1``, see tests/conftest.py and .ci/run.)
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ from orchestrator import Client, Settings
 from orchestrator.chaos.cluster import LoopbackCluster
 from orchestrator.chaos.cluster_faults import FAILOVER, RESHARD, partition_slots
 from orchestrator.connection import cluster_reply, connect, is_cluster, redis_failure
+from orchestrator.embedded import server_version
 from orchestrator.errors import ConfigError
 from orchestrator.keys import Keys
 from tests.harness import REPO, process_env, run_cli, start_supervisor, start_worker
 from tests.helpers import wait_until
+from tests.integration.test_acl import CLUSTER_ADDITIONS, doc_lines
+from workers.testflows import chain
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -56,7 +59,7 @@ def test_the_loopback_cluster_promotes_a_replica_when_a_master_is_killed(tmp_pat
         assert promoted is not killed and loopback.role(promoted) == "master"
         assert took < 30, f"failover took {took:.1f} s"
         loopback.rejoin(killed)
-        wait_until(lambda: loopback.role(killed) == "slave", 30, "the killed master rejoins as a replica")
+        wait_until(lambda: loopback.role(killed) == "slave", 30, what="the killed master rejoins as a replica")
     finally:
         loopback.stop()
 
@@ -113,7 +116,7 @@ def test_worker_supervisor_and_cli_run_workflows_on_a_cluster(cluster: LoopbackC
         submitted = [run_cli("submit", "workers.testflows:chain", "{}", env=env, cwd=tmp_path) for _ in range(8)]
         assert all(r.returncode == 0 for r in submitted), [r.stderr for r in submitted]
         run_ids = [r.stdout.split()[-1] for r in submitted]
-        wait_until(lambda: all(client.get(rid).status == "completed" for rid in run_ids), 60, "runs complete")
+        wait_until(lambda: all(client.get(rid).status == "completed" for rid in run_ids), 60, what="runs complete")
         status = run_cli("status", run_ids[0], env=env, cwd=tmp_path)
         stats = run_cli("stats", env=env, cwd=tmp_path)
         listed = run_cli("runs", "list", "--status", "completed", env=env, cwd=tmp_path)
@@ -161,3 +164,84 @@ def test_chaos_refuses_cluster_faults_on_a_deployment_it_did_not_start(
 ) -> None:
     result = run_cli("chaos", "--cluster", env=env_for(cluster.url, "refused"), cwd=tmp_path)
     assert result.returncode == 2 and "--cluster" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_worker_started_while_its_node_is_down_stops_with_a_message_naming_the_cluster(
+    cluster: LoopbackCluster, tmp_path: Path
+) -> None:
+    """The probe cannot tell a cluster from a server that does not answer: the worker takes the
+    node for a single server and waits for it; when it answers as a cluster node, the worker
+    exits with status 2 and says what happened; started again, it runs on the cluster."""
+    replica = next(n for n in cluster.live_nodes() if cluster.role(n) == "slave")
+    settings = Settings(redis_url=replica.url, namespace="late")
+    replica.kill()
+    try:
+        worker = start_worker(settings, tmp_path, "workers.testflows:chain", name="early")
+        wait_until(
+            lambda: "Redis unreachable while starting the worker" in worker.output(), 30, what="the worker waits"
+        )
+    finally:
+        cluster.rejoin(replica)
+    assert worker.wait(60) == 2, worker.output()[-3000:]
+    assert "Redis Cluster node" in worker.output() and "start it again" in worker.output()
+    assert "Traceback" not in worker.output()
+    again = start_worker(settings, tmp_path, "workers.testflows:chain", name="again")
+    client = Client(settings)
+    try:
+        run = client.submit(chain, {})
+        assert run.wait(timeout_s=60).i == 10
+    finally:
+        client.close()
+        again.signal(signal.SIGTERM)
+        assert again.wait() == 0, again.output()[-3000:]
+
+
+def test_every_role_does_its_job_on_a_cluster_with_its_acl_and_the_cluster_additions(
+    cluster: LoopbackCluster, tmp_path: Path
+) -> None:
+    """docs/security.md's line of each role plus ``+cluster|slots +command``, created on every
+    node: a worker and a supervisor run workflows, a client submits, an operator cancels, the
+    read-only CLI reads; no node's ``ACL LOG`` has an entry for these users."""
+    ns = "aclc"
+    urls: dict[str, str] = {}
+    for role in ("worker", "supervisor", "client", "operator", "reader"):
+        rules = [
+            f">pw-{role}" if r.startswith(">") else r.replace("~orch:", f"~{ns}:") for r in doc_lines()[f"orch-{role}"]
+        ]
+        rules = [r for r in rules if r != "+client|setinfo" or _version(cluster) >= (7, 2)] + CLUSTER_ADDITIONS
+        for node in cluster.nodes:
+            with node.client() as admin:
+                admin.execute_command("ACL", "SETUSER", f"{ns}-{role}", *rules)
+        urls[role] = f"redis://{ns}-{role}:pw-{role}@127.0.0.1:{cluster.nodes[0].port}/0"
+    base = Settings(redis_url=cluster.url, namespace=ns, block_ms=100)
+    worker = start_worker(base.with_url(urls["worker"]), tmp_path, "workers.testflows:chain", ledger_url=cluster.url)
+    supervisor = start_supervisor(base.with_url(urls["supervisor"]), tmp_path)
+    client = Client(base.with_url(urls["client"]))
+    try:
+        run = client.submit(chain, {})
+        assert run.wait(timeout_s=60).i == 10
+        parked = client.submit(chain, {"sleep_s": 30.0})
+        with Client(base.with_url(urls["operator"])) as operator:
+            wait_until(lambda: operator.get(parked.run_id).status == "running", 30, what="the slow run starts")
+            assert operator.cancel(parked.run_id).status == "cancelled"
+        reader_env = process_env(base.with_url(urls["reader"]))
+        for args in (["stats"], ["runs", "list"], ["status", run.run_id]):
+            result = run_cli(*args, env=reader_env, cwd=tmp_path)
+            assert result.returncode == 0, result.stderr[-2000:]
+    finally:
+        client.close()
+        for process in (worker, supervisor):
+            process.signal(signal.SIGTERM)
+            assert process.wait() == 0, process.output()[-3000:]
+    denied = []
+    for node in cluster.nodes:
+        with node.client() as admin:
+            for entry in admin.execute_command("ACL", "LOG", "1000"):
+                fields = dict(zip(entry[::2], entry[1::2], strict=True)) if isinstance(entry, list) else entry
+                if str(fields["username"]).startswith(f"{ns}-"):
+                    denied.append((node.port, fields["username"], fields["object"]))
+    assert denied == []
+
+
+def _version(cluster: LoopbackCluster) -> tuple[int, ...]:
+    return server_version(cluster.nodes[0].binary)

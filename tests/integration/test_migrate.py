@@ -31,7 +31,7 @@ from workers.testflows import chain
 LEGACY_COMMIT = "e0933e3672ba3819bae144dc65d0e32a8eedf6ff"  # the last commit before partitions
 CHAIN_STEPS = 10
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.single_server]
 
 
 @pytest.fixture(scope="module")

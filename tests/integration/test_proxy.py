@@ -18,6 +18,8 @@ from orchestrator.chaos.proxy import FaultProxy, Mode
 from orchestrator.embedded import RedisServer
 from tests.helpers import wait_until
 
+pytestmark = pytest.mark.single_server
+
 TIMEOUT_S = 0.3  # client socket timeout where a test expects a timeout
 PATIENT_S = 5.0  # where a test expects a fast error: failing well before this is not a timeout
 

@@ -16,6 +16,8 @@ from tests.conftest import fast_settings
 from tests.harness import worker_thread
 from tests.helpers import wait_until
 
+pytestmark = pytest.mark.single_server
+
 
 @pytest.fixture
 def sentinel_port(redis_server: RedisServer, tmp_path: Path) -> Iterator[int]:

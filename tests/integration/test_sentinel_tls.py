@@ -23,6 +23,8 @@ from tests.harness import worker_thread
 from tests.helpers import wait_until
 from tests.secure_redis import Certs, tls_sentinel, tls_server, tls_url
 
+pytestmark = pytest.mark.single_server
+
 
 class TlsTopology:
     def __init__(self, tmp: Path, bundle: Certs, binary: str) -> None:
