@@ -12,9 +12,13 @@ indexes and counters) carries the partition's tag ``T`` = ``<ns>:p<i>:<n>``, wit
 ``n`` that puts the tag's hash slot in the ``i``-th of ``P`` equal ranges of Redis Cluster's
 16,384 slots: every script is single-slot, and partitions spread evenly over a cluster's shards.
 Fleet keys (workers, leader, queues, config, the fleet's own counters) share ``{<ns>}`` and are
-touched by their own scripts. Below, ``{T}`` stands for the run's partition's tag. Resharding
-moves whole partitions (a partition is one slot); the partition count cannot change for a
-namespace's life (``orchestrator migrate`` moves a namespace from the layout before partitions).
+touched by their own scripts. Below, ``{T}`` stands for the run's partition's tag. So a run's
+slot is ``CRC16(T) mod 16384`` for its partition's ``T``, the same on every deployment; on a
+Redis Cluster the run lives on whichever master serves that slot. Resharding moves whole
+partitions (a partition is one slot, and its keys move with it, streams with their consumer
+groups and pending entries; docs/design.md section 5 says what clients see meanwhile); the
+partition count cannot change for a namespace's life (``orchestrator migrate`` moves a
+namespace from the layout before partitions).
 
 =================================  ======  ======================================  ===================  ====================
 Key                                Type    Holds                                   Written by           Lifetime
@@ -86,7 +90,7 @@ Key                                Type    Holds                                
                                            scripts count in their partition's
 ``<ns>:rejected:{<ns>}``           stream  malformed stream entries, kept for      worker               MAXLEN ~10000
                                            inspection with the reason
-``<ns>:probe:{a}``, ``{b}``        (none)  never written: read together at start   (read only)          never exists
+``<ns>:probe:{a}``, ``{b}``        (none)  never written: read together at connect (read only)          never exists
                                            to tell a Redis Cluster node (CROSSSLOT)
 ``<ns>:ledger:{<ns>}:executions``  list    chaos/test steps: one JSON record per   chaos and test       until the namespace
                                            execution (key, fence, worker, saw)     workflows only       is deleted
@@ -299,8 +303,8 @@ class Keys:
     @property
     def cluster_probe(self) -> tuple[str, str]:
         """Two keys in different hash slots, never written: ``EXISTS`` on both answers 0 from a
-        single server and CROSSSLOT from a Redis Cluster node, which workers and supervisors
-        refuse at start (see ``connection.cluster_reply``)."""
+        single server and CROSSSLOT from a Redis Cluster node (``connection.is_cluster_node``),
+        which then gets redis-py's cluster client."""
         return f"{self.namespace}:probe:{{a}}", f"{self.namespace}:probe:{{b}}"
 
     @property

@@ -89,3 +89,31 @@ def test_liveness_holds_every_claim_and_renews_each_lease(liveness: dict[str, An
         # per_inflight is (in flight - idle) / N: at smoke sizes the supervisor's own scans (which
         # vary window to window) outweigh 10 claims' renewals, so its sign is noise and not asserted
         assert set(lv["per_inflight"]) >= {"commands_per_s", "redis_cpu_us_per_s"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("shards") / "shards.json"
+    return run_bench("shards", out, "--chains", str(CHAINS), "--steps", str(STEPS))
+
+
+@pytest.mark.timeout(180)
+def test_shards_commits_every_step_on_one_redis_and_on_the_cluster(shards: dict[str, Any]) -> None:
+    total = CHAINS * STEPS
+    for target in ("single", "cluster"):
+        side = shards[target]
+        assert side["steps"] == total and side["redis_cpu_us_per_step"] > 0 and side["commands_per_step"] > 0
+    cluster = shards["cluster"]["shards"]
+    assert len(cluster) == 3  # every master served some of the 16 partitions
+    assert abs(sum(s["steps_share"] for s in cluster.values()) - 1) < 1e-9
+    assert all(s["steps_share"] > 0 for s in cluster.values())
+    assert shards["cluster"]["replica_cpu_us_per_step"] > 0  # the replicas were fed
+
+
+@pytest.mark.timeout(180)
+def test_shards_capacity_model_is_bounded_by_the_busiest_shard(shards: dict[str, Any]) -> None:
+    for row in shards["model"]["cluster"]:
+        assert 0 < row["evenness"] <= 1 and row["largest_partition_share"] >= 1 / row["shards"]
+        assert row["steps_per_s"] <= row["steps_per_s_if_even"] + 1e-6
+    per_shard = 1e6 / shards["cluster"]["redis_cpu_us_per_step"]
+    assert shards["model"]["cluster"][0]["steps_per_s_if_even"] == pytest.approx(3 * per_shard)
