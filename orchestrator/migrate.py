@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import redis
 
 from orchestrator import scripts
+from orchestrator.connection import is_cluster
 from orchestrator.errors import ConfigError
 from orchestrator.keys import GROUP, Keys, LegacyKeys
 from orchestrator.layout import check_layout
@@ -80,6 +81,12 @@ def migrate(
 ) -> Migrated:
     """Move namespace ``keys.namespace`` to the partitioned layout with ``keys.partitions``
     partitions; see the module docstring. ``on_page(done, total)`` reports progress."""
+    if is_cluster(client):
+        raise ConfigError(
+            "orchestrator migrate moves data written before partitions, which only ever ran on a single "
+            "server (or Sentinel): there is nothing to migrate on a Redis Cluster; point --redis-url at the "
+            "old server, migrate there, then move the data"
+        )
     legacy = LegacyKeys(keys.namespace)
     store = Store(keys)
     if not force:

@@ -245,3 +245,9 @@ def test_every_role_does_its_job_on_a_cluster_with_its_acl_and_the_cluster_addit
 
 def _version(cluster: LoopbackCluster) -> tuple[int, ...]:
     return server_version(cluster.nodes[0].binary)
+
+
+def test_migrate_says_there_is_nothing_to_migrate_on_a_cluster(cluster: LoopbackCluster, tmp_path: Path) -> None:
+    result = run_cli("migrate", env=env_for(cluster.url, "mig"), cwd=tmp_path)
+    assert result.returncode == 2 and "nothing to migrate on a Redis Cluster" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
