@@ -141,11 +141,11 @@ def run_load(url: str, nodes: list[Node], options: Options, log_dir: Path) -> di
             pipe = client.redis.pipeline(transaction=False)
             for part in keys.parts:
                 pipe.zcard(part.done)
-            return sum(pipe.execute()) >= options.chains
+            return int(sum(pipe.execute())) >= options.chains
 
         done = wait_until(finished, 120 + total / 50, "every chain finishing", fleet)
         elapsed = done - started
-        per_node = {}
+        per_node: dict[str, dict[str, Any]] = {}
         for node in nodes:
             stats = command_stats(node.admin)
             per_node[node.name] = {
