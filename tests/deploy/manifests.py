@@ -24,6 +24,7 @@ from orchestrator.errors import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
+COMPOSE_CLUSTER = DEPLOY / "compose.cluster.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -47,6 +48,13 @@ def load_all(path: Path) -> list[dict[str, Any]]:
 @cache
 def compose() -> dict[str, Any]:
     data: dict[str, Any] = load_yaml(COMPOSE)
+    return data
+
+
+@cache
+def compose_cluster() -> dict[str, Any]:
+    """deploy/compose.cluster.yaml, the stack on a Redis Cluster."""
+    data: dict[str, Any] = load_yaml(COMPOSE_CLUSTER)
     return data
 
 
