@@ -87,8 +87,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     add_common_args(parser)
     ns = parser.parse_args(argv)
     chains = ns.chains if ns.chains is not None else (40 if ns.quick else 500)
-    if chains < 1 or ns.steps < 1 or ns.workers < 1 or ns.masters < 3 or ns.replicas < 0:
-        parser.error("--chains, --steps, --workers must be at least 1, --masters at least 3, --replicas >= 0")
+    if chains < 1 or ns.steps < 1 or ns.workers < 1 or ns.masters < 1 or ns.replicas < 0:
+        parser.error("--chains, --steps, --workers must be at least 1, --masters at least 1, --replicas >= 0")
     return Options(
         chains=chains,
         steps=ns.steps,
