@@ -68,10 +68,15 @@ def _missing(results: list[Any], calls: Sequence[Call]) -> list[int]:
 
 
 def _first_error(results: list[Any], calls: Sequence[Call]) -> None:
+    """Raise the first refused call's error. A cluster's pipeline also hands back a node's
+    connection error or a ClusterError (a slot still split by a move after the retries) as
+    one call's reply: raised as it is."""
     for res, call in zip(results, calls, strict=True):
         if isinstance(res, ResponseError):
             name = call.script.name if call.script else str(call.command[0])
             raise ResponseError(f"{name}: {res}") from res  # the cause keeps redis-py's class (MovedError...)
+        if isinstance(res, BaseException):
+            raise res
 
 
 def execute(client: redis.Redis, calls: Sequence[Call], *, raise_on_error: bool = True) -> list[Any]:

@@ -18,10 +18,11 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aredis
+import redis.asyncio.cluster as acluster
 
 from orchestrator import faults as fault_points
 from orchestrator import scripts
@@ -32,6 +33,7 @@ from orchestrator.connection import (
     aclose,
     check_topology_async,
     close,
+    cluster_reply,
     connect,
     connect_async,
     is_cluster,
@@ -54,6 +56,7 @@ from orchestrator.worker.usercode import StepThreads
 from orchestrator.workflow import Workflow
 
 log = logging.getLogger("orchestrator.worker")
+REDIRECTED_PAUSE_S = 0.05  # a cluster read that met MOVED or ASK: the slot map is patched, read again soon
 
 
 def new_worker_id() -> str:
@@ -396,11 +399,12 @@ class Worker:
                 await self._wait_for_slot()
                 continue
             try:
-                reply = await client.xreadgroup(
-                    GROUP, self.id, offsets, count=self._read_count(), block=self.settings.block_ms
-                )
+                reply = await self._read(client, offsets)
                 outage.recovered()
             except redis.ResponseError as exc:
+                if is_cluster(client) and cluster_reply(exc):  # a read aimed at a slot's old owner
+                    await self._pause(REDIRECTED_PAUSE_S)
+                    continue
                 if "NOGROUP" not in str(exc):  # refused for now (MISCONF, READONLY, OOM...): wait, retry
                     await self._pause(outage.failed(exc))
                     continue
@@ -413,6 +417,24 @@ class Worker:
                 continue
             if reply:
                 await self._start(reply)
+
+    async def _read(self, client: aredis.Redis, offsets: dict[Any, Any]) -> Any:
+        """One XREADGROUP of ``offsets``' streams, blocking up to ``block_ms``.
+
+        On a cluster the node is named: redis-py's cluster client cannot find XREADGROUP's keys
+        in its command table (they follow STREAMS) and would ask a node with ``COMMAND GETKEYS``
+        before every read, while every stream of one read shares one partition's slot. After a
+        slot moved, the read fails once (MOVED) and the next one goes to the new owner.
+        """
+        count, block = self._read_count(), self.settings.block_ms
+        if not is_cluster(client):
+            return await client.xreadgroup(GROUP, self.id, offsets, count=count, block=block)
+        cluster = cast(acluster.RedisCluster, client)
+        node = cluster.get_node_from_key(next(iter(offsets)))
+        streams = ["STREAMS", *offsets, *offsets.values()]
+        return await cluster.execute_command(
+            "XREADGROUP", "GROUP", GROUP, self.id, "COUNT", count, "BLOCK", block, *streams, target_nodes=node
+        )
 
     async def _start(self, reply: Any) -> None:
         assert self.rt is not None

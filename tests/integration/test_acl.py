@@ -75,7 +75,7 @@ CONNECTION = {"ping", "client|setinfo"}
 PROBE = {"exists"}  # connection.is_cluster_node: EXISTS on two keys of different slots, at connect
 # On a Redis Cluster only, for every role but KEDA: redis-py's cluster client reads the slot map
 # and the command table (docs/security.md; test_cluster.py runs the roles with them)
-CLUSTER_ADDITIONS = ["+cluster|slots", "+command"]
+CLUSTER_ADDITIONS = ["+cluster|slots", "+command", "+asking"]
 SCRIPTING = {"evalsha", "script|load"}  # scripts.execute: EVALSHA, and SCRIPT LOAD on NOSCRIPT
 # fleet_metrics.FleetCollector (the supervisor's /metrics, `orchestrator stats` and `top`);
 # ZRANDMEMBER samples run records past RUN_SAMPLE runs, MEMORY USAGE sizes a few
