@@ -8,11 +8,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import redis
 from pydantic import BaseModel
 from redis.crc import key_slot
 
 import orchestrator
-from orchestrator import End, Goto, NonRetryableError, Retry, Settings, Workflow
+from orchestrator import End, Goto, NonRetryableError, Retry, Settings, Workflow, scripts
 from orchestrator.codec import Dispatch, dumps
 from orchestrator.connection import parse_sentinel_url, redact_url
 from orchestrator.errors import ConfigError, DefinitionError, PayloadTooLarge, StepResultError, ValidationError
@@ -310,3 +311,28 @@ def test_unknown_orchestrator_variables_are_named_with_a_guess() -> None:
     assert unknown_variables(env) == [
         "ORCHESTRATOR_DRAIN_GRACE is not a setting and is ignored; did you mean ORCHESTRATOR_DRAIN_GRACE_S?"
     ]
+
+
+class _PipelineReplying:
+    """A pipeline stand-in whose replies are given: what a cluster's pipeline hands back when one
+    node fails (its error as that call's reply) and the others answer."""
+
+    def __init__(self, replies: list[object]) -> None:
+        self.replies = replies
+
+    def pipeline(self, transaction: bool = False) -> _PipelineReplying:
+        return self
+
+    def execute_command(self, *args: object) -> None:
+        pass
+
+    def execute(self, raise_on_error: bool = True) -> list[object]:
+        return self.replies
+
+
+def test_a_node_error_among_pipeline_replies_is_raised_not_returned_as_a_reply() -> None:
+    failure = redis.exceptions.ClusterError("slot 42 still split after the retries")
+    calls = [scripts.command("HGET", "k", "f"), scripts.command("HGET", "k2", "f")]
+    with pytest.raises(redis.exceptions.ClusterError):
+        scripts.execute(_PipelineReplying(["v", failure]), calls)  # type: ignore[arg-type]
+    assert scripts.execute(_PipelineReplying(["v", failure]), calls, raise_on_error=False) == ["v", failure]  # type: ignore[arg-type]
