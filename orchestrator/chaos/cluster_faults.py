@@ -94,13 +94,18 @@ class ClusterFaults:
         """A live node's URL, for processes started from now on."""
         return self.cluster.live_nodes()[0].url
 
-    def wait(self, timeout_s: float = REJOIN_TIMEOUT_S) -> None:
-        """Wait until no fault is under way and the cluster is whole again."""
+    def wait(self, timeout_s: float = REJOIN_TIMEOUT_S) -> list[str]:
+        """Start the planned faults that had to wait for an earlier one (a failover not yet
+        over when a resharding was due), then wait until none is under way and the cluster is
+        whole again; returns the faults started here."""
         deadline = time.monotonic() + timeout_s
-        while self.busy and time.monotonic() < deadline:
-            self.tick(time.monotonic())
+        started = []
+        while (self.busy or self.due) and time.monotonic() < deadline:
+            if kind := self.tick(float("inf")):
+                started.append(kind)
             time.sleep(0.1)
         self.cluster.wait_ready(max(1.0, deadline - time.monotonic()))
+        return started
 
     def _promoted(self) -> bool:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,22 +45,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackCluste
 
 def env_for(url: str, namespace: str, **extra: str) -> dict[str, str]:
     return {**PASSWORD_FREE_ENV, "ORCHESTRATOR_REDIS_URL": url, "ORCHESTRATOR_NAMESPACE": namespace, **extra}
-
-
-def test_the_loopback_cluster_promotes_a_replica_when_a_master_is_killed(tmp_path: Path) -> None:
-    loopback = LoopbackCluster(tmp_path).start()
-    try:
-        killed = loopback.kill_master(0)
-        started = time.monotonic()
-        loopback.wait_ready(timeout_s=60)
-        took = time.monotonic() - started
-        promoted = loopback.master_of_slot(0)
-        assert promoted is not killed and loopback.role(promoted) == "master"
-        assert took < 30, f"failover took {took:.1f} s"
-        loopback.rejoin(killed)
-        wait_until(lambda: loopback.role(killed) == "slave", 30, what="the killed master rejoins as a replica")
-    finally:
-        loopback.stop()
 
 
 def test_a_plain_url_of_any_node_gets_the_cluster_client(cluster: LoopbackCluster) -> None:
@@ -137,7 +120,7 @@ def test_chaos_against_a_cluster_url_passes(cluster: LoopbackCluster, tmp_path: 
     """``orchestrator chaos`` pointed at a node of somebody's cluster: worker and supervisor
     kills only (it never kills the servers of a deployment it did not start)."""
     env = env_for(cluster.url, "chaos")
-    args = ["chaos", "--duration", "8", "--workers", "2", "--supervisors", "1", "--output", "json"]
+    args = ["chaos", "--duration", "4", "--workers", "2", "--supervisors", "1", "--output", "json"]
     result = run_cli(*args, "--chaos-dir", str(tmp_path / "chaos"), env=env, cwd=tmp_path, timeout=200)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     report = json.loads(result.stdout)
@@ -148,7 +131,7 @@ def test_chaos_on_its_own_cluster_fails_a_master_over_and_moves_slots_under_load
     """The issue's bar at test size: a master ``kill -9``'d and slots moved while runs go on,
     and every invariant of the chaos run holds (no run lost, nothing re-run after commit, each
     effect once, counters agree with histories)."""
-    args = ["chaos", "--cluster", "--duration", "20", "--workers", "2", "--supervisors", "1", "--output", "json"]
+    args = ["chaos", "--cluster", "--duration", "16", "--workers", "2", "--supervisors", "1", "--output", "json"]
     env = {**PASSWORD_FREE_ENV}
     result = run_cli(*args, "--chaos-dir", str(tmp_path / "chaos"), env=env, cwd=tmp_path, timeout=230)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
