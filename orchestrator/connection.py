@@ -129,7 +129,7 @@ def lacks_permission(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and bool(_NO_PERMISSION.search(str(exc)))
 
 
-def _slot_map_failure(exc: BaseException, where: str) -> OrchestratorError:
+def _slot_map_failure(exc: BaseException, where: str, url: str) -> OrchestratorError:
     """What redis-py's cluster client means by "Redis Cluster cannot be connected": no node let
     it read the slot map. It words a refused ``CLUSTER SLOTS`` as "Cluster mode is not enabled";
     the refusal itself is further down the exception chain."""
@@ -139,9 +139,11 @@ def _slot_map_failure(exc: BaseException, where: str) -> OrchestratorError:
         if seen is not None and lacks_permission(seen):
             return RedisRefused(
                 f"Redis at {where} is a Redis Cluster node, and the URL's user may not read the cluster's "
-                f"slot map ({seen}): add +cluster|slots to its ACL, on every node (docs/security.md)"
+                f"slot map ({mask(str(seen), secrets_of(url))}): add +cluster|slots to its ACL, on every "
+                "node (docs/security.md)"
             )
-    return RedisUnavailable(f"cannot use the Redis Cluster at {where}: no node answered with its slot map ({exc})")
+    detail = mask(str(exc), secrets_of(url))
+    return RedisUnavailable(f"cannot use the Redis Cluster at {where}: no node answered with its slot map ({detail})")
 
 
 def redis_failure(exc: BaseException, url: str) -> OrchestratorError:
@@ -155,7 +157,7 @@ def redis_failure(exc: BaseException, url: str) -> OrchestratorError:
     where = redact_url(url) or "(a client given by the caller)"
     detail = mask(_without_reprs(" ".join(str(exc).split()).rstrip(".")), secrets_of(url)) or type(exc).__name__
     if isinstance(exc, redis.exceptions.RedisClusterException):
-        return _slot_map_failure(exc, where)
+        return _slot_map_failure(exc, where, url)
     if isinstance(exc, redis.AuthenticationError):
         if not secrets_of(url):
             return RedisRefused(
@@ -420,7 +422,7 @@ def is_cluster_node(url: str, probe: Sequence[str]) -> bool:
     return False
 
 
-def _cluster_options(url: str, scheme: str) -> dict[str, Any]:
+def _cluster_options(scheme: str) -> dict[str, Any]:
     """What redis-py's cluster clients take besides the URL: our timeouts and keepalive, and
     ``require_full_coverage=False``, so that a shard without a master (between a kill and its
     replica's promotion) leaves the other shards' runs going."""
@@ -440,7 +442,7 @@ def connect(url: str, *, probe: Sequence[str] = ()) -> redis.Redis:
     if is_cluster_node(url, probe):
         try:  # the synchronous client reads the slot map at once
             cluster = redis.cluster.RedisCluster.from_url(
-                _lower_scheme(url, scheme), retry=_retry(), **_cluster_options(url, scheme)
+                _lower_scheme(url, scheme), retry=_retry(), **_cluster_options(scheme)
             )
         except REDIS_FAILURES as exc:
             raise redis_failure(exc, url) from None
@@ -512,7 +514,7 @@ def connect_async(url: str, *, probe: Sequence[str] = ()) -> aredis.Redis:
     check_tls_files(url)
     if is_cluster_node(url, probe):
         cluster = acluster.RedisCluster.from_url(
-            _lower_scheme(url, scheme), retry=_async_retry(), **_cluster_options(url, scheme)
+            _lower_scheme(url, scheme), retry=_async_retry(), **_cluster_options(scheme)
         )
         return cast(aredis.Redis, cluster)
     if scheme not in SENTINEL_SCHEMES:
