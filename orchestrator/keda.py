@@ -322,7 +322,8 @@ _MANIFEST_HEADER = """\
 #
 # The consumer groups must exist when KEDA polls (an older KEDA fails on a missing one and then
 # holds fallback.replicas workers): workers and the leading supervisor create them, and on a
-# fresh Redis `orchestrator keda --print groups | redis-cli` does (deploy/README.md).
+# fresh Redis `orchestrator keda --print groups | redis-cli` does (`redis-cli -c` on a Redis
+# Cluster; deploy/README.md).
 #
 # Credentials: the TriggerAuthentication below passes a password only, which Redis checks as
 # its `default` user. For a Redis ACL user of KEDA's own (read-only, the queue streams only: the
