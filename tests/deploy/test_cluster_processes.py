@@ -661,7 +661,9 @@ def test_a_failed_master_is_replaced_by_its_replica_while_the_other_masters_serv
         assert promoted_at - killed_at < timeout_s
     finally:
         client.close()
-    assert stack.master_of(key_slot(keys.tag(keys.partition_of(runs[victim.port])).encode())) is replica
+    # the other nodes learn the new owner by gossip, a moment after the promotion itself
+    slot = key_slot(keys.tag(keys.partition_of(runs[victim.port])).encode())
+    wait_until(lambda: stack.master_of(slot) is replica, timeout_s=30, what="every node sees the replica as master")
 
 
 def _outcome(client: Client, run_id: str) -> tuple[str, float]:
