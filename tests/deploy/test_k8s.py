@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -252,6 +253,19 @@ def test_the_kustomization_lists_every_manifest_and_only_those() -> None:
         "ScaledObject",
         "TriggerAuthentication",
     }
+
+
+def validate_for_kubernetes(docs: Iterable[dict[str, Any]]) -> None:
+    """Every document but KEDA's against the schemas of each of ``KUBERNETES_VERSIONS`` (strict);
+    skipped where kubernetes-validate is not installed."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    docs = list(docs)
+    for version in KUBERNETES_VERSIONS:
+        if version == "latest":
+            version = kubernetes_validate.latest_version()
+        for doc in docs:
+            if doc["apiVersion"] != KEDA_API:
+                kubernetes_validate.validate(doc, version, strict=True)
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)

@@ -21,12 +21,12 @@ from orchestrator.settings import Settings
 from tests.deploy.manifests import DEPLOY, K8S, orchestrator_keda, shared_option
 from tests.deploy.test_k8s import (
     KEDA_API,
-    KUBERNETES_VERSIONS,
     REDIS_STREAMS_AUTH_PARAMETERS,
     SCALED_OBJECT_SPEC,
     TRIGGER_AUTHENTICATION_SPEC,
     layout,
     scaled_spec,
+    validate_for_kubernetes,
 )
 from tests.deploy.test_k8s_security import Docs, auth_refs, keda_tls, overlay_with, render, secret_value
 from tests.keda_fields import REDIS_CLUSTER_STREAMS_METADATA
@@ -120,14 +120,8 @@ def test_several_nodes_become_keda_addresses() -> None:
 def test_the_component_renders_on_the_base_as_valid_kubernetes_and_keda(
     tmp_path: Path, components: tuple[str, ...]
 ) -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
     docs = render(tmp_path, overlay_with(*components))
-    for version in KUBERNETES_VERSIONS:
-        if version == "latest":
-            version = kubernetes_validate.latest_version()
-        for doc in docs.values():
-            if doc["apiVersion"] != KEDA_API:
-                kubernetes_validate.validate(doc, version, strict=True)
+    validate_for_kubernetes(docs.values())
     check_cluster_keda(docs)
     spec = docs["ScaledObject", "orchestrator-worker"]["spec"]
     assert spec["triggers"] == patched("/spec/triggers")

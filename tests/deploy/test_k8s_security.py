@@ -19,7 +19,6 @@ from orchestrator.settings import Settings
 from tests.deploy.manifests import K8S, REPO, orchestrator_keda, shared_option
 from tests.deploy.test_k8s import (
     KEDA_API,
-    KUBERNETES_VERSIONS,
     REDIS_STREAMS_AUTH_PARAMETERS,
     REDIS_STREAMS_METADATA,
     SCALED_OBJECT_SPEC,
@@ -27,6 +26,7 @@ from tests.deploy.test_k8s import (
     kustomize,
     layout,
     scaled_spec,
+    validate_for_kubernetes,
 )
 
 COMPONENTS = K8S / "components"
@@ -110,14 +110,8 @@ def check_keda(docs: Docs) -> None:
 def test_the_components_render_on_the_base_as_valid_kubernetes_and_keda(
     tmp_path: Path, components: tuple[str, ...]
 ) -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
     docs = render(tmp_path, overlay_with(*components))
-    for version in KUBERNETES_VERSIONS:
-        if version == "latest":
-            version = kubernetes_validate.latest_version()
-        for doc in docs.values():
-            if doc["apiVersion"] != KEDA_API:
-                kubernetes_validate.validate(doc, version, strict=True)
+    validate_for_kubernetes(docs.values())
     check_keda(docs)
     params = auth_refs(docs)
     assert params["password"] == ("orchestrator-redis", "REDIS_PASSWORD")
