@@ -3,14 +3,8 @@
 
 from __future__ import annotations
 
-# Trigger metadata of KEDA's redis-streams scaler (https://keda.sh/docs/latest/scalers/redis-streams/).
-REDIS_STREAMS_METADATA = {
-    "address",
-    "host",
-    "port",
-    "addressFromEnv",
-    "hostFromEnv",
-    "portFromEnv",
+# What KEDA's two Redis stream scalers share: credentials, the stream, the modes, TLS.
+_SHARED = {
     "usernameFromEnv",
     "passwordFromEnv",
     "stream",
@@ -19,27 +13,19 @@ REDIS_STREAMS_METADATA = {
     "streamLength",
     "lagCount",
     "activationLagCount",
-    "databaseIndex",
     "enableTLS",
     "unsafeSsl",
 }
+# Trigger metadata of KEDA's redis-streams scaler (https://keda.sh/docs/latest/scalers/redis-streams/).
+REDIS_STREAMS_METADATA = _SHARED | {"address", "host", "port", "addressFromEnv", "hostFromEnv", "portFromEnv"}
+REDIS_STREAMS_METADATA |= {"databaseIndex"}
 # The same for redis-cluster-streams (https://keda.sh/docs/2.13/scalers/redis-cluster-streams/):
 # `addresses` of the cluster's nodes, and no database index.
-REDIS_CLUSTER_STREAMS_METADATA = {
+REDIS_CLUSTER_STREAMS_METADATA = _SHARED | {
     "addresses",
     "hosts",
     "ports",
     "addressesFromEnv",
     "hostsFromEnv",
     "portsFromEnv",
-    "usernameFromEnv",
-    "passwordFromEnv",
-    "stream",
-    "consumerGroup",
-    "pendingEntriesCount",
-    "streamLength",
-    "lagCount",
-    "activationLagCount",
-    "enableTLS",
-    "unsafeSsl",
 }
