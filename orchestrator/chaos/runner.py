@@ -383,20 +383,19 @@ class ChaosRun:
         """A failover or a resharding when due. Processes started from then on get a live
         node's URL; a failover counts as a restore from an older copy (see cluster_faults)."""
         kind = faults.tick(now)
-        if kind is None:
-            return
+        if kind is not None:
+            self._cluster_fault_started(kind, faults)
+
+    def _cluster_fault_started(self, kind: str, faults: ClusterFaults, late: bool = False) -> None:
         self.injected.add(kind)
         self.procs.env["ORCHESTRATOR_REDIS_URL"] = faults.url()
         if kind == FAILOVER:
             self._restored()
-        self.echo(f"  cluster: {kind}")
+        self.echo(f"  cluster: {kind}" + (" (after the fault window: the one before took longer)" if late else ""))
 
     def _finish_cluster_faults(self, faults: ClusterFaults) -> None:
         for kind in faults.wait():  # planned in the window, started late: an earlier one was not over
-            self.injected.add(kind)
-            self.echo(f"  cluster: {kind} (after the fault window: the one before took longer)")
-            if kind == FAILOVER:
-                self._restored()
+            self._cluster_fault_started(kind, faults, late=True)
         self.procs.env["ORCHESTRATOR_REDIS_URL"] = faults.url()
         if faults.errors:
             raise OrchestratorError(f"a cluster fault could not be injected: {'; '.join(faults.errors)}")
