@@ -657,7 +657,10 @@ def test_a_failed_master_is_replaced_by_its_replica_while_the_other_masters_serv
         if returned_at < promoted_at:  # (else the client's retries outlasted the failover)
             assert status == "failed: RedisUnavailable", status
         wait_until(lambda: cluster_info(stack.nodes[0])["cluster_state"] == "ok", timeout_s=30, what="cluster ok")
-        assert client.get(runs[victim.port]).status == "pending", "served by the promoted replica"
+        # served by the promoted replica, once this client's slot map has caught up: its first
+        # call after the failover may still go to the dead node and fail (seen in CI)
+        served = lambda: _outcome(client, runs[victim.port])[0] == "pending"  # noqa: E731
+        wait_until(served, timeout_s=30, what="the run served by the promoted replica")
         assert promoted_at - killed_at < timeout_s
     finally:
         client.close()
