@@ -12,8 +12,8 @@ Arm with ``Settings.faults`` (``ORCHESTRATOR_FAULTS``), a comma-separated list o
 
 Points in the worker: ``after_claim`` (claimed, user code not started), ``mid_step`` (called
 by test steps through :func:`point`), ``after_stash`` (a stash is durable), ``before_commit``
-(the step returned, nothing persisted), ``after_persist_before_ack`` (committed, entry not yet
-acked). In the supervisor: ``before_redispatch``.
+(the step returned, nothing persisted), ``after_persist_before_ack`` (the outcome is durable;
+a commit acked its entry with it, a failure's entry is not acked yet). In the supervisor: ``before_redispatch``.
 """
 
 from __future__ import annotations

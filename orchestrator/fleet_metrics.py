@@ -246,9 +246,12 @@ class FleetCollector(Collector):
                 pend = float(summary.get("pending", 0)) if isinstance(summary, dict) else 0.0
                 group = next((g for g in groups if g.get("name") == GROUP), None) if isinstance(groups, list) else None
                 reported = (group or {}).get("lag")
-                # Redis reports no lag once entries were deleted out of order (workers XDEL what
-                # they ack); the stream then holds only undelivered and pending entries, so derive it
+                # Without a lag from Redis (6.2; or after entries were deleted ahead of the
+                # group) the stream's length stands in: undelivered and pending entries, plus
+                # acked ones until the supervisor's next trim (trim.lua)
                 behind = float(reported) if reported is not None else max(0.0, entries - pend)
+                if reported is not None:
+                    entries = behind + pend  # acked entries the next trim drops are not queue
                 waiting = float(n_delayed) if isinstance(n_delayed, int) else 0.0
                 totals = [a + b for a, b in zip(totals, (entries, pend, behind, waiting), strict=True)]
                 low = summary.get("min") if isinstance(summary, dict) else None

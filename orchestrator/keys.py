@@ -45,10 +45,10 @@ Key                                Type    Holds                                
                                                                                    renew; deleted by
                                                                                    commit, fail,
                                                                                    release, cancel
-``<ns>:queue:{T}:Q``               stream  dispatches ``run step visit wf``;       submit, commit,      entry deleted
-                                           consumer group ``workers``              release, promote,    (XDEL) once acked
-                                                                                   redispatch, sweep,
-                                                                                   retry_run
+``<ns>:queue:{T}:Q``               stream  dispatches ``run step visit wf``;       submit, commit,      acked entries
+                                           consumer group ``workers``              release, promote,    trimmed by the
+                                                                                   redispatch, sweep,   supervisor each
+                                                                                   retry_run            tick (trim.lua)
 ``<ns>:queued:{T}:Q``              zset    run id -> its entry's id as a score     the scripts that     while the run waits
                                            (ms + seq/2048), for runs whose         add entries; claim   in the stream
                                            dispatch waits in this stream           removes; sweep

@@ -95,7 +95,8 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Committed:
-    """Reply of ``commit.lua`` when it applied: the next dispatch, and its claim when chained."""
+    """Reply of ``commit.lua`` when it applied: the next dispatch, and its claim when chained
+    (without the state: the committing worker has it, its update merged)."""
 
     next_step: str  # '' when the run completed
     visit: int
@@ -200,9 +201,12 @@ class Store:
         chain_to: str | None = None,
         chain_token: str = "",
         lease_ms: int = 0,
+        entry_id: str = "",
     ) -> Call:
         """``chain_to``: the consumer that takes the next step at once when nothing else waits,
-        under ``chain_token`` (a new claim token); ``max_steps`` = 0 puts no limit on the run."""
+        under ``chain_token`` (a new claim token); ``max_steps`` = 0 puts no limit on the run;
+        ``entry_id``: the stream entry the claim was made from, acked by the commit when it
+        applies ('' leaves the ack to the caller)."""
         rk, qk, k = self._at(dispatch.run, queue)
         return scripts.load("commit").call(
             [
@@ -236,6 +240,7 @@ class Store:
                 lease_ms,
                 GROUP,
                 max_steps,
+                entry_id,
                 *_pairs(state),
             ],
         )
@@ -279,6 +284,11 @@ class Store:
     def ack_owned(self, stream: str, consumer: str, entry_ids: Sequence[str]) -> Call:
         """XACK and XDEL of the entries of ``stream`` still pending for ``consumer`` (a worker's own acks)."""
         return scripts.load("ack").call([stream], [GROUP, consumer, *entry_ids])
+
+    def trim(self, *, queue: str, partition: int) -> Call:
+        """Drop the entries of ``queue``'s stream in ``partition`` that were delivered and acked
+        (reply: how many)."""
+        return scripts.load("trim").call([self.keys.queue(queue, partition).stream], [GROUP])
 
     def reap_consumer(self, *, stream: str, consumer: str) -> Call:
         """Delete a dead worker's consumer from ``stream``'s group if it has nothing pending

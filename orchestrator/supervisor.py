@@ -157,6 +157,7 @@ class Supervisor:
         for lane in lanes:
             self._per_lane(done, lane, lambda ln: self.reclaim(ln, pending[ln]))
             self._per_lane(done, lane, lambda ln: {"promoted": self.promote(ln, due[ln])})
+        self._add(done, {"trimmed": self.trim(lanes)})
         self._add(done, {"dead_workers": self.reap_workers()})
         if sweep:
             for lane in lanes:
@@ -221,6 +222,20 @@ class Supervisor:
             start = self._reclaim_from.get(lane, "-")
             pipe.xpending_range(stream, GROUP, min=start, max="+", count=SCAN_LIMIT, idle=self.settings.lease_ms)
         return dict(zip(lanes, pipe.execute(raise_on_error=False), strict=True))
+
+    def trim(self, lanes: list[Lane]) -> int:
+        """Drop every lane's delivered and acked stream entries, in one round trip (commits
+        only XACK); how many were dropped. A lane's error is logged; the tick goes on."""
+        replies = scripts.execute(
+            self.redis, [self.store.trim(queue=q, partition=p) for q, p in lanes], raise_on_error=False
+        )
+        for (queue, partition), reply in zip(lanes, replies, strict=True):
+            if isinstance(reply, Exception):
+                log.warning(
+                    "trimming a queue's stream failed",
+                    extra={"queue": queue, "partition": partition, "error": str(reply)},
+                )
+        return sum(reply for reply in replies if isinstance(reply, int))
 
     def _due(self, lanes: list[Lane]) -> dict[Lane, Any]:
         """Each lane's retries due now, in one round trip; a lane's error is its value."""

@@ -109,7 +109,9 @@ class Ops:
         cost: dict[str, float] | None = None,
         max_steps: int = 0,
         record: str | None = None,
+        ack: bool = True,
     ) -> scripts.Call:
+        """``ack``: hand the commit the entry to ack, as workers do (False: the caller acks)."""
         return self.store.commit(
             dispatch=d,
             queue="q",
@@ -124,6 +126,7 @@ class Ops:
             chain_to=chain_to,
             chain_token=f"{chain_to}:chained",
             lease_ms=5000,
+            entry_id=eid if ack else "",
         )
 
     def fail(

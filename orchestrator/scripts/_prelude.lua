@@ -67,17 +67,37 @@ local function unindex(active, queued, run_id)
   redis.call('ZREM', queued, run_id)
 end
 
+-- One HSET of every field in the table `fields` (one command instead of one per field).
+local function hset(key, fields)
+  local flat = {}
+  for name, value in pairs(fields) do
+    flat[#flat + 1] = name
+    flat[#flat + 1] = value
+  end
+  if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
+end
+
 -- Move a run whose step just got its result on to its next step (or finish it): the second
 -- half of commit.lua, also used by claim.lua to finish a commit that stopped half-way.
+-- Writes everything but the run hash; the run's new fields go into `set`, for the caller's
+-- one HSET (written last, so that a commit which stops half-way leaves its result with the
+-- run not moved on: claim.lua recognises that and finishes it).
 -- k: {run, history, stream, queued, active, done, dead, stats, detail}
--- a: {run_id, wf, token (of the claim that committed), next ('' = end), max_steps, now}
+-- a: {run_id, wf, token (of the claim that committed), next ('' = end), max_steps, now,
+--     seq (steps committed, this one included), visits (the next step's visits before this),
+--     created_ms, deliver (nil, or function(entry id) -> true when it handed the new entry to a
+--     worker at once: the run is then indexed as claimed, not as queued), claimed (true when the
+--     caller knows the run is indexed as claimed already: it was claimed from its current
+--     dispatch; its score, the first claim's time, is left: the sweep looks at a run that has
+--     not left `active` for sweep_after_s, finds it alive and scores it anew)}
 -- Returns {'OK', next step, visit, entry id}, {'OK', '', 0, '', created ms, now} when the run
--- completed, or {'OK', '', 0, '', created ms, now, 'RUNAWAY'} when the run hit max_steps.
-local function advance(k, a)
-  redis.call('HSET', k.run, 'claim', '', 'claim_fence', 0, 'done_claim', a.token, 'attempt', 0,
-    'errors', 0, 'crashes', 0, 'updated_ms', a.now)
+-- completed, or {'OK', '', 0, '', created ms, now, 'RUNAWAY'} when the run hit max_steps; and
+-- whether `deliver` took the entry.
+local function advance(k, a, set)
+  set.claim, set.claim_fence, set.done_claim, set.updated_ms = '', 0, a.token, a.now
+  set.attempt, set.errors, set.crashes = 0, 0, 0
   local function finish(status)
-    redis.call('HSET', k.run, 'status', status, 'dispatch', '', 'finished_ms', a.now)
+    set.status, set.dispatch, set.finished_ms = status, '', a.now
     unindex(k.active, k.queued, a.run_id)
   end
   if a.next == '' then
@@ -86,29 +106,32 @@ local function advance(k, a)
     redis.call('RPUSH', k.history, event({type = 'completed', at = a.now}))
     count(k.stats, 'runs_completed')
     detail(k.detail, 1, 'runs', a.wf, 'completed')
-    return {'OK', '', 0, '', tonumber(redis.call('HGET', k.run, 'created_ms')), a.now}
+    return {'OK', '', 0, '', a.created_ms, a.now}, false
   end
-  local seq = tonumber(redis.call('HGET', k.run, 'seq') or 0)
-  if a.max_steps > 0 and seq >= a.max_steps then
+  local visit = a.visits + 1
+  set['v:' .. a.next], set.step, set.visit = visit, a.next, visit
+  if a.max_steps > 0 and a.seq >= a.max_steps then
     -- a Goto loop that never ends: stop it before it grows history and results without bound
-    local msg = 'run committed ' .. seq .. ' steps, the limit (max_run_steps); the next step would be ' ..
+    local msg = 'run committed ' .. a.seq .. ' steps, the limit (max_run_steps); the next step would be ' ..
       a.next .. '. A Goto loop that never ends? Fix the loop, or raise ORCHESTRATOR_MAX_RUN_STEPS ' ..
       'on the workers, then retry the run.'
     -- the cursor moves to the next step, so a retry (after raising the limit) resumes there
-    local visit = redis.call('HINCRBY', k.run, 'v:' .. a.next, 1)
-    redis.call('HSET', k.run, 'step', a.next, 'visit', visit,
-      'error', event({type = 'RunawayRun', message = msg, traceback = '', retryable = false}))
+    set.error = event({type = 'RunawayRun', message = msg, traceback = '', retryable = false})
     finish('failed')
     redis.call('ZADD', k.dead, a.now, a.run_id)
     redis.call('RPUSH', k.history, event({type = 'failed', at = a.now, detail = msg}))
     count(k.stats, 'runs_failed')
     count(k.stats, 'runaway_runs')
     detail(k.detail, 1, 'runs', a.wf, 'failed')
-    return {'OK', '', 0, '', tonumber(redis.call('HGET', k.run, 'created_ms')), a.now, 'RUNAWAY'}
+    return {'OK', '', 0, '', a.created_ms, a.now, 'RUNAWAY'}, false
   end
-  local visit = redis.call('HINCRBY', k.run, 'v:' .. a.next, 1)
   local id = redis.call('XADD', k.stream, '*', 'run', a.run_id, 'wf', a.wf, 'step', a.next, 'visit', visit)
-  redis.call('HSET', k.run, 'step', a.next, 'visit', visit, 'dispatch', id, 'status', 'running')
-  index_queued(k.active, k.queued, a.run_id, id)
-  return {'OK', a.next, visit, id}
+  set.dispatch, set.status = id, 'running'
+  local delivered = a.deliver ~= nil and a.deliver(id)
+  if delivered and not a.claimed then
+    index_active(k.active, k.queued, a.run_id, a.now)
+  elseif not delivered then
+    index_queued(k.active, k.queued, a.run_id, id)
+  end
+  return {'OK', a.next, visit, id}, delivered
 end

@@ -42,8 +42,16 @@ if stored then
   redis.call('RPUSH', KEYS[5], event({type = 'repaired', at = now, step = ARGV[1], visit = tonumber(ARGV[2]),
     detail = 'result persisted but the run had not moved on; advanced from the result'}))
   count(KEYS[12], 'repaired')
+  -- commit.lua writes the run hash last, so the stopped commit's step is not counted in it yet
+  local seq = tonumber(r[13] or 0) + 1
+  local took = ok and type(record) == 'table' and tonumber(record['end_ms']) and tonumber(record['start_ms'])
+    and math.max(0, record['end_ms'] - record['start_ms']) or 0
+  local set = {seq = seq, work_ms = tonumber(r[14] or 0) + took}
   advance(keys, {run_id = ARGV[10], wf = r[2], token = r[5] or '', next = nxt,
-    max_steps = tonumber(ARGV[11]) or 0, now = now})
+    max_steps = tonumber(ARGV[11]) or 0, now = now, seq = seq,
+    visits = tonumber(redis.call('HGET', KEYS[1], 'v:' .. nxt) or 0),
+    created_ms = tonumber(redis.call('HGET', KEYS[1], 'created_ms'))}, set)
+  hset(KEYS[1], set)
   return {'DUP', 'advanced'}
 end
 if TERMINAL[status] then return {'TERMINAL', status} end
@@ -54,14 +62,14 @@ if r[15] ~= ARGV[8] then return {'STALE', r[3], r[4]} end
 local snap = redis.call('HGET', KEYS[4], ARGV[3])
 local stash_kept = snap and (tonumber(r[16]) or 0) or 0
 
-local function reply(fence, attempt, crashed)
+local function reply(fence, attempt, crashed, now)
   local out = {'RUN', fence, attempt, tonumber(r[10] or 0), tonumber(r[11] or 0), crashed}
   if snap then
     table.insert(out, 1); table.insert(out, snap)
   else
     table.insert(out, 0); table.insert(out, '')
   end
-  table.insert(out, now_ms())
+  table.insert(out, now)
   table.insert(out, tonumber(r[13] or 0))
   table.insert(out, tonumber(r[14] or 0) + (crashed == 1 and stash_kept or 0))
   local state = redis.call('HGETALL', KEYS[2])
@@ -73,7 +81,7 @@ if r[5] == ARGV[4] then
   -- our own claim, resent after its reply was lost: hand back the same claim, with its lease
   -- back if it lapsed meanwhile (nobody else claimed since: the claim is still ours)
   redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[6], 'NX')
-  return reply(tonumber(r[6]), tonumber(r[9]), 0)
+  return reply(tonumber(r[6]), tonumber(r[9]), 0, now_ms())
 end
 
 local now = now_ms()
@@ -118,11 +126,10 @@ if r[5] ~= '' then
 end
 
 local fence = math.max(tonumber(r[12] or 0) + 1, now)
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'fence', string.format('%d', fence), 'claim', ARGV[4],
+local attempt = tonumber(r[9] or 0) + 1
+redis.call('HSET', KEYS[1], 'attempt', attempt, 'fence', string.format('%d', fence), 'claim', ARGV[4],
   'claim_fence', string.format('%d', fence), 'claim_worker', ARGV[5], 'claim_ms', now, 'status', 'running',
   'updated_ms', now, 'stash_base_ms', string.format('%d', stash_kept))
 redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[6])
 index_active(KEYS[9], KEYS[8], ARGV[10], now)
-r[9] = tostring(attempt)
-return reply(fence, attempt, crashed)
+return reply(fence, attempt, crashed, now)

@@ -1,7 +1,10 @@
 -- Commit a step: persist its record under the idempotency key (never overwriting), merge its
--- update into the state, advance the run and enqueue the next step, all or nothing. The
--- caller XACKs the stream entry afterwards; a crash in between only causes a duplicate
--- delivery, which claim.lua answers with DUP.
+-- update into the state, advance the run, enqueue the next step and ack (XACK) the step's
+-- own stream entry, all or nothing (the supervisor trims acked entries off the stream:
+-- trim.lua). The entry is acked here only when this claim is
+-- the live one: the entry is then the one the claim was made from, and no one else's (a
+-- stream id is never reused while the claim that read it survives: Redis keeps a prefix of its
+-- writes). Every other answer leaves the entry to the caller (ack.lua) or the supervisor.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] lease
 -- KEYS[7] stream  KEYS[8] queued  KEYS[9] active  KEYS[10] done  KEYS[11] dead  KEYS[12] stats
 -- KEYS[13] stats detail
@@ -10,7 +13,8 @@
 -- ARGV[8] step duration ms  ARGV[9] step name  ARGV[10] cost JSON object ('' when none)
 -- ARGV[11] consumer to chain the next step to ('' = none)  ARGV[12] claim token for that chained
 -- claim  ARGV[13] lease ms  ARGV[14] group  ARGV[15] max committed steps per run (0 = no limit)
--- ARGV[16..] state field, JSON value pairs
+-- ARGV[16] the stream entry this claim was made from ('' = the caller acks)
+-- ARGV[17..] state field, JSON value pairs
 -- Everything is validated before the first write (Lua does not roll back a script that fails
 -- half-way), and the result is the last thing written before the run advances: a result that
 -- exists therefore always comes with its state update applied.
@@ -22,38 +26,42 @@
 -- jumping.
 -- Returns {'OK', next step, visit, entry id} ({'OK', '', 0, '', created ms, now ms} when the run
 --   completed, with a 7th element 'RUNAWAY' when it failed at max steps; {'OK', next step,
---   visit, entry id, <claim.lua's RUN reply>} when chained) or
+--   visit, entry id, <claim.lua's RUN reply without the state>} when chained: the state is the
+--   caller's own, with its update merged, so it is not sent back) or
 --   {'REPLAY'} (this very commit was already applied: same record; when that commit chained
 --   the next step to ARGV[11] and the claim is still live, the same claim again, as for OK) |
 --   {'FENCED', fence of the live claim} (this claim was replaced: another claim holds the step
 --   or already committed it) | {'TERMINAL', status} | {'MISSING'} |
 --   {'INVALID', reason} (an argument that would make a write fail: nothing was written)
 
-local STATE_AT = 16
+local STATE_AT = 17
 
--- Deliver stream entry `id` to `consumer` of `group` if it is the first undelivered entry
--- (nothing queued before it); true when it did. XREADGROUP inside a script never blocks.
+-- Deliver stream entry `id`, just added, to `consumer` of `group` if it is the first
+-- undelivered entry (nothing queued before it); true when it did. The group's lag (Redis >=
+-- 7.0: how many entries wait undelivered; nil when Redis cannot tell) answers without a read;
+-- otherwise the first entry after the group's last delivered one is looked up. XREADGROUP
+-- inside a script never blocks.
 local function deliver_if_next(stream, group, consumer, id)
-  local last
+  local last, lag
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
     local g = {}
     for i = 1, #info, 2 do g[info[i]] = info[i + 1] end
-    if g['name'] == group then last = g['last-delivered-id'] end
+    if g['name'] == group then last, lag = g['last-delivered-id'], g['lag'] end
   end
   if not last then return false end
-  local first = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)[1]
-  if not first or first[1] ~= id then return false end
+  if type(lag) == 'number' then
+    if lag ~= 1 then return false end
+  else
+    local first = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)[1]
+    if not first or first[1] ~= id then return false end
+  end
   local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', stream, '>')
   return got[1][2][1][1] == id
 end
 
 -- claim.lua's RUN reply for the step this commit chained, after the commit's own fields
-local function with_claim(code, step, visit, id, fence, attempt, now)
-  local run = redis.call('HMGET', KEYS[1], 'seq', 'work_ms')
-  local out = {code, step, visit, id, 'RUN', fence, attempt, 0, 0, 0, 0, '', now, tonumber(run[1]), tonumber(run[2])}
-  local state = redis.call('HGETALL', KEYS[2])
-  for i = 1, #state do table.insert(out, state[i]) end
-  return out
+local function with_claim(code, step, visit, id, fence, attempt, now, seq, work_ms)
+  return {code, step, visit, id, 'RUN', fence, attempt, 0, 0, 0, 0, '', now, seq, work_ms}
 end
 
 -- What would make a write below fail, as a reason; nil when everything is fine.
@@ -81,14 +89,16 @@ local function invalid(wf, step)
   return nil
 end
 
-local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence', 'fence')
+local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence', 'fence', 'seq', 'work_ms', 'created_ms',
+  'stash_ms', 'v:' .. ARGV[7], 'dispatch')
 if not r[1] then return {'MISSING'} end
 local stored = redis.call('HGET', KEYS[3], ARGV[3])
 if stored == ARGV[5] then
   -- our commit, resent after its reply was lost: hand back its chained claim if still ours
   local c = redis.call('HMGET', KEYS[1], 'claim', 'dispatch', 'step', 'visit', 'claim_fence', 'attempt')
   if ARGV[12] ~= '' and c[1] == ARGV[12] and c[3] == ARGV[7] and redis.call('PTTL', KEYS[6]) > 0 then
-    return with_claim('REPLAY', c[3], tonumber(c[4]), c[2], tonumber(c[5]), tonumber(c[6]), now_ms())
+    return with_claim('REPLAY', c[3], tonumber(c[4]), c[2], tonumber(c[5]), tonumber(c[6]), now_ms(),
+      tonumber(r[5]), tonumber(r[6]))
   end
   return {'REPLAY'}
 end
@@ -106,37 +116,48 @@ if stored or r[2] ~= ARGV[4] then
   return {'FENCED', tonumber(r[3])}
 end
 
-for i = STATE_AT, #ARGV, 2 do
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-end
+if #ARGV >= STATE_AT then redis.call('HSET', KEYS[2], unpack(ARGV, STATE_AT, #ARGV)) end
 if ARGV[10] ~= '' then
   for unit, amount in pairs(cjson.decode(ARGV[10])) do
     redis.call('HINCRBYFLOAT', KEYS[1], 'cost:' .. unit, amount)
     redis.call('HINCRBYFLOAT', KEYS[13], 'cost|' .. ARGV[2] .. '|' .. ARGV[9] .. '|' .. unit, amount)
   end
 end
-redis.call('HDEL', KEYS[4], ARGV[3])
--- the next step starts without a stash: nothing kept yet (stash.lua, claim.lua)
-redis.call('HDEL', KEYS[1], 'stash_ms', 'stash_base_ms')
+if r[8] then
+  -- the step kept a stash (stash.lua records stash_ms with it): the next step starts without one
+  redis.call('HDEL', KEYS[4], ARGV[3])
+  redis.call('HDEL', KEYS[1], 'stash_ms')
+end
 redis.call('DEL', KEYS[6])
-redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('HINCRBY', KEYS[1], 'work_ms', ARGV[8])
 redis.call('RPUSH', KEYS[5], stamp('ok', ARGV[6], now))
 count(KEYS[12], 'steps_ok')
 detail(KEYS[13], 1, 'steps', ARGV[2], ARGV[9], 'ok')
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
 
+local seq = tonumber(r[5] or 0) + 1
+local work_ms = tonumber(r[6] or 0) + tonumber(ARGV[8])
+local set = {seq = seq, work_ms = work_ms, stash_base_ms = 0}
+local deliver = nil
+if ARGV[11] ~= '' then
+  deliver = function(id) return deliver_if_next(KEYS[7], ARGV[14], ARGV[11], id) end
+end
 local keys = {run = KEYS[1], history = KEYS[5], stream = KEYS[7], queued = KEYS[8], active = KEYS[9],
   done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13]}
-local out = advance(keys, {run_id = ARGV[1], wf = ARGV[2], token = ARGV[4], next = ARGV[7],
-  max_steps = tonumber(ARGV[15]), now = now})
-if out[2] == '' or ARGV[11] == '' or not deliver_if_next(KEYS[7], ARGV[14], ARGV[11], out[4]) then
-  return out
+local out, chained = advance(keys, {run_id = ARGV[1], wf = ARGV[2], token = ARGV[4], next = ARGV[7],
+  max_steps = tonumber(ARGV[15]), now = now, seq = seq, visits = tonumber(r[9] or 0),
+  created_ms = tonumber(r[7]), deliver = deliver, claimed = ARGV[16] ~= '' and r[10] == ARGV[16]}, set)
+local fence
+if chained then
+  -- claim.lua for a fresh dispatch: no previous claim, attempt 1, no stash for a new visit
+  fence = math.max(tonumber(r[4] or 0) + 1, now)
+  set.attempt, set.fence, set.claim, set.claim_fence = 1, string.format('%d', fence), ARGV[12], string.format('%d', fence)
+  set.claim_worker, set.claim_ms = ARGV[11], now
+  redis.call('SET', KEYS[6], ARGV[12], 'PX', ARGV[13])
 end
--- claim.lua for a fresh dispatch: no previous claim, attempt 1, no stash for a new visit
-local fence = math.max(tonumber(r[4] or 0) + 1, now)
-redis.call('HSET', KEYS[1], 'attempt', 1, 'fence', string.format('%d', fence), 'claim', ARGV[12],
-  'claim_fence', string.format('%d', fence), 'claim_worker', ARGV[11], 'claim_ms', now)
-redis.call('SET', KEYS[6], ARGV[12], 'PX', ARGV[13])
-index_active(KEYS[9], KEYS[8], ARGV[1], now)
-return with_claim('OK', out[2], out[3], out[4], fence, 1, now)
+hset(KEYS[1], set)
+if ARGV[16] ~= '' then
+  -- pcall: a vanished group or stream leaves nothing to ack, and must not fail a whole commit
+  redis.pcall('XACK', KEYS[7], ARGV[14], ARGV[16])
+end
+if not chained then return out end
+return with_claim('OK', out[2], out[3], out[4], fence, 1, now, seq, work_ms)

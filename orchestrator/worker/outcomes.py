@@ -11,6 +11,7 @@ writes it may be the run's only dispatch); the supervisor drops or re-dispatches
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -98,6 +99,7 @@ class Outcomes:
             chain_to=self.rt.worker_id if chain else None,
             chain_token=chain_token,
             lease_ms=self.rt.settings.lease_ms,
+            entry_id="" if self.superseded else self.entry_id,
         )
         try:
             result = await self._send(call, "commit")
@@ -110,16 +112,17 @@ class Outcomes:
             await self.fail(CommitRefused(f"the commit of {where} was refused: {result.detail[0]}"), step=None)
             return
         self.rt.faults.hit("after_persist_before_ack", d.step)
-        self._ack(result)
+        if result.code not in ("OK", "REPLAY"):  # an applied commit acked its entry itself
+            self._ack(result)
         if result.code in ("OK", "REPLAY") and result.detail:  # REPLAY: resent after a lost reply
             committed = Committed.parse(result.detail)
             if committed.chained is not None:
+                # the state Redis holds now: the one this step was given, its update merged
+                chained = dataclasses.replace(committed.chained, state={**self.claimed.state, **fields})
                 successor = Dispatch.model_construct(
                     run=d.run, wf=d.wf, step=committed.next_step, visit=committed.visit
                 )
-                self.rt.start_chained(
-                    self.queue, committed.entry_id, successor, committed.chained, chain_token, self.chained + 1
-                )
+                self.rt.start_chained(self.queue, committed.entry_id, successor, chained, chain_token, self.chained + 1)
 
     # -- fail and release -----------------------------------------------------------------
 

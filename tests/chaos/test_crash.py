@@ -29,7 +29,7 @@ KILLED = -signal.SIGKILL
         ("after_claim", 1),  # killed before user code started: it runs once, on the next worker
         ("mid_step", 2),  # killed inside the step: it runs again, from the last persisted step
         ("before_commit", 2),  # the step returned but nothing was persisted: it runs again
-        ("after_persist_before_ack", 1),  # persisted, not acked: the duplicate delivery must not run it
+        ("after_persist_before_ack", 1),  # persisted (and acked with the commit): it never runs again
     ],
 )
 def test_kill_9_at_a_crash_point_loses_nothing_and_reruns_only_unpersisted_work(

@@ -62,7 +62,7 @@ ROLE_SCRIPTS: dict[str, list[str]] = {
     "worker": words("layout claim commit fail release renew stash ack reap_consumer heartbeat due promote"),
     # supervisor.py, retention.py (purge)
     "supervisor": words(
-        "layout reap_consumer redispatch due promote passed sweep purge leader resign reap_workers stale"
+        "layout reap_consumer redispatch due promote passed sweep trim purge leader resign reap_workers stale"
     ),
     "client": ["layout", "submit"],  # Client.submit (the first records the namespace's partition count)
     "operator": ["cancel", "retry_run", "purge"],  # Client.cancel, retry, purge (the CLI's cancel, retry, runs purge)

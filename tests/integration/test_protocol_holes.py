@@ -128,6 +128,7 @@ def test_a_run_whose_step_has_a_result_but_did_not_advance_is_advanced_not_loope
     assert (claimed.code, claimed.detail) == ("DUP", "advanced")
     run = ops.run()
     assert (run["status"], run["step"], run["visit"], run["claim"]) == ("running", "b", "1", "")
+    assert run["seq"] == "1"  # the stopped commit's step, counted once
     ((eid3, d3),) = ops.read("w2")
     assert (d3.step, d3.visit, eid3) == ("b", 1, run["dispatch"])
     assert ops.claim(eid2, d2, worker="w3").code == "DUP"  # the old entry again: nothing more happens
@@ -165,7 +166,8 @@ def test_a_run_that_loops_forever_fails_at_max_run_steps(ops: Ops) -> None:
     assert run["status"] == "failed" and "max_run_steps" in json.loads(run["error"])["message"]
     assert (run["step"], run["visit"]) == ("a", "4")  # a retry resumes at the next visit
     assert ops.r.zscore(ops.part.dead, "r1") is not None
-    assert ops.r.xlen(ops.stream) == 3  # the three visits' entries; the runaway one added none
+    assert ops.r.xlen(ops.stream) == 3  # the three visits' entries (acked by their commits); the runaway one added none
+    assert ops.r.xpending(ops.stream, GROUP)["pending"] == 0
 
 
 # -- hole 3: a vanished stream or group ------------------------------------------------------
@@ -184,6 +186,19 @@ def test_scripts_keep_working_when_a_queue_stream_or_its_group_disappears(ops: O
     out = Outcome.parse(ops.x(ops.store.sweep(run_id="r1", queue="q"))[0])
     assert out.code == "REPAIRED" and out.detail[1] == "no queued entry"
     assert Outcome.parse(ops.x(ops.store.sweep(run_id="r1", queue="q"))[0]).code == "QUEUED"  # no group yet
+
+
+def test_a_commit_applies_when_the_group_of_the_entry_it_acks_is_gone(ops: Ops) -> None:
+    """The commit acks its own entry; with the group gone (a Redis restarted without its data,
+    an operator's DEL) there is nothing to ack, and the commit must still apply whole."""
+    ops.submit()
+    ((eid, d),) = ops.read("c1")
+    ops.claim(eid, d)
+    ops.r.xgroup_destroy(ops.stream, GROUP)
+    assert ops.commit(eid, d, chain_to="c1").code == "OK"  # no group: no chaining either
+    run = ops.run()
+    assert (run["step"], run["seq"], run["claim"]) == ("b", "1", "")
+    assert ops.r.hexists(ops.rk.results, "r1:a") == 1
 
 
 # -- hole 4: a late claim breaks the recovery bound ------------------------------------------

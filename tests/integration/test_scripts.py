@@ -69,8 +69,10 @@ def test_commit_persists_once_advances_and_enqueues_the_next_step(ops: Ops) -> N
     assert ops.r.hget(ops.rk.results, "r1:a") == '{"by":"w1"}'
     assert ops.r.hgetall(ops.rk.state) == {"n": "1"}
     assert ops.r.exists(ops.rk.lease) == 0
+    # the step's own entry was acked with the commit; the next step's waits
+    assert ops.r.xpending(ops.stream, GROUP)["pending"] == 0
     run = ops.run()
-    assert (run["step"], run["visit"], run["seq"], run["claim"]) == ("b", "1", "1", "")
+    assert (run["step"], run["visit"], run["seq"], run["claim"], run["work_ms"]) == ("b", "1", "1", "", "5")
     # the same commit again (lost reply): a replay, nothing changes
     assert ops.commit(eid, d).code == "REPLAY"
     # a duplicate delivery of the committed step: claim says DUP, never runs it
@@ -91,7 +93,10 @@ def test_commit_of_a_replaced_claim_is_fenced_and_counted(ops: Ops) -> None:
     assert out.code == "FENCED" and out.detail[0] == live
     assert ops.r.hexists(ops.rk.results, "r1:a") == 0
     assert ops.run()["fenced"] == "1" and "fenced" in ops.history_types()
+    # a refused commit acks nothing: the entry is the live claim's
+    assert [p["message_id"] for p in ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10)] == [eid]
     assert ops.commit(eid, d, worker="w2").code == "OK"
+    assert ops.r.xpending(ops.stream, GROUP)["pending"] == 0
 
 
 def test_commit_of_the_last_step_completes_the_run(ops: Ops) -> None:
@@ -118,9 +123,13 @@ def test_a_chained_commit_claims_the_next_step_for_its_worker_when_nothing_else_
         0,
         False,
     )
-    assert claimed.fence > first.fence and claimed.state == {"n": "1"} and claimed.steps_done == 1
+    assert claimed.fence > first.fence and claimed.steps_done == 1 and claimed.work_ms == 5
+    # the state is not sent back: the worker has it (the one it was given, its update merged)
+    assert claimed.state == {} and ops.r.hgetall(ops.rk.state) == {"n": "1"}
+    # the committed step's entry was acked with the commit
+    assert eid not in [p["message_id"] for p in ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10)]
     # delivered to w1 like an XREADGROUP would, claimed like claim.lua would: nobody else gets it
-    (pending,) = [p for p in ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10) if p["message_id"] != eid]
+    (pending,) = ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10)
     assert (pending["message_id"], pending["consumer"]) == (committed.entry_id, "w1")
     assert ops.read("w2") == []
     run = ops.run()
@@ -151,7 +160,7 @@ def test_a_chained_commit_resent_after_a_lost_reply_hands_back_the_same_claim(op
     assert (replayed.next_step, replayed.visit, replayed.entry_id) == (first.next_step, first.visit, first.entry_id)
     same = ("code", "fence", "attempt", "errors", "crashes", "steps_done", "state")  # not server_ms: the clock moved
     assert [getattr(replayed.chained, f) for f in same] == [getattr(first.chained, f) for f in same]
-    assert ops.r.xpending(ops.stream, GROUP)["pending"] == 2  # a, not acked yet, and the one chained b
+    assert ops.r.xpending(ops.stream, GROUP)["pending"] == 1  # the one chained b (a was acked by the commit)
     ops.r.delete(ops.rk.lease)  # the claim lapsed meanwhile: it is the supervisor's now
     assert ops.commit(eid, d, chain_to="w1").detail == ()
 
@@ -240,6 +249,7 @@ def test_cancel_ends_the_run_and_refuses_the_running_steps_commit(ops: Ops) -> N
     assert Outcome.parse(ops.x(cancel)[0]).code == "CANCELLED"  # resent: still reports success
     assert ops.x(ops.store.renew(run_id="r1", token=f"w1:{eid}", lease_ms=1000))[0] == 0
     assert ops.commit(eid, d).code == "TERMINAL"
+    assert ops.r.xpending(ops.stream, GROUP)["pending"] == 1  # not acked by the refused commit
     again = ops.store.cancel(run_id="r1", queue="q", reason="x", request_id="c2")
     assert Outcome.parse(ops.x(again)[0]).code == "TERMINAL"
 
@@ -307,7 +317,9 @@ def test_redispatch_drops_entries_of_committed_steps(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read()
     ops.claim(eid, d)
-    ops.commit(eid, d)  # committed, but the worker died before its XACK
+    # the step committed, its entry still pending: a commit that was not handed the entry (a
+    # superseded attempt), or a copy the supervisor re-dispatched before the old claim committed
+    ops.commit(eid, d, ack=False)
     out = Outcome.parse(
         ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", lease_ms=1000, dispatch=d))[0]
     )
@@ -417,3 +429,29 @@ def test_a_consumer_is_reaped_only_with_nothing_pending(ops: Ops) -> None:
     Ops(ops.r, Settings(namespace=ops.keys.namespace), run_id=mate).submit()
     assert [d.run for _, d in ops.read("w1")] == [mate]
     assert [(c["name"], c["pending"]) for c in ops.r.xinfo_consumers(ops.stream, GROUP)] == [("w1", 1)]
+
+
+def test_trim_drops_only_entries_that_were_delivered_and_acked(ops: Ops) -> None:
+    """Commits only XACK; the supervisor's trim.lua drops finished entries. It must never drop
+    an entry that is pending (a step running, or waiting for the supervisor) or undelivered
+    (a step waiting in the queue), whatever order they are in."""
+    trim = ops.store.trim(queue="q", partition=ops.partition)
+    for mate in partition_mates(ops.keys, "r1", "t-", count=5):
+        Ops(ops.r, Settings(namespace=ops.keys.namespace), run_id=mate).submit()
+    ids = [eid for eid, _ in ops.r.xrange(ops.stream)]
+    assert ops.x(trim)[0] == 0  # nothing delivered yet
+    ops.r.xreadgroup(GROUP, "c1", {ops.stream: ">"}, count=3)  # three delivered, two wait
+    ops.r.xack(ops.stream, GROUP, ids[1], ids[2])  # done; the first still runs (a long step)
+    assert ops.x(trim)[0] == 0  # the first entry pins the head: nothing before it is done
+    ops.r.xack(ops.stream, GROUP, ids[0])
+    assert ops.x(trim)[0] == 3  # every delivered entry is done
+    assert [eid for eid, _ in ops.r.xrange(ops.stream)] == ids[3:]  # the waiting ones stay
+    ops.r.xreadgroup(GROUP, "c1", {ops.stream: ">"}, count=1)
+    assert ops.x(trim)[0] == 0  # delivered, not acked: pending
+    ops.r.xack(ops.stream, GROUP, ids[3])
+    assert ops.x(trim)[0] == 1
+    assert [d.run for _, d in ops.read("c2")] == [Dispatch.model_validate(f).run for _, f in ops.r.xrange(ops.stream)]
+    ops.r.xgroup_destroy(ops.stream, GROUP)
+    assert ops.x(trim)[0] == 0 and ops.r.xlen(ops.stream) == 1  # no group: nothing is known delivered
+    ops.r.delete(ops.stream)
+    assert ops.x(trim)[0] == 0  # no stream
