@@ -272,10 +272,10 @@ class Backlog:
 # -- 1. sweep ---------------------------------------------------------------------------------
 
 
-def entry_score(entry_id: str) -> float:
+def entry_score(entry_id: str) -> int:
     """The queued index's score of an entry id (``entry_score`` in the scripts' prelude)."""
     ms_part, seq = entry_id.split("-")
-    return int(ms_part) + min(int(seq), 2047) / 2048
+    return int(ms_part) * 2048 + min(int(seq), 2047)
 
 
 def lose(backlog: Backlog, scenario: str, run_ids: list[str], k: int) -> list[str]:

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from orchestrator.connection import REDIS_FAILURES
-from orchestrator.counters import add_up
+from orchestrator.counters import add_up, with_derived
 from orchestrator.figures import RUN_STATUSES, Detail, apportion, compound, known_workflows, parse_detail
 from orchestrator.keys import GROUP, Keys
 
@@ -106,7 +106,8 @@ class FleetCollector(Collector):
         *hashes, queues = pipe.execute()
         sec, usec = self.client.time()  # a keyless command: a cluster's pipelines refuse it
         n = len(self.keys.all_stats)
-        stats, raw_detail = add_up(hashes[:n]), add_up(hashes[n:])
+        raw_detail = add_up(hashes[n:])
+        stats = with_derived(add_up(hashes[:n]), raw_detail)
         detail = parse_detail(raw_detail)
         known = known_workflows(detail)
         now_ms = int(sec) * 1000 + int(usec) // 1000

@@ -50,7 +50,7 @@ Key                                Type    Holds                                
                                                                                    redispatch, sweep,   supervisor each
                                                                                    retry_run            tick (trim.lua)
 ``<ns>:queued:{T}:Q``              zset    run id -> its entry's id as a score     the scripts that     while the run waits
-                                           (ms + seq/2048), for runs whose         add entries; claim   in the stream
+                                           (ms * 2048 + seq), for runs whose       add entries; claim   in the stream
                                            dispatch waits in this stream           removes; sweep
                                            (unclaimed): the sweep looks only at
                                            those the group has passed
@@ -73,9 +73,11 @@ Key                                Type    Holds                                
 ``<ns>:fleet:{<ns>}:queues``       set     queue names in use                      submit, heartbeat    forever
 ``<ns>:fleet:{<ns>}:config``       hash    ``partitions``: the namespace's count   layout (first        forever
                                                                                    process to use it)
-``<ns>:stats:{T}``                 hash    a partition's counters (steps_ok,       the scripts          forever
-                                           crashes, fenced, redispatched,
-                                           repaired, ...); readers add up all
+``<ns>:stats:{T}``                 hash    a partition's counters (crashes,        the scripts          forever
+                                           fenced, redispatched, repaired, ...);
+                                           readers add up all (steps_ok,
+                                           runs_submitted, runs_completed: sums
+                                           of detail fields, counters.py)
 ``<ns>:stats:{T}:detail``          hash    a partition's per workflow and step     the scripts          forever
                                            counts (fields as the fleet's below)
 ``<ns>:stats:{<ns>}``              hash    the fleet's own counters (dead          supervisor, worker   forever

@@ -136,7 +136,7 @@ class Store:
     ) -> Call:
         rk, qk, pk = self._run(run_id), self.keys.queue_of(queue, run_id), self.keys.part_of(run_id)
         return scripts.load("submit").call(
-            [rk.run, rk.state, rk.history, qk.stream, qk.queued, pk.stats, pk.stats_detail],
+            [rk.run, rk.state, rk.history, qk.stream, qk.queued, pk.stats_detail],
             [run_id, workflow, queue, first_step, input_sha, event, request_id, *_pairs(state)],
         )
 

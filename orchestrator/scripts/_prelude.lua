@@ -35,12 +35,14 @@ local function finite(x)
   return type(x) == 'number' and x == x and x ~= math.huge and x ~= -math.huge
 end
 
--- The queued index's score of a stream entry id 'ms-seq': ms + seq / 2048, which orders entries
--- exactly as their ids do (a seq past 2047 in one ms, never seen with '*' ids, ties instead),
--- and stays an exact double until the year 2109.
+-- The queued index's score of a stream entry id 'ms-seq': ms * 2048 + seq, which orders entries
+-- exactly as their ids do (a seq past 2047 in one ms, never seen with '*' ids, ties instead).
+-- A whole number, exact as a double until the year 2109, so Redis keeps it as an integer: a
+-- fractional score costs a string-to-double parse at every comparison in a small sorted set.
+local SEQS = 2048
 local function entry_score(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms) + math.min(tonumber(seq), 2047) / 2048
+  return tonumber(ms) * SEQS + math.min(tonumber(seq), SEQS - 1)
 end
 
 -- A score as Redis should read it: all 17 digits (tostring would keep 14).
@@ -85,14 +87,10 @@ end
 -- k: {run, history, stream, queued, active, done, dead, stats, detail}
 -- a: {run_id, wf, token (of the claim that committed), next ('' = end), max_steps, now,
 --     seq (steps committed, this one included), visits (the next step's visits before this),
---     created_ms, deliver (nil, or function(entry id) -> true when it handed the new entry to a
---     worker at once: the run is then indexed as claimed, not as queued), claimed (true when the
---     caller knows the run is indexed as claimed already: it was claimed from its current
---     dispatch; its score, the first claim's time, is left: the sweep looks at a run that has
---     not left `active` for sweep_after_s, finds it alive and scores it anew)}
+--     created_ms}
 -- Returns {'OK', next step, visit, entry id}, {'OK', '', 0, '', created ms, now} when the run
--- completed, or {'OK', '', 0, '', created ms, now, 'RUNAWAY'} when the run hit max_steps; and
--- whether `deliver` took the entry.
+-- completed, or {'OK', '', 0, '', created ms, now, 'RUNAWAY'} when the run hit max_steps.
+-- commit.lua writes the common case (the run goes on) out flat, for speed: keep them alike.
 local function advance(k, a, set)
   set.claim, set.claim_fence, set.done_claim, set.updated_ms = '', 0, a.token, a.now
   set.attempt, set.errors, set.crashes = 0, 0, 0
@@ -104,9 +102,8 @@ local function advance(k, a, set)
     finish('completed')
     redis.call('ZADD', k.done, a.now, a.run_id)
     redis.call('RPUSH', k.history, event({type = 'completed', at = a.now}))
-    count(k.stats, 'runs_completed')
     detail(k.detail, 1, 'runs', a.wf, 'completed')
-    return {'OK', '', 0, '', a.created_ms, a.now}, false
+    return {'OK', '', 0, '', a.created_ms, a.now}
   end
   local visit = a.visits + 1
   set['v:' .. a.next], set.step, set.visit = visit, a.next, visit
@@ -123,15 +120,10 @@ local function advance(k, a, set)
     count(k.stats, 'runs_failed')
     count(k.stats, 'runaway_runs')
     detail(k.detail, 1, 'runs', a.wf, 'failed')
-    return {'OK', '', 0, '', a.created_ms, a.now, 'RUNAWAY'}, false
+    return {'OK', '', 0, '', a.created_ms, a.now, 'RUNAWAY'}
   end
   local id = redis.call('XADD', k.stream, '*', 'run', a.run_id, 'wf', a.wf, 'step', a.next, 'visit', visit)
   set.dispatch, set.status = id, 'running'
-  local delivered = a.deliver ~= nil and a.deliver(id)
-  if delivered and not a.claimed then
-    index_active(k.active, k.queued, a.run_id, a.now)
-  elseif not delivered then
-    index_queued(k.active, k.queued, a.run_id, id)
-  end
-  return {'OK', a.next, visit, id}, delivered
+  index_queued(k.active, k.queued, a.run_id, id)
+  return {'OK', a.next, visit, id}
 end

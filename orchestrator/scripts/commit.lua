@@ -64,6 +64,12 @@ local function with_claim(code, step, visit, id, fence, attempt, now, seq, work_
   return {code, step, visit, id, 'RUN', fence, attempt, 0, 0, 0, 0, '', now, seq, work_ms}
 end
 
+-- Ack the entry this claim was made from (ARGV[16]), last: the commit is whole before it.
+-- pcall: a vanished group or stream leaves nothing to ack, and must not fail a whole commit.
+local function ack()
+  if ARGV[16] ~= '' then redis.pcall('XACK', KEYS[7], ARGV[14], ARGV[16]) end
+end
+
 -- What would make a write below fail, as a reason; nil when everything is fine.
 local function invalid(wf, step)
   local duration = tonumber(ARGV[8])
@@ -130,34 +136,46 @@ if r[8] then
 end
 redis.call('DEL', KEYS[6])
 redis.call('RPUSH', KEYS[5], stamp('ok', ARGV[6], now))
-count(KEYS[12], 'steps_ok')
-detail(KEYS[13], 1, 'steps', ARGV[2], ARGV[9], 'ok')
+redis.call('HINCRBY', KEYS[13], 'steps|' .. ARGV[2] .. '|' .. ARGV[9] .. '|ok', 1)  -- detail(), inlined
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
 
 local seq = tonumber(r[5] or 0) + 1
 local work_ms = tonumber(r[6] or 0) + tonumber(ARGV[8])
-local set = {seq = seq, work_ms = work_ms, stash_base_ms = 0}
-local deliver = nil
-if ARGV[11] ~= '' then
-  deliver = function(id) return deliver_if_next(KEYS[7], ARGV[14], ARGV[11], id) end
+local max_steps = tonumber(ARGV[15])
+if ARGV[7] == '' or (max_steps > 0 and seq >= max_steps) then
+  -- the run ends here (completed, or failed at max steps): advance() in _prelude.lua
+  local set = {seq = seq, work_ms = work_ms, stash_base_ms = 0}
+  local keys = {run = KEYS[1], history = KEYS[5], stream = KEYS[7], queued = KEYS[8], active = KEYS[9],
+    done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13]}
+  local out = advance(keys, {run_id = ARGV[1], wf = ARGV[2], token = ARGV[4], next = ARGV[7],
+    max_steps = max_steps, now = now, seq = seq, visits = tonumber(r[9] or 0), created_ms = tonumber(r[7])}, set)
+  hset(KEYS[1], set)
+  ack()
+  return out
 end
-local keys = {run = KEYS[1], history = KEYS[5], stream = KEYS[7], queued = KEYS[8], active = KEYS[9],
-  done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13]}
-local out, chained = advance(keys, {run_id = ARGV[1], wf = ARGV[2], token = ARGV[4], next = ARGV[7],
-  max_steps = tonumber(ARGV[15]), now = now, seq = seq, visits = tonumber(r[9] or 0),
-  created_ms = tonumber(r[7]), deliver = deliver, claimed = ARGV[16] ~= '' and r[10] == ARGV[16]}, set)
-local fence
-if chained then
-  -- claim.lua for a fresh dispatch: no previous claim, attempt 1, no stash for a new visit
-  fence = math.max(tonumber(r[4] or 0) + 1, now)
-  set.attempt, set.fence, set.claim, set.claim_fence = 1, string.format('%d', fence), ARGV[12], string.format('%d', fence)
-  set.claim_worker, set.claim_ms = ARGV[11], now
-  redis.call('SET', KEYS[6], ARGV[12], 'PX', ARGV[13])
+
+-- The run goes on (every step but the last): what advance() does for it, written out flat
+-- here, as this is the path of almost every commit (no tables or closures to build).
+local visit = tonumber(r[9] or 0) + 1
+local id = redis.call('XADD', KEYS[7], '*', 'run', ARGV[1], 'wf', ARGV[2], 'step', ARGV[7], 'visit', visit)
+if ARGV[11] == '' or not deliver_if_next(KEYS[7], ARGV[14], ARGV[11], id) then
+  index_queued(KEYS[9], KEYS[8], ARGV[1], id)
+  redis.call('HSET', KEYS[1], 'seq', seq, 'work_ms', work_ms, 'stash_base_ms', 0, 'claim', '', 'claim_fence', 0,
+    'done_claim', ARGV[4], 'updated_ms', now, 'attempt', 0, 'errors', 0, 'crashes', 0, 'v:' .. ARGV[7], visit,
+    'step', ARGV[7], 'visit', visit, 'dispatch', id, 'status', 'running')
+  ack()
+  return {'OK', ARGV[7], visit, id}
 end
-hset(KEYS[1], set)
-if ARGV[16] ~= '' then
-  -- pcall: a vanished group or stream leaves nothing to ack, and must not fail a whole commit
-  redis.pcall('XACK', KEYS[7], ARGV[14], ARGV[16])
-end
-if not chained then return out end
-return with_claim('OK', out[2], out[3], out[4], fence, 1, now, seq, work_ms)
+-- chained: claim.lua for a fresh dispatch (no previous claim, attempt 1, no stash for a new
+-- visit). A run claimed from its current dispatch is in `active` already; its score, the first
+-- claim's time, is left: the sweep looks at a run that has not left `active` for
+-- sweep_after_s, finds it alive and scores it anew.
+if ARGV[16] == '' or r[10] ~= ARGV[16] then index_active(KEYS[9], KEYS[8], ARGV[1], now) end
+local fence = string.format('%d', math.max(tonumber(r[4] or 0) + 1, now))
+redis.call('SET', KEYS[6], ARGV[12], 'PX', ARGV[13])
+redis.call('HSET', KEYS[1], 'seq', seq, 'work_ms', work_ms, 'stash_base_ms', 0, 'claim', ARGV[12],
+  'claim_fence', fence, 'fence', fence, 'claim_worker', ARGV[11], 'claim_ms', now, 'done_claim', ARGV[4],
+  'updated_ms', now, 'attempt', 1, 'errors', 0, 'crashes', 0, 'v:' .. ARGV[7], visit, 'step', ARGV[7],
+  'visit', visit, 'dispatch', id, 'status', 'running')
+ack()
+return with_claim('OK', ARGV[7], visit, id, tonumber(fence), 1, now, seq, work_ms)

@@ -48,7 +48,7 @@ if not stream.err then
       end
     end
     -- entries before the first one were trimmed; entries up to last-delivered were passed
-    base = math.max(entry_score(info['first-entry'][1]) - 1 / 2048, entry_score(last))
+    base = math.max(entry_score(info['first-entry'][1]) - 1, entry_score(last))
     scan = base
     if deleted ~= ARGV[4] and after(deleted, last) then scan = math.max(base, entry_score(deleted)) end
   end
@@ -62,9 +62,9 @@ for i = 1, #rows, 2 do
   local score = tonumber(rows[i + 1])
   local needed = base == '+inf' or score <= base
   if not needed then
-    local ms = math.floor(score)
-    local seq = (score - ms) * 2048
-    needed = seq >= 2047 or #redis.call('XRANGE', KEYS[1], ms .. '-' .. seq, ms .. '-' .. seq) == 0
+    local ms = math.floor(score / SEQS)
+    local seq = score - ms * SEQS
+    needed = seq >= SEQS - 1 or #redis.call('XRANGE', KEYS[1], ms .. '-' .. seq, ms .. '-' .. seq) == 0
   end
   if needed then table.insert(out, rows[i]) end
 end

@@ -1,6 +1,6 @@
 -- Create a run and enqueue its first step, unless a run with this id exists (idempotent submit).
--- KEYS[1] run  KEYS[2] state  KEYS[3] history  KEYS[4] stream  KEYS[5] queued  KEYS[6] stats
--- KEYS[7] stats detail
+-- KEYS[1] run  KEYS[2] state  KEYS[3] history  KEYS[4] stream  KEYS[5] queued  KEYS[6] stats detail
+-- (runs_submitted is the sum of the detail's runs|wf|submitted: counters.py)
 -- ARGV[1] run id  ARGV[2] workflow  ARGV[3] queue  ARGV[4] first step  ARGV[5] input digest
 -- ARGV[6] "submitted" event body (JSON object)  ARGV[7] request id (resent call = same id)
 -- ARGV[8..] state field, JSON value pairs
@@ -18,11 +18,8 @@ redis.call('HSET', KEYS[1],
   'attempt', 0, 'errors', 0, 'crashes', 0, 'fence', 0, 'seq', 0, 'work_ms', 0, 'fenced', 0,
   'claim', '', 'claim_fence', 0, 'done_claim', '', 'dispatch', id, 'input_sha', ARGV[5],
   'created_ms', now, 'updated_ms', now, 'v:' .. ARGV[4], 1, 'submit_req', ARGV[7])
-for i = 8, #ARGV, 2 do
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-end
+if #ARGV >= 8 then redis.call('HSET', KEYS[2], unpack(ARGV, 8, #ARGV)) end
 redis.call('RPUSH', KEYS[3], stamp('submitted', ARGV[6], now))
 redis.call('ZADD', KEYS[5], exact(entry_score(id)), ARGV[1])
-count(KEYS[6], 'runs_submitted')
-detail(KEYS[7], 1, 'runs', ARGV[2], 'submitted')
+detail(KEYS[6], 1, 'runs', ARGV[2], 'submitted')
 return {1, id}

@@ -55,10 +55,14 @@ def test_each_kind_of_damage_is_caught(client: Client, ledger: Ledger, finished:
     client.redis.hincrby(ledger.keys.requests, "chaos_effect-1:send:7", 1)
     assert check(client, ledger, finished) == {"I3"}
     client.redis.hdel(ledger.keys.requests, "chaos_effect-1:send:7")
-    # a counter that disagrees with the histories
-    client.redis.hincrby(client.keys.stats, "steps_ok", 1)
+    # a counter that disagrees with the histories: one kept in the counter hash, and steps_ok,
+    # summed from the detail hash
+    client.redis.hincrby(client.keys.stats, "fenced", 1)
     assert check(client, ledger, finished) == {"I6"}
-    client.redis.hincrby(client.keys.stats, "steps_ok", -1)
+    client.redis.hincrby(client.keys.stats, "fenced", -1)
+    client.redis.hincrby(client.keys.stats_detail, "steps|chaos_chain|c1|ok", 1)
+    assert check(client, ledger, finished) == {"I6"}
+    client.redis.hincrby(client.keys.stats_detail, "steps|chaos_chain|c1|ok", -1)
     # a run left unfinished, and an entry left pending
     client.redis.hset(client.keys.run(chain_run).run, "status", "running")
     stream = client.keys.queue_of(flows.QUEUE, chain_run).stream

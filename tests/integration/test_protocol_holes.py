@@ -219,6 +219,29 @@ def test_a_late_claim_of_a_replaced_entry_is_stale(ops: Ops) -> None:
     assert ops.run()["dispatch"] == e2
 
 
+def test_a_queued_index_written_with_fractional_scores_heals_at_the_first_sweep(ops: Ops) -> None:
+    """The queued index once scored an entry by ms + seq / 2048; it is ms * 2048 + seq now (a
+    whole number Redis keeps as an integer). A run indexed the old way scores below every new
+    bound, so it is handed to the sweep once, which finds it queued and scores it anew."""
+    ops.submit()
+    (eid,) = [e for e, _ in ops.r.xrange(ops.stream)]
+    ms, seq = eid.split("-")
+    ops.r.zadd(ops.q.queued, {"r1": f"{int(ms) + int(seq) / 2048:.17g}"})  # as an older version wrote it
+    ops.r.xreadgroup(GROUP, "other", {ops.stream: ">"}, count=1)  # the group passes it: a new bound
+    ops.r.xack(ops.stream, GROUP, eid)  # and it was acked without progress (what the sweep finds)
+
+    def passed() -> list[str]:
+        return ops.x(ops.store.passed(queue="q", partition=ops.partition, cursor="-inf", limit=10))[0][3:]
+
+    assert passed() == ["r1"]
+    out = Outcome.parse(ops.x(ops.store.sweep(run_id="r1", queue="q"))[0])
+    assert out.code == "REPAIRED"
+    new_id = out.detail[0]
+    new_ms, new_seq = new_id.split("-")
+    assert ops.r.zscore(ops.q.queued, "r1") == int(new_ms) * 2048 + int(new_seq)
+    assert passed() == []  # the new entry waits ahead of the group: nothing to look at
+
+
 # -- hole 5: the sweep's cost follows the work, not the backlog ------------------------------
 
 

@@ -20,7 +20,8 @@ def test_submit_creates_once_and_reports_the_existing_run(ops: Ops) -> None:
     assert ops.r.xlen(ops.stream) == 1
     assert ops.r.hgetall(ops.rk.state) == {"n": "0"}
     # waiting in the stream: in its queue's queued index, scored by the entry's time, not in active
-    assert ops.r.zscore(ops.q.queued, "r1") == int(created[1].split("-")[0])
+    ms, seq = created[1].split("-")
+    assert ops.r.zscore(ops.q.queued, "r1") == int(ms) * 2048 + int(seq)
     assert ops.r.zscore(ops.part.active, "r1") is None
 
 

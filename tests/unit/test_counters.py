@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.counters import add_up
+from orchestrator.counters import add_up, with_derived
 
 
 def test_integers_add_up_as_integers_and_fractions_as_floats() -> None:
@@ -16,3 +16,20 @@ def test_a_field_in_one_hash_only_is_kept_and_negative_counts_add() -> None:
 
 def test_a_value_that_is_not_a_number_keeps_its_first_value() -> None:
     assert add_up([{"note": "a"}, {"note": "b"}]) == {"note": "a"}
+
+
+def test_derived_counters_are_the_sums_of_their_detail_fields() -> None:
+    """steps_ok, runs_submitted and runs_completed are summed from the detail hash; a stale value
+    written by an older version under the same name is replaced, never added to."""
+    detail = {
+        "steps|wf|a|ok": "3",
+        "steps|wf|b|ok": "4",
+        "steps|wf|a|fenced": "9",
+        "runs|wf|submitted": "2",
+        "runs|other|submitted": "1",
+        "runs|wf|failed": "5",
+        "order|wf|a": "0",
+    }
+    out = with_derived({"steps_ok": "100", "fenced": "9"}, detail)
+    assert out == {"steps_ok": "7", "fenced": "9", "runs_submitted": "3"}
+    assert with_derived({}, {}) == {}

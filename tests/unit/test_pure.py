@@ -336,3 +336,45 @@ def test_a_node_error_among_pipeline_replies_is_raised_not_returned_as_a_reply()
     with pytest.raises(redis.exceptions.ClusterError):
         scripts.execute(_PipelineReplying(["v", failure]), calls)  # type: ignore[arg-type]
     assert scripts.execute(_PipelineReplying(["v", failure]), calls, raise_on_error=False) == ["v", failure]  # type: ignore[arg-type]
+
+
+LUA_BUILTINS = frozenset(
+    [
+        "assert",
+        "error",
+        "ipairs",
+        "next",
+        "pairs",
+        "pcall",
+        "select",
+        "setmetatable",
+        "tonumber",
+        "tostring",
+        "type",
+        "unpack",
+        "collectgarbage",
+        "function",
+        "if",
+        "elseif",
+        "while",
+        "return",
+        "and",
+        "or",
+        "not",
+    ]
+)
+
+
+def test_every_script_carries_each_prelude_helper_it_calls() -> None:
+    """Scripts get only the prelude definitions they use (scripts._needed): a helper called but
+    left out would fail only when that path runs, perhaps a rare one. Every name called as a
+    function in a script's source must be defined in that source or be Lua's own."""
+    for name in scripts.names():
+        source = scripts.load(name).source
+        code = re.sub(r"'[^'\n]*'|\"[^\"\n]*\"", "''", source)  # string literals out
+        code = "\n".join(line.split("--", 1)[0] for line in code.splitlines())
+        declared = re.findall(r"\blocal (?:function )?([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*)", code)
+        defined = {part.strip() for names in declared for part in names.split(",")}
+        called = set(re.findall(r"(?<![.:\w])([A-Za-z_]\w*)\s*\(", code))
+        missing = called - defined - LUA_BUILTINS
+        assert not missing, f"{name}.lua calls {sorted(missing)} without defining them"
