@@ -46,10 +46,10 @@ class Batcher:
 
     async def call(self, call: Call) -> Any:
         """Send one call in the next batch; its reply (raises the call's own error)."""
-        reply = (await self.call_many([call]))[0]
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((call, future))
+        self._wakeup.set()
+        return await future
 
     async def call_many(self, calls: Sequence[Call]) -> list[Any]:
         """Replies in order; a failed call's reply is its exception (not raised)."""

@@ -267,6 +267,6 @@ class Outcomes:
         if finished and len(result.detail) >= 5:  # (created ms, finished ms) on the Redis clock
             seconds = max(0, int(result.detail[4]) - int(result.detail[3])) / 1000
             self.rt.metrics.run_duration.labels(self.dispatch.wf).observe(seconds)
-        log.log(
-            logging.INFO if finished else logging.DEBUG, "run completed" if finished else "step committed", extra=fields
-        )
+        level = logging.INFO if finished else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(level, "run completed" if finished else "step committed", extra=fields)
