@@ -314,8 +314,8 @@ _MANIFEST_HEADER = """\
 # 0), and KEDA asks for ceil(sum / {target}) workers (`target`), waking the Deployment as soon as
 # the sum exceeds {activation} (`activationTarget`: the first undelivered step does). The target
 # stays below a worker's --concurrency (16, worker.yaml), so that full workers ask for more
-# also while Redis cannot tell the lag (acknowledged-and-deleted entries behind a step still
-# running make it NULL; workers delete entries once acknowledged). A trigger's own lagCount or
+# also while Redis cannot tell the lag (XINFO GROUPS gives NULL after some deletions of
+# entries: Redis 7 reports no lag when it cannot count past them). A trigger's own lagCount or
 # pendingEntriesCount only selects its mode (a non-zero lagCount makes a lag trigger): the HPA
 # sees the composite metric alone. Retries waiting out a backoff are in a delayed set, not in
 # the streams; the supervisors (never scaled to zero) move them to the streams when due.
