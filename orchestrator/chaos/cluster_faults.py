@@ -78,7 +78,12 @@ class ClusterFaults:
         """Start the fault that is due (one at a time); return its name when one started."""
         if self.killed is not None and self._promoted():
             node, self.killed = self.killed, None
-            self._background(lambda: self.cluster.rejoin(node, REJOIN_TIMEOUT_S))
+            # here, not on a thread: a child started from a thread gets SIGKILL when that thread
+            # ends (processes.die_with_parent), which silently killed every rejoined node
+            try:
+                self.cluster.rejoin(node, REJOIN_TIMEOUT_S)
+            except Exception as exc:
+                self.errors.append(f"rejoin: {type(exc).__name__}: {exc}")
         if not self.due or now < self.due[0][0] or self.busy:
             return None
         _, kind = self.due.pop(0)
@@ -105,6 +110,9 @@ class ClusterFaults:
                 started.append(kind)
             time.sleep(0.1)
         self.cluster.wait_ready(max(1.0, deadline - time.monotonic()))
+        down = [n.url for n in self.cluster.nodes if n not in self.cluster.live_nodes()]
+        if down:
+            self.errors.append(f"nodes down after the faults: {', '.join(down)}")
         return started
 
     def _promoted(self) -> bool:
