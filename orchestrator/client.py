@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from orchestrator import scripts
 from orchestrator.codec import HistoryEvent, StepRecord, describe_validation_error, dumps, encode_fields, loads
 from orchestrator.connection import REDIS_FAILURES, close, connect, redis_failure
-from orchestrator.counters import read_summed, with_derived
+from orchestrator.counters import read_counters
 from orchestrator.errors import (
     InvalidTransition,
     OrchestratorError,
@@ -256,9 +256,7 @@ class Client:
     @_tree_errors
     def stats(self) -> dict[str, int]:
         """Fleet-wide counters (crashes detected, fenced commits, redispatches, ...)."""
-        counters = with_derived(
-            read_summed(self.redis, self.keys.all_stats), read_summed(self.redis, self.keys.all_stats_detail)
-        )
+        counters = read_counters(self.redis, self.keys.all_stats, self.keys.all_stats_detail)
         return {k: int(float(v)) for k, v in counters.items()}
 
     # -- control --------------------------------------------------------------------------

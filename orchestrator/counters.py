@@ -67,9 +67,11 @@ def with_derived(counters: Mapping[str, str], detail: Mapping[str, str]) -> dict
     return out
 
 
-def read_summed(client: redis.Redis, keys: Sequence[str]) -> dict[str, str]:
-    """``HGETALL`` of every hash in ``keys`` (one round trip), added up."""
+def read_counters(client: redis.Redis, counter_keys: Sequence[str], detail_keys: Sequence[str]) -> dict[str, str]:
+    """The counter hashes and the detail hashes (one round trip), each added up: the counters
+    with the :data:`DERIVED` ones summed from the detail."""
     pipe = client.pipeline(transaction=False)
-    for key in keys:
+    for key in (*counter_keys, *detail_keys):
         pipe.hgetall(key)
-    return add_up(pipe.execute())
+    hashes = pipe.execute()
+    return with_derived(add_up(hashes[: len(counter_keys)]), add_up(hashes[len(counter_keys) :]))

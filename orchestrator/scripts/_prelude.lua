@@ -31,6 +31,19 @@ local function event(fields)
   return cjson.encode(fields)
 end
 
+-- The fields of consumer group `group` of `stream` (XINFO GROUPS: name, last-delivered-id,
+-- lag, ...) as a table; nil when the stream or the group is gone.
+local function group_info(stream, group)
+  local groups = redis.pcall('XINFO', 'GROUPS', stream)
+  if groups.err then return nil end
+  for _, info in ipairs(groups) do
+    local g = {}
+    for i = 1, #info, 2 do g[info[i]] = info[i + 1] end
+    if g['name'] == group then return g end
+  end
+  return nil
+end
+
 local function finite(x)
   return type(x) == 'number' and x == x and x ~= math.huge and x ~= -math.huge
 end

@@ -42,17 +42,12 @@ local STATE_AT = 17
 -- otherwise the first entry after the group's last delivered one is looked up. XREADGROUP
 -- inside a script never blocks.
 local function deliver_if_next(stream, group, consumer, id)
-  local last, lag
-  for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-    local g = {}
-    for i = 1, #info, 2 do g[info[i]] = info[i + 1] end
-    if g['name'] == group then last, lag = g['last-delivered-id'], g['lag'] end
-  end
-  if not last then return false end
-  if type(lag) == 'number' then
-    if lag ~= 1 then return false end
+  local g = group_info(stream, group)
+  if not g then return false end
+  if type(g['lag']) == 'number' then
+    if g['lag'] ~= 1 then return false end
   else
-    local first = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)[1]
+    local first = redis.call('XRANGE', stream, '(' .. g['last-delivered-id'], '+', 'COUNT', 1)[1]
     if not first or first[1] ~= id then return false end
   end
   local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', stream, '>')
@@ -158,11 +153,15 @@ end
 -- here, as this is the path of almost every commit (no tables or closures to build).
 local visit = tonumber(r[9] or 0) + 1
 local id = redis.call('XADD', KEYS[7], '*', 'run', ARGV[1], 'wf', ARGV[2], 'step', ARGV[7], 'visit', visit)
+-- the run's fields after this commit, chained or not (several return values: no table built)
+local function moved_on()
+  return 'seq', seq, 'work_ms', work_ms, 'stash_base_ms', 0, 'done_claim', ARGV[4], 'updated_ms', now,
+    'errors', 0, 'crashes', 0, 'v:' .. ARGV[7], visit, 'step', ARGV[7], 'visit', visit, 'dispatch', id,
+    'status', 'running'
+end
 if ARGV[11] == '' or not deliver_if_next(KEYS[7], ARGV[14], ARGV[11], id) then
   index_queued(KEYS[9], KEYS[8], ARGV[1], id)
-  redis.call('HSET', KEYS[1], 'seq', seq, 'work_ms', work_ms, 'stash_base_ms', 0, 'claim', '', 'claim_fence', 0,
-    'done_claim', ARGV[4], 'updated_ms', now, 'attempt', 0, 'errors', 0, 'crashes', 0, 'v:' .. ARGV[7], visit,
-    'step', ARGV[7], 'visit', visit, 'dispatch', id, 'status', 'running')
+  redis.call('HSET', KEYS[1], 'claim', '', 'claim_fence', 0, 'attempt', 0, moved_on())
   ack()
   return {'OK', ARGV[7], visit, id}
 end
@@ -173,9 +172,7 @@ end
 if ARGV[16] == '' or r[10] ~= ARGV[16] then index_active(KEYS[9], KEYS[8], ARGV[1], now) end
 local fence = string.format('%d', math.max(tonumber(r[4] or 0) + 1, now))
 redis.call('SET', KEYS[6], ARGV[12], 'PX', ARGV[13])
-redis.call('HSET', KEYS[1], 'seq', seq, 'work_ms', work_ms, 'stash_base_ms', 0, 'claim', ARGV[12],
-  'claim_fence', fence, 'fence', fence, 'claim_worker', ARGV[11], 'claim_ms', now, 'done_claim', ARGV[4],
-  'updated_ms', now, 'attempt', 1, 'errors', 0, 'crashes', 0, 'v:' .. ARGV[7], visit, 'step', ARGV[7],
-  'visit', visit, 'dispatch', id, 'status', 'running')
+redis.call('HSET', KEYS[1], 'claim', ARGV[12], 'claim_fence', fence, 'fence', fence, 'claim_worker', ARGV[11],
+  'claim_ms', now, 'attempt', 1, moved_on())
 ack()
 return with_claim('OK', ARGV[7], visit, id, tonumber(fence), 1, now, seq, work_ms)

@@ -39,14 +39,8 @@ if not stream.err then
   local info = fields(stream)
   deleted = info['max-deleted-entry-id'] or ''
   if info['length'] > 0 then
-    local last = '0-0'
-    local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
-    if not groups.err then
-      for _, group in ipairs(groups) do
-        local g = fields(group)
-        if g['name'] == ARGV[1] then last = g['last-delivered-id'] end
-      end
-    end
+    local g = group_info(KEYS[1], ARGV[1])
+    local last = g and g['last-delivered-id'] or '0-0'
     -- entries before the first one were trimmed; entries up to last-delivered were passed
     base = math.max(entry_score(info['first-entry'][1]) - 1, entry_score(last))
     scan = base

@@ -40,15 +40,8 @@ if r[2] == 'delayed' then
   end
   reason = 'scheduled retry missing'
 elseif r[2] ~= '' and #redis.call('XRANGE', KEYS[3], r[2], r[2]) > 0 then
-  local groups = redis.pcall('XINFO', 'GROUPS', KEYS[3])
-  local last
-  if not groups.err then
-    for _, group in ipairs(groups) do
-      local g = {}
-      for i = 1, #group, 2 do g[group[i]] = group[i + 1] end
-      if g['name'] == ARGV[2] then last = g['last-delivered-id'] end
-    end
-  end
+  local g = group_info(KEYS[3], ARGV[2])
+  local last = g and g['last-delivered-id']
   -- no group (lost with Redis' data): the supervisor recreates it from the stream's start
   if not last or after(r[2], last) then return queued() end
   if #redis.call('XPENDING', KEYS[3], ARGV[2], r[2], r[2], 1) > 0 then return queued() end

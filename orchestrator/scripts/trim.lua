@@ -7,16 +7,9 @@
 -- KEYS[1] stream  ARGV[1] group
 -- Returns how many entries were dropped (0 when the stream or its group is gone: without the
 -- group nothing is known to be delivered).
-local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
-if groups.err then return 0 end
-local last
-for _, info in ipairs(groups) do
-  local g = {}
-  for i = 1, #info, 2 do g[info[i]] = info[i + 1] end
-  if g['name'] == ARGV[1] then last = g['last-delivered-id'] end
-end
-if not last then return 0 end
-local ms, seq = string.match(last, '^(%d+)-(%d+)$')
+local g = group_info(KEYS[1], ARGV[1])
+if not g then return 0 end
+local ms, seq = string.match(g['last-delivered-id'], '^(%d+)-(%d+)$')
 if not ms then return 0 end
 -- everything up to the last delivered entry, i.e. before the id right after it
 local before = ms .. '-' .. string.format('%d', tonumber(seq) + 1)

@@ -46,18 +46,18 @@ class Batcher:
 
     async def call(self, call: Call) -> Any:
         """Send one call in the next batch; its reply (raises the call's own error)."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((call, future))
-        self._wakeup.set()
-        return await future
+        return await self._queue(call)
 
     async def call_many(self, calls: Sequence[Call]) -> list[Any]:
         """Replies in order; a failed call's reply is its exception (not raised)."""
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in calls]
-        self._pending.extend(zip(calls, futures, strict=True))
+        return list(await asyncio.gather(*[self._queue(call) for call in calls], return_exceptions=True))
+
+    def _queue(self, call: Call) -> asyncio.Future[Any]:
+        """Put ``call`` in the next batch; the future gets its reply (or its error)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((call, future))
         self._wakeup.set()
-        return list(await asyncio.gather(*futures, return_exceptions=True))
+        return future
 
     def send(self, calls: Sequence[Call]) -> None:
         """Fire and forget (counters, rejected entries): errors are logged, nobody waits."""

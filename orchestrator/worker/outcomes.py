@@ -112,9 +112,9 @@ class Outcomes:
             await self.fail(CommitRefused(f"the commit of {where} was refused: {result.detail[0]}"), step=None)
             return
         self.rt.faults.hit("after_persist_before_ack", d.step)
-        if result.code not in ("OK", "REPLAY"):  # an applied commit acked its entry itself
-            self._ack(result)
-        if result.code in ("OK", "REPLAY") and result.detail:  # REPLAY: resent after a lost reply
+        if result.code not in ("OK", "REPLAY"):  # REPLAY: resent after a lost reply
+            self._ack(result)  # an applied commit acked its entry itself
+        elif result.detail:
             committed = Committed.parse(result.detail)
             if committed.chained is not None:
                 # the state Redis holds now: the one this step was given, its update merged
