@@ -456,3 +456,23 @@ def test_trim_drops_only_entries_that_were_delivered_and_acked(ops: Ops) -> None
     assert ops.x(trim)[0] == 0 and ops.r.xlen(ops.stream) == 1  # no group: nothing is known delivered
     ops.r.delete(ops.stream)
     assert ops.x(trim)[0] == 0  # no stream
+
+
+def test_a_claim_committing_after_the_supervisor_redispatched_its_entry_applies_once(ops: Ops) -> None:
+    """The race row "commit vs. the supervisor re-dispatching after the lease lapsed": the claim
+    is still the live one, so its commit applies and acks its old entry (acked already by the
+    re-dispatch: a no-op); the re-dispatched copy then answers DUP and is never run."""
+    ops.submit()
+    ((eid, d),) = ops.read("w1")
+    ops.claim(eid, d, lease_ms=30)
+    time.sleep(0.06)
+    out = Outcome.parse(
+        ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="w1", lease_ms=30, dispatch=d))[0]
+    )
+    assert out.code == "REDISPATCHED"
+    assert ops.commit(eid, d).code == "OK"  # the old claim was never replaced
+    run = ops.run()
+    assert (run["step"], run["seq"]) == ("b", "1")
+    ((copy, d2),) = [(e, x) for e, x in ops.read("w2") if x.step == "a"]
+    assert copy == out.detail[0] and ops.claim(copy, d2, worker="w2").code == "DUP"
+    assert ops.r.hget(ops.rk.results, "r1:a") == '{"by":"w1"}'
