@@ -466,9 +466,7 @@ def test_a_claim_committing_after_the_supervisor_redispatched_its_entry_applies_
     ((eid, d),) = ops.read("w1")
     ops.claim(eid, d, lease_ms=30)
     time.sleep(0.06)
-    out = Outcome.parse(
-        ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="w1", lease_ms=30, dispatch=d))[0]
-    )
+    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="w1", lease_ms=30, dispatch=d))[0])
     assert out.code == "REDISPATCHED"
     assert ops.commit(eid, d).code == "OK"  # the old claim was never replaced
     run = ops.run()
