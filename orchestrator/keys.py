@@ -40,11 +40,6 @@ Key                                Type    Holds                                
                                            an unfinished step                      only); commit
 ``<ns>:run:{T}:R:history``         list    JSON events: submitted, ok, error,      the run scripts      as the run
                                            crashed, fenced, retried, repaired ...
-``<ns>:run:{T}:R:lease``           string  the live claim's token (unique per      claim, commit        PX ``lease_s``,
-                                           claim: worker id and a nonce)           (chained claim);     renewed each beat
-                                                                                   renew; deleted by
-                                                                                   commit, fail,
-                                                                                   release, cancel
 ``<ns>:queue:{T}:Q``               stream  dispatches ``run step visit wf``;       submit, commit,      acked entries
                                            consumer group ``workers``              release, promote,    trimmed by the
                                                                                    redispatch, sweep,   supervisor each
@@ -56,6 +51,13 @@ Key                                Type    Holds                                
                                            those the group has passed
 ``<ns>:delayed:{T}:Q``             zset    run id -> due ms (a retry waiting out   fail; promote,       until due
                                            its backoff; one per run at most)       cancel remove
+``<ns>:alive:{T}``                 hash    worker id -> when its claims in this    the worker's beat    removed when the
+                                           partition lapse (server ms): a claim    (alive.lua), each    worker leaves or is
+                                           is live while the run's claim_worker    heartbeat            reaped from the fleet
+                                           has a deadline ahead of now
+``<ns>:cancels:{T}``               stream  run ids cancelled in this partition,    cancel               MAXLEN ~1000
+                                           read by workers at each beat (a
+                                           running step learns its cancel)
 ``<ns>:runs:{T}:active``           zset    run id -> when to look at it: claimed   claim, commit        until the run ends
                                            runs (claim time), retries (due time);  (chained), fail,
                                            unfinished runs not waiting in a stream sweep; the others
@@ -163,7 +165,6 @@ class RunKeys:
     results: str
     stash: str
     history: str
-    lease: str
 
     @classmethod
     def under(cls, base: str) -> RunKeys:
@@ -190,6 +191,8 @@ class PartitionKeys:
     dead: str
     stats: str
     stats_detail: str
+    alive: str
+    cancels: str
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,8 @@ class Keys:
             dead=f"{self.namespace}:runs:{{{tag}}}:dead",
             stats=f"{self.namespace}:stats:{{{tag}}}",
             stats_detail=f"{self.namespace}:stats:{{{tag}}}:detail",
+            alive=f"{self.namespace}:alive:{{{tag}}}",
+            cancels=f"{self.namespace}:cancels:{{{tag}}}",
         )
 
     def part_of(self, run_id: str) -> PartitionKeys:

@@ -156,7 +156,6 @@ class Store:
         entry_id: str,
         token: str,
         worker: str,
-        lease_ms: int,
         max_crashes: int,
         max_steps: int,
     ) -> Call:
@@ -169,7 +168,7 @@ class Store:
                 rk.results,
                 rk.stash,
                 rk.history,
-                rk.lease,
+                pk.alive,
                 qk.stream,
                 qk.queued,
                 pk.active,
@@ -184,7 +183,6 @@ class Store:
                 idempotency_key(dispatch.run, dispatch.step, dispatch.visit),
                 token,
                 worker,
-                lease_ms,
                 max_crashes,
                 entry_id,
                 dispatch.wf,
@@ -208,7 +206,6 @@ class Store:
         max_steps: int,
         chain_to: str | None = None,
         chain_token: str = "",
-        lease_ms: int = 0,
         entry_id: str = "",
     ) -> Call:
         """``chain_to``: the consumer that takes the next step at once when nothing else waits,
@@ -223,7 +220,7 @@ class Store:
                 rk.results,
                 rk.stash,
                 rk.history,
-                rk.lease,
+                k.alive,
                 qk.stream,
                 qk.queued,
                 k.active,
@@ -245,7 +242,6 @@ class Store:
                 json.dumps(dict(cost)) if cost else "",
                 chain_to or "",
                 chain_token if chain_to else "",
-                lease_ms,
                 GROUP,
                 max_steps,
                 entry_id,
@@ -266,19 +262,34 @@ class Store:
     ) -> Call:
         rk, qk, k = self._at(dispatch.run, queue)
         return scripts.load("fail").call(
-            [rk.run, rk.history, rk.lease, qk.delayed, qk.queued, k.active, k.done, k.dead, k.stats, k.stats_detail],
+            [rk.run, rk.history, qk.delayed, qk.queued, k.active, k.done, k.dead, k.stats, k.stats_detail],
             [dispatch.run, token, event, kind, "" if retry_delay_ms is None else retry_delay_ms, error],
         )
 
     def release(self, *, run_id: str, queue: str, token: str, event: str) -> Call:
         rk, qk, pk = self._at(run_id, queue)
         return scripts.load("release").call(
-            [rk.run, rk.lease, rk.history, qk.stream, qk.queued, pk.active, pk.stats],
+            [rk.run, rk.history, qk.stream, qk.queued, pk.active, pk.stats],
             [run_id, token, event],
         )
 
-    def renew(self, *, run_id: str, token: str, lease_ms: int) -> Call:
-        return scripts.load("renew").call([self._run(run_id).lease], [token, lease_ms])
+    def alive(self, *, partition: int, worker: str, lease_ms: int, cancels_seen: str) -> Call:
+        """A worker's beat in one partition: its claims there stay live for ``lease_ms`` more.
+        Reply: was it live before (0/1), the last cancels entry, the runs cancelled since
+        ``cancels_seen`` ('' at the first beat: only the last entry)."""
+        pk = self.keys.part(partition)
+        return scripts.load("alive").call([pk.alive, pk.cancels], [worker, lease_ms, cancels_seen])
+
+    def own_pending(self, *, stream: str, consumer: str, known: int, idle_ms: int, limit: int) -> Call:
+        """Entries of ``stream`` pending for ``consumer`` and idle for ``idle_ms``, listed only when
+        it holds more than the ``known`` it is handling (reply: entry ids)."""
+        return scripts.load("own_pending").call([stream], [GROUP, consumer, known, idle_ms, limit])
+
+    def dead_pending(self, *, queue: str, partition: int, limit: int) -> Call:
+        """Entries of ``queue``'s stream in ``partition`` pending for workers whose deadline
+        passed (reply: entry id, consumer, ...)."""
+        qk, pk = self.keys.queue(queue, partition), self.keys.part(partition)
+        return scripts.load("dead_pending").call([qk.stream, pk.alive], [GROUP, limit])
 
     def stash(self, *, run_id: str, token: str, idem_key: str, snapshot: str) -> Call:
         rk = self._run(run_id)
@@ -309,10 +320,12 @@ class Store:
             [worker, ttl_ms, ",".join(queues), *_pairs(info)],
         )
 
-    def redispatch(self, *, queue: str, entry_id: str, consumer: str, lease_ms: int, dispatch: Dispatch) -> Call:
+    def redispatch(self, *, queue: str, entry_id: str, consumer: str, dispatch: Dispatch, giver: str = "") -> Call:
+        """Re-enqueue an entry whose claim is not live. ``giver``: the worker giving up an entry
+        of its own that it is not running ('' from the supervisor)."""
         rk, qk, pk = self._at(dispatch.run, queue)
         return scripts.load("redispatch").call(
-            [rk.run, rk.lease, rk.results, qk.stream, rk.history, pk.stats, qk.queued, pk.active],
+            [rk.run, pk.alive, rk.results, qk.stream, rk.history, pk.stats, qk.queued, pk.active],
             [
                 GROUP,
                 entry_id,
@@ -321,7 +334,7 @@ class Store:
                 dispatch.visit,
                 idempotency_key(dispatch.run, dispatch.step, dispatch.visit),
                 consumer,
-                lease_ms,
+                giver,
             ],
         )
 
@@ -347,14 +360,14 @@ class Store:
     def sweep(self, *, run_id: str, queue: str) -> Call:
         rk, qk, pk = self._at(run_id, queue)
         return scripts.load("sweep").call(
-            [rk.run, rk.lease, qk.stream, qk.delayed, qk.queued, pk.active, rk.history, pk.stats],
+            [rk.run, pk.alive, qk.stream, qk.delayed, qk.queued, pk.active, rk.history, pk.stats],
             [run_id, GROUP],
         )
 
     def cancel(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
         rk, qk, k = self._at(run_id, queue)
         return scripts.load("cancel").call(
-            [rk.run, rk.lease, rk.history, qk.delayed, qk.queued, k.active, k.done, k.stats, k.stats_detail],
+            [rk.run, k.cancels, rk.history, qk.delayed, qk.queued, k.active, k.done, k.stats, k.stats_detail],
             [run_id, reason, request_id],
         )
 
@@ -369,7 +382,7 @@ class Store:
         """Delete a finished run of ``index`` (``done`` or ``dead``) in ``statuses`` finished by ``cutoff_ms``."""
         rk = self._run(run_id)
         return scripts.load("purge").call(
-            [rk.run, rk.state, rk.results, rk.stash, rk.history, rk.lease, self.finished_index(run_id, index)],
+            [rk.run, rk.state, rk.results, rk.stash, rk.history, self.finished_index(run_id, index)],
             [run_id, cutoff_ms, ",".join(statuses), ",".join(FINISHED_IN[index])],
         )
 

@@ -1,9 +1,10 @@
 """``Supervisor``: finds work that nobody is doing and gives it back to the workers.
 
 Every ``reclaim_interval_s`` the leader (one of any number of replicas, by a lease in
-Redis) re-dispatches pending entries whose claim has no live lease (the worker died or
-froze), removes dead workers from the fleet, and enqueues due retries. Every
-``sweep_interval_s`` it sweeps: a run with no live lease, no queued or pending entry and no
+Redis) re-dispatches the entries pending for workers whose heartbeat deadline has passed (the
+worker died or froze; it looks only at those workers' entries, so the cost grows with workers,
+not with steps in flight), removes dead workers from the fleet, and enqueues due retries. Every
+``sweep_interval_s`` it sweeps: a run with no live claim, no queued or pending entry and no
 scheduled retry gets its current step enqueued again (this covers writes lost by Redis and
 trimmed streams), and finished runs past their retention are purged. The sweep looks only at
 runs that need a look (see ``passed.lua``), so its cost does not grow with the backlog.
@@ -73,7 +74,6 @@ class Supervisor:
         self._groups: set[Lane] = set()
         self._deleted_seen: dict[Lane, str] = {}  # highest deleted entry id already looked behind
         self._sweep_cursor: dict[Lane, str] = {}  # where an unfinished sweep of a lane's index resumes
-        self._reclaim_from: dict[Lane, str] = {}
         self._last_seen: dict[str, float] = {}  # last heartbeat of workers found dead, for detection latency
         self.is_leader = False
         self.totals: dict[str, int] = {}
@@ -152,7 +152,7 @@ class Supervisor:
         lanes = [(queue, p) for queue in queues for p in range(self.keys.partitions)]
         for lane in lanes:
             self._per_lane(done, lane, self._ensure_group)
-        # one round trip each for every lane's pending entries and due retries, not one per lane
+        # one round trip each for every lane's dead workers' entries and due retries, not one per lane
         pending, due = self._scan_pending(lanes), self._due(lanes)
         for lane in lanes:
             self._per_lane(done, lane, lambda ln: self.reclaim(ln, pending[ln]))
@@ -214,14 +214,10 @@ class Supervisor:
     # -- reclaiming -----------------------------------------------------------------------
 
     def _scan_pending(self, lanes: list[Lane]) -> dict[Lane, Any]:
-        """Each lane's pending entries idle for a lease (at most ``SCAN_LIMIT``, from where the
-        last full page ended), in one pipeline; a lane's error is its value."""
-        pipe = self.redis.pipeline(transaction=False)
-        for lane in lanes:
-            stream = self.keys.queue(*lane).stream
-            start = self._reclaim_from.get(lane, "-")
-            pipe.xpending_range(stream, GROUP, min=start, max="+", count=SCAN_LIMIT, idle=self.settings.lease_ms)
-        return dict(zip(lanes, pipe.execute(raise_on_error=False), strict=True))
+        """Each lane's entries pending for workers whose deadline passed (at most
+        ``SCAN_LIMIT``), in one round trip; a lane's error is its value."""
+        calls = [self.store.dead_pending(queue=q, partition=p, limit=SCAN_LIMIT) for q, p in lanes]
+        return dict(zip(lanes, scripts.execute(self.redis, calls, raise_on_error=False), strict=True))
 
     def trim(self, lanes: list[Lane]) -> int:
         """Drop every lane's delivered and acked stream entries, in one round trip (commits
@@ -243,11 +239,10 @@ class Supervisor:
         return dict(zip(lanes, scripts.execute(self.redis, calls, raise_on_error=False), strict=True))
 
     def reclaim(self, lane: Lane, pending: Any = None) -> dict[str, int]:
-        """Re-dispatch pending entries idle for a lease whose claim has no live lease.
-
-        Scans at most ``SCAN_LIMIT`` entries per tick, resuming where the last full page ended,
-        so a large number of long-running steps cannot hide a dead worker's entries.
-        ``pending``: the lane's scan, if :meth:`_scan_pending` did it.
+        """Re-dispatch the entries pending for workers whose deadline passed, unless their run's
+        claim is live elsewhere. At most ``SCAN_LIMIT`` per tick; the rest at the next ticks
+        (what is re-dispatched leaves the dead worker's list). ``pending``: the lane's
+        :meth:`_scan_pending` reply, if it was read already.
         """
         queue, partition = lane
         stream = self.keys.queue(queue, partition).stream
@@ -255,11 +250,9 @@ class Supervisor:
             pending = self._scan_pending([lane])[lane]
         if isinstance(pending, Exception):
             raise pending
-        last = str(pending[-1]["message_id"]) if pending else ""
-        self._reclaim_from[lane] = f"({last}" if len(pending) == SCAN_LIMIT else "-"
         if not pending:
             return {}
-        owners = {str(p["message_id"]): str(p["consumer"]) for p in pending}
+        owners = {str(pending[i]): str(pending[i + 1]) for i in range(0, len(pending), 2)}
         ids = list(owners)
         pipe = self.redis.pipeline(transaction=False)
         for entry_id in ids:
@@ -279,11 +272,7 @@ class Supervisor:
             )
         self._faults.hit("before_redispatch")
         counts: dict[str, int] = {"lost_entries": len(lost)}
-        lease_ms = self.settings.lease_ms
-        calls = [
-            self.store.redispatch(queue=queue, entry_id=eid, consumer=owners[eid], lease_ms=lease_ms, dispatch=d)
-            for eid, d in found
-        ]
+        calls = [self.store.redispatch(queue=queue, entry_id=eid, consumer=owners[eid], dispatch=d) for eid, d in found]
         replies = scripts.execute(self.redis, calls)
         self._observe_detection(found, owners, replies)
         for (entry_id, dispatch), reply in zip(found, replies, strict=True):
@@ -293,7 +282,7 @@ class Supervisor:
                 counts[key] = counts.get(key, 0) + 1
             if outcome.code == "REDISPATCHED":
                 log.warning(
-                    "step re-dispatched: its claim has no live lease",
+                    "step re-dispatched: its worker's heartbeat stopped",
                     extra={
                         "run_id": dispatch.run,
                         "step": dispatch.step,
@@ -340,10 +329,14 @@ class Supervisor:
 
     def reap_workers(self) -> int:
         """Drop workers whose heartbeat is older than a lease from the fleet (their steps are
-        reclaimed above; their consumers are removed by :meth:`reap_consumers`)."""
+        reclaimed above; their consumers are removed by :meth:`reap_consumers`), and their
+        deadlines from every partition (a deadline that is gone has passed)."""
         call = self.store.reap_workers(age_ms=self.settings.lease_ms, limit=SCAN_LIMIT)
         reply = scripts.execute(self.redis, [call])[0]
         now, rows = int(reply[0]), reply[1:]
+        reaped = [str(rows[i]) for i in range(0, len(rows), 2)]
+        if reaped:
+            scripts.execute(self.redis, [scripts.command("HDEL", part.alive, *reaped) for part in self.keys.parts])
         for i in range(0, len(rows), 2):
             worker_id, last_ms = rows[i], int(float(rows[i + 1]))
             self._last_seen[worker_id] = float(last_ms)  # its steps may be re-dispatched a tick later

@@ -67,8 +67,17 @@ class Ops:
         reply = self.r.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=10)
         return [(eid, Dispatch.model_validate(f)) for _, entries in reply for eid, f in entries]
 
+    def beat(self, worker: str = "w1", lease_ms: int = 5000) -> list[Any]:
+        """``worker``'s heartbeat in the run's partition: its claims there are live for ``lease_ms``."""
+        return self.x(self.store.alive(partition=self.partition, worker=worker, lease_ms=lease_ms, cancels_seen=""))[0]
+
+    def kill(self, worker: str = "w1") -> None:
+        """``worker``'s deadline passes (it died): every claim it holds in the partition lapses."""
+        self.r.hdel(self.part.alive, worker)
+
     def claim(self, eid: str, d: Dispatch, worker: str = "w1", **options: Any) -> Claimed:
-        """Claim as ``claim_call`` builds it; the reply parsed."""
+        """Claim as ``claim_call`` builds it, after a beat of ``worker``; the reply parsed."""
+        self.beat(worker)
         return Claimed.parse(self.x(self.claim_call(eid, d, worker, **options))[0])
 
     def claim_call(
@@ -76,7 +85,6 @@ class Ops:
         eid: str,
         d: Dispatch,
         worker: str = "w1",
-        lease_ms: int = 5000,
         max_crashes: int = 3,
         token: str | None = None,
         max_steps: int = 0,
@@ -88,7 +96,6 @@ class Ops:
             entry_id=eid,
             token=token or f"{worker}:{eid}",
             worker=worker,
-            lease_ms=lease_ms,
             max_crashes=max_crashes,
             max_steps=max_steps,
         )
@@ -125,7 +132,6 @@ class Ops:
             max_steps=max_steps,
             chain_to=chain_to,
             chain_token=f"{chain_to}:chained",
-            lease_ms=5000,
             entry_id=eid if ack else "",
         )
 

@@ -44,6 +44,16 @@ local function group_info(stream, group)
   return nil
 end
 
+-- Liveness is per worker, not per claim: a claim is live while the run's claim_worker has a
+-- deadline ahead of now in its partition's `alive` hash (each heartbeat moves it on, alive.lua).
+-- A worker killed or frozen lets every claim it holds lapse at once; one that gave a step up is
+-- named '' in the run, which is never alive.
+local function live(alive, worker, now)
+  if not worker or worker == '' then return false end
+  local deadline = redis.call('HGET', alive, worker)
+  return deadline ~= false and tonumber(deadline) > now
+end
+
 local function finite(x)
   return type(x) == 'number' and x == x and x ~= math.huge and x ~= -math.huge
 end

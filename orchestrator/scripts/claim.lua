@@ -5,19 +5,22 @@
 -- loses its last writes (a restart from an older AOF, a failover), as long as the server's
 -- clock does not go back. The claim token (ARGV[4]) is unique per claim call (the worker puts
 -- a nonce in it), so an attempt that Redis forgot after losing writes can never pass for the
--- claim that replaced it, even when the same worker read the same entry again; the lease holds
--- that token.
+-- claim that replaced it, even when the same worker read the same entry again.
+-- The claim is live while its worker is (`live` in _prelude.lua: the worker's deadline in the
+-- partition's alive hash); a worker whose own deadline has passed may not claim (LAPSED): its
+-- claims would be born dead.
 -- Only the entry that is the run's current dispatch can be claimed: a late claim of an entry the
 -- supervisor already replaced is STALE, so it cannot take the step away from the new entry.
--- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] lease
+-- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] alive
 -- KEYS[7] stream  KEYS[8] queued  KEYS[9] active  KEYS[10] done  KEYS[11] dead  KEYS[12] stats
 -- KEYS[13] stats detail
 -- ARGV[1] step  ARGV[2] visit  ARGV[3] idempotency key  ARGV[4] claim token  ARGV[5] worker id
--- ARGV[6] lease ms  ARGV[7] max crashes  ARGV[8] stream entry id  ARGV[9] workflow  ARGV[10] run id
--- ARGV[11] max committed steps per run (0 = no limit)
+-- ARGV[6] max crashes  ARGV[7] stream entry id  ARGV[8] workflow  ARGV[9] run id
+-- ARGV[10] max committed steps per run (0 = no limit)
 -- Returns {'RUN', fence, attempt, errors, crashes, crashed now 0|1, has stash 0|1, stash,
 --          server ms, steps committed, work ms kept, field, value, ...} or {'MISSING'} | {'TERMINAL', status} | {'WRONG_WF', workflow} |
---          {'DUP'} | {'DUP', 'advanced'} | {'STALE', step, visit} | {'BUSY', worker} | {'QUARANTINED', crashes}
+--          {'DUP'} | {'DUP', 'advanced'} | {'STALE', step, visit} | {'BUSY', worker} | {'QUARANTINED', crashes} |
+--          {'LAPSED'} (the claiming worker's own deadline has passed: nothing written)
 --          (STALE also when the run is waiting out a retry backoff, or when this entry is not the
 --          run's current dispatch; DUP 'advanced' when the step's result existed but the run had
 --          not moved on, a commit stopped half-way, and this claim moved it on)
@@ -27,7 +30,7 @@ local r = redis.call('HMGET', KEYS[1], 'status', 'wf', 'step', 'visit', 'claim',
   'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes', 'fence', 'seq', 'work_ms', 'dispatch', 'stash_ms')
 local status = r[1]
 if not status then return {'MISSING'} end
-if r[2] ~= ARGV[9] then return {'WRONG_WF', r[2]} end
+if r[2] ~= ARGV[8] then return {'WRONG_WF', r[2]} end
 local stored = redis.call('HGET', KEYS[3], ARGV[3])
 if stored then
   if TERMINAL[status] or r[3] ~= ARGV[1] or r[4] ~= ARGV[2] then return {'DUP'} end
@@ -38,7 +41,6 @@ if stored then
   local keys = {run = KEYS[1], history = KEYS[5], stream = KEYS[7], queued = KEYS[8], active = KEYS[9],
     done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13]}
   local now = now_ms()
-  redis.call('DEL', KEYS[6])
   redis.call('RPUSH', KEYS[5], event({type = 'repaired', at = now, step = ARGV[1], visit = tonumber(ARGV[2]),
     detail = 'result persisted but the run had not moved on; advanced from the result'}))
   count(KEYS[12], 'repaired')
@@ -47,8 +49,8 @@ if stored then
   local took = ok and type(record) == 'table' and tonumber(record['end_ms']) and tonumber(record['start_ms'])
     and math.max(0, record['end_ms'] - record['start_ms']) or 0
   local set = {seq = seq, work_ms = tonumber(r[14] or 0) + took}
-  advance(keys, {run_id = ARGV[10], wf = r[2], token = r[5] or '', next = nxt,
-    max_steps = tonumber(ARGV[11]) or 0, now = now, seq = seq,
+  advance(keys, {run_id = ARGV[9], wf = r[2], token = r[5] or '', next = nxt,
+    max_steps = tonumber(ARGV[10]) or 0, now = now, seq = seq,
     visits = tonumber(redis.call('HGET', KEYS[1], 'v:' .. nxt) or 0),
     created_ms = tonumber(redis.call('HGET', KEYS[1], 'created_ms'))}, set)
   hset(KEYS[1], set)
@@ -56,7 +58,7 @@ if stored then
 end
 if TERMINAL[status] then return {'TERMINAL', status} end
 if r[3] ~= ARGV[1] or r[4] ~= ARGV[2] or status == 'retrying' then return {'STALE', r[3], r[4]} end
-if r[15] ~= ARGV[8] then return {'STALE', r[3], r[4]} end
+if r[15] ~= ARGV[7] then return {'STALE', r[3], r[4]} end
 
 -- the step time this step's stash keeps (0 without a stash of this step)
 local snap = redis.call('HGET', KEYS[4], ARGV[3])
@@ -77,17 +79,17 @@ local function reply(fence, attempt, crashed, now)
   return out
 end
 
+local now = now_ms()
+if not live(KEYS[6], ARGV[5], now) then return {'LAPSED'} end
 if r[5] == ARGV[4] then
-  -- our own claim, resent after its reply was lost: hand back the same claim, with its lease
-  -- back if it lapsed meanwhile (nobody else claimed since: the claim is still ours)
-  redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[6], 'NX')
-  return reply(tonumber(r[6]), tonumber(r[9]), 0, now_ms())
+  -- our own claim, resent after its reply was lost: hand back the same claim (nobody else
+  -- claimed since: the claim is still ours)
+  return reply(tonumber(r[6]), tonumber(r[9]), 0, now)
 end
 
-local now = now_ms()
 local crashed = 0
 if r[5] ~= '' then
-  if redis.call('EXISTS', KEYS[6]) == 1 then return {'BUSY', r[7]} end
+  if live(KEYS[6], r[7], now) then return {'BUSY', r[7]} end
   -- the previous claim's lease ran out with no outcome: its worker died (or froze)
   crashed = 1
   local crashes = tonumber(r[11] or 0) + 1
@@ -105,17 +107,20 @@ if r[5] ~= '' then
     end
   end
   redis.call('HSET', KEYS[1], 'crashes', crashes, 'claim', '', 'claim_fence', 0)
+  -- a worker that gave the step up (it lost track of it) is named '' in the run
+  local worker = r[7] ~= '' and r[7] or nil
   redis.call('RPUSH', KEYS[5], event({type = 'crashed', at = now, step = ARGV[1], visit = tonumber(ARGV[2]),
-    attempt = tonumber(r[9]), fence = tonumber(r[6]), worker = r[7], start_ms = tonumber(r[8]), end_ms = now}))
+    attempt = tonumber(r[9]), fence = tonumber(r[6]), worker = worker, start_ms = tonumber(r[8]), end_ms = now}))
   r[11] = tostring(crashes)
-  if crashes >= tonumber(ARGV[7]) then
-    local msg = 'step ' .. ARGV[1] .. ' crashed its worker ' .. crashes .. ' times (last on ' .. r[7] ..
+  if crashes >= tonumber(ARGV[6]) then
+    local msg = 'step ' .. ARGV[1] .. ' crashed its worker ' .. crashes .. ' times (last on ' ..
+      (worker or 'a worker that gave it up') ..
       '); quarantined so it cannot take down more workers. Fix the step, then retry the run.'
     local err = event({type = 'Quarantined', message = msg, traceback = '', retryable = false})
     redis.call('HSET', KEYS[1], 'status', 'failed', 'error', err, 'finished_ms', now, 'updated_ms', now,
       'dispatch', '')
-    unindex(KEYS[9], KEYS[8], ARGV[10])
-    redis.call('ZADD', KEYS[11], now, ARGV[10])
+    unindex(KEYS[9], KEYS[8], ARGV[9])
+    redis.call('ZADD', KEYS[11], now, ARGV[9])
     redis.call('RPUSH', KEYS[5], event({type = 'quarantined', at = now, step = ARGV[1],
       visit = tonumber(ARGV[2]), detail = msg}))
     count(KEYS[12], 'quarantined')
@@ -130,6 +135,5 @@ local attempt = tonumber(r[9] or 0) + 1
 redis.call('HSET', KEYS[1], 'attempt', attempt, 'fence', string.format('%d', fence), 'claim', ARGV[4],
   'claim_fence', string.format('%d', fence), 'claim_worker', ARGV[5], 'claim_ms', now, 'status', 'running',
   'updated_ms', now, 'stash_base_ms', string.format('%d', stash_kept))
-redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[6])
-index_active(KEYS[9], KEYS[8], ARGV[10], now)
+index_active(KEYS[9], KEYS[8], ARGV[9], now)
 return reply(fence, attempt, crashed, now)

@@ -5,24 +5,24 @@
 -- the live one: the entry is then the one the claim was made from, and no one else's (a
 -- stream id is never reused while the claim that read it survives: Redis keeps a prefix of its
 -- writes). Every other answer leaves the entry to the caller (ack.lua) or the supervisor.
--- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] lease
+-- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] alive
 -- KEYS[7] stream  KEYS[8] queued  KEYS[9] active  KEYS[10] done  KEYS[11] dead  KEYS[12] stats
 -- KEYS[13] stats detail
 -- ARGV[1] run id  ARGV[2] workflow  ARGV[3] idempotency key  ARGV[4] claim token
 -- ARGV[5] step record JSON  ARGV[6] attempt event body (JSON object)  ARGV[7] next step, '' = end
 -- ARGV[8] step duration ms  ARGV[9] step name  ARGV[10] cost JSON object ('' when none)
 -- ARGV[11] consumer to chain the next step to ('' = none)  ARGV[12] claim token for that chained
--- claim  ARGV[13] lease ms  ARGV[14] group  ARGV[15] max committed steps per run (0 = no limit)
--- ARGV[16] the stream entry this claim was made from ('' = the caller acks)
--- ARGV[17..] state field, JSON value pairs
+-- claim  ARGV[13] group  ARGV[14] max committed steps per run (0 = no limit)
+-- ARGV[15] the stream entry this claim was made from ('' = the caller acks)
+-- ARGV[16..] state field, JSON value pairs
 -- Everything is validated before the first write (Lua does not roll back a script that fails
 -- half-way), and the result is the last thing written before the run advances: a result that
 -- exists therefore always comes with its state update applied.
--- Chaining: when ARGV[11] names a consumer and no other entry of the stream waits undelivered,
+-- Chaining: when ARGV[11] names a live worker and no other entry of the stream waits undelivered,
 -- the next step's entry is delivered to that consumer and claimed for it right here (what
 -- XREADGROUP + claim.lua would do a round trip later), so a run moves on without a trip
 -- through the queue. The entry is pending for the consumer like any delivered one: if it dies,
--- the supervisor re-dispatches it when the lease runs out. Never when others wait: no queue
+-- the supervisor re-dispatches it when its deadline passes. Never when others wait: no queue
 -- jumping.
 -- Returns {'OK', next step, visit, entry id} ({'OK', '', 0, '', created ms, now ms} when the run
 --   completed, with a 7th element 'RUNAWAY' when it failed at max steps; {'OK', next step,
@@ -34,7 +34,7 @@
 --   or already committed it) | {'TERMINAL', status} | {'MISSING'} |
 --   {'INVALID', reason} (an argument that would make a write fail: nothing was written)
 
-local STATE_AT = 17
+local STATE_AT = 16
 
 -- Deliver stream entry `id`, just added, to `consumer` of `group` if it is the first
 -- undelivered entry (nothing queued before it); true when it did. The group's lag (Redis >=
@@ -59,10 +59,10 @@ local function with_claim(code, step, visit, id, fence, attempt, now, seq, work_
   return {code, step, visit, id, 'RUN', fence, attempt, 0, 0, 0, 0, '', now, seq, work_ms}
 end
 
--- Ack the entry this claim was made from (ARGV[16]), last: the commit is whole before it.
+-- Ack the entry this claim was made from (ARGV[15]), last: the commit is whole before it.
 -- pcall: a vanished group or stream leaves nothing to ack, and must not fail a whole commit.
 local function ack()
-  if ARGV[16] ~= '' then redis.pcall('XACK', KEYS[7], ARGV[14], ARGV[16]) end
+  if ARGV[15] ~= '' then redis.pcall('XACK', KEYS[7], ARGV[13], ARGV[15]) end
 end
 
 -- What would make a write below fail, as a reason; nil when everything is fine.
@@ -72,7 +72,7 @@ local function invalid(wf, step)
     return 'step duration ' .. ARGV[8] .. ' is not a whole number of ms'
   end
   if (#ARGV - STATE_AT + 1) % 2 ~= 0 then return 'state fields and values do not pair up' end
-  if not tonumber(ARGV[15]) then return 'max steps ' .. ARGV[15] .. ' is not a number' end
+  if not tonumber(ARGV[14]) then return 'max steps ' .. ARGV[14] .. ' is not a number' end
   if ARGV[10] == '' then return nil end
   local ok, cost = pcall(cjson.decode, ARGV[10])
   if not ok or type(cost) ~= 'table' then return 'cost is not a JSON object' end
@@ -97,8 +97,9 @@ local stored = redis.call('HGET', KEYS[3], ARGV[3])
 if stored == ARGV[5] then
   -- our commit, resent after its reply was lost: hand back its chained claim if still ours
   local c = redis.call('HMGET', KEYS[1], 'claim', 'dispatch', 'step', 'visit', 'claim_fence', 'attempt')
-  if ARGV[12] ~= '' and c[1] == ARGV[12] and c[3] == ARGV[7] and redis.call('PTTL', KEYS[6]) > 0 then
-    return with_claim('REPLAY', c[3], tonumber(c[4]), c[2], tonumber(c[5]), tonumber(c[6]), now_ms(),
+  local now = now_ms()
+  if ARGV[12] ~= '' and c[1] == ARGV[12] and c[3] == ARGV[7] and live(KEYS[6], ARGV[11], now) then
+    return with_claim('REPLAY', c[3], tonumber(c[4]), c[2], tonumber(c[5]), tonumber(c[6]), now,
       tonumber(r[5]), tonumber(r[6]))
   end
   return {'REPLAY'}
@@ -129,14 +130,13 @@ if r[8] then
   redis.call('HDEL', KEYS[4], ARGV[3])
   redis.call('HDEL', KEYS[1], 'stash_ms')
 end
-redis.call('DEL', KEYS[6])
 redis.call('RPUSH', KEYS[5], stamp('ok', ARGV[6], now))
 redis.call('HINCRBY', KEYS[13], 'steps|' .. ARGV[2] .. '|' .. ARGV[9] .. '|ok', 1)  -- detail(), inlined
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
 
 local seq = tonumber(r[5] or 0) + 1
 local work_ms = tonumber(r[6] or 0) + tonumber(ARGV[8])
-local max_steps = tonumber(ARGV[15])
+local max_steps = tonumber(ARGV[14])
 if ARGV[7] == '' or (max_steps > 0 and seq >= max_steps) then
   -- the run ends here (completed, or failed at max steps): advance() in _prelude.lua
   local set = {seq = seq, work_ms = work_ms, stash_base_ms = 0}
@@ -159,7 +159,7 @@ local function moved_on()
     'errors', 0, 'crashes', 0, 'v:' .. ARGV[7], visit, 'step', ARGV[7], 'visit', visit, 'dispatch', id,
     'status', 'running'
 end
-if ARGV[11] == '' or not deliver_if_next(KEYS[7], ARGV[14], ARGV[11], id) then
+if ARGV[11] == '' or not live(KEYS[6], ARGV[11], now) or not deliver_if_next(KEYS[7], ARGV[13], ARGV[11], id) then
   index_queued(KEYS[9], KEYS[8], ARGV[1], id)
   redis.call('HSET', KEYS[1], 'claim', '', 'claim_fence', 0, 'attempt', 0, moved_on())
   ack()
@@ -169,9 +169,8 @@ end
 -- visit). A run claimed from its current dispatch is in `active` already; its score, the first
 -- claim's time, is left: the sweep looks at a run that has not left `active` for
 -- sweep_after_s, finds it alive and scores it anew.
-if ARGV[16] == '' or r[10] ~= ARGV[16] then index_active(KEYS[9], KEYS[8], ARGV[1], now) end
+if ARGV[15] == '' or r[10] ~= ARGV[15] then index_active(KEYS[9], KEYS[8], ARGV[1], now) end
 local fence = string.format('%d', math.max(tonumber(r[4] or 0) + 1, now))
-redis.call('SET', KEYS[6], ARGV[12], 'PX', ARGV[13])
 redis.call('HSET', KEYS[1], 'claim', ARGV[12], 'claim_fence', fence, 'fence', fence, 'claim_worker', ARGV[11],
   'claim_ms', now, 'attempt', 1, moved_on())
 ack()

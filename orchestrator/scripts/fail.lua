@@ -1,7 +1,7 @@
 -- Record a failed attempt (the step raised or timed out): schedule a retry after its backoff,
 -- or fail the run and dead-letter it. The caller XACKs the stream entry afterwards.
--- KEYS[1] run  KEYS[2] history  KEYS[3] lease  KEYS[4] delayed  KEYS[5] queued  KEYS[6] active
--- KEYS[7] done  KEYS[8] dead  KEYS[9] stats  KEYS[10] stats detail
+-- KEYS[1] run  KEYS[2] history  KEYS[3] delayed  KEYS[4] queued  KEYS[5] active  KEYS[6] done
+-- KEYS[7] dead  KEYS[8] stats  KEYS[9] stats detail
 -- ARGV[1] run id  ARGV[2] claim token  ARGV[3] attempt event body (JSON object, with error)
 -- ARGV[4] event type ('error' | 'timeout')  ARGV[5] retry delay ms, '' = fail the run
 -- ARGV[6] error JSON
@@ -19,29 +19,28 @@ if r[2] ~= ARGV[2] then
   local now = now_ms()
   redis.call('HINCRBY', KEYS[1], 'fenced', 1)
   redis.call('RPUSH', KEYS[2], stamp('fenced', ARGV[3], now))
-  count(KEYS[9], 'fenced')
-  detail(KEYS[10], 1, 'steps', r[5], r[6], 'fenced')
+  count(KEYS[8], 'fenced')
+  detail(KEYS[9], 1, 'steps', r[5], r[6], 'fenced')
   return {'FENCED', tonumber(r[3])}
 end
 local now = now_ms()
-redis.call('DEL', KEYS[3])
 redis.call('HINCRBY', KEYS[1], 'errors', 1)
 redis.call('HSET', KEYS[1], 'claim', '', 'claim_fence', 0, 'done_claim', ARGV[2], 'updated_ms', now)
 redis.call('RPUSH', KEYS[2], stamp(ARGV[4], ARGV[3], now))
-detail(KEYS[10], 1, 'steps', r[5], r[6], ARGV[4])
+detail(KEYS[9], 1, 'steps', r[5], r[6], ARGV[4])
 if ARGV[5] ~= '' then
   local due = now + math.floor(tonumber(ARGV[5]))
-  redis.call('ZADD', KEYS[4], due, ARGV[1])
+  redis.call('ZADD', KEYS[3], due, ARGV[1])
   redis.call('HSET', KEYS[1], 'status', 'retrying', 'dispatch', 'delayed', 'due_ms', due)
-  index_active(KEYS[6], KEYS[5], ARGV[1], due)
-  count(KEYS[9], 'steps_retried')
+  index_active(KEYS[5], KEYS[4], ARGV[1], due)
+  count(KEYS[8], 'steps_retried')
   return {'RETRY', due}
 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[6], 'finished_ms', now, 'dispatch', '')
-unindex(KEYS[6], KEYS[5], ARGV[1])
-redis.call('ZADD', KEYS[8], now, ARGV[1])
+unindex(KEYS[5], KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[7], now, ARGV[1])
 redis.call('RPUSH', KEYS[2], event({type = 'failed', at = now}))
-count(KEYS[9], 'steps_failed')
-count(KEYS[9], 'runs_failed')
-detail(KEYS[10], 1, 'runs', r[5], 'failed')
+count(KEYS[8], 'steps_failed')
+count(KEYS[8], 'runs_failed')
+detail(KEYS[9], 1, 'runs', r[5], 'failed')
 return {'FAILED'}

@@ -1,18 +1,18 @@
--- Supervisor: check that an unfinished run has work somewhere (a live lease, a queued or
+-- Supervisor: check that an unfinished run has work somewhere (a live claim, a queued or
 -- pending stream entry, a scheduled retry) and enqueue its current step if not. Covers writes
 -- lost by Redis, trimmed or deleted streams and entries acked without progress. Also puts the
 -- run back in the index it belongs in (see keys.py), so the indexes heal too.
--- KEYS[1] run  KEYS[2] lease  KEYS[3] stream  KEYS[4] delayed  KEYS[5] queued  KEYS[6] active
+-- KEYS[1] run  KEYS[2] alive  KEYS[3] stream  KEYS[4] delayed  KEYS[5] queued  KEYS[6] active
 -- KEYS[7] history  KEYS[8] stats
 -- ARGV[1] run id  ARGV[2] group
 -- Returns {'ALIVE'} | {'QUEUED'} | {'SCHEDULED'} | {'TERMINAL'} | {'GONE'} | {'REPAIRED', entry id, reason}
-local r = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'step', 'visit', 'wf', 'claim')
+local r = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'step', 'visit', 'wf', 'claim', 'claim_worker')
 if not r[1] or TERMINAL[r[1]] then
   unindex(KEYS[6], KEYS[5], ARGV[1])
   return {r[1] and 'TERMINAL' or 'GONE'}
 end
 local now = now_ms()
-if redis.call('EXISTS', KEYS[2]) == 1 then
+if r[6] and r[6] ~= '' and live(KEYS[2], r[7], now) then
   index_active(KEYS[6], KEYS[5], ARGV[1], now)
   return {'ALIVE'}
 end

@@ -228,7 +228,7 @@ class StepExecution(Outcomes):
                 f"step {self.dispatch.step!r} did not call ctx.heartbeat() within heartbeat_timeout_s"
             )
         else:
-            exc = ClaimLost(f"lease lost ({reason})")
+            exc = ClaimLost(f"claim lost ({reason})")
         self.abort_with(exc)
 
     def abort_with(self, exc: BaseException) -> None:

@@ -1,10 +1,15 @@
-"""The worker's liveness thread: registers the worker and renews the lease of every live claim.
+"""The worker's liveness thread: registers the worker and keeps its claims live.
 
 It runs on its own OS thread with its own Redis connection, so a step that blocks the event
-loop (a sync call inside an async step) or holds a thread for an hour cannot stop it. It
-stops renewing a claim when the step has not called ``ctx.heartbeat()`` within its
-``heartbeat_timeout_s`` (stalled) or has run past its timeout; that claim's lease then lapses
-and the supervisor hands the step to another worker.
+loop (a sync call inside an async step) or holds a thread for an hour cannot stop it. A beat
+is one pipelined round trip: the worker's fleet entry, and one ``alive.lua`` per partition,
+which moves the worker's deadline on (every claim the worker holds in that partition is live
+until then: liveness costs a call per partition, not per claim) and returns the runs cancelled
+since the last beat, whose running steps are stopped. A step that has not called
+``ctx.heartbeat()`` within its ``heartbeat_timeout_s`` (stalled) is stopped and fails as a
+timeout. When a beat finds the worker's deadline had passed (Redis unreachable for a lease, the
+process frozen), the supervisor may have handed its steps to others: every step it holds in that
+partition is stopped and given back.
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ class Heartbeat(threading.Thread):
         self._faults = faults
         self._stopped = threading.Event()
         self._failing_since: float | None = None
+        self._partitions = store.keys.partitions
+        self._cancels_seen = [""] * self._partitions  # per partition: the last cancels entry read
         self.beats = 0
 
     def stop(self) -> None:
@@ -114,12 +121,11 @@ class Heartbeat(threading.Thread):
                 log.exception("heartbeat failed unexpectedly; retrying", extra={"worker": self._worker_id})
 
     def beat(self) -> None:
-        """Register the worker and renew live claims; report stalled and lost ones."""
+        """Register the worker and keep its claims live; stop stalled, cancelled and lost steps."""
         if self._faults.frozen:
             return
         now = time.monotonic()
-        items = self._table.snapshot()
-        live = [item for item in items if not item.stalled(now) and not item.ctx.cancelled]
+        items = self._table.snapshot()  # before the beat: a claim made after it is not in doubt
         for item in items:
             if item.stalled(now) and not item.ctx.cancelled:
                 item.on_lost("stalled")
@@ -128,7 +134,10 @@ class Heartbeat(threading.Thread):
                 worker=self._worker_id, ttl_ms=self._lease_ms * 10, queues=self._queues, info=self._info
             )
         ]
-        calls += [self._store.renew(run_id=i.run_id, token=i.token, lease_ms=self._lease_ms) for i in live]
+        calls += [
+            self._store.alive(partition=p, worker=self._worker_id, lease_ms=self._lease_ms, cancels_seen=seen)
+            for p, seen in enumerate(self._cancels_seen)
+        ]
         try:
             replies: list[Any] = scripts.execute(self._client, calls, raise_on_error=False)
         except REDIS_FAILURES as exc:
@@ -136,9 +145,23 @@ class Heartbeat(threading.Thread):
             return
         self._failing_since = None
         self.beats += 1
-        for item, reply in zip(live, replies[1:], strict=True):
-            if reply == 0:
-                item.on_lost("lease lost")
+        lapsed: set[int] = set()
+        cancelled: set[str] = set()
+        for partition, reply in enumerate(replies[1:]):
+            if isinstance(reply, Exception):  # this partition's node is failing: try again next beat
+                continue
+            if int(reply[0]) == 0 and self._cancels_seen[partition]:
+                lapsed.add(partition)
+            self._cancels_seen[partition] = str(reply[1])
+            cancelled.update(str(run_id) for run_id in reply[2:])
+        keys = self._store.keys
+        for item in items:
+            if item.ctx.cancelled:
+                continue
+            if item.run_id in cancelled:
+                item.on_lost("run cancelled")
+            elif lapsed and keys.partition_of(item.run_id) in lapsed:
+                item.on_lost("claims lapsed")
 
     def _report_failure(self, exc: Exception) -> None:
         now = time.monotonic()

@@ -98,7 +98,6 @@ class Outcomes:
             max_steps=self.rt.settings.max_run_steps,
             chain_to=self.rt.worker_id if chain else None,
             chain_token=chain_token,
-            lease_ms=self.rt.settings.lease_ms,
             entry_id="" if self.superseded else self.entry_id,
         )
         try:

@@ -47,6 +47,7 @@ from orchestrator.metrics import MetricsServer, WorkerMetrics, step_positions, z
 from orchestrator.outage import Outage
 from orchestrator.settings import Settings
 from orchestrator.store import Claimed, Store, new_claim_token
+from orchestrator.worker.audit import PendingAudit
 from orchestrator.worker.batcher import Batcher
 from orchestrator.worker.execution import StepExecution
 from orchestrator.worker.heartbeat import Heartbeat, InFlightTable
@@ -307,6 +308,8 @@ class Worker:
     async def _deregister(self, async_redis: aredis.Redis) -> None:
         """Leave the fleet; leave the consumer groups too unless entries are still pending for us."""
         calls = [scripts.command("ZREM", self.keys.workers, self.id), scripts.command("DEL", self.keys.worker(self.id))]
+        # its claims lapse now rather than a lease later (a step still running after the grace)
+        calls += [scripts.command("HDEL", part.alive, self.id) for part in self.keys.parts]
         calls += [self.store.reap_consumer(stream=stream, consumer=self.id) for stream in self._streams]
         try:
             await scripts.execute_async(async_redis, calls)
@@ -476,7 +479,6 @@ class Worker:
                     entry_id=eid,
                     token=token,
                     worker=self.id,
-                    lease_ms=self.settings.lease_ms,
                     max_crashes=self.settings.max_crashes,
                     max_steps=self.settings.max_run_steps,
                 )
@@ -567,8 +569,16 @@ class Worker:
             self.rt.metrics.attempts.labels(dispatch.wf, dispatch.step, "duplicate").inc()
         level = logging.WARNING if claimed.code in ("QUARANTINED", "MISSING", "WRONG_WF") else logging.INFO
         log.log(level, f"entry not run: {claimed.code.lower()}", extra={**fields, "detail": claimed.detail})
-        if claimed.code != "BUSY":  # another claim runs the step; if it dies, this pending entry recovers it
+        # BUSY: another claim runs the step; if it dies, this pending entry recovers it (this
+        # worker's audit gives it up then). LAPSED: this worker's own deadline had passed; its
+        # next beat makes it live again and its audit gives the entry back.
+        if claimed.code not in ("BUSY", "LAPSED"):
             self.rt.ack(queue, dispatch.run, entry_id)
+
+    def _known_entries(self) -> set[tuple[str, str]]:
+        """(stream, entry id) of every entry this worker is running or waiting to claim."""
+        waiting = {(self.keys.queue_of(queue, d.run).stream, eid) for queue, eid, d in self._waiting}
+        return set(self._by_entry) | waiting
 
     def _finished(self, task: asyncio.Task[None], token: str) -> None:
         self._tasks.discard(task)
@@ -586,14 +596,20 @@ class Worker:
     # -- retries --------------------------------------------------------------------------
 
     async def _housekeeping_loop(self) -> None:
-        """Move due retries from each queue's delayed set onto its stream."""
+        """Move due retries from each queue's delayed set onto its stream; every lease, audit
+        the entries pending for this worker (``audit``)."""
         assert self.rt is not None
         outage = Outage(log, "promoting due retries", self.settings.plain_url(), fields={"worker": self.id})
+        audit = PendingAudit(self.rt.batcher, self.store, self.id, self._streams, self.settings.lease_ms)
         delay_s = self.settings.promote_interval_s
+        next_audit = time.monotonic() + self.settings.lease_s
         while True:
             await asyncio.sleep(delay_s)
             try:
                 await promote_due(self.rt.batcher, self.store, self.queues)
+                if time.monotonic() >= next_audit:
+                    next_audit = time.monotonic() + self.settings.lease_s
+                    await audit.run(self._known_entries())
             except REDIS_FAILURES as exc:
                 delay_s = max(self.settings.promote_interval_s, outage.failed(exc))
                 continue
