@@ -59,10 +59,12 @@ def words(text: str) -> list[str]:
 # The scripts each role runs (orchestrator/store.py builds the calls; the callers are named).
 ROLE_SCRIPTS: dict[str, list[str]] = {
     # worker/runner.py, outcomes.py, execution.py, heartbeat.py, queues.py, runtime.py (ack_owned)
-    "worker": words("layout claim commit fail release renew stash ack reap_consumer heartbeat due promote"),
+    "worker": words(
+        "layout claim commit fail release alive own_pending redispatch stash ack reap_consumer heartbeat due promote"
+    ),
     # supervisor.py, retention.py (purge)
     "supervisor": words(
-        "layout reap_consumer redispatch due promote passed sweep trim purge leader resign reap_workers stale"
+        "layout reap_consumer dead_pending redispatch due promote passed sweep trim purge leader resign reap_workers stale"
     ),
     "client": ["layout", "submit"],  # Client.submit (the first records the namespace's partition count)
     "operator": ["cancel", "retry_run", "purge"],  # Client.cancel, retry, purge (the CLI's cancel, retry, runs purge)
@@ -82,7 +84,7 @@ SCRIPTING = {"evalsha", "script|load"}  # scripts.execute: EVALSHA, and SCRIPT L
 SCRAPE = set(words("exists hget hgetall hmget memory|usage smembers time xinfo|groups xlen xpending zcard zcount"))
 SCRAPE |= {"zrandmember", "zrange", "zrevrange"}
 PURGE_PAGES = {"time", "zrangebyscore", "hmget"}  # retention.purge_finished (also --dry-run)
-SUPERVISING = set(words("smembers time xgroup|create xinfo|consumers xpending xrange hget zmscore xack xdel hincrby"))
+SUPERVISING = set(words("smembers time xgroup|create xinfo|consumers xpending xrange hget zmscore xack xdel hincrby hdel"))
 # The commands each role sends itself, outside scripts.
 DIRECT: dict[str, set[str]] = {
     # runner.py: XREADGROUP, SADD queues, HINCRBY/HSET zeroed series and step order, ZREM/DEL at
@@ -90,7 +92,7 @@ DIRECT: dict[str, set[str]] = {
     "worker": CONNECTION
     | PROBE
     | SCRIPTING
-    | {"xreadgroup", "xgroup|create", "sadd", "hincrby", "hset", "zrem", "del"},
+    | {"xreadgroup", "xgroup|create", "sadd", "hincrby", "hset", "zrem", "del", "hdel", "xrange", "xack", "xdel"},
     # supervisor.py: queues, clock, groups, consumers, pending entries, HGET of run records, ZMSCORE
     # of the fleet, XACK/XDEL of dropped entries (store.ack), HINCRBY counters; the scrape; retention
     "supervisor": CONNECTION | PROBE | SCRIPTING | SCRAPE | PURGE_PAGES | SUPERVISING,

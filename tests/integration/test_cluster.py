@@ -81,7 +81,7 @@ def test_every_partition_maps_to_one_slot_and_the_partitions_cover_every_master(
     client = connect(cluster.url, probe=keys.cluster_probe)
     try:
         owner = keys.partition_of("some-run")
-        same = {slot(client, k) for k in (run_keys.run, run_keys.lease, keys.queue("q", owner).stream)}
+        same = {slot(client, k) for k in (run_keys.run, keys.part(owner).alive, keys.queue("q", owner).stream)}
         assert same == {partition_slots(keys)[owner]}
         masters = {cluster.master_of_slot(s).port for s in partition_slots(keys)}
         assert len(masters) == cluster.masters  # 16 partitions reach every one of the 3 masters

@@ -51,7 +51,7 @@ def test_fencing_does_not_invert_when_the_same_worker_claims_an_entry_redis_forg
     accepted, and the persisted record must carry the live attempt's (higher) fence."""
     ops.submit()
     q = ops.q
-    snapshot = _forget(ops, [ops.rk.run, ops.rk.lease, ops.stream, q.queued, ops.part.active])
+    snapshot = _forget(ops, [ops.rk.run, ops.stream, q.queued, ops.part.active])
     ((eid, d),) = ops.read("w1")
     first = ops.claim(eid, d, token="w1:nonce-1")
     time.sleep(0.002)  # the fence is the Redis clock in ms: the second claim comes later
@@ -63,9 +63,7 @@ def test_fencing_does_not_invert_when_the_same_worker_claims_an_entry_redis_forg
 
     stale, live = "w1:nonce-1", "w1:nonce-2"
     assert ops.x(ops.store.stash(run_id="r1", token=stale, idem_key="r1:a", snapshot='{"old":1}'))[0] == 0
-    assert ops.x(ops.store.renew(run_id="r1", token=stale, lease_ms=5000))[0] == 0
     assert ops.x(ops.store.stash(run_id="r1", token=live, idem_key="r1:a", snapshot='{"new":1}'))[0] == 1
-    assert ops.x(ops.store.renew(run_id="r1", token=live, lease_ms=5000))[0] == 1
     release = ops.store.release(run_id="r1", queue="q", token=stale, event='{"step":"a"}')
     assert Outcome.parse(ops.x(release)[0]).code == "NOT_OWNER"
     assert ops.fail(eid, d, delay_ms=0, token=stale).code == "FENCED"
@@ -76,14 +74,13 @@ def test_fencing_does_not_invert_when_the_same_worker_claims_an_entry_redis_forg
     assert ops.run()["fenced"] == "2"  # the stale fail and commit, both refused and counted
 
 
-def test_a_claim_resent_after_a_lost_reply_gets_the_same_claim_and_its_lease_back(ops: Ops) -> None:
+def test_a_claim_resent_after_a_lost_reply_gets_the_same_claim_back(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read()
-    first = ops.claim(eid, d, token="w1:n", lease_ms=50)
-    time.sleep(0.1)  # the lease lapsed while the reply was lost; nobody claimed since
-    again = ops.claim(eid, d, token="w1:n")
+    first = ops.claim(eid, d, token="w1:n")
+    again = ops.claim(eid, d, token="w1:n")  # the reply was lost; nobody claimed since
     assert (again.code, again.fence, again.attempt, again.crashed_now) == ("RUN", first.fence, 1, False)
-    assert ops.r.get(ops.rk.lease) == "w1:n"  # renewable again
+    assert ops.run()["claim"] == "w1:n"
     assert ops.claim(eid, d, token="w2:m", worker="w2").code == "BUSY"
 
 
@@ -115,11 +112,11 @@ def test_a_run_whose_step_has_a_result_but_did_not_advance_is_advanced_not_loope
     the result now finishes the commit from the record: the run moves on, once."""
     ops.submit()
     ((eid, d),) = ops.read()
-    ops.claim(eid, d, lease_ms=30)
+    ops.claim(eid, d)
     record = json.dumps({"step": "a", "visit": 1, "next": "b", "update": {}})
     ops.r.hset(ops.rk.results, "r1:a", record)  # the result is there, the cursor is still at a
-    time.sleep(0.06)
-    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", lease_ms=30, dispatch=d))[0])
+    ops.kill("w1")
+    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d))[0])
     assert out.code == "DROPPED" and out.detail[0] == "committed"  # the reclaimer drops the old entry
     sweep = Outcome.parse(ops.x(ops.store.sweep(run_id="r1", queue="q"))[0])
     assert sweep.code == "REPAIRED"
@@ -140,7 +137,7 @@ def test_a_half_committed_last_step_completes_its_run(ops: Ops) -> None:
     ((eid, d),) = ops.read()
     ops.claim(eid, d)
     ops.r.hset(ops.rk.results, "r1:a", json.dumps({"step": "a", "visit": 1, "next": None, "update": {}}))
-    ops.r.delete(ops.rk.lease)
+    ops.kill("w1")
     ops.r.hset(ops.rk.run, "claim", "")
     sweep = Outcome.parse(ops.x(ops.store.sweep(run_id="r1", queue="q"))[0])
     assert sweep.code == "QUEUED"  # its entry is pending: the reclaimer's
@@ -210,7 +207,7 @@ def test_a_late_claim_of_a_replaced_entry_is_stale(ops: Ops) -> None:
     BUSY and acked it), leaving nothing pending if w1 then died."""
     ops.submit()
     ((e1, d),) = ops.read("w1")
-    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=e1, consumer="w1", lease_ms=1, dispatch=d))[0])
+    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=e1, consumer="w1", dispatch=d))[0])
     assert out.code == "REDISPATCHED"
     late = ops.claim(e1, d, worker="w1")
     assert late.code == "STALE"

@@ -76,6 +76,8 @@ def build(r: redis.Redis, keys: Keys, unfinished: int, dead: int) -> dict[tuple[
     ]
     for start in range(0, total, 500):
         scripts.execute(r, submits[start : start + 500])
+    beats = [store.alive(partition=p, worker="w", lease_ms=600_000, cancels_seen="") for p in range(keys.partitions)]
+    scripts.execute(r, beats)  # "w" is alive in every partition: its claims are live
     reply = r.xreadgroup(GROUP, "w", dict.fromkeys(keys.streams(QUEUE), ">"), count=total)
     entries = [(eid, Dispatch.model_validate(fields)) for _, batch in reply for eid, fields in batch]
     assert len(entries) == total
@@ -93,7 +95,6 @@ def build(r: redis.Redis, keys: Keys, unfinished: int, dead: int) -> dict[tuple[
                     entry_id=eid,
                     token=f"w:{eid}",
                     worker="w",
-                    lease_ms=600_000,
                     max_crashes=3,
                     max_steps=0,
                 )

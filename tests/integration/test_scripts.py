@@ -34,15 +34,26 @@ def test_claim_issues_increasing_fences_and_returns_state(ops: Ops) -> None:
     assert c.fence >= server_ms  # the claim time on the Redis clock: survives a rollback of Redis
     again = ops.claim(eid, d)  # the same claim retried after a lost reply: same answer, nothing new
     assert (again.code, again.fence, again.attempt) == ("RUN", c.fence, 1)
-    assert ops.claim(eid, d, worker="w2").code == "BUSY"  # a live lease blocks another claim
-    assert ops.r.get(ops.rk.lease) == f"w1:{eid}"
+    assert ops.claim(eid, d, worker="w2").code == "BUSY"  # a live claim (its worker beats) blocks another
+    assert ops.run()["claim_worker"] == "w1"
 
 
-def test_claim_after_a_lapsed_lease_counts_a_crash_and_gets_a_higher_fence(ops: Ops) -> None:
+def test_a_worker_whose_deadline_passed_cannot_claim(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read()
-    first = ops.claim(eid, d, lease_ms=50).fence
-    time.sleep(0.1)
+    ops.beat("w1", lease_ms=1)
+    time.sleep(0.01)
+    assert ops.x(ops.claim_call(eid, d))[0] == ["LAPSED"]  # its claims would be born dead
+    assert ops.run()["claim"] == ""
+    assert ops.beat("w1") == [0, "0-0"]  # the next beat says it had lapsed, and makes it live again
+    assert ops.x(ops.claim_call(eid, d))[0][0] == "RUN"
+
+
+def test_claim_after_its_worker_died_counts_a_crash_and_gets_a_higher_fence(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    first = ops.claim(eid, d).fence
+    ops.kill("w1")
     c = ops.claim(eid, d, worker="w2")
     assert (c.code, c.attempt, c.crashes, c.crashed_now) == ("RUN", 2, 1, True) and c.fence > first
     assert "crashed" in ops.history_types()
@@ -52,8 +63,8 @@ def test_claim_quarantines_a_step_after_max_crashes(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read()
     for i in range(2):
-        assert ops.claim(eid, d, worker=f"w{i}", lease_ms=20, max_crashes=2).code == "RUN"
-        time.sleep(0.05)
+        assert ops.claim(eid, d, worker=f"w{i}", max_crashes=2).code == "RUN"
+        ops.kill(f"w{i}")
     c = ops.claim(eid, d, worker="w9", max_crashes=2)
     assert c.code == "QUARANTINED"
     run = ops.run()
@@ -69,7 +80,6 @@ def test_commit_persists_once_advances_and_enqueues_the_next_step(ops: Ops) -> N
     assert out.code == "OK" and out.detail[0] == "b" and out.detail[1] == 1
     assert ops.r.hget(ops.rk.results, "r1:a") == '{"by":"w1"}'
     assert ops.r.hgetall(ops.rk.state) == {"n": "1"}
-    assert ops.r.exists(ops.rk.lease) == 0
     # the step's own entry was acked with the commit; the next step's waits
     assert ops.r.xpending(ops.stream, GROUP)["pending"] == 0
     run = ops.run()
@@ -87,8 +97,8 @@ def test_commit_persists_once_advances_and_enqueues_the_next_step(ops: Ops) -> N
 def test_commit_of_a_replaced_claim_is_fenced_and_counted(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read()
-    ops.claim(eid, d, lease_ms=30)
-    time.sleep(0.06)
+    ops.claim(eid, d)
+    ops.kill("w1")
     live = ops.claim(eid, d, worker="w2").fence
     out = ops.commit(eid, d, worker="w1")
     assert out.code == "FENCED" and out.detail[0] == live
@@ -140,7 +150,6 @@ def test_a_chained_commit_claims_the_next_step_for_its_worker_when_nothing_else_
         "w1",
         committed.entry_id,
     )
-    assert ops.r.get(ops.rk.lease) == "w1:chained"
     b = Dispatch(run="r1", wf="wf", step="b", visit=1)
     same = ops.claim(committed.entry_id, b, token="w1:chained")  # the same claim, as if claimed again
     assert same.fence == claimed.fence
@@ -162,7 +171,7 @@ def test_a_chained_commit_resent_after_a_lost_reply_hands_back_the_same_claim(op
     same = ("code", "fence", "attempt", "errors", "crashes", "steps_done", "state")  # not server_ms: the clock moved
     assert [getattr(replayed.chained, f) for f in same] == [getattr(first.chained, f) for f in same]
     assert ops.r.xpending(ops.stream, GROUP)["pending"] == 1  # the one chained b (a was acked by the commit)
-    ops.r.delete(ops.rk.lease)  # the claim lapsed meanwhile: it is the supervisor's now
+    ops.kill("w1")  # w1's deadline passed meanwhile: the claim is the supervisor's now
     assert ops.commit(eid, d, chain_to="w1").detail == ()
 
 
@@ -184,9 +193,9 @@ def test_a_chained_claim_whose_worker_dies_is_redispatched_and_counted_as_a_cras
     ((eid, d),) = ops.read("w1")
     ops.claim(eid, d)
     committed = Committed.parse(ops.commit(eid, d, chain_to="w1").detail)
-    ops.r.delete(ops.rk.lease)  # w1 died before running b: its lease lapses
+    ops.kill("w1")  # w1 died before running b
     b = Dispatch(run="r1", wf="wf", step="b", visit=1)
-    call = ops.store.redispatch(queue="q", entry_id=committed.entry_id, consumer="w1", lease_ms=1000, dispatch=b)
+    call = ops.store.redispatch(queue="q", entry_id=committed.entry_id, consumer="w1", dispatch=b)
     out = Outcome.parse(ops.x(call)[0])
     assert out.code == "REDISPATCHED"
     ((eid2, d2),) = ops.read("w2")
@@ -248,20 +257,29 @@ def test_cancel_ends_the_run_and_refuses_the_running_steps_commit(ops: Ops) -> N
     cancel = ops.store.cancel(run_id="r1", queue="q", reason="x", request_id="c1")
     assert Outcome.parse(ops.x(cancel)[0]).code == "CANCELLED"
     assert Outcome.parse(ops.x(cancel)[0]).code == "CANCELLED"  # resent: still reports success
-    assert ops.x(ops.store.renew(run_id="r1", token=f"w1:{eid}", lease_ms=1000))[0] == 0
+    # the run id goes on the partition's cancels stream, which w1's next beat reads
+    beat = ops.store.alive(partition=ops.partition, worker="w1", lease_ms=5000, cancels_seen="0-0")
+    assert ops.x(beat)[0][2:] == ["r1"]  # once: the resent cancel changed nothing
     assert ops.commit(eid, d).code == "TERMINAL"
     assert ops.r.xpending(ops.stream, GROUP)["pending"] == 1  # not acked by the refused commit
     again = ops.store.cancel(run_id="r1", queue="q", reason="x", request_id="c2")
     assert Outcome.parse(ops.x(again)[0]).code == "TERMINAL"
 
 
-def test_renew_and_stash_only_work_for_the_live_claim(ops: Ops) -> None:
+def test_a_beat_keeps_every_claim_of_its_worker_live_in_one_call(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read()
-    ops.claim(eid, d, lease_ms=1000)
-    assert ops.x(ops.store.renew(run_id="r1", token=f"w1:{eid}", lease_ms=5000))[0] == 1
-    assert ops.r.pttl(ops.rk.lease) > 1000
-    assert ops.x(ops.store.renew(run_id="r1", token="w9:other", lease_ms=5000))[0] == 0
+    ops.claim(eid, d)
+    was, seen = ops.beat("w1", lease_ms=60_000)
+    assert was == 1 and seen == "0-0"
+    assert int(ops.r.hget(ops.part.alive, "w1")) > ops.r.time()[0] * 1000 + 50_000
+    assert ops.claim(eid, d, worker="w2").code == "BUSY"
+
+
+def test_stash_only_works_for_the_live_claim(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
     assert ops.x(ops.store.stash(run_id="r1", token=f"w1:{eid}", idem_key="r1:a", snapshot='{"k":1}'))[0] == 1
     assert ops.x(ops.store.stash(run_id="r1", token="other", idem_key="r1:a", snapshot='{"k":2}'))[0] == 0
     assert ops.r.hget(ops.rk.stash, "r1:a") == '{"k":1}'
@@ -270,9 +288,9 @@ def test_renew_and_stash_only_work_for_the_live_claim(ops: Ops) -> None:
 def test_a_crashed_claim_gets_its_stash_back_and_commit_clears_it(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read()
-    ops.claim(eid, d, lease_ms=30)
+    ops.claim(eid, d)
     ops.x(ops.store.stash(run_id="r1", token=f"w1:{eid}", idem_key="r1:a", snapshot='{"k":1}'))
-    time.sleep(0.06)
+    ops.kill("w1")
     c = ops.claim(eid, d, worker="w2")
     assert c.snapshot == '{"k":1}'
     ops.commit(eid, d, worker="w2")
@@ -298,15 +316,10 @@ def test_release_re_enqueues_without_counting_a_crash(ops: Ops) -> None:
 def test_redispatch_moves_a_dead_claims_entry_and_only_one_supervisor_wins(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read()
-    ops.claim(eid, d, lease_ms=1000)
-    call = ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", lease_ms=1000, dispatch=d)
-    time.sleep(0.05)
-    assert Outcome.parse(ops.x(call)[0]).code == "ALIVE"
-    (alive,) = ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10)
-    # idle set to (lease - ttl): it reaches the 1000 ms scan threshold when the lease would lapse
-    expected_idle = 1000 - ops.r.pttl(ops.rk.lease)
-    assert abs(alive["time_since_delivered"] - expected_idle) < 60 and alive["times_delivered"] == 1
-    ops.r.delete(ops.rk.lease)
+    ops.claim(eid, d)
+    call = ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d)
+    assert Outcome.parse(ops.x(call)[0]).code == "ALIVE"  # w1 beats: its claim is left alone
+    ops.kill("w1")
     first, second = (Outcome.parse(x) for x in ops.x(call, call))
     assert first.code == "REDISPATCHED" and second.code == "GONE"
     assert ops.r.xpending(ops.stream, GROUP)["pending"] == 0
@@ -322,7 +335,7 @@ def test_redispatch_drops_entries_of_committed_steps(ops: Ops) -> None:
     # superseded attempt), or a copy the supervisor re-dispatched before the old claim committed
     ops.commit(eid, d, ack=False)
     out = Outcome.parse(
-        ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", lease_ms=1000, dispatch=d))[0]
+        ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d))[0]
     )
     assert out.code == "DROPPED" and out.detail[0] == "committed"
     assert ops.r.xlen(ops.stream) == 1  # only the next step's entry remains
@@ -338,7 +351,7 @@ def test_sweep_repairs_a_run_whose_entry_vanished_and_leaves_healthy_runs_alone(
     ((eid, d),) = ops.read()
     ops.claim(eid, d)
     assert Outcome.parse(ops.x(sweep)[0]).code == "ALIVE"
-    ops.r.delete(ops.rk.lease)
+    ops.kill("w1")
     assert Outcome.parse(ops.x(sweep)[0]).code == "QUEUED"  # pending: the reclaimer's job
     ops.r.xack(ops.stream, GROUP, eid)  # acked without progress (e.g. a lost write after failover)
     assert Outcome.parse(ops.x(sweep)[0]).detail[1] == "entry acked without progress"
@@ -399,7 +412,7 @@ def test_a_retry_waiting_out_its_backoff_cannot_be_started_early(ops: Ops) -> No
     ops.claim(eid, d)
     assert ops.fail(eid, d, delay_ms=60_000).code == "RETRY"
     out = Outcome.parse(
-        ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", lease_ms=1000, dispatch=d))[0]
+        ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d))[0]
     )
     assert out.code == "DROPPED" and out.detail[0] == "not the current dispatch"
     assert ops.claim(eid, d, worker="w2").code == "STALE"
@@ -464,9 +477,9 @@ def test_a_claim_committing_after_the_supervisor_redispatched_its_entry_applies_
     re-dispatch: a no-op); the re-dispatched copy then answers DUP and is never run."""
     ops.submit()
     ((eid, d),) = ops.read("w1")
-    ops.claim(eid, d, lease_ms=30)
-    time.sleep(0.06)
-    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="w1", lease_ms=30, dispatch=d))[0])
+    ops.claim(eid, d)
+    ops.kill("w1")
+    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="w1", dispatch=d))[0])
     assert out.code == "REDISPATCHED"
     assert ops.commit(eid, d).code == "OK"  # the old claim was never replaced
     run = ops.run()
@@ -474,3 +487,51 @@ def test_a_claim_committing_after_the_supervisor_redispatched_its_entry_applies_
     ((copy, d2),) = [(e, x) for e, x in ops.read("w2") if x.step == "a"]
     assert copy == out.detail[0] and ops.claim(copy, d2, worker="w2").code == "DUP"
     assert ops.r.hget(ops.rk.results, "r1:a") == '{"by":"w1"}'
+
+
+def test_dead_pending_lists_only_the_entries_of_workers_whose_deadline_passed(ops: Ops) -> None:
+    ops.submit()
+    ((e1, d1),) = ops.read("w1")
+    (r2,) = partition_mates(ops.keys, "r1", "r2-")
+    other = Ops(ops.r, Settings(namespace=ops.keys.namespace), run_id=r2)
+    other.submit()
+    ((e2, d2),) = other.read("w2")
+    ops.claim(e1, d1, worker="w1")
+    other.claim(e2, d2, worker="w2")
+    dead = ops.store.dead_pending(queue="q", partition=ops.partition, limit=100)
+    assert ops.x(dead)[0] == []  # both beat: nothing to look at, however many steps they hold
+    ops.kill("w2")
+    assert ops.x(dead)[0] == [e2, "w2"]
+    assert ops.x(ops.store.dead_pending(queue="q", partition=ops.partition, limit=0))[0] == []
+
+
+def test_own_pending_lists_a_workers_entries_only_when_it_holds_more_than_it_knows(ops: Ops) -> None:
+    ops.submit()
+    ((eid, _),) = ops.read("w1")
+    listing = ops.store.own_pending(stream=ops.stream, consumer="w1", known=1, idle_ms=0, limit=10)
+    assert ops.x(listing)[0] == []  # the worker knows its one entry: one summary read, no listing
+    unknown = ops.store.own_pending(stream=ops.stream, consumer="w1", known=0, idle_ms=0, limit=10)
+    assert ops.x(unknown)[0] == [eid]
+    young = ops.store.own_pending(stream=ops.stream, consumer="w1", known=0, idle_ms=60_000, limit=10)
+    assert ops.x(young)[0] == []  # delivered just now: not in doubt yet
+    assert ops.x(ops.store.own_pending(stream=ops.stream, consumer="w9", known=0, idle_ms=0, limit=10))[0] == []
+
+
+def test_a_worker_gives_up_an_entry_it_lost_track_of_and_the_next_claim_counts_a_crash(ops: Ops) -> None:
+    """The chained claim's reply was lost: w1 holds a live claim it does not know of. Its audit
+    gives the entry up; the step is re-enqueued and the next claim (anyone's) counts a crash."""
+    ops.submit()
+    ((eid, d),) = ops.read("w1")
+    ops.claim(eid, d)
+    committed = Committed.parse(ops.commit(eid, d, chain_to="w1").detail)
+    b = Dispatch(run="r1", wf="wf", step="b", visit=1)
+    supervisor = ops.store.redispatch(queue="q", entry_id=committed.entry_id, consumer="w1", dispatch=b)
+    assert Outcome.parse(ops.x(supervisor)[0]).code == "ALIVE"  # w1 beats: not the supervisor's
+    gave = ops.store.redispatch(queue="q", entry_id=committed.entry_id, consumer="w1", dispatch=b, giver="w1")
+    out = Outcome.parse(ops.x(gave)[0])
+    assert out.code == "REDISPATCHED" and ops.run()["claim_worker"] == ""
+    assert "given up by w1" in ops.r.lrange(ops.rk.history, -1, -1)[0]
+    ((eid2, d2),) = ops.read("w1")
+    c = ops.claim(eid2, d2, worker="w1")
+    assert (c.code, c.crashed_now, c.attempt) == ("RUN", True, 2)
+    assert ops.commit(committed.entry_id, b, token="w1:chained").code == "FENCED"  # the lost claim's late commit

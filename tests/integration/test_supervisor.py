@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import redis
 
 from orchestrator import Client, Settings, Supervisor, scripts
@@ -15,43 +13,42 @@ from tests.ops import partition_mates
 from workers.testflows import chain
 
 
-def test_a_dead_claim_behind_600_live_ones_is_redispatched_within_a_few_ticks(
+def test_a_dead_workers_claim_is_redispatched_at_the_first_tick_whatever_the_live_ones(
     client: Client, settings: Settings, r: redis.Redis
 ) -> None:
-    ids = partition_mates(client.keys, "run000", "run", 601)  # one partition: one stream to scan
+    """600 steps held by a live worker, one by a dead one: the supervisor reads only the dead
+    worker's entries (liveness is per worker), so it re-dispatches that one at its first tick
+    and never touches the live ones."""
+    ids = partition_mates(client.keys, "run000", "run", 601)  # one partition: one stream
     for run_id in ids:
         client.submit(chain, {}, run_id=run_id)
     stream = client.keys.queue_of("default", ids[0]).stream
+    partition = client.keys.partition_of(ids[0])
     r.xgroup_create(stream, GROUP, id="0")
-    entries = [
-        (eid, Dispatch.model_validate(f))
-        for _, rows in r.xreadgroup(GROUP, "w", {stream: ">"}, count=1000)
-        for eid, f in rows
-    ]
+
+    def read(consumer: str, count: int) -> list[tuple[str, Dispatch]]:
+        rows = r.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
+        return [(eid, Dispatch.model_validate(f)) for _, entries in rows for eid, f in entries]
+
+    held = {"live": read("live", 600), "dead": read("dead", 1)}
+    beats = [client.store.alive(partition=partition, worker=w, lease_ms=60_000, cancels_seen="") for w in held]
+    scripts.execute(r, beats)
     calls = [
         client.store.claim(
-            dispatch=d,
-            queue="default",
-            entry_id=eid,
-            token=f"w:{eid}",
-            worker="w",
-            lease_ms=1 if d.run == ids[-1] else 60_000,
-            max_crashes=3,
-            max_steps=0,
+            dispatch=d, queue="default", entry_id=eid, token=f"{w}:{eid}", worker=w, max_crashes=3, max_steps=0
         )
+        for w, entries in held.items()
         for eid, d in entries
     ]
     assert {Claimed.parse(x).code for x in scripts.execute(r, calls)} == {"RUN"}
-    time.sleep(settings.lease_s + 0.1)  # every entry is now idle for longer than a lease
+    r.hdel(client.keys.part(partition).alive, "dead")  # its deadline passed
     supervisor = Supervisor(settings)
-    found = 0
-    for _ in range(3):
-        found += supervisor.tick(sweep=False).get("redispatched", 0)
-    assert found == 1
-    assert r.hget(client.keys.run(ids[-1]).run, "dispatch") != entries[-1][0]
-    # the live entries had their idle time reset, so the next scans do not wade through them
-    assert r.xpending_range(stream, GROUP, "-", "+", 1000, idle=int(settings.lease_s * 1000)) == []
-    assert r.xpending(stream, GROUP)["pending"] == 600
+    assert supervisor.tick(sweep=False).get("redispatched", 0) == 1
+    ((dead_eid, dead),) = held["dead"]
+    assert r.hget(client.keys.run(dead.run).run, "dispatch") != dead_eid
+    live = r.xpending_range(stream, GROUP, "-", "+", 1000, consumername="live")
+    assert len(live) == 600 and {p["times_delivered"] for p in live} == {1}
+    assert supervisor.tick(sweep=False).get("redispatched", 0) == 0
     supervisor.redis.close()
 
 
@@ -65,6 +62,8 @@ def test_each_tick_trims_the_acked_entries_and_the_queue_length_counts_only_live
         client.submit(chain, {}, run_id=run_id)
     stream = client.keys.queue_of("default", ids[0]).stream
     r.xgroup_create(stream, GROUP, id="0")
+    beat = client.store.alive(partition=client.keys.partition_of(ids[0]), worker="w", lease_ms=60_000, cancels_seen="")
+    scripts.execute(r, [beat])
     for eid, d in [
         (e, Dispatch.model_validate(f)) for _, rows in r.xreadgroup(GROUP, "w", {stream: ">"}) for e, f in rows
     ]:
@@ -75,7 +74,6 @@ def test_each_tick_trims_the_acked_entries_and_the_queue_length_counts_only_live
             entry_id=eid,
             token=token,
             worker="w",
-            lease_ms=60_000,
             max_crashes=3,
             max_steps=0,
         )
