@@ -204,14 +204,17 @@ class Backlog:
         reply: Any = self.admin.xreadgroup(GROUP, consumer, {self.qk.stream: ">"}, count=count)
         return [(eid, Dispatch.model_validate(f)) for _, rows in reply or [] for eid, f in rows]
 
-    def claim(self, eid: str, d: Dispatch, lease_ms: int, worker: str = "bench") -> Call:
+    def beat(self, worker: str, lease_ms: int = 3_600_000) -> None:
+        """``worker``'s heartbeat in partition 0: its claims there are live for ``lease_ms``."""
+        scripts.execute(self.admin, [self.store.alive(partition=0, worker=worker, lease_ms=lease_ms, cancels_seen="")])
+
+    def claim(self, eid: str, d: Dispatch, worker: str = "bench") -> Call:
         return self.store.claim(
             dispatch=d,
             queue=QUEUE,
             entry_id=eid,
             token=f"{worker}:{eid}",
             worker=worker,
-            lease_ms=lease_ms,
             max_crashes=3,
             max_steps=0,
         )
@@ -219,8 +222,9 @@ class Backlog:
     def finish(self, run_ids: Sequence[str], *, fail: bool) -> None:
         """Submit, claim and complete (or fail) every run, ``CHUNK`` at a time, acking as a worker does."""
         self.submit(run_ids)
+        self.beat("bench")
         while batch := self.deliver("bench", CHUNK):
-            claims = scripts.execute(self.admin, [self.claim(eid, d, 60_000) for eid, d in batch])
+            claims = scripts.execute(self.admin, [self.claim(eid, d) for eid, d in batch])
             assert all(Claimed.parse(c).code == "RUN" for c in claims)
             ends = [self.fail_call(eid, d) if fail else self.commit_call(eid, d) for eid, d in batch]
             replies = scripts.execute(self.admin, [*ends, *self.store.ack(QUEUE, 0, [eid for eid, _ in batch])])
@@ -385,10 +389,12 @@ def reclaim_case(server: Server, n: int, options: Options) -> dict[str, Any]:
     backlog.submit(backlog.run_ids("q", n))
     delivered = backlog.deliver("dead-worker", 2 * options.lapsed)
     dead, live = delivered[: options.lapsed], delivered[options.lapsed :]
-    claims = [backlog.claim(eid, d, 50, "dead-worker") for eid, d in dead]
-    claims += [backlog.claim(eid, d, 600_000, "live-worker") for eid, d in live]
+    backlog.beat("dead-worker")
+    backlog.beat("live-worker")
+    claims = [backlog.claim(eid, d, "dead-worker") for eid, d in dead]
+    claims += [backlog.claim(eid, d, "live-worker") for eid, d in live]
     assert all(Claimed.parse(c).code == "RUN" for c in scripts.execute(server.admin, claims))
-    time.sleep(backlog.settings.lease_s + 0.15)  # both idle past the lease; only the dead claims' leases lapsed
+    backlog.admin.hdel(backlog.keys.part(0).alive, "dead-worker")  # its deadline passed
     supervisor = backlog.supervisor()
     try:
         with CountedLogs():
@@ -445,7 +451,7 @@ def raw_purge(backlog: Backlog, cutoff_ms: int) -> int:
         pipe = backlog.admin.pipeline(transaction=False)
         for run_id in page:
             rk = backlog.keys.run(run_id)
-            pipe.delete(rk.run, rk.state, rk.results, rk.stash, rk.history, rk.lease)
+            pipe.delete(rk.run, rk.state, rk.results, rk.stash, rk.history)
         pipe.zrem(key, *page)
         pipe.execute()
         purged += len(page)

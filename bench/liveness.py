@@ -24,8 +24,9 @@ trees from /proc over the same seconds. After the windows the fleet-wide counter
 lost lease (nothing re-dispatched, no crash).
 
 Which script did the work is read off the commands only one script runs in this steady state:
-``GET`` (renew.lua, plus the supervisor's leader.lua twice a second), ``PTTL`` and ``XCLAIM``
-(redispatch.lua finding a live lease), ``EXISTS`` (sweep.lua finding a live lease).
+``XRANGE`` (alive.lua: a worker's beat in one partition, reading the cancels since its last),
+``XINFO CONSUMERS`` (dead_pending.lua: the supervisor's reclaim, one per lane and tick),
+``HMGET`` (sweep.lua checking a claimed run that has not moved for ``sweep_after_s``).
 """
 
 from __future__ import annotations
@@ -62,12 +63,10 @@ from orchestrator.keys import GROUP, Keys
 SPARE_SLOTS = 8  # per worker, beyond its share of N: a fleet with room, still reading its queue
 HOLD_S = 3600  # the held step's await: far longer than a level takes; the fleet is stopped before
 FINGERPRINTS = {  # command run by one script only, in this steady state -> what it shows
-    "get": "renew.lua (+ leader.lua 2/s)",
-    "pttl": "redispatch.lua, lease alive",
-    "xclaim": "redispatch.lua, lease alive",
-    "exists": "sweep.lua, lease alive",
-    "xrange": "supervisor reclaim, entry read",
-    "xpending": "supervisor reclaim scan",
+    "xrange": "alive.lua: one per worker, partition and beat",
+    "xinfo|consumers": "dead_pending.lua: one per lane and supervisor tick",
+    "hmget": "sweep.lua: claimed runs checked",
+    "xpending": "own_pending.lua (workers' audits), dead_pending.lua (dead workers only)",
 }
 BAD_COUNTERS = ("redispatched", "crashes", "lost_entries", "dropped_entries", "repaired", "dead_workers")
 
@@ -311,22 +310,20 @@ def fingerprints_table(levels: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 f"{lv['inflight']:,}",
-                fmt(workers["get"]),
-                fmt(fleet["pttl"]),
-                fmt(fleet["exists"]),
-                fmt(fleet["xrange"]),
+                fmt(workers["xrange"]),
+                fmt(fleet["xinfo|consumers"]),
+                fmt(fleet["hmget"]),
                 fmt(fleet["xpending"], 1),
             ]
         )
     headers = [
         "in flight",
-        "lease renewals/s (GET, workers only)",
-        "reclaim: live leases checked/s (PTTL)",
-        "sweep: live runs checked/s (EXISTS)",
-        "reclaim: entries read/s (XRANGE)",
+        "worker beats per partition/s (XRANGE, workers only)",
+        "reclaim: lanes checked/s (XINFO CONSUMERS)",
+        "sweep: claimed runs checked/s (HMGET)",
         "XPENDING/s",
     ]
-    return markdown(headers, rows, right=(1, 2, 3, 4, 5))
+    return markdown(headers, rows, right=(1, 2, 3, 4))
 
 
 def tables(levels: list[dict[str, Any]], options: Options) -> str:

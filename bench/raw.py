@@ -76,10 +76,17 @@ class RawConsumer:
         self.stopping = False
 
     def register(self) -> None:
-        """Create the consumer group like the worker does, then appear in the workers zset (the readiness signal)."""
+        """Create the consumer group like the worker does, beat once in every partition (for
+        the whole benchmark: no heartbeat thread here), then appear in the workers zset (the
+        readiness signal)."""
         for stream in self.streams:
             with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists already
                 self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        beats = [
+            self.store.alive(partition=p, worker=self.id, lease_ms=3_600_000, cancels_seen="")
+            for p in range(self.keys.partitions)
+        ]
+        scripts.execute(self.redis, beats)
         self.redis.zadd(self.keys.workers, {self.id: now_ms()})
 
     def read(self) -> list[tuple[str, Dispatch]]:
@@ -104,7 +111,6 @@ class RawConsumer:
             entry_id=entry_id,
             token=self.tokens[d.run, entry_id],
             worker=self.id,
-            lease_ms=self.settings.lease_ms,
             max_crashes=self.settings.max_crashes,
             max_steps=self.settings.max_run_steps,
         )
@@ -130,7 +136,6 @@ class RawConsumer:
             max_steps=self.settings.max_run_steps,
             chain_to=self.id,
             chain_token=self.chain_tokens[d.run, entry_id],
-            lease_ms=self.settings.lease_ms,
         )
 
     def ack(self, entries: Sequence[tuple[str, Dispatch]]) -> list[Call]:

@@ -90,7 +90,7 @@ class StepContext:
     def heartbeat(self) -> None:
         """Report progress. Required at least every ``heartbeat_timeout_s`` when the step sets it.
 
-        Costs no round trip (the worker's heartbeat thread renews the lease); raises
+        Costs no round trip (the worker's heartbeat thread keeps its claims live); raises
         :class:`ClaimLost` when the attempt should stop.
         """
         self.last_progress = time.monotonic()

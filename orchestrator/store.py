@@ -357,11 +357,15 @@ class Store:
         qk = self.keys.queue(queue, partition)
         return scripts.load("passed").call([qk.stream, qk.queued], [GROUP, cursor, limit, deleted_seen])
 
-    def sweep(self, *, run_id: str, queue: str) -> Call:
+    def sweep(self, *, run_id: str, queue: str, after_ms: int = 10_000, live_claim_max_ms: int = 300_000) -> Call:
+        """Check that a run has work somewhere. ``after_ms``: how long a run is left before a look
+        (the sweep's age threshold); a live claim is looked at again after as long as it has run,
+        between ``after_ms`` and ``live_claim_max_ms`` (the defaults: the supervisor's with
+        default settings)."""
         rk, qk, pk = self._at(run_id, queue)
         return scripts.load("sweep").call(
             [rk.run, pk.alive, qk.stream, qk.delayed, qk.queued, pk.active, rk.history, pk.stats],
-            [run_id, GROUP],
+            [run_id, GROUP, after_ms, live_claim_max_ms],
         )
 
     def cancel(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:

@@ -57,6 +57,10 @@ OWN_COUNTERS = frozenset({"dead_workers", "lost_entries", "purged", "consumers_r
 BUDGET_S = 0.5
 PASSED_PAGE = 2000  # index entries passed.lua scans per call
 LOGGED_REPAIRS = 20  # repaired runs logged one by one per sweep call; the rest in one line
+# A live claim is looked at again after as long as it has run, up to this many sweep_after_s: a
+# run whose worker beats but lost track of it with no entry pending (an operator deleted the
+# stream) is repaired within that; an hour-long step is looked at a dozen times, not 360.
+LIVE_CLAIM_LOOKS = 30
 
 
 class Supervisor:
@@ -417,7 +421,11 @@ class Supervisor:
     def _sweep_runs(self, runs: list[tuple[str, str]]) -> dict[str, int]:
         if not runs:
             return {}
-        calls = [self.store.sweep(run_id=rid, queue=q) for rid, q in runs]
+        after_ms = int(self.settings.sweep_after_s * 1000)
+        calls = [
+            self.store.sweep(run_id=rid, queue=q, after_ms=after_ms, live_claim_max_ms=after_ms * LIVE_CLAIM_LOOKS)
+            for rid, q in runs
+        ]
         counts = {"swept": len(calls)}
         repaired: list[tuple[str, str]] = []
         for (run_id, _), reply_item in zip(runs, scripts.execute(self.redis, calls), strict=True):

@@ -134,8 +134,9 @@ class Workflow(Generic[S]):
         """Register a step; usable as ``@flow.step`` or ``@flow.step(retry=...)``.
 
         ``timeout_s`` bounds one attempt. ``heartbeat_timeout_s`` makes the step prove
-        progress: if it does not call ``ctx.heartbeat()`` that often, its lease is let go and
-        another worker takes the step over (the late result of this attempt is then fenced off).
+        progress: if it does not call ``ctx.heartbeat()`` that often, the worker stops waiting for
+        it and fails the attempt as a timeout (retried per ``retry``; a late result of the stalled
+        attempt is fenced off).
         """
 
         def register(func: F) -> F:

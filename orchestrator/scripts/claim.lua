@@ -27,7 +27,8 @@
 --          "work ms kept": the step time of the committed steps, plus, when the previous attempt
 --          crashed, what the step's stash keeps of it (what a restart from scratch would redo)
 local r = redis.call('HMGET', KEYS[1], 'status', 'wf', 'step', 'visit', 'claim', 'claim_fence',
-  'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes', 'fence', 'seq', 'work_ms', 'dispatch', 'stash_ms')
+  'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes', 'fence', 'seq', 'work_ms', 'dispatch', 'stash_ms',
+  'dead_worker')
 local status = r[1]
 if not status then return {'MISSING'} end
 if r[2] ~= ARGV[8] then return {'WRONG_WF', r[2]} end
@@ -107,8 +108,8 @@ if r[5] ~= '' then
     end
   end
   redis.call('HSET', KEYS[1], 'crashes', crashes, 'claim', '', 'claim_fence', 0)
-  -- a worker that gave the step up (it lost track of it) is named '' in the run
-  local worker = r[7] ~= '' and r[7] or nil
+  -- a re-dispatched claim's worker is named '' in the run, and kept as dead_worker
+  local worker = r[7] ~= '' and r[7] or r[17] or nil
   redis.call('RPUSH', KEYS[5], event({type = 'crashed', at = now, step = ARGV[1], visit = tonumber(ARGV[2]),
     attempt = tonumber(r[9]), fence = tonumber(r[6]), worker = worker, start_ms = tonumber(r[8]), end_ms = now}))
   r[11] = tostring(crashes)

@@ -9,7 +9,8 @@
 -- ARGV[1] group  ARGV[2] entry id  ARGV[3] run id  ARGV[4] step  ARGV[5] visit
 -- ARGV[6] idempotency key  ARGV[7] consumer that holds the entry
 -- ARGV[8] the worker giving up the entry ('' from the supervisor): a claim of its own is not
--- live (it does not run the step). A re-dispatched claim's worker is named '' in the run.
+-- live (it does not run the step). A re-dispatched claim's worker is named '' in the run (and
+-- kept as `dead_worker`, for the crash event the next claim writes).
 -- Returns {'REDISPATCHED', new entry id} | {'ALIVE'} | {'DROPPED', reason} | {'GONE'}
 local function drop(reason)
   if redis.call('XACK', KEYS[4], ARGV[1], ARGV[2]) == 0 then return {'GONE'} end
@@ -32,7 +33,7 @@ local id = redis.call('XADD', KEYS[4], '*', 'run', ARGV[3], 'wf', r[5], 'step', 
 redis.call('HSET', KEYS[1], 'dispatch', id, 'updated_ms', now)
 -- the claim is dead from here on, even if its worker's heartbeat comes back: the next claim
 -- counts a crash instead of waiting for it
-if claimed then redis.call('HSET', KEYS[1], 'claim_worker', '') end
+if claimed then redis.call('HSET', KEYS[1], 'claim_worker', '', 'dead_worker', r[7]) end
 index_queued(KEYS[8], KEYS[7], ARGV[3], id)
 local why = ARGV[8] == '' and ('entry ' .. ARGV[2] .. ' of ' .. ARGV[7] .. ', whose heartbeat stopped')
   or ('entry ' .. ARGV[2] .. ' given up by ' .. ARGV[8] .. ', which was not running it')

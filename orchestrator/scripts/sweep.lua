@@ -4,16 +4,21 @@
 -- run back in the index it belongs in (see keys.py), so the indexes heal too.
 -- KEYS[1] run  KEYS[2] alive  KEYS[3] stream  KEYS[4] delayed  KEYS[5] queued  KEYS[6] active
 -- KEYS[7] history  KEYS[8] stats
--- ARGV[1] run id  ARGV[2] group
+-- ARGV[1] run id  ARGV[2] group  ARGV[3] sweep after ms (how long a run is left before a look)
+-- ARGV[4] the longest a live claim is left between two looks (ms)
 -- Returns {'ALIVE'} | {'QUEUED'} | {'SCHEDULED'} | {'TERMINAL'} | {'GONE'} | {'REPAIRED', entry id, reason}
-local r = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'step', 'visit', 'wf', 'claim', 'claim_worker')
+local r = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'step', 'visit', 'wf', 'claim', 'claim_worker', 'claim_ms')
 if not r[1] or TERMINAL[r[1]] then
   unindex(KEYS[6], KEYS[5], ARGV[1])
   return {r[1] and 'TERMINAL' or 'GONE'}
 end
 local now = now_ms()
 if r[6] and r[6] ~= '' and live(KEYS[2], r[7], now) then
-  index_active(KEYS[6], KEYS[5], ARGV[1], now)
+  -- look again after as long as the claim has run (at least sweep after, at most ARGV[4]): a
+  -- step that waits an hour on an LLM costs a dozen looks, not one every sweep after
+  local after = tonumber(ARGV[3])
+  local wait = math.min(math.max(now - (tonumber(r[8]) or now), after), tonumber(ARGV[4]))
+  index_active(KEYS[6], KEYS[5], ARGV[1], now + wait - after)
   return {'ALIVE'}
 end
 

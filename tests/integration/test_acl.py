@@ -64,7 +64,8 @@ ROLE_SCRIPTS: dict[str, list[str]] = {
     ),
     # supervisor.py, retention.py (purge)
     "supervisor": words(
-        "layout reap_consumer dead_pending redispatch due promote passed sweep trim purge leader resign reap_workers stale"
+        "layout reap_consumer dead_pending redispatch due promote passed sweep trim purge leader resign reap_workers"
+        " stale"
     ),
     "client": ["layout", "submit"],  # Client.submit (the first records the namespace's partition count)
     "operator": ["cancel", "retry_run", "purge"],  # Client.cancel, retry, purge (the CLI's cancel, retry, runs purge)
@@ -84,7 +85,9 @@ SCRIPTING = {"evalsha", "script|load"}  # scripts.execute: EVALSHA, and SCRIPT L
 SCRAPE = set(words("exists hget hgetall hmget memory|usage smembers time xinfo|groups xlen xpending zcard zcount"))
 SCRAPE |= {"zrandmember", "zrange", "zrevrange"}
 PURGE_PAGES = {"time", "zrangebyscore", "hmget"}  # retention.purge_finished (also --dry-run)
-SUPERVISING = set(words("smembers time xgroup|create xinfo|consumers xpending xrange hget zmscore xack xdel hincrby hdel"))
+SUPERVISING = set(
+    words("smembers time xgroup|create xinfo|consumers xpending xrange hget zmscore xack xdel hincrby hdel")
+)
 # The commands each role sends itself, outside scripts.
 DIRECT: dict[str, set[str]] = {
     # runner.py: XREADGROUP, SADD queues, HINCRBY/HSET zeroed series and step order, ZREM/DEL at

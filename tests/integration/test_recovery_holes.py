@@ -131,6 +131,7 @@ def test_recovery_and_retention_keep_up_with_a_backlog(client: Client, settings:
 def finish_all(r: redis.Redis, ops: list[Ops]) -> None:
     """Claim and complete every run of ``ops`` (one-step runs) through the scripts, 500 at a time."""
     by_run = {op.run_id: op for op in ops}
+    ops[0].beat("c")  # one partition: "c" is alive there
     while reply := r.xreadgroup(GROUP, "c", {ops[0].stream: ">"}, count=500):
         entries = [(eid, Dispatch.model_validate(f)) for _, rows in reply for eid, f in rows]
         scripts.execute(r, [by_run[d.run].claim_call(eid, d, worker="c") for eid, d in entries])

@@ -334,9 +334,7 @@ def test_redispatch_drops_entries_of_committed_steps(ops: Ops) -> None:
     # the step committed, its entry still pending: a commit that was not handed the entry (a
     # superseded attempt), or a copy the supervisor re-dispatched before the old claim committed
     ops.commit(eid, d, ack=False)
-    out = Outcome.parse(
-        ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d))[0]
-    )
+    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d))[0])
     assert out.code == "DROPPED" and out.detail[0] == "committed"
     assert ops.r.xlen(ops.stream) == 1  # only the next step's entry remains
 
@@ -411,9 +409,7 @@ def test_a_retry_waiting_out_its_backoff_cannot_be_started_early(ops: Ops) -> No
     ((eid, d),) = ops.read()
     ops.claim(eid, d)
     assert ops.fail(eid, d, delay_ms=60_000).code == "RETRY"
-    out = Outcome.parse(
-        ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d))[0]
-    )
+    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="c1", dispatch=d))[0])
     assert out.code == "DROPPED" and out.detail[0] == "not the current dispatch"
     assert ops.claim(eid, d, worker="w2").code == "STALE"
     assert ops.r.xlen(ops.stream) == 0 and ops.r.zcard(ops.q.delayed) == 1
@@ -535,3 +531,25 @@ def test_a_worker_gives_up_an_entry_it_lost_track_of_and_the_next_claim_counts_a
     c = ops.claim(eid2, d2, worker="w1")
     assert (c.code, c.crashed_now, c.attempt) == ("RUN", True, 2)
     assert ops.commit(committed.entry_id, b, token="w1:chained").code == "FENCED"  # the lost claim's late commit
+
+
+def test_the_sweep_looks_at_a_live_claim_again_after_as_long_as_it_has_run(ops: Ops) -> None:
+    """A step waiting on an LLM for an hour must not cost a look every sweep_after_s: the next
+    look comes after as long as the claim has run so far, between sweep_after and the cap."""
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    now_ms = ops.r.time()[0] * 1000
+    claim_ms = now_ms - 120_000  # claimed two minutes ago
+    ops.r.hset(ops.rk.run, "claim_ms", claim_ms)
+    sweep = ops.store.sweep(run_id="r1", queue="q", after_ms=10_000, live_claim_max_ms=300_000)
+    assert Outcome.parse(ops.x(sweep)[0]).code == "ALIVE"
+    # picked again once its score is sweep_after old: in about two minutes
+    next_look = ops.r.zscore(ops.part.active, "r1") + 10_000
+    assert now_ms + 110_000 <= next_look <= now_ms + 130_000
+    ops.r.hset(ops.rk.run, "claim_ms", now_ms - 3_600_000)  # an hour: the cap
+    ops.x(sweep)
+    assert ops.r.zscore(ops.part.active, "r1") + 10_000 <= now_ms + 310_000
+    ops.r.hset(ops.rk.run, "claim_ms", now_ms)  # just claimed: sweep_after
+    ops.x(sweep)
+    assert ops.r.zscore(ops.part.active, "r1") + 10_000 <= now_ms + 12_000
