@@ -102,7 +102,11 @@ class Heartbeat(threading.Thread):
         self._lease_ms = lease_ms
         self._faults = faults
         self._stopped = threading.Event()
+        self._wake = threading.Event()
         self._failing_since: float | None = None
+        # monotonic time until which every partition has this worker's deadline ahead (the last
+        # beat that reached all of them, sent at least this long before its lease ends)
+        self._live_until = 0.0
         self._partitions = store.keys.partitions
         self._cancels_seen = [""] * self._partitions  # per partition: the last cancels entry read
         self.beats = 0
@@ -110,11 +114,26 @@ class Heartbeat(threading.Thread):
     def stop(self) -> None:
         """Stop beating and wait for a beat in flight, so none lands after deregistration."""
         self._stopped.set()
+        self._wake.set()
         if self.is_alive():
             self.join(timeout=10)
 
+    def live(self) -> bool:
+        """Whether this worker's deadline is ahead in every partition, as far as its beats tell:
+        after a pause (a frozen process, Redis out of reach) its claims would be born dead, so the
+        worker reads nothing until a beat lands (:meth:`wake` asks for one at once)."""
+        return time.monotonic() < self._live_until
+
+    def wake(self) -> None:
+        """Beat now rather than at the next interval."""
+        self._wake.set()
+
     def run(self) -> None:
-        while not self._stopped.wait(self._interval_s):
+        while True:
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+            if self._stopped.is_set():
+                return
             try:
                 self.beat()
             except Exception:  # never let the liveness thread die quietly while steps run
@@ -124,10 +143,10 @@ class Heartbeat(threading.Thread):
         """Register the worker and keep its claims live; stop stalled, cancelled and lost steps."""
         if self._faults.frozen:
             return
-        now = time.monotonic()
+        sent = time.monotonic()
         items = self._table.snapshot()  # before the beat: a claim made after it is not in doubt
         for item in items:
-            if item.stalled(now) and not item.ctx.cancelled:
+            if item.stalled(sent) and not item.ctx.cancelled:
                 item.on_lost("stalled")
         calls = [
             self._store.heartbeat(
@@ -145,15 +164,7 @@ class Heartbeat(threading.Thread):
             return
         self._failing_since = None
         self.beats += 1
-        lapsed: set[int] = set()
-        cancelled: set[str] = set()
-        for partition, reply in enumerate(replies[1:]):
-            if isinstance(reply, Exception):  # this partition's node is failing: try again next beat
-                continue
-            if int(reply[0]) == 0 and self._cancels_seen[partition]:
-                lapsed.add(partition)
-            self._cancels_seen[partition] = str(reply[1])
-            cancelled.update(str(run_id) for run_id in reply[2:])
+        lapsed, cancelled = self._read_partitions(replies[1:], sent)
         keys = self._store.keys
         for item in items:
             if item.ctx.cancelled:
@@ -162,6 +173,24 @@ class Heartbeat(threading.Thread):
                 item.on_lost("run cancelled")
             elif lapsed and keys.partition_of(item.run_id) in lapsed:
                 item.on_lost("claims lapsed")
+
+    def _read_partitions(self, replies: list[Any], sent: float) -> tuple[set[int], set[str]]:
+        """The partitions where this worker's deadline had passed, and the runs cancelled since
+        the last beat; moves each partition's cancels cursor on."""
+        lapsed: set[int] = set()
+        cancelled: set[str] = set()
+        reached = 0
+        for partition, reply in enumerate(replies):
+            if isinstance(reply, Exception):  # this partition's node is failing: try again next beat
+                continue
+            reached += 1
+            if int(reply[0]) == 0 and self._cancels_seen[partition]:  # not at the first beat: joining
+                lapsed.add(partition)
+            self._cancels_seen[partition] = str(reply[1])
+            cancelled.update(str(run_id) for run_id in reply[2:])
+        if reached == self._partitions:
+            self._live_until = sent + self._lease_ms / 1000 * 0.75
+        return lapsed, cancelled
 
     def _report_failure(self, exc: Exception) -> None:
         now = time.monotonic()

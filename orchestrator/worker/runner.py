@@ -58,6 +58,7 @@ from orchestrator.workflow import Workflow
 
 log = logging.getLogger("orchestrator.worker")
 REDIRECTED_PAUSE_S = 0.05  # a cluster read that met MOVED or ASK: the slot map is patched, read again soon
+LAPSED_PAUSE_S = 0.02  # this worker's deadline may have passed: wait for the beat asked for, then go on
 
 
 def new_worker_id() -> str:
@@ -110,6 +111,7 @@ class Worker:
         # entries read when no slot was free for them (one read takes from every lane's stream):
         # pending for this worker, claimed in order as slots free
         self._waiting: deque[tuple[str, str, Dispatch]] = deque()
+        self._heartbeat_thread: Heartbeat  # made by run_async
         self.rt: Runtime | None = None
         self.metrics = WorkerMetrics()
         self.metrics_port: int | None = None
@@ -185,7 +187,7 @@ class Worker:
             stopping_now=lambda: self._immediate,
         )
         self.metrics.info.info({"version": __version__, "worker": self.id})
-        heartbeat = self._heartbeat(sync_redis)
+        heartbeat = self._heartbeat_thread = self._heartbeat(sync_redis)
         started = False
         try:
             started = await self._start_up(async_redis)
@@ -401,6 +403,10 @@ class Worker:
             if self._free_slots() <= 0:
                 await self._wait_for_slot()
                 continue
+            if not self._heartbeat_thread.live():  # after a pause: claims would be born dead
+                self._heartbeat_thread.wake()
+                await self._pause(LAPSED_PAUSE_S)
+                continue
             try:
                 reply = await self._read(client, offsets)
                 outage.recovered()
@@ -569,11 +575,20 @@ class Worker:
             self.rt.metrics.attempts.labels(dispatch.wf, dispatch.step, "duplicate").inc()
         level = logging.WARNING if claimed.code in ("QUARANTINED", "MISSING", "WRONG_WF") else logging.INFO
         log.log(level, f"entry not run: {claimed.code.lower()}", extra={**fields, "detail": claimed.detail})
+        if claimed.code == "LAPSED":  # this worker's deadline had passed: claim again after a beat
+            self._heartbeat_thread.wake()
+            self.rt.loop.call_later(LAPSED_PAUSE_S, self._requeue, queue, entry_id, dispatch)
+            return
         # BUSY: another claim runs the step; if it dies, this pending entry recovers it (this
-        # worker's audit gives it up then). LAPSED: this worker's own deadline had passed; its
-        # next beat makes it live again and its audit gives the entry back.
-        if claimed.code not in ("BUSY", "LAPSED"):
+        # worker's audit gives it up then)
+        if claimed.code != "BUSY":
             self.rt.ack(queue, dispatch.run, entry_id)
+
+    def _requeue(self, queue: str, entry_id: str, dispatch: Dispatch) -> None:
+        """Put an entry read but not claimed back at the front of the line, and wake the reader."""
+        self._waiting.appendleft((queue, entry_id, dispatch))
+        if self._slot_freed is not None:
+            self._slot_freed.set()
 
     def _known_entries(self) -> set[tuple[str, str]]:
         """(stream, entry id) of every entry this worker is running or waiting to claim."""
