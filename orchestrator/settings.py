@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         description="runs are spread over this many partitions (hash slots); fixed for a namespace's life",
     )
     heartbeat_interval_s: float = Field(default=1.0, gt=0, description="worker heartbeat period")
-    lease_s: float = Field(default=4.0, gt=0, description="a claim expires this long after its last heartbeat")
+    lease_s: float = Field(default=4.0, gt=0, description="a worker's claims lapse this long after its last heartbeat")
     reclaim_interval_s: float = Field(default=0.5, gt=0, description="supervisor scan period for expired leases")
     sweep_interval_s: float = Field(default=5.0, gt=0, description="supervisor period for the stuck-run sweep")
     sweep_after_s: float = Field(default=10.0, gt=0, description="a run idle this long is checked by the sweep")

@@ -1,0 +1,80 @@
+"""Liveness per worker: what it costs does not grow with the steps a worker holds, and what the
+supervisor no longer watches (a live worker's entries) the worker recovers itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import redis
+
+from orchestrator import Client, Settings, StepContext, Workflow
+from orchestrator.keys import GROUP
+from tests.harness import supervisor_thread, worker_thread
+from tests.helpers import wait_until
+
+
+async def wait_long(ctx: StepContext, state: Any) -> None:
+    """An agent step waiting on an LLM: holds its claim, does nothing."""
+    await asyncio.sleep(30)
+
+
+def quick(ctx: StepContext, state: Any) -> None:
+    return None
+
+
+def one_step(name: str, fn: Any) -> Workflow[Any]:
+    wf: Workflow[Any] = Workflow(name)
+    wf.step(fn, name="only")
+    return wf
+
+
+def script_calls_per_s(r: redis.Redis, window_s: float) -> float:
+    r.config_resetstat()
+    time.sleep(window_s)
+    stats = r.info("commandstats")
+    return float(stats.get("cmdstat_evalsha", {}).get("calls", 0)) / window_s
+
+
+def test_what_a_worker_sends_to_stay_live_does_not_grow_with_the_steps_it_holds(
+    client: Client, settings: Settings, r: redis.Redis
+) -> None:
+    """The same worker holding 10 and then 200 waiting steps sends about as many script calls a
+    second: one beat per partition (and its audit), none per claim. Per-claim lease renewals
+    would have added 190 calls a second per beat interval of 0.1 s: 1,900/s."""
+    flow = one_step("waits", wait_long)
+    held = settings.model_copy(update={"concurrency": 256})
+    with worker_thread([flow], held):
+        rates = []
+        submitted = 0
+        for n in (10, 200):
+            for i in range(submitted, n):
+                client.submit(flow, {}, run_id=f"held-{i}")
+            submitted = n
+            wait_until(lambda n=n: len(client.list_runs(status="running", limit=500)) == n, what=f"{n} steps held")
+            rates.append(script_calls_per_s(r, 2.0))
+        few, many = rates
+        beats_per_s = 1 / settings.heartbeat_interval_s
+        assert few >= beats_per_s * settings.partitions * 0.5, rates  # the beats are there
+        assert many < few * 1.5 + 20, rates  # and 20x the claims changed about nothing
+        for run in client.list_runs(status="running", limit=500):
+            client.cancel(run.run_id, reason="test over")
+
+
+def test_an_entry_a_live_worker_lost_track_of_is_given_back_by_its_own_audit(
+    client: Client, settings: Settings, r: redis.Redis
+) -> None:
+    """An entry delivered to a worker's consumer that the worker never saw (an XREADGROUP reply
+    lost with its connection): the supervisor leaves a live worker's entries alone, so the
+    worker's audit must find it and give it back; the run then completes."""
+    flow = one_step("orphaned", quick)
+    run = client.submit(flow, {}, run_id="orphan")
+    stream = client.keys.queue_of("default", "orphan").stream
+    r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    assert r.xreadgroup(GROUP, "w-orphan", {stream: ">"})  # delivered to the worker's consumer, unseen
+    with supervisor_thread(settings), worker_thread([flow], settings, worker_id="w-orphan"):
+        run.wait(timeout_s=20)
+    history = [e for e in client.events("orphan") if e.type == "redispatched"]
+    assert len(history) == 1 and "given up by w-orphan" in (history[0].detail or "")
+    assert client.get("orphan").crashes == 0  # never claimed: nothing crashed
