@@ -29,7 +29,11 @@ MEMORY_SAMPLE = 16  # runs whose memory a scrape measures
 FLEET_COUNTERS = (
     ("orchestrator_fleet_crashes_total", "crashes", "Step attempts whose worker died (found by the next claim)."),
     ("orchestrator_fleet_fenced_commits_total", "fenced", "Commits refused because their claim was replaced."),
-    ("orchestrator_fleet_redispatched_steps_total", "redispatched", "Steps re-enqueued after their worker's heartbeat stopped (or it gave them up)."),
+    (
+        "orchestrator_fleet_redispatched_steps_total",
+        "redispatched",
+        "Steps re-enqueued after their worker's heartbeat stopped (or it gave them up).",
+    ),
     ("orchestrator_fleet_repaired_runs_total", "repaired", "Runs with no queued work that the sweep re-enqueued."),
     ("orchestrator_fleet_quarantined_steps_total", "quarantined", "Steps quarantined after max_crashes."),
     ("orchestrator_fleet_released_steps_total", "released", "Steps handed back by a draining worker."),
