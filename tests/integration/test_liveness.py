@@ -11,7 +11,7 @@ import redis
 
 from orchestrator import Client, Settings, StepContext, Workflow
 from orchestrator.keys import GROUP
-from tests.harness import supervisor_thread, worker_thread
+from tests.harness import worker_thread
 from tests.helpers import wait_until
 
 
@@ -73,7 +73,7 @@ def test_an_entry_a_live_worker_lost_track_of_is_given_back_by_its_own_audit(
     stream = client.keys.queue_of("default", "orphan").stream
     r.xgroup_create(stream, GROUP, id="0", mkstream=True)
     assert r.xreadgroup(GROUP, "w-orphan", {stream: ">"})  # delivered to the worker's consumer, unseen
-    with supervisor_thread(settings), worker_thread([flow], settings, worker_id="w-orphan"):
+    with worker_thread([flow], settings, worker_id="w-orphan"):  # no supervisor: only the audit can
         run.wait(timeout_s=20)
     history = [e for e in client.events("orphan") if e.type == "redispatched"]
     assert len(history) == 1 and "given up by w-orphan" in (history[0].detail or "")
