@@ -110,7 +110,8 @@ class Worker:
         self._immediate = False
         # entries read when no slot was free for them (one read takes from every lane's stream):
         # pending for this worker, claimed in order as slots free
-        self._waiting: deque[tuple[str, str, Dispatch]] = deque()
+        # entries read beyond the free slots: (queue, entry id, dispatch, monotonic time read)
+        self._waiting: deque[tuple[str, str, Dispatch, float]] = deque()
         self._heartbeat_thread: Heartbeat  # made by run_async
         self.rt: Runtime | None = None
         self.metrics = WorkerMetrics()
@@ -370,12 +371,12 @@ class Worker:
         """Claim as many waiting entries as there are open slots, oldest first."""
         take = min(self._open_slots(), len(self._waiting))
         batch = [self._waiting.popleft() for _ in range(take)]
-        await self._claim([(queue, eid, d, new_claim_token(self.id)) for queue, eid, d in batch])
+        await self._claim([(queue, eid, d, new_claim_token(self.id)) for queue, eid, d, _ in batch])
 
     async def _hand_back_waiting(self) -> None:
         """At a stop, entries read but never started go back to the queue at once (claimed and
         handed back, as a stopping worker does with a chained step), not after a lease."""
-        batch = [(queue, eid, d, new_claim_token(self.id)) for queue, eid, d in self._waiting]
+        batch = [(queue, eid, d, new_claim_token(self.id)) for queue, eid, d, _ in self._waiting]
         self._waiting.clear()
         if batch:
             await self._claim(batch)
@@ -456,7 +457,8 @@ class Worker:
                 if dispatch is not None:
                     batch.append((queue, entry_id, dispatch, new_claim_token(self.id)))
         fits = max(0, self._free_slots())
-        self._waiting.extend((queue, eid, d) for queue, eid, d, _ in batch[fits:])
+        read_at = time.monotonic()
+        self._waiting.extend((queue, eid, d, read_at) for queue, eid, d, _ in batch[fits:])
         if batch[:fits]:
             await self._claim(batch[:fits])
 
@@ -586,13 +588,30 @@ class Worker:
 
     def _requeue(self, queue: str, entry_id: str, dispatch: Dispatch) -> None:
         """Put an entry read but not claimed back at the front of the line, and wake the reader."""
-        self._waiting.appendleft((queue, entry_id, dispatch))
+        self._waiting.appendleft((queue, entry_id, dispatch, time.monotonic()))
         if self._slot_freed is not None:
             self._slot_freed.set()
 
+    async def _give_back_waiting(self, older_than_s: float) -> None:
+        """Entries read ahead that found no free slot for ``older_than_s`` (every slot busy with long
+        steps) go back to the stream for any worker with room (not counted as crashes)."""
+        assert self.rt is not None
+        cutoff = time.monotonic() - older_than_s
+        old = [item for item in self._waiting if item[3] < cutoff]
+        if not old:
+            return
+        for item in old:
+            self._waiting.remove(item)
+        calls = [
+            self.store.redispatch(queue=queue, entry_id=eid, consumer=self.id, dispatch=d, giver=self.id)
+            for queue, eid, d, _ in old
+        ]
+        await self.rt.batcher.call_many(calls)
+        log.info("entries read ahead found no free slot; handed back", extra={"worker": self.id, "entries": len(old)})
+
     def _known_entries(self) -> set[tuple[str, str]]:
         """(stream, entry id) of every entry this worker is running or waiting to claim."""
-        waiting = {(self.keys.queue_of(queue, d.run).stream, eid) for queue, eid, d in self._waiting}
+        waiting = {(self.keys.queue_of(queue, d.run).stream, eid) for queue, eid, d, _ in self._waiting}
         return set(self._by_entry) | waiting
 
     def _finished(self, task: asyncio.Task[None], token: str) -> None:
@@ -624,6 +643,7 @@ class Worker:
                 await promote_due(self.rt.batcher, self.store, self.queues)
                 if time.monotonic() >= next_audit:
                     next_audit = time.monotonic() + self.settings.lease_s
+                    await self._give_back_waiting(older_than_s=self.settings.lease_s)
                     await audit.run(self._known_entries())
             except REDIS_FAILURES as exc:
                 delay_s = max(self.settings.promote_interval_s, outage.failed(exc))
