@@ -207,7 +207,8 @@ def costs(window: Window, calls: Counter[str], counters: dict[str, int], total: 
         "worker_cpu_share": window.consumer_cpu_s / window.elapsed_s,  # cores the workers kept busy
         "redis_cpu_share": window.redis_cpu_s / window.elapsed_s,
         "commands_per_step": sum(calls.values()) / total,
-        "renewals_per_step": calls.get("get", 0) / total,  # GET: renew.lua (+ leader.lua 2/s)
+        # XRANGE: alive.lua, a worker's beat in one partition (one per worker, partition and second)
+        "beats_per_step": calls.get("xrange", 0) / total,
         "counters": counters,
         "trouble": {k: counters.get(k, 0) for k in BAD_COUNTERS if counters.get(k, 0)},
         "calls": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
@@ -368,7 +369,7 @@ def costs_table(levels: list[dict[str, Any]]) -> str:
             "Redis CPU µs/step",
             "supervisor CPU µs/step",
             "Redis commands/step",
-            "of which renewals (GET)",
+            "of which liveness (XRANGE: beats)",
             "cores busy: workers / Redis / all ours / others",
         ],
         [
@@ -378,7 +379,7 @@ def costs_table(levels: list[dict[str, Any]]) -> str:
                 fmt(lv["redis_cpu_us_per_step"]),
                 fmt(lv["supervisor_cpu_us_per_step"], 1),
                 fmt(lv["commands_per_step"], 1),
-                fmt(lv["renewals_per_step"], 2),
+                fmt(lv["beats_per_step"], 2),
                 cores(lv),
             ]
             for lv in levels

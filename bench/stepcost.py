@@ -185,10 +185,14 @@ class CommandTap(threading.Thread):
         self.start()
 
     def begin(self, admin: redis.Redis, timeout_s: float = 10.0) -> None:
-        """Run the probe script through ``admin`` and wait until the tap has seen its command."""
-        admin.eval("return redis.call('EXISTS', KEYS[1])", 1, self.probe)
-        if not self.probed.wait(timeout_s):
-            raise RuntimeError(f"MONITOR did not show the probe script within {timeout_s:.0f} s")
+        """Run the probe script through ``admin`` until the tap has seen its command (a probe
+        sent before Redis handled the tap's MONITOR is not shown: it is sent again)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            admin.eval("return redis.call('EXISTS', KEYS[1])", 1, self.probe)
+            if self.probed.wait(0.5):
+                return
+        raise RuntimeError(f"MONITOR did not show the probe script within {timeout_s:.0f} s")
 
     def run(self) -> None:
         rest = b""
