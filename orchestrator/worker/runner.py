@@ -109,8 +109,8 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._immediate = False
         # entries read when no slot was free for them (one read takes from every lane's stream):
-        # pending for this worker, claimed in order as slots free
-        # entries read beyond the free slots: (queue, entry id, dispatch, monotonic time read)
+        # pending for this worker, claimed in order as slots free, handed back after a lease;
+        # (queue, entry id, dispatch, monotonic time read)
         self._waiting: deque[tuple[str, str, Dispatch, float]] = deque()
         self._heartbeat_thread: Heartbeat  # made by run_async
         self.rt: Runtime | None = None
