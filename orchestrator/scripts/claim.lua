@@ -1,4 +1,4 @@
--- Claim a dispatched step for one attempt: a new fencing token, a lease, the state and the
+-- Claim a dispatched step for one attempt: a new fencing token, the claim, the state and the
 -- last stash. Detects a previous claim that ended without an outcome (its worker died) and
 -- counts it as a crash; quarantines the step after max crashes.
 -- The fencing token is max(last + 1, server time in ms): it keeps increasing even when Redis
@@ -91,7 +91,7 @@ end
 local crashed = 0
 if r[5] ~= '' then
   if live(KEYS[6], r[7], now) then return {'BUSY', r[7]} end
-  -- the previous claim's lease ran out with no outcome: its worker died (or froze)
+  -- the previous claim's worker is not live and left no outcome: it died (or froze)
   crashed = 1
   local crashes = tonumber(r[11] or 0) + 1
   count(KEYS[12], 'crashes')
