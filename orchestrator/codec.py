@@ -54,6 +54,17 @@ class Dispatch(Wire):
     step: str = Field(pattern=STEP_NAME)
     visit: int = Field(ge=1)
 
+    @classmethod
+    def from_xrange(cls, rows: Any) -> Dispatch | None:
+        """The dispatch in an ``XRANGE`` reply for one entry; None when the entry is gone
+        (trimmed), unreadable, or the read failed (``rows`` is then the exception)."""
+        if isinstance(rows, Exception) or not rows:
+            return None
+        try:
+            return cls.model_validate(rows[0][1] or {})
+        except pydantic.ValidationError:
+            return None
+
 
 class ErrorInfo(Wire):
     """A step failure as recorded in history and on a failed run.

@@ -27,7 +27,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import pydantic
 import redis
 from prometheus_client import CollectorRegistry
 
@@ -264,7 +263,7 @@ class Supervisor:
         found: list[tuple[str, Dispatch]] = []
         lost: list[str] = []
         for entry_id, rows in zip(ids, pipe.execute(), strict=True):
-            dispatch = self._dispatch(rows)
+            dispatch = Dispatch.from_xrange(rows)
             if dispatch is None:
                 lost.append(entry_id)
             else:
@@ -311,15 +310,6 @@ class Supervisor:
             seen = float(last) if last is not None else self._last_seen.get(owner)  # reaped a tick earlier
             if seen is not None:
                 self.metrics.detection.observe(max(0.0, (now_ms - seen) / 1000))
-
-    @staticmethod
-    def _dispatch(rows: list[Any]) -> Dispatch | None:
-        if not rows:
-            return None
-        try:
-            return Dispatch.model_validate(rows[0][1] or {})
-        except pydantic.ValidationError:
-            return None
 
     def promote(self, lane: Lane, run_ids: Any = None) -> int:
         """Enqueue the lane's due retries (``run_ids``: from :meth:`_due`, if it looked already)."""

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
-
-import pydantic
 
 from orchestrator import scripts
 from orchestrator.codec import Dispatch
@@ -69,7 +66,7 @@ class PendingAudit:
         calls = []
         for (stream, entry_id), found in zip(orphans, rows, strict=True):
             queue, partition = self._lanes[stream]
-            dispatch = _dispatch(found)
+            dispatch = Dispatch.from_xrange(found)
             if dispatch is None:  # unreadable: nothing to re-run from here; the sweep repairs its run
                 calls += self._store.ack(queue, partition, [entry_id])
                 continue
@@ -82,18 +79,8 @@ class PendingAudit:
         for call, reply in zip(calls, await self._batcher.call_many(calls), strict=True):
             if call.script is not None and not isinstance(reply, Exception):
                 given += Outcome.parse(reply).code == "REDISPATCHED"
-        if orphans:
-            log.warning(
-                "entries pending for this worker that it was not running were given back",
-                extra={"worker": self._worker, "entries": len(orphans), "redispatched": given},
-            )
+        log.warning(
+            "entries pending for this worker that it was not running were given back",
+            extra={"worker": self._worker, "entries": len(orphans), "redispatched": given},
+        )
         return given
-
-
-def _dispatch(rows: Any) -> Dispatch | None:
-    if isinstance(rows, Exception) or not rows:
-        return None
-    try:
-        return Dispatch.model_validate(rows[0][1] or {})
-    except pydantic.ValidationError:
-        return None

@@ -107,8 +107,7 @@ class Heartbeat(threading.Thread):
         # monotonic time until which every partition has this worker's deadline ahead (the last
         # beat that reached all of them, sent at least this long before its lease ends)
         self._live_until = 0.0
-        self._partitions = store.keys.partitions
-        self._cancels_seen = [""] * self._partitions  # per partition: the last cancels entry read
+        self._cancels_seen = [""] * store.keys.partitions  # per partition: the last cancels entry read
         self.beats = 0
 
     def stop(self) -> None:
@@ -188,7 +187,7 @@ class Heartbeat(threading.Thread):
                 lapsed.add(partition)
             self._cancels_seen[partition] = str(reply[1])
             cancelled.update(str(run_id) for run_id in reply[2:])
-        if reached == self._partitions:
+        if reached == len(self._cancels_seen):
             self._live_until = sent + self._lease_ms / 1000 * 0.75
         return lapsed, cancelled
 
