@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from orchestrator import Client, Settings, StepContext, Workflow
+from orchestrator import ClaimLost, Client, Settings, StepContext, Workflow
 from orchestrator.keys import GROUP
 from tests.harness import worker_thread
 from tests.helpers import wait_until
@@ -78,3 +78,34 @@ def test_an_entry_a_live_worker_lost_track_of_is_given_back_by_its_own_audit(
     history = [e for e in client.events("orphan") if e.type == "redispatched"]
     assert len(history) == 1 and "given up by w-orphan" in (history[0].detail or "")
     assert client.get("orphan").crashes == 0  # never claimed: nothing crashed
+
+
+def test_a_worker_whose_deadline_passed_stops_and_gives_back_the_steps_it_held_there(
+    client: Client, settings: Settings, r: redis.Redis
+) -> None:
+    """The supervisor reaped the worker (its deadline is gone) while a step ran: the claim may
+    already be someone else's, so the worker's next beat stops the step and gives it back
+    (``released``, not a crash) instead of letting it commit as if nothing happened."""
+    flow: Workflow[Any] = Workflow("reaped")
+    attempts: list[str] = []
+
+    @flow.step
+    def long(ctx: StepContext, state: Any) -> None:
+        if ctx.attempt > 1 or any(e.type == "released" for e in client.events(ctx.run_id)):
+            return
+        try:
+            for _ in range(400):
+                time.sleep(0.025)
+                ctx.heartbeat()
+        except ClaimLost:
+            attempts.append("claim lost")
+            raise
+
+    with worker_thread([flow], settings) as worker:
+        run = client.submit(flow, {}, run_id="reaped-1")
+        wait_until(lambda: run.status() == "running", what="step started")
+        r.hdel(client.keys.part_of("reaped-1").alive, worker.id)
+        wait_until(lambda: attempts, timeout_s=5, what="the step told its claims lapsed")
+        run.wait(timeout_s=10)
+    kinds = [e.type for e in client.events("reaped-1")]
+    assert "released" in kinds and "crashed" not in kinds, kinds
