@@ -171,7 +171,7 @@ def redis_failure(exc: BaseException, url: str) -> OrchestratorError:
     if reply := cluster_reply(exc):
         return ConfigError(
             f"Redis at {where} is a Redis Cluster node (it answered {reply}), but this process connected "
-            "to it as to a single server: the node could not be reached when it started (start it again), "
+            "to it as to a single server: the node could not be reached when it connected (run it again), "
             "or the URL's user may not run EXISTS, which recognises a cluster (docs/security.md)"
         )
     if lacks_permission(exc):
@@ -396,14 +396,14 @@ def _async_retry() -> AsyncRetry:
     return _AsyncRetryUnlessRefused(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
 
 
-def is_cluster_node(url: str, probe: Sequence[str]) -> bool:
+def probe_cluster(url: str, probe: Sequence[str]) -> bool:
     """True when the server at ``url`` answers ``EXISTS`` on the ``probe`` keys (two keys of
-    different hash slots) with CROSSSLOT, as only a Redis Cluster node does.
+    different hash slots) with CROSSSLOT, as only a Redis Cluster node does; False for a single
+    server, and for a URL that names no node (Sentinel, ``redis+cluster://``) or no ``probe``.
 
-    One attempt, no retry: a server that cannot be reached (or refuses the password, or the
-    user's EXISTS) is taken for a single server here, and the error comes from the first real
-    command, worded as it always is (a worker or supervisor then waits for Redis, or for a
-    grant, and probes again at start-up).
+    One attempt, no retry; raises what redis-py raised when the server cannot be reached or
+    refuses the password or the user's EXISTS. A worker or supervisor waits and probes again
+    (a node that was down when it started is not taken for a single server).
     """
     scheme = check_url(url)
     if scheme not in ("redis", "rediss") or not probe:
@@ -417,9 +417,17 @@ def is_cluster_node(url: str, probe: Sequence[str]) -> bool:
             plain.exists(*probe)
     except redis.exceptions.ClusterCrossSlotError:
         return True
-    except (redis.RedisError, OSError):  # a refused EXISTS too: the first real command says why
-        return False
     return False
+
+
+def is_cluster_node(url: str, probe: Sequence[str]) -> bool:
+    """:func:`probe_cluster`, taking a server that cannot be reached (or refuses us) for a single
+    server: for a client call, whose first real command then says what is wrong, worded as it
+    always is."""
+    try:
+        return probe_cluster(url, probe)
+    except (redis.RedisError, OSError):
+        return False
 
 
 def _cluster_options(scheme: str) -> dict[str, Any]:
@@ -430,23 +438,24 @@ def _cluster_options(scheme: str) -> dict[str, Any]:
     return {**options, "require_full_coverage": False}
 
 
-def connect(url: str, *, probe: Sequence[str] = ()) -> redis.Redis:
+def connect(url: str, *, probe: Sequence[str] = (), cluster: bool | None = None) -> redis.Redis:
     """A synchronous client for ``url`` that retries commands on connection errors.
 
     With ``probe`` (``Keys.cluster_probe``), a Redis Cluster node's URL gets redis-py's cluster
     client (:func:`is_cluster_node`); it is typed as ``redis.Redis``, whose commands it serves
-    (every command we send is single-slot, or a pipeline it splits by node).
+    (every command we send is single-slot, or a pipeline it splits by node). ``cluster`` is the
+    answer of a :func:`probe_cluster` the caller already made.
     """
     scheme = check_url(url)
     check_tls_files(url)
-    if is_cluster_node(url, probe):
+    if cluster if cluster is not None else is_cluster_node(url, probe):
         try:  # the synchronous client reads the slot map at once
-            cluster = redis.cluster.RedisCluster.from_url(
+            nodes = redis.cluster.RedisCluster.from_url(
                 _lower_scheme(url, scheme), retry=_retry(), **_cluster_options(scheme)
             )
         except REDIS_FAILURES as exc:
             raise redis_failure(exc, url) from None
-        return cast(redis.Redis, cluster)
+        return cast(redis.Redis, nodes)
     if scheme not in SENTINEL_SCHEMES:
         return redis.Redis.from_url(_lower_scheme(url, scheme), retry=_retry(), **_options(scheme))
     from redis.sentinel import Sentinel
@@ -467,12 +476,6 @@ def check_topology(client: redis.Redis, probe: Sequence[str]) -> None:
     single-server client talks to a cluster node: one made while the node could not be reached."""
     if not is_cluster(client):
         client.exists(*probe)
-
-
-async def check_topology_async(client: aredis.Redis, probe: Sequence[str]) -> None:
-    """:func:`check_topology` for the asyncio client."""
-    if not is_cluster(client):
-        await client.exists(*probe)
 
 
 class _HiredisPacking:
@@ -507,16 +510,16 @@ FAST_CONNECTIONS: dict[str, type[aconnection.AbstractConnection]] = {
 }
 
 
-def connect_async(url: str, *, probe: Sequence[str] = ()) -> aredis.Redis:
+def connect_async(url: str, *, probe: Sequence[str] = (), cluster: bool | None = None) -> aredis.Redis:
     """An asyncio client for ``url`` with the same retry behaviour (and the same cluster
     recognition, with ``probe``) as :func:`connect`."""
     scheme = check_url(url)
     check_tls_files(url)
-    if is_cluster_node(url, probe):
-        cluster = acluster.RedisCluster.from_url(
+    if cluster if cluster is not None else is_cluster_node(url, probe):
+        client = acluster.RedisCluster.from_url(
             _lower_scheme(url, scheme), retry=_async_retry(), **_cluster_options(scheme)
         )
-        return cast(aredis.Redis, cluster)
+        return cast(aredis.Redis, client)
     if scheme not in SENTINEL_SCHEMES:
         return aredis.Redis.from_url(
             _lower_scheme(url, scheme),
@@ -528,8 +531,8 @@ def connect_async(url: str, *, probe: Sequence[str] = ()) -> aredis.Redis:
 
     target, sentinel_kwargs, master_kwargs = _sentinel_args(url)
     sentinel = AsyncSentinel(target.hosts, **sentinel_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
-    client: aredis.Redis = sentinel.master_for(target.service, retry=_async_retry(), **master_kwargs)
-    return client
+    master: aredis.Redis = sentinel.master_for(target.service, retry=_async_retry(), **master_kwargs)
+    return master
 
 
 def close(client: redis.Redis) -> None:

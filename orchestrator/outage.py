@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from orchestrator.connection import redis_failure
-from orchestrator.errors import ConfigError, RedisUnavailable
+from orchestrator.errors import ConfigError, OrchestratorError, RedisUnavailable
 from orchestrator.redact import redact_url
 
 BASE_S = 0.1
@@ -64,7 +64,7 @@ class Outage:
         Raises the :class:`~orchestrator.errors.ConfigError` that ``exc`` means when waiting
         cannot help (the URL names a Redis Cluster node): the process must stop and say so.
         """
-        failure = redis_failure(exc, self.url)
+        failure = exc if isinstance(exc, OrchestratorError) else redis_failure(exc, self.url)
         if isinstance(failure, ConfigError):
             raise failure from None
         now = self.clock()

@@ -32,8 +32,8 @@ from prometheus_client import CollectorRegistry
 
 from orchestrator import scripts
 from orchestrator.codec import Dispatch
-from orchestrator.connection import REDIS_FAILURES, check_topology, close, connect
-from orchestrator.errors import ConfigError
+from orchestrator.connection import REDIS_FAILURES, close, connect, is_cluster, probe_cluster
+from orchestrator.errors import ConfigError, RedisRefused, RedisUnavailable
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys
 from orchestrator.layout import check_layout
@@ -81,7 +81,8 @@ class Supervisor:
         self.is_leader = False
         self.totals: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(FleetCollector(self.redis, self.keys, lease_ms=self.settings.lease_ms))
+        self._fleet = FleetCollector(self.redis, self.keys, lease_ms=self.settings.lease_ms)
+        self.registry.register(self._fleet)
         self.metrics = SupervisorMetrics(self.registry)
         self.metrics_port: int | None = None
 
@@ -110,14 +111,14 @@ class Supervisor:
                 next_sweep = now + self.settings.sweep_interval_s if sweep else next_sweep
                 pause_s = self.settings.reclaim_interval_s
                 try:
-                    if not probed:  # a cluster node answers CROSSSLOT, another partition count: refused
-                        check_topology(self.redis, self.keys.cluster_probe)
+                    if not probed:  # another partition count: refused
+                        self._match_topology()
                         check_layout(self.redis, self.store)
                         probed = True
                     if self.tick(sweep=sweep, purge=sweep).get("unfinished"):
                         next_sweep = now  # work left over: go on at the next tick
                     outage.recovered()
-                except REDIS_FAILURES as exc:
+                except (*REDIS_FAILURES, RedisUnavailable, RedisRefused) as exc:
                     pause_s = max(pause_s, outage.failed(exc))
                 self._stopped.wait(pause_s)
         finally:
@@ -126,6 +127,15 @@ class Supervisor:
                 exporter.close()
             close(self.redis)
             log.info("supervisor stopped", extra={"supervisor": self.id, **self.totals})
+
+    def _match_topology(self) -> None:
+        """Reconnect with a cluster client when the URL names a Redis Cluster node that could not
+        be reached when this supervisor was made (it was taken for a single server, and would
+        refuse every later call); raises what redis-py raised while the node cannot be reached."""
+        url = self.settings.plain_url()
+        if probe_cluster(url, self.keys.cluster_probe) and not is_cluster(self.redis):
+            close(self.redis)
+            self.redis = self._fleet.client = connect(url, cluster=True)
 
     def _serve_metrics(self) -> MetricsServer | None:
         host, port = self.settings.metrics_host, self.settings.metrics_port

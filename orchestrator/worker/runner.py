@@ -31,15 +31,15 @@ from orchestrator.codec import Dispatch
 from orchestrator.connection import (
     REDIS_FAILURES,
     aclose,
-    check_topology_async,
     close,
     cluster_reply,
     connect,
     connect_async,
     is_cluster,
     outcome_unknown_or_passing,
+    probe_cluster,
 )
-from orchestrator.errors import ConfigError, DefinitionError
+from orchestrator.errors import ConfigError, DefinitionError, RedisRefused, RedisUnavailable
 from orchestrator.faults import Faults
 from orchestrator.keys import GROUP, Keys
 from orchestrator.layout import check_layout_async
@@ -167,9 +167,37 @@ class Worker:
         self._slot_freed = asyncio.Event()
         fault_points.arm(self._faults)
         exporter = self._serve_metrics()  # first: a port in use stops the worker before it connects
+        try:
+            clients = await self._connect()
+            if clients is not None:
+                await self._serve(*clients)
+        finally:
+            if exporter is not None:
+                exporter.close()
+            log.info("worker stopped", extra={"worker": self.id, **dict(self.rt.counts if self.rt else {})})
+
+    async def _connect(self) -> tuple[aredis.Redis, redis.Redis] | None:
+        """Clients for the URL once its server has said whether it is a Redis Cluster node,
+        waiting as long as it takes (a node that is down now may be a cluster node when it is
+        back: taken for a single server, it would refuse every later call); None when a shutdown
+        came first."""
+        assert self._stopping is not None
         url = self.settings.plain_url()
-        async_redis = connect_async(url, probe=self.keys.cluster_probe)
-        sync_redis = connect(url, probe=self.keys.cluster_probe)
+        outage = Outage(log, "starting the worker", url, fields={"worker": self.id})
+        while not self._stopping.is_set():
+            try:
+                cluster = await asyncio.to_thread(probe_cluster, url, self.keys.cluster_probe)
+                sync_redis = await asyncio.to_thread(connect, url, cluster=cluster)  # reads a slot map
+            except (*REDIS_FAILURES, RedisUnavailable, RedisRefused) as exc:
+                await self._pause(outage.failed(exc))
+                continue
+            outage.recovered()
+            return connect_async(url, cluster=cluster), sync_redis
+        return None
+
+    async def _serve(self, async_redis: aredis.Redis, sync_redis: redis.Redis) -> None:
+        """Start up, serve until shutdown, then stop in the order :meth:`run_async` says."""
+        assert self._loop is not None and self._slot_freed is not None
         batcher = Batcher(async_redis)
         self.rt = Runtime(
             self.id,
@@ -219,9 +247,6 @@ class Worker:
                 await self._deregister(async_redis)
             await aclose(async_redis)
             close(sync_redis)
-            if exporter is not None:
-                exporter.close()
-            log.info("worker stopped", extra={"worker": self.id, **dict(self.rt.counts)})
 
     async def _start_up(self, client: aredis.Redis) -> bool:
         """Create the queues' groups and announce this worker's steps, waiting for Redis as long
@@ -230,7 +255,6 @@ class Worker:
         outage = Outage(log, "starting the worker", self.settings.plain_url(), fields={"worker": self.id})
         while not self._stopping.is_set():
             try:
-                await check_topology_async(client, self.keys.cluster_probe)
                 await check_layout_async(client, self.store)  # another partition count: refused
                 await ensure_groups(client, list(self._streams))
                 await client.sadd(self.keys.queues, *self.queues)
