@@ -396,24 +396,24 @@ def _async_retry() -> AsyncRetry:
     return _AsyncRetryUnlessRefused(ExponentialWithJitterBackoff(cap=1.6, base=0.05), COMMAND_RETRIES)
 
 
-def probe_cluster(url: str, probe: Sequence[str]) -> bool:
+def probe_cluster(url: str, probe: Sequence[str], *, resend: bool = True) -> bool:
     """True when the server at ``url`` answers ``EXISTS`` on the ``probe`` keys (two keys of
     different hash slots) with CROSSSLOT, as only a Redis Cluster node does; False for a single
     server, and for a URL that names no node (Sentinel, ``redis+cluster://``) or no ``probe``.
 
-    One attempt, no retry; raises what redis-py raised when the server cannot be reached or
-    refuses the password or the user's EXISTS. A worker or supervisor waits and probes again
-    (a node that was down when it started is not taken for a single server).
+    Raises what redis-py raised when the server cannot be reached or refuses the password or the
+    user's EXISTS, after the resends every command gets on a broken connection (``resend``; one
+    attempt without). A worker or supervisor waits and probes again: a node that was down when
+    it started is not taken for a single server.
     """
     scheme = check_url(url)
     if scheme not in ("redis", "rediss") or not probe:
         return False
     check_tls_files(url)
     options = {**_options(scheme), "health_check_interval": 0}
+    retry = _retry() if resend else Retry(ExponentialWithJitterBackoff(), 0)
     try:
-        with redis.Redis.from_url(
-            _lower_scheme(url, scheme), retry=Retry(ExponentialWithJitterBackoff(), 0), **options
-        ) as plain:
+        with redis.Redis.from_url(_lower_scheme(url, scheme), retry=retry, **options) as plain:
             plain.exists(*probe)
     except redis.exceptions.ClusterCrossSlotError:
         return True
@@ -421,11 +421,11 @@ def probe_cluster(url: str, probe: Sequence[str]) -> bool:
 
 
 def is_cluster_node(url: str, probe: Sequence[str]) -> bool:
-    """:func:`probe_cluster`, taking a server that cannot be reached (or refuses us) for a single
-    server: for a client call, whose first real command then says what is wrong, worded as it
-    always is."""
+    """:func:`probe_cluster` in one attempt, taking a server that cannot be reached (or refuses
+    us) for a single server: for a client call, whose first real command then says what is
+    wrong, worded as it always is."""
     try:
-        return probe_cluster(url, probe)
+        return probe_cluster(url, probe, resend=False)
     except (redis.RedisError, OSError):
         return False
 
