@@ -21,7 +21,8 @@ A window is ``CONFIG RESETSTAT``, ``--window-s`` seconds of sleep, then ``INFO c
 (calls; an EVALSHA and every command its script runs both count) and the ``INFO cpu`` delta
 (used_cpu_user + used_cpu_sys of the server), with the CPU of the worker and supervisor process
 trees from /proc over the same seconds. After the windows the fleet-wide counters must show no
-lost lease (nothing re-dispatched, no crash).
+lost lease (no crash, nothing re-dispatched but the entries a full worker read ahead of its
+slots and handed back after a lease, told apart by their history event and reported apart).
 
 Which script did the work is read off the commands only one script runs in this steady state:
 ``XRANGE`` (alive.lua: a worker's beat in one partition, reading the cancels since its last),
@@ -32,6 +33,7 @@ Which script did the work is read off the commands only one script runs in this 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -41,6 +43,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from bench.common import (
     Server,
@@ -69,6 +73,7 @@ FINGERPRINTS = {  # command run by one script only, in this steady state -> what
     "xpending": "own_pending.lua (workers' audits), dead_pending.lua (dead workers only)",
 }
 BAD_COUNTERS = ("redispatched", "crashes", "lost_entries", "dropped_entries", "repaired", "dead_workers")
+HANDED_BACK = "given up by"  # redispatch.lua's event detail when a live worker gives an entry back
 
 
 @dataclass(frozen=True)
@@ -199,16 +204,29 @@ def level(server: Server, n: int, options: Options) -> dict[str, Any]:
         fleet.check_alive()
         out["still_claimed"] = claimed(server, keys, n)
         stats = client.stats()
+        out["hand_backs"] = hand_backs(client.redis, keys, n)
     out["counters"] = stats
-    out["leases_lost"] = sum(stats.get(k, 0) for k in BAD_COUNTERS)
+    out["leases_lost"] = sum(stats.get(k, 0) for k in BAD_COUNTERS) - out["hand_backs"]
     out |= marginal(out, n)
     print(
         f"  {n:>6} in flight: Redis CPU {fmt(out['inflight_fleet']['redis_cpu_ms_per_s'], 1)} ms/s "
         f"(idle {fmt(out['idle']['redis_cpu_ms_per_s'], 1)}), {fmt(out['inflight_fleet']['commands_per_s'])} "
-        f"commands/s, leases lost {out['leases_lost']}",
+        f"commands/s, leases lost {out['leases_lost']}, read-ahead entries handed back {out['hand_backs']}",
         flush=True,
     )
     return out
+
+
+def hand_backs(client: redis.Redis, keys: Keys, n: int) -> int:
+    """Entries a live worker read ahead of its free slots (at most one per stream per read) and
+    gave back after a lease, as its steps hold their slots for an hour: the fleet's
+    ``redispatched`` counter counts them with a dead worker's entries, their history event
+    (redispatch.lua's "given up by") tells them apart."""
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        pipe.lrange(keys.run(f"h{i:06d}").history, 0, -1)
+    events = (json.loads(raw) for history in pipe.execute() for raw in history)
+    return sum(1 for e in events if e.get("type") == "redispatched" and HANDED_BACK in e.get("detail", ""))
 
 
 def marginal(out: dict[str, Any], n: int) -> dict[str, Any]:
@@ -286,6 +304,7 @@ def per_step_table(levels: list[dict[str, Any]]) -> str:
             fmt(lv["per_inflight"]["supervisor_cpu_us_per_s"], 1),
             f"{pct(lv['supervisor_share']['redis_cpu'])} / {pct(lv['supervisor_share']['commands'])}",
             str(lv["leases_lost"]),
+            str(lv["hand_backs"]),
         ]
         for lv in levels
     ]
@@ -298,8 +317,9 @@ def per_step_table(levels: list[dict[str, Any]]) -> str:
         "supervisor CPU µs/s per in-flight step",
         "supervisor's part of Redis CPU / commands",
         "leases lost",
+        "read-ahead entries handed back (not lost)",
     ]
-    return markdown(headers, rows, right=(1, 2, 3, 4, 5, 6, 7))
+    return markdown(headers, rows, right=(1, 2, 3, 4, 5, 6, 7, 8))
 
 
 def fingerprints_table(levels: list[dict[str, Any]]) -> str:
@@ -366,6 +386,7 @@ def run(options: Options) -> dict[str, Any]:
                 "per_inflight": lv["per_inflight"],
                 "supervisor_share": lv["supervisor_share"],
                 "leases_lost": lv["leases_lost"],
+                "hand_backs": lv["hand_backs"],
                 "still_claimed": lv["still_claimed"],
                 "claim_s": lv["claim_s"],
             }
