@@ -28,7 +28,7 @@
 --          crashed, what the step's stash keeps of it (what a restart from scratch would redo)
 local r = redis.call('HMGET', KEYS[1], 'status', 'wf', 'step', 'visit', 'claim', 'claim_fence',
   'claim_worker', 'claim_ms', 'attempt', 'errors', 'crashes', 'fence', 'seq', 'work_ms', 'dispatch', 'stash_ms',
-  'dead_worker')
+  'dead_worker', 'stash_base_ms')
 local status = r[1]
 if not status then return {'MISSING'} end
 if r[2] ~= ARGV[8] then return {'WRONG_WF', r[2]} end
@@ -61,8 +61,9 @@ if TERMINAL[status] then return {'TERMINAL', status} end
 if r[3] ~= ARGV[1] or r[4] ~= ARGV[2] or status == 'retrying' then return {'STALE', r[3], r[4]} end
 if r[15] ~= ARGV[7] then return {'STALE', r[3], r[4]} end
 
--- the step time this step's stash keeps (0 without a stash of this step)
-local snap = redis.call('HGET', KEYS[4], ARGV[3])
+-- the step time this step's stash keeps (0 without a stash of this step); stash.lua writes
+-- stash_ms with every stash, so a run without it has none to read
+local snap = r[16] and redis.call('HGET', KEYS[4], ARGV[3])
 local stash_kept = snap and (tonumber(r[16]) or 0) or 0
 
 local function reply(fence, attempt, crashed, now)
@@ -133,8 +134,14 @@ end
 
 local fence = math.max(tonumber(r[12] or 0) + 1, now)
 local attempt = tonumber(r[9] or 0) + 1
-redis.call('HSET', KEYS[1], 'attempt', attempt, 'fence', string.format('%d', fence), 'claim', ARGV[4],
-  'claim_fence', string.format('%d', fence), 'claim_worker', ARGV[5], 'claim_ms', now, 'status', 'running',
-  'updated_ms', now, 'stash_base_ms', string.format('%d', stash_kept))
+local fence_s, now_s = string.format('%d', fence), string.format('%d', now)
+local set = {'attempt', string.format('%d', attempt), 'fence', fence_s, 'claim', ARGV[4], 'claim_fence', fence_s,
+  'claim_worker', ARGV[5], 'claim_ms', now_s, 'updated_ms', now_s}
+-- fields that hold their value already are not written again (commit.lua says why)
+if status ~= 'running' then table.insert(set, 'status'); table.insert(set, 'running') end
+if stash_kept ~= 0 or (r[18] and r[18] ~= '0') then
+  table.insert(set, 'stash_base_ms'); table.insert(set, string.format('%d', stash_kept))
+end
+redis.call('HSET', KEYS[1], unpack(set))
 index_active(KEYS[9], KEYS[8], ARGV[9], now)
 return reply(fence, attempt, crashed, now)

@@ -91,9 +91,14 @@ local function invalid(wf, step)
 end
 
 local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence', 'fence', 'seq', 'work_ms', 'created_ms',
-  'stash_ms', 'v:' .. ARGV[7], 'dispatch')
+  'stash_ms', 'v:' .. ARGV[7], 'dispatch', 'errors', 'crashes', 'stash_base_ms')
 if not r[1] then return {'MISSING'} end
-local stored = redis.call('HGET', KEYS[3], ARGV[3])
+-- A claim is issued only while its step has no result, and the commit that writes the result
+-- moves the claim on in the same script: while the claim is ours, no result exists, and the
+-- results are read only when it is not. (A commit stopped half-way by a script error leaves a
+-- result behind with its claim; the worker never sends a call refused with an error again, and
+-- the next claim finishes that commit: claim.lua.)
+local stored = r[2] ~= ARGV[4] and redis.call('HGET', KEYS[3], ARGV[3])
 if stored == ARGV[5] then
   -- our commit, resent after its reply was lost: hand back its chained claim if still ours
   local c = redis.call('HMGET', KEYS[1], 'claim', 'dispatch', 'step', 'visit', 'claim_fence', 'attempt')
@@ -150,18 +155,26 @@ if ARGV[7] == '' or (max_steps > 0 and seq >= max_steps) then
 end
 
 -- The run goes on (every step but the last): what advance() does for it, written out flat
--- here, as this is the path of almost every commit (no tables or closures to build).
+-- here, as this is the path of almost every commit.
 local visit = tonumber(r[9] or 0) + 1
-local id = redis.call('XADD', KEYS[7], '*', 'run', ARGV[1], 'wf', ARGV[2], 'step', ARGV[7], 'visit', visit)
--- the run's fields after this commit, chained or not (several return values: no table built)
-local function moved_on()
-  return 'seq', seq, 'work_ms', work_ms, 'stash_base_ms', 0, 'done_claim', ARGV[4], 'updated_ms', now,
-    'errors', 0, 'crashes', 0, 'v:' .. ARGV[7], visit, 'step', ARGV[7], 'visit', visit, 'dispatch', id,
-    'status', 'running'
+local visit_s = string.format('%d', visit)
+local id = redis.call('XADD', KEYS[7], '*', 'run', ARGV[1], 'wf', ARGV[2], 'step', ARGV[7], 'visit', visit_s)
+-- The run's fields after this commit, chained or not, after `f` (the claim's own fields).
+-- Fields that hold their value already are not written again, and numbers go as strings: each
+-- field written costs a scan of the run hash, and a Lua number a %.17g conversion.
+local function moved_on(f)
+  local function put(name, value) f[#f + 1] = name; f[#f + 1] = value end
+  local function zero(name, was) if was and was ~= '0' then put(name, '0') end end
+  put('seq', string.format('%d', seq)); put('work_ms', string.format('%d', work_ms))
+  put('done_claim', ARGV[4]); put('updated_ms', string.format('%d', now))
+  put('v:' .. ARGV[7], visit_s); put('step', ARGV[7]); put('visit', visit_s); put('dispatch', id)
+  zero('errors', r[11]); zero('crashes', r[12]); zero('stash_base_ms', r[13])
+  if r[1] ~= 'running' then put('status', 'running') end
+  return unpack(f)
 end
 if ARGV[11] == '' or not live(KEYS[6], ARGV[11], now) or not deliver_if_next(KEYS[7], ARGV[13], ARGV[11], id) then
   index_queued(KEYS[9], KEYS[8], ARGV[1], id)
-  redis.call('HSET', KEYS[1], 'claim', '', 'claim_fence', 0, 'attempt', 0, moved_on())
+  redis.call('HSET', KEYS[1], moved_on({'claim', '', 'claim_fence', '0', 'attempt', '0'}))
   ack()
   return {'OK', ARGV[7], visit, id}
 end
@@ -171,7 +184,7 @@ end
 -- sweep_after_s, finds it alive and scores it anew.
 if ARGV[15] == '' or r[10] ~= ARGV[15] then index_active(KEYS[9], KEYS[8], ARGV[1], now) end
 local fence = string.format('%d', math.max(tonumber(r[4] or 0) + 1, now))
-redis.call('HSET', KEYS[1], 'claim', ARGV[12], 'claim_fence', fence, 'fence', fence, 'claim_worker', ARGV[11],
-  'claim_ms', now, 'attempt', 1, moved_on())
+redis.call('HSET', KEYS[1], moved_on({'claim', ARGV[12], 'claim_fence', fence, 'fence', fence,
+  'claim_worker', ARGV[11], 'claim_ms', string.format('%d', now), 'attempt', '1'}))
 ack()
 return with_claim('OK', ARGV[7], visit, id, tonumber(fence), 1, now, seq, work_ms)
