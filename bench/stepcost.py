@@ -17,6 +17,11 @@ off); every figure is per committed step, and the ratios are taken within the ru
   script name) or a script (``[lua]``). Redis' ``commandstats`` counts both (an ``EVALSHA`` and
   every command inside it), so this pass is what splits the total; its own timings and CPU are
   not used (MONITOR slows Redis down).
+- **ours, timing pass**: the same workload once more with ``SLOWLOG`` logging every command's
+  execution time (threshold 0): each script's µs per call (an ``EVALSHA``'s time includes the
+  commands it runs) and the µs of the commands scripts run (logged without a client address);
+  the rest of a script's time is Lua and the calls into Redis around its commands. Skipped with
+  ``--no-monitor`` too.
 - **minimal**: :mod:`bench.minimal`, one redis-py client: ``XREADGROUP COUNT 100``, then one
   ``MULTI``/``EXEC`` per batch with, per entry, ``HSETNX`` of the result under ``{run}:{step}``,
   ``XADD`` of the next step (unless last) and ``XACK``. The same chains are seeded (one ``XADD``
@@ -333,8 +338,9 @@ def load_figures(window: Window, calls: Counter[str], steps: int) -> dict[str, A
     }
 
 
-def ours_load(server: Server, options: Options, *, tap: bool) -> dict[str, Any]:
-    """Our workers and a supervisor on ``chains`` x ``steps`` no-op steps; every run checked afterwards."""
+def ours_load(server: Server, options: Options, *, tap: bool, slowlog: bool = False) -> dict[str, Any]:
+    """Our workers and a supervisor on ``chains`` x ``steps`` no-op steps; every run checked
+    afterwards. ``tap``: the attribution pass (MONITOR); ``slowlog``: the timing pass (SLOWLOG)."""
     server.admin.flushdb()
     settings = Settings(redis_url=server.url, namespace=f"cost-{uuid.uuid4().hex[:10]}")
     keys = Keys(settings.namespace, settings.partitions)
@@ -342,7 +348,7 @@ def ours_load(server: Server, options: Options, *, tap: bool) -> dict[str, Any]:
     flow = make_noop(options.steps)
     run_ids = [f"r{i:05d}" for i in range(options.chains)]
     total = options.chains * options.steps
-    label = "tap" if tap else "ours"
+    label = "tap" if tap else "slowlog" if slowlog else "ours"
     poll = Poll(server.url)
     try:
         with Fleet(server.log_dir) as fleet, Client(settings) as client:
@@ -357,6 +363,8 @@ def ours_load(server: Server, options: Options, *, tap: bool) -> dict[str, Any]:
             monitor = CommandTap(server.url, {poll.addr, admin_addr(server.admin)}) if tap else None
             if monitor is not None:
                 monitor.begin(server.admin)
+            if slowlog:
+                slowlog_begin(server.admin, total)
             server.admin.config_resetstat()
             meter = Meter(server.admin, workers, [supervisor])
             for run_id in run_ids:
@@ -371,6 +379,7 @@ def ours_load(server: Server, options: Options, *, tap: bool) -> dict[str, Any]:
             calls = Counter({name: v["calls"] for name, v in stats.items()}) - poll.sent
             if monitor is not None:
                 monitor.finish(server.admin)
+            timing = slowlog_timing(server.admin, total) if slowlog else None
         run_finish_ms(server.admin, keys, run_ids, options.steps)  # every run completed with exactly `steps` commits
     finally:
         poll.close()
@@ -388,7 +397,61 @@ def ours_load(server: Server, options: Options, *, tap: bool) -> dict[str, Any]:
             "inside_by_script": {k: dict(v) for k, v in monitor.inside.items()} if monitor.ordered else None,
             "monitor_lines": monitor.lines,
         }
+    if timing is not None:
+        out["slowlog"] = timing
     return out
+
+
+def slowlog_begin(admin: redis.Redis, steps: int) -> None:
+    """Log every command's execution time (SLOWLOG with a threshold of 0), for :func:`slowlog_timing`."""
+    admin.config_set("slowlog-max-len", max(128, steps * 40))
+    admin.config_set("slowlog-log-slower-than", 0)
+    admin.slowlog_reset()
+
+
+def slowlog_timing(admin: redis.Redis, steps: int) -> dict[str, Any]:
+    """Where the scripts' time goes, from the SLOWLOG of the timing pass: each script's µs per
+    call (an EVALSHA's time includes its commands') and the µs per step of the commands scripts
+    run (logged with no client address). Logging every command slows each one a little, so these
+    read as shares more than as the measured pass's times. Puts the defaults back."""
+    shas = {scripts.load(name).sha: name for name in scripts.names()}
+    by_script: dict[str, list[int]] = {}
+    inside: Counter[str] = Counter()
+    for entry in admin.slowlog_get(-1):
+        words = entry["command"].decode("utf-8", "replace").split(" ", 2)
+        name = words[0].lower()
+        if entry["client_address"] in (b"?:0", b""):
+            inside[name] += entry["duration"]
+        elif name == "evalsha" and len(words) > 1:
+            calls_us = by_script.setdefault(shas.get(words[1], words[1][:12]), [0, 0])
+            calls_us[0] += 1
+            calls_us[1] += entry["duration"]
+    admin.config_set("slowlog-log-slower-than", 10000)
+    admin.config_set("slowlog-max-len", 128)
+    admin.slowlog_reset()
+    return {
+        "scripts": {
+            name: {"calls_per_step": calls / steps, "us_per_call": us / calls, "us_per_step": us / steps}
+            for name, (calls, us) in sorted(by_script.items(), key=lambda kv: -kv[1][1])
+        },
+        "inside_us_per_step": {name: us / steps for name, us in inside.most_common()},
+    }
+
+
+def slowlog_table(timing: dict[str, Any]) -> str:
+    """The scripts' time per call and per step, and how much of it their commands take."""
+    scripts_us = sum(t["us_per_step"] for t in timing["scripts"].values())
+    inside_us = sum(timing["inside_us_per_step"].values())
+    rows = [
+        [name, fmt(t["calls_per_step"], 3), fmt(t["us_per_call"], 1), fmt(t["us_per_step"], 1)]
+        for name, t in timing["scripts"].items()
+        if t["us_per_step"] >= 0.05
+    ]
+    rows.append(["**all scripts**", "", "", fmt(scripts_us, 1)])
+    top = ", ".join(f"{name} {us:.1f}" for name, us in list(timing["inside_us_per_step"].items())[:8])
+    rows.append([f"of which the commands they run ({top})", "", "", fmt(inside_us, 1)])
+    headers = ["script (SLOWLOG of the timing pass)", "EVALSHA calls/step", "µs per call", "µs per step"]
+    return markdown(headers, rows, right=(1, 2, 3))
 
 
 def script_time(usec: dict[str, int], steps: int) -> dict[str, float]:
@@ -710,6 +773,12 @@ def tables(doc: dict[str, Any], options: Options) -> str:
         ]
     else:
         parts += [commands_table(ours, None)]
+    if doc["timing_pass"]:
+        parts += [
+            "Where the scripts' time goes (the same workload once more, with SLOWLOG logging every "
+            "command's execution time; logging slows each command a little, so read them as shares):",
+            slowlog_table(doc["timing_pass"]["slowlog"]),
+        ]
     parts += [minimal_table(mini)]
     pace = f"paced: {options.paced_runs} chains x {options.steps} steps, one every {options.paced_interval_s:g} s"
     parts += [pace + "; ours and raw on 1 worker/consumer, no supervisor", paced_table(doc["paced"])]
@@ -735,10 +804,12 @@ def run(options: Options) -> dict[str, Any]:
     with bench_server("stepcost", options.redis_server) as server:
         print(f"  ours: {options.chains} x {options.steps} steps ...", flush=True)
         ours = ours_load(server, options, tap=False)
-        tap = None
+        tap = timing = None
         if options.monitor:
             print("  ours again, attribution pass (MONITOR) ...", flush=True)
             tap = ours_load(server, options, tap=True)
+            print("  ours again, timing pass (SLOWLOG) ...", flush=True)
+            timing = ours_load(server, options, tap=False, slowlog=True)
         print("  minimal loop ...", flush=True)
         mini = minimal_load(server, options)
         print("  paced ...", flush=True)
@@ -749,6 +820,7 @@ def run(options: Options) -> dict[str, Any]:
         "settings": bench_settings(options),
         "ours": ours,
         "attribution_pass": tap,
+        "timing_pass": timing,
         "minimal": mini,
         "paced": paced_rows,
     }

@@ -61,6 +61,20 @@ def test_stepcost_splits_redis_counts_into_sent_and_run_by_scripts(stepcost: dic
 
 
 @pytest.mark.timeout(180)
+def test_stepcost_times_each_script_and_the_commands_inside_are_part_of_it(stepcost: dict[str, Any]) -> None:
+    timing = stepcost["timing_pass"]["slowlog"]
+    total = CHAINS * STEPS
+    commit = timing["scripts"]["commit"]
+    assert commit["calls_per_step"] * total == pytest.approx(total)  # one commit per step, each logged once
+    assert timing["scripts"]["submit"]["calls_per_step"] * total == pytest.approx(CHAINS)
+    assert all(t["us_per_call"] > 0 for t in timing["scripts"].values())
+    inside = sum(timing["inside_us_per_step"].values())
+    assert 0 < inside < sum(t["us_per_step"] for t in timing["scripts"].values())
+    assert {"hset", "hmget", "xadd"} <= set(timing["inside_us_per_step"])
+    assert "SLOWLOG" in stepcost["markdown"]
+
+
+@pytest.mark.timeout(180)
 def test_stepcost_figures_are_positive_and_ours_does_more_redis_work(stepcost: dict[str, Any]) -> None:
     ours, mini, summary = stepcost["ours"], stepcost["minimal"], stepcost["summary"]
     for side in (ours, mini):
