@@ -196,9 +196,12 @@ def redis_failure(exc: BaseException, url: str) -> OrchestratorError:
 
 def _tls_hint(url: str, detail: str) -> str:
     """A server that wants a client certificate and gets none closes the connection right after
-    the handshake (TLS 1.3): the client sees an EOF or a reset, not always the alert."""
+    the handshake (TLS 1.3): the client sees an EOF or a reset, not always the alert. A TLS-only
+    server that gets plain text resets the connection too."""
     if uses_tls(url) and re.search(r"SSL|EOF occurred|reset by peer", detail):
         return "; over TLS, if the server asks for client certificates, give ssl_certfile and ssl_keyfile"
+    if not uses_tls(url) and "reset by peer" in detail:
+        return "; if the server speaks only TLS, use a rediss:// URL"
     return ""
 
 

@@ -206,6 +206,7 @@ def test_plain_redis_url_on_a_tls_port_fails_without_a_traceback(tls_only: TlsPr
     result = cli(f"redis://127.0.0.1:{tls_only.port}/0", "runs", "list", namespace=f"n{uuid.uuid4().hex[:6]}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"redis://127.0.0.1:{tls_only.port}/0" in result.stderr
+    assert "if the server speaks only TLS, use a rediss:// URL" in result.stderr
 
 
 def test_tls_server_refuses_plain_clients(tls_only: TlsProcess) -> None:
