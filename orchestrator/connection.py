@@ -402,7 +402,7 @@ def _async_retry() -> AsyncRetry:
 def probe_cluster(url: str, probe: Sequence[str], *, resend: bool = True) -> bool:
     """True when the server at ``url`` answers ``EXISTS`` on the ``probe`` keys (two keys of
     different hash slots) with CROSSSLOT, as only a Redis Cluster node does; False for a single
-    server, and for a URL that names no node (Sentinel, ``redis+cluster://``) or no ``probe``.
+    server, and for a URL that names no node (Sentinel, a unix socket) or no ``probe``.
 
     Raises what redis-py raised when the server cannot be reached or refuses the password or the
     user's EXISTS, after the resends every command gets on a broken connection (``resend``; one
