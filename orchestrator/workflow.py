@@ -223,8 +223,9 @@ class Workflow(Generic[S]):
         (huge integer, too deep, NaN or Infinity: see ``codec.check_encoded``). The values carry
         their JSON text, so ``encode_fields`` does not serialize them again.
         """
-        try:
-            dumped = state.model_dump(mode="json")
+        names = list(names)
+        try:  # only the named fields: a large state is not serialized whole at every step
+            dumped = state.model_dump(mode="json", include=set(names)) if names else {}
         except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
             raise error(f"{what} is not JSON-serializable: {describe_serialization_error(exc)}") from None
         values = {name: dumped[name] for name in names}

@@ -16,6 +16,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
+import pydantic
 import pydantic_core
 import pytest
 from pydantic import BaseModel
@@ -241,6 +242,30 @@ def test_fields_within_the_limits_are_encoded_once_and_as_before() -> None:
     assert values == {"data": {"n": digits(MAX_INT_DIGITS), "s": "9" * 5000}, "score": 0.25}
     fields = encode_fields(values, what="update", limit=1 << 20)
     assert fields == {"data": pydantic_core.to_json(values["data"]).decode(), "score": "0.25"}
+
+
+def test_an_update_is_encoded_without_serializing_the_fields_it_leaves_alone() -> None:
+    """A step's commit serializes the fields it updates, not the whole state (an agent's state
+    can hold a long history): a field it does not touch is not even read by the dump."""
+    calls: list[str] = []
+
+    class Tracked(BaseModel):
+        history: list[str] = []
+        score: float = 0.0
+
+        @pydantic.field_serializer("history")
+        def _count(self, value: list[str]) -> list[str]:
+            calls.append("history")
+            return value
+
+    flow = Workflow("tracked", state=Tracked)
+    state = flow.merge(Tracked(history=["turn"] * 1000), {"score": 0.5}, where="s")
+    calls.clear()  # merge() validates the whole merged state, by design
+    assert flow.json_fields(state, ["score"], what="update") == {"score": 0.5}
+    assert flow.json_fields(state, [], what="update") == {}
+    assert calls == []
+    assert flow.json_fields(state, ["history"], what="update") == {"history": ["turn"] * 1000}
+    assert calls == ["history"]
 
 
 def test_encode_fields_checks_plain_values_too_and_names_the_field() -> None:
