@@ -49,10 +49,12 @@ def test_stepcost_counts_every_step_once_on_both_sides(stepcost: dict[str, Any])
 def test_stepcost_splits_redis_counts_into_sent_and_run_by_scripts(stepcost: dict[str, Any]) -> None:
     tap = stepcost["attribution_pass"]
     att = tap["attribution"]
-    # MONITOR and commandstats are two channels started and read at slightly different moments
-    # (a heartbeat or a lease renewal can fall between): they agree closely, not exactly
+    # MONITOR and commandstats are two channels started and read at slightly different moments:
+    # they agree closely, not exactly. A heartbeat round can fall between them: per worker one
+    # heartbeat.lua (11 commands + EVALSHA) and one alive.lua per partition (4 + EVALSHA)
+    beat_round = stepcost["settings"]["workers"] * (12 + 5 * Settings().partitions)
     seen, counted = sum(att["sent"].values()) + sum(att["in_scripts"].values()), sum(tap["calls"].values())
-    assert abs(seen - counted) <= max(10, 0.02 * counted), (seen, counted)
+    assert abs(seen - counted) <= max(10, 0.02 * counted) + beat_round, (seen, counted)
     assert att["sent"]["evalsha"] == sum(att["evalsha_by_script"].values())
     assert "evalsha" not in att["in_scripts"] and att["in_scripts"]  # scripts call no scripts, but run commands
     if att["evalsha_line_first"]:  # MONITOR shows a script's commands after its EVALSHA: each put down to one
