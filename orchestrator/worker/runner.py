@@ -624,8 +624,7 @@ class Worker:
         old = [item for item in self._waiting if item[3] < cutoff]
         if not old:
             return
-        for item in old:
-            self._waiting.remove(item)
+        self._waiting = deque(item for item in self._waiting if item[3] >= cutoff)
         calls = [
             self.store.redispatch(queue=queue, entry_id=eid, consumer=self.id, dispatch=d, giver=self.id)
             for queue, eid, d, _ in old

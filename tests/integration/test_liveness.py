@@ -9,10 +9,10 @@ from typing import Any
 
 import redis
 
-from orchestrator import ClaimLost, Client, Settings, StepContext, Workflow
+from orchestrator import Client, Settings, StepContext, Workflow
 from orchestrator.keys import GROUP
 from tests.harness import worker_thread
-from tests.helpers import wait_until
+from tests.helpers import heartbeat_until_lost, wait_until
 
 
 async def wait_long(ctx: StepContext, state: Any) -> None:
@@ -93,13 +93,7 @@ def test_a_worker_whose_deadline_passed_stops_and_gives_back_the_steps_it_held_t
     def long(ctx: StepContext, state: Any) -> None:
         if ctx.attempt > 1 or any(e.type == "released" for e in client.events(ctx.run_id)):
             return
-        try:
-            for _ in range(400):
-                time.sleep(0.025)
-                ctx.heartbeat()
-        except ClaimLost:
-            attempts.append("claim lost")
-            raise
+        heartbeat_until_lost(ctx, attempts)
 
     with worker_thread([flow], settings) as worker:
         run = client.submit(flow, {}, run_id="reaped-1")

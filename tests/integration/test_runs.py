@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from orchestrator import (
-    ClaimLost,
     Client,
     End,
     InvalidTransition,
@@ -24,7 +23,7 @@ from orchestrator import (
     Workflow,
 )
 from tests.harness import supervisor_thread, worker_thread
-from tests.helpers import wait_until
+from tests.helpers import heartbeat_until_lost, wait_until
 from tests.ledger import Ledger
 from workers.testflows import Counter, agent_loop, chain, effects, stashing
 
@@ -204,13 +203,7 @@ def test_cancel_stops_a_running_step_and_refuses_its_result(client: Client, sett
 
     @wf.step
     def forever(ctx: StepContext, state: Any) -> None:
-        try:
-            for _ in range(400):
-                time.sleep(0.025)
-                ctx.heartbeat()
-        except ClaimLost:
-            stopped.append("claim lost")
-            raise
+        heartbeat_until_lost(ctx, stopped)
 
     with worker_thread([wf], settings):
         run = client.submit(wf, {}, run_id="x1")
