@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from orchestrator.codec import Dispatch
 from orchestrator.keys import GROUP
 from orchestrator.settings import Settings
@@ -231,6 +233,38 @@ def test_fail_schedules_a_retry_or_dead_letters_and_replays_safely(ops: Ops) -> 
     assert ops.fail(eid2, d2, delay_ms=None).code == "FAILED"
     run = ops.run()
     assert run["status"] == "failed" and ops.r.zscore(ops.part.dead, "r1") is not None
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_a_commit_after_an_error_and_a_crash_starts_the_next_step_with_none(ops: Ops, chain: bool) -> None:
+    """The commit writes a run's error, crash and stash counts back to 0 only when they are not
+    0 already (a field written costs a scan of the run hash): when they are not, it must."""
+    ops.submit()
+    ((eid, d),) = ops.read()
+    ops.claim(eid, d)
+    assert ops.fail(eid, d, delay_ms=0).code == "RETRY"
+    new_id = ops.x(ops.store.promote(queue="q", run_id="r1"))[0]
+    ops.r.xack(ops.stream, GROUP, eid)
+    ((eid2, d2),) = ops.read()
+    assert eid2 == new_id
+    ops.claim(eid2, d2)
+    time.sleep(0.005)  # the stash keeps some step time, so the next claim's stash_base_ms is not 0
+    ops.x(ops.store.stash(run_id="r1", token=f"w1:{eid2}", idem_key="r1:a", snapshot='{"k":1}'))
+    ops.kill("w1")
+    ops.beat("w2")
+    crashed = ops.claim(eid2, d2, worker="w2")
+    assert (crashed.errors, crashed.crashes, crashed.snapshot) == (1, 1, '{"k":1}')
+    assert int(ops.run()["stash_base_ms"]) >= 5 and ops.run()["errors"] == "1"
+    out = ops.commit(eid2, d2, worker="w2", chain_to="w2" if chain else None)
+    assert out.code == "OK"
+    run = ops.run()
+    assert (run["errors"], run["crashes"], run["stash_base_ms"], run["status"]) == ("0", "0", "0", "running")
+    if chain:  # the next step's claim was made by the commit
+        assert run["claim"] == "w2:chained"
+    else:
+        ((eid3, d3),) = ops.read("w2")
+        nxt = ops.claim(eid3, d3, worker="w2")
+        assert (nxt.code, nxt.errors, nxt.crashes, nxt.snapshot) == ("RUN", 0, 0, None)
 
 
 def test_retry_run_re_drives_a_failed_run_with_the_same_idempotency_key(ops: Ops) -> None:
