@@ -111,14 +111,15 @@ class Ops:
         worker: str = "w1",
         next_step: str | None = "b",
         state: dict[str, str] | None = None,
-        chain_to: str | None = None,
+        chain: bool = False,
         token: str | None = None,
         cost: dict[str, float] | None = None,
         max_steps: int = 0,
         record: str | None = None,
         ack: bool = True,
     ) -> scripts.Call:
-        """``ack``: hand the commit the entry to ack, as workers do (False: the caller acks)."""
+        """``ack``: hand the commit the entry to ack, as workers do (False: the caller acks);
+        ``chain``: ask to chain the next step to ``worker`` (claim token ``<worker>:chained``)."""
         return self.store.commit(
             dispatch=d,
             queue="q",
@@ -130,8 +131,8 @@ class Ops:
             cost=cost or {},
             state=state or {"n": "1"},
             max_steps=max_steps,
-            chain_to=chain_to,
-            chain_token=f"{chain_to}:chained",
+            chain_to=worker if chain else None,
+            chain_token=f"{worker}:chained",
             entry_id=eid if ack else "",
         )
 

@@ -20,6 +20,7 @@
 -- Returns {'RUN', fence, attempt, errors, crashes, crashed now 0|1, has stash 0|1, stash,
 --          server ms, steps committed, work ms kept, field, value, ...} or {'MISSING'} | {'TERMINAL', status} | {'WRONG_WF', workflow} |
 --          {'DUP'} | {'DUP', 'advanced'} | {'STALE', step, visit} | {'BUSY', worker} | {'QUARANTINED', crashes} |
+--          (BUSY also for the entry a run's chained steps are held on: see commit.lua)
 --          {'LAPSED'} (the claiming worker's own deadline has passed: nothing written)
 --          (STALE also when the run is waiting out a retry backoff, or when this entry is not the
 --          run's current dispatch; DUP 'advanced' when the step's result existed but the run had
@@ -34,6 +35,12 @@ if not status then return {'MISSING'} end
 if r[2] ~= ARGV[8] then return {'WRONG_WF', r[2]} end
 local stored = redis.call('HGET', KEYS[3], ARGV[3])
 if stored then
+  -- this entry is the run's dispatch but the run moved on: its worker holds the run's steps on
+  -- it (chained, commit.lua); delivered again (Redis lost writes), it must stay pending, as the
+  -- anchor that recovers the run if that worker dies
+  if r[15] == ARGV[7] and not TERMINAL[status] and (r[3] ~= ARGV[1] or r[4] ~= ARGV[2]) then
+    return {'BUSY', r[7]}
+  end
   if TERMINAL[status] or r[3] ~= ARGV[1] or r[4] ~= ARGV[2] then return {'DUP'} end
   -- the result exists but the run is still at this step: finish that commit from its record
   local ok, record = pcall(cjson.decode, stored)

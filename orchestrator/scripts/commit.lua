@@ -18,15 +18,18 @@
 -- Everything is validated before the first write (Lua does not roll back a script that fails
 -- half-way), and the result is the last thing written before the run advances: a result that
 -- exists therefore always comes with its state update applied.
--- Chaining: when ARGV[11] names a live worker and no other entry of the stream waits undelivered,
--- the next step's entry is delivered to that consumer and claimed for it right here (what
--- XREADGROUP + claim.lua would do a round trip later), so a run moves on without a trip
--- through the queue. The entry is pending for the consumer like any delivered one: if it dies,
--- the supervisor re-dispatches it when its deadline passes. Never when others wait: no queue
--- jumping.
+-- Chaining: when ARGV[11] names a live worker (the committing one: it asks only so many times
+-- in a row, and not while an entry it read waits long for a slot) and the claim was made from
+-- the run's current dispatch (ARGV[15]), the next step is claimed for that worker right here,
+-- what XREADGROUP + claim.lua would do a round trip later, with no new entry: the claim's entry
+-- is left pending for the worker, unacked, and stays the run's dispatch while the run's steps
+-- chain on it (its *anchor*). So a held run is a pending entry of its worker like any claimed
+-- step: the supervisor's reclaim, the worker's own audit and KEDA's pending count see it, and
+-- when its worker dies redispatch.lua re-enqueues the run's current step (the run moved on
+-- from the entry). The commit that does not chain acks the anchor, as it acks any entry.
 -- Returns {'OK', next step, visit, entry id} ({'OK', '', 0, '', created ms, now ms} when the run
 --   completed, with a 7th element 'RUNAWAY' when it failed at max steps; {'OK', next step,
---   visit, entry id, <claim.lua's RUN reply without the state>} when chained: the state is the
+--   visit, the anchor entry id, <claim.lua's RUN reply without the state>} when chained: the state is the
 --   caller's own, with its update merged, so it is not sent back) or
 --   {'REPLAY'} (this very commit was already applied: same record; when that commit chained
 --   the next step to ARGV[11] and the claim is still live, the same claim again, as for OK) |
@@ -35,24 +38,6 @@
 --   {'INVALID', reason} (an argument that would make a write fail: nothing was written)
 
 local STATE_AT = 16
-
--- Deliver stream entry `id`, just added, to `consumer` of `group` if it is the first
--- undelivered entry (nothing queued before it); true when it did. The group's lag (Redis >=
--- 7.0: how many entries wait undelivered; nil when Redis cannot tell) answers without a read;
--- otherwise the first entry after the group's last delivered one is looked up. XREADGROUP
--- inside a script never blocks.
-local function deliver_if_next(stream, group, consumer, id)
-  local g = group_info(stream, group)
-  if not g then return false end
-  if type(g['lag']) == 'number' then
-    if g['lag'] ~= 1 then return false end
-  else
-    local first = redis.call('XRANGE', stream, '(' .. g['last-delivered-id'], '+', 'COUNT', 1)[1]
-    if not first or first[1] ~= id then return false end
-  end
-  local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', stream, '>')
-  return got[1][2][1][1] == id
-end
 
 -- claim.lua's RUN reply for the step this commit chained, after the commit's own fields
 local function with_claim(code, step, visit, id, fence, attempt, now, seq, work_ms)
@@ -158,7 +143,6 @@ end
 -- here, as this is the path of almost every commit.
 local visit = tonumber(r[9] or 0) + 1
 local visit_s = string.format('%d', visit)
-local id = redis.call('XADD', KEYS[7], '*', 'run', ARGV[1], 'wf', ARGV[2], 'step', ARGV[7], 'visit', visit_s)
 -- The run's fields after this commit, chained or not, after `f` (the claim's own fields).
 -- Fields that hold their value already are not written again, and numbers go as strings: each
 -- field written costs a scan of the run hash, and a Lua number a %.17g conversion.
@@ -167,24 +151,23 @@ local function moved_on(f)
   local function zero(name, was) if was and was ~= '0' then put(name, '0') end end
   put('seq', string.format('%d', seq)); put('work_ms', string.format('%d', work_ms))
   put('done_claim', ARGV[4]); put('updated_ms', string.format('%d', now))
-  put('v:' .. ARGV[7], visit_s); put('step', ARGV[7]); put('visit', visit_s); put('dispatch', id)
+  put('v:' .. ARGV[7], visit_s); put('step', ARGV[7]); put('visit', visit_s)
   zero('errors', r[11]); zero('crashes', r[12]); zero('stash_base_ms', r[13])
   if r[1] ~= 'running' then put('status', 'running') end
   return unpack(f)
 end
-if ARGV[11] == '' or not live(KEYS[6], ARGV[11], now) or not deliver_if_next(KEYS[7], ARGV[13], ARGV[11], id) then
+if ARGV[11] == '' or ARGV[15] == '' or r[10] ~= ARGV[15] or not live(KEYS[6], ARGV[11], now) then
+  local id = redis.call('XADD', KEYS[7], '*', 'run', ARGV[1], 'wf', ARGV[2], 'step', ARGV[7], 'visit', visit_s)
   index_queued(KEYS[9], KEYS[8], ARGV[1], id)
-  redis.call('HSET', KEYS[1], moved_on({'claim', '', 'claim_fence', '0', 'attempt', '0'}))
+  redis.call('HSET', KEYS[1], moved_on({'claim', '', 'claim_fence', '0', 'attempt', '0', 'dispatch', id}))
   ack()
   return {'OK', ARGV[7], visit, id}
 end
 -- chained: claim.lua for a fresh dispatch (no previous claim, attempt 1, no stash for a new
--- visit). A run claimed from its current dispatch is in `active` already; its score, the first
--- claim's time, is left: the sweep looks at a run that has not left `active` for
--- sweep_after_s, finds it alive and scores it anew.
-if ARGV[15] == '' or r[10] ~= ARGV[15] then index_active(KEYS[9], KEYS[8], ARGV[1], now) end
+-- visit) of the same anchor entry, left pending. The run is in `active` already (claimed from
+-- its dispatch); its score, the first claim's time, is left: the sweep looks at a run that has
+-- not left `active` for sweep_after_s, finds it alive and scores it anew.
 local fence = string.format('%d', math.max(tonumber(r[4] or 0) + 1, now))
 redis.call('HSET', KEYS[1], moved_on({'claim', ARGV[12], 'claim_fence', fence, 'fence', fence,
   'claim_worker', ARGV[11], 'claim_ms', string.format('%d', now), 'attempt', '1'}))
-ack()
-return with_claim('OK', ARGV[7], visit, id, tonumber(fence), 1, now, seq, work_ms)
+return with_claim('OK', ARGV[7], visit, ARGV[15], tonumber(fence), 1, now, seq, work_ms)

@@ -3,7 +3,9 @@
 -- and by a worker for an entry pending for it that it is not running (it lost track of it:
 -- a reply lost with its connection, a failed ack); XACK decides races: of two callers, one wins.
 -- Only the entry that carries the run's current dispatch is re-enqueued: any other one is a
--- duplicate, or a retry's old entry whose backoff must not be skipped.
+-- duplicate, or a retry's old entry whose backoff must not be skipped. A run that moved on from
+-- its current dispatch is held: its steps were chained on that entry by its worker's commits
+-- (commit.lua), and what is re-enqueued is the run's current step, not the entry's.
 -- KEYS[1] run  KEYS[2] alive  KEYS[3] results  KEYS[4] stream  KEYS[5] history  KEYS[6] stats
 -- KEYS[7] queued  KEYS[8] active
 -- ARGV[1] group  ARGV[2] entry id  ARGV[3] run id  ARGV[4] step  ARGV[5] visit
@@ -21,8 +23,10 @@ end
 local r = redis.call('HMGET', KEYS[1], 'status', 'step', 'visit', 'dispatch', 'wf', 'claim', 'claim_worker')
 if not r[1] then return drop('missing_run') end
 if TERMINAL[r[1]] then return drop('terminal') end
-if redis.call('HEXISTS', KEYS[3], ARGV[6]) == 1 then return drop('committed') end
-if r[2] ~= ARGV[4] or r[3] ~= ARGV[5] then return drop('stale') end
+local held = r[4] == ARGV[2] and (r[2] ~= ARGV[4] or r[3] ~= ARGV[5])
+-- (a held run's current step has no result: its commit would have moved the run on)
+if not held and redis.call('HEXISTS', KEYS[3], ARGV[6]) == 1 then return drop('committed') end
+if not held and (r[2] ~= ARGV[4] or r[3] ~= ARGV[5]) then return drop('stale') end
 if r[4] ~= ARGV[2] then return drop('not the current dispatch') end
 local now = now_ms()
 local claimed = r[6] and r[6] ~= ''
@@ -35,8 +39,9 @@ redis.call('HSET', KEYS[1], 'dispatch', id, 'updated_ms', now)
 -- counts a crash instead of waiting for it
 if claimed then redis.call('HSET', KEYS[1], 'claim_worker', '', 'dead_worker', r[7]) end
 index_queued(KEYS[8], KEYS[7], ARGV[3], id)
-local why = ARGV[8] == '' and ('entry ' .. ARGV[2] .. ' of ' .. ARGV[7] .. ', whose heartbeat stopped')
-  or ('entry ' .. ARGV[2] .. ' given up by ' .. ARGV[8] .. ', which was not running it')
+local what = held and ('step held on entry ' .. ARGV[2]) or ('entry ' .. ARGV[2])
+local why = ARGV[8] == '' and (what .. ' of ' .. ARGV[7] .. ', whose heartbeat stopped')
+  or (what .. ' given up by ' .. ARGV[8] .. ', which was not running it')
 redis.call('RPUSH', KEYS[5], event({type = 'redispatched', at = now, step = r[2], visit = tonumber(r[3]),
   detail = why}))
 count(KEYS[6], 'redispatched')

@@ -32,7 +32,7 @@ log = logging.getLogger("orchestrator.worker")
 RESEND_FOR_S = 30.0  # beyond redis-py's own retries (~3 s): how long an outcome is resent
 APPLIED = frozenset({"OK", "REPLAY", "RETRY", "FAILED", "RELEASED", "TERMINAL", "MISSING"})
 # steps a worker takes in a row from its own commits before the next goes through the queue
-MAX_CHAINED_STEPS = 8
+MAX_CHAINED_STEPS = 16
 
 
 class CommitRefused(ValidationError):
@@ -80,9 +80,10 @@ class Outcomes:
             cost=ctx.cost,
         ).model_dump_json()
         self.rt.faults.hit("before_commit", d.step)
-        # Chain (take the next step at once) at most MAX_CHAINED_STEPS times in a row: commit.lua
-        # sees only this partition's stream, so the bound is what keeps a run from jumping ahead
-        # of runs waiting in the other partitions for longer than that.
+        # Chain (take the next step at once, without a trip through the queue) at most
+        # MAX_CHAINED_STEPS times in a row: a chained step goes ahead of the runs waiting in the
+        # queue, and the bound keeps one run (a long Goto loop) from doing that for ever;
+        # may_chain() also stops it while an entry this worker read waits long for a slot.
         chain = outcome.next_step is not None and self.chained < MAX_CHAINED_STEPS and self.rt.may_chain()
         chain_token = new_claim_token(self.rt.worker_id) if chain else ""
         call = self.rt.store.commit(

@@ -58,6 +58,8 @@ from orchestrator.workflow import Workflow
 
 log = logging.getLogger("orchestrator.worker")
 REDIRECTED_PAUSE_S = 0.05  # a cluster read that met MOVED or ASK: the slot map is patched, read again soon
+# how long an entry read ahead may wait for a slot while the worker's slots chain their runs' steps
+CHAIN_YIELD_S = 0.5
 LAPSED_PAUSE_S = 0.02  # this worker's deadline may have passed: wait for the beat asked for, then go on
 
 
@@ -356,9 +358,14 @@ class Worker:
 
     def _may_chain(self) -> bool:
         """A committing step may hand its slot to its run's next step unless the worker is
-        stopping or entries it read wait for a slot (the step finishing still holds its slot,
-        so the count stays the same)."""
-        return not self._stop_requested and self._free_slots() >= 0
+        stopping, or an entry it read has waited :data:`CHAIN_YIELD_S` for a slot (the step
+        finishing still holds its slot, so the count stays the same): then freed slots go to
+        the entries read, and chained runs' next steps queue behind them."""
+        if self._stop_requested:
+            return False
+        if self._free_slots() >= 0 or not self._waiting:
+            return True
+        return time.monotonic() - min(item[3] for item in self._waiting) < CHAIN_YIELD_S
 
     def _start_chained(
         self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, token: str, chained: int
@@ -549,7 +556,8 @@ class Worker:
             self._track(execution, execution.hand_back("worker stopping"))
             return
         metrics = self.rt.metrics
-        wait_ms = claimed.server_ms - int(entry_id.split("-")[0])
+        # a chained step did not wait in the queue (its entry is where its run's chain started)
+        wait_ms = 0 if chained else claimed.server_ms - int(entry_id.split("-")[0])
         metrics.queue_wait.labels(dispatch.wf, queue).observe(max(0, wait_ms) / 1000)
         if claimed.crashed_now:
             self.rt.count("crashes")
@@ -566,7 +574,9 @@ class Worker:
     def _execution(
         self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, token: str, chained: int = 0
     ) -> StepExecution:
-        """A new execution of an entry; one still running for the same entry is superseded.
+        """A new execution of an entry; one still running the same step of the same entry is
+        superseded (a chained step carries the entry its run's chain started from: the step
+        before it, still finishing, is not).
 
         The same entry reaches this worker twice only when Redis lost writes (its group's
         last-delivered id went back): the earlier claim is gone from Redis, so that attempt
@@ -575,7 +585,7 @@ class Worker:
         assert self.rt is not None
         entry = (self.keys.queue_of(queue, dispatch.run).stream, entry_id)
         earlier = self._by_entry.get(entry)
-        if earlier is not None and not earlier.finished and earlier.token != token:
+        if earlier is not None and not earlier.finished and earlier.token != token and earlier.dispatch == dispatch:
             earlier.supersede()
         workflow = self.workflows.get(dispatch.wf)
         execution = StepExecution(self.rt, queue, entry_id, dispatch, claimed, workflow, token, chained)

@@ -9,7 +9,8 @@ from typing import Any
 
 import redis
 
-from orchestrator import Client, Settings, StepContext, Workflow
+from orchestrator import Client, Settings, StepContext, Workflow, scripts
+from orchestrator.codec import Dispatch
 from orchestrator.keys import GROUP
 from tests.harness import worker_thread
 from tests.helpers import heartbeat_until_lost, wait_until
@@ -103,3 +104,57 @@ def test_a_worker_whose_deadline_passed_stops_and_gives_back_the_steps_it_held_t
         run.wait(timeout_s=10)
     kinds = [e.type for e in client.events("reaped-1")]
     assert "released" in kinds and "crashed" not in kinds, kinds
+
+
+def test_a_chained_step_a_live_worker_does_not_know_of_is_given_back_by_its_own_audit(
+    client: Client, settings: Settings, r: redis.Redis
+) -> None:
+    """A chained commit whose reply never reached the worker (resending failed): the run's next
+    step is claimed for the worker, on the entry of the step before (left pending), and nothing
+    runs it. The supervisor leaves a live worker's entries alone, so the worker's audit must give
+    the entry back, and the step it is held on is re-enqueued; the run completes, the lost claim
+    counted as a crash."""
+    flow = Workflow("held_orphan")
+
+    @flow.step
+    def first(ctx: StepContext, state: Any) -> None:
+        return None
+
+    @flow.step
+    def second(ctx: StepContext, state: Any) -> None:
+        return None
+
+    run = client.submit(flow, {}, run_id="held-orphan")
+    stream = client.keys.queue_of("default", "held-orphan").stream
+    r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    ((_, entries),) = r.xreadgroup(GROUP, "w-held", {stream: ">"})
+    ((eid, fields),) = entries
+    d = Dispatch.model_validate(fields)
+    beat = client.store.alive(
+        partition=client.keys.partition_of(d.run), worker="w-held", lease_ms=60_000, cancels_seen=""
+    )
+    claim = client.store.claim(
+        dispatch=d, queue="default", entry_id=eid, token="w-held:1", worker="w-held", max_crashes=3, max_steps=0
+    )
+    commit = client.store.commit(
+        dispatch=d,
+        queue="default",
+        token="w-held:1",
+        record="{}",
+        event='{"step":"first"}',
+        next_step="second",
+        duration_ms=1,
+        cost={},
+        state={},
+        max_steps=0,
+        chain_to="w-held",
+        chain_token="w-held:2",
+        entry_id=eid,
+    )
+    scripts.execute(r, [beat, claim, commit])  # the commit's reply "lost": nobody runs `second`
+    assert r.hget(client.keys.run("held-orphan").run, "step") == "second"  # claimed, on the first's entry
+    with worker_thread([flow], settings, worker_id="w-held"):  # no supervisor: only the audit can
+        run.wait(timeout_s=20)
+    history = [e for e in client.events("held-orphan") if e.type == "redispatched"]
+    assert len(history) == 1 and "given up by w-held" in (history[0].detail or "")
+    assert [e.step for e in client.events("held-orphan") if e.type == "crashed"] == ["second"]

@@ -192,9 +192,9 @@ def test_a_commit_applies_when_the_group_of_the_entry_it_acks_is_gone(ops: Ops) 
     ((eid, d),) = ops.read("c1")
     ops.claim(eid, d)
     ops.r.xgroup_destroy(ops.stream, GROUP)
-    assert ops.commit(eid, d, chain_to="c1").code == "OK"  # no group: no chaining either
+    assert ops.commit(eid, d, chain=True).code == "OK"  # chaining needs no group either
     run = ops.run()
-    assert (run["step"], run["seq"], run["claim"]) == ("b", "1", "")
+    assert (run["step"], run["seq"], run["claim"], run["dispatch"]) == ("b", "1", "w1:chained", eid)
     assert ops.r.hexists(ops.rk.results, "r1:a") == 1
 
 

@@ -121,11 +121,11 @@ def test_commit_of_the_last_step_completes_the_run(ops: Ops) -> None:
     assert ops.r.zscore(ops.part.done, "r1") is not None and ops.r.zscore(ops.part.active, "r1") is None
 
 
-def test_a_chained_commit_claims_the_next_step_for_its_worker_when_nothing_else_waits(ops: Ops) -> None:
+def test_a_chained_commit_claims_the_next_step_on_the_same_entry_left_pending(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read("w1")
     first = ops.claim(eid, d)
-    out = ops.commit(eid, d, chain_to="w1")
+    out = ops.commit(eid, d, chain=True)
     committed = Committed.parse(out.detail)
     claimed = committed.chained
     assert out.code == "OK" and claimed is not None and committed.next_step == "b"
@@ -139,77 +139,82 @@ def test_a_chained_commit_claims_the_next_step_for_its_worker_when_nothing_else_
     assert claimed.fence > first.fence and claimed.steps_done == 1 and claimed.work_ms == 5
     # the state is not sent back: the worker has it (the one it was given, its update merged)
     assert claimed.state == {} and ops.r.hgetall(ops.rk.state) == {"n": "1"}
-    # the committed step's entry was acked with the commit
-    assert eid not in [p["message_id"] for p in ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10)]
-    # delivered to w1 like an XREADGROUP would, claimed like claim.lua would: nobody else gets it
+    # no new entry: the claim's entry is left pending for w1 (not acked), the anchor of the chain
+    assert committed.entry_id == eid and ops.r.xlen(ops.stream) == 1
     (pending,) = ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10)
-    assert (pending["message_id"], pending["consumer"]) == (committed.entry_id, "w1")
+    assert (pending["message_id"], pending["consumer"]) == (eid, "w1")
     assert ops.read("w2") == []
     run = ops.run()
-    assert (run["step"], run["claim"], run["claim_worker"], run["dispatch"]) == (
-        "b",
-        "w1:chained",
-        "w1",
-        committed.entry_id,
-    )
+    assert (run["step"], run["claim"], run["claim_worker"], run["dispatch"]) == ("b", "w1:chained", "w1", eid)
     b = Dispatch(run="r1", wf="wf", step="b", visit=1)
-    same = ops.claim(committed.entry_id, b, token="w1:chained")  # the same claim, as if claimed again
-    assert same.fence == claimed.fence
-    assert ops.claim(committed.entry_id, b, worker="w2").code == "BUSY"
-    assert (
-        ops.commit(committed.entry_id, b, next_step=None, token="w1:chained").code == "OK"
-    )  # the chained claim commits
+    assert ops.claim(eid, b, token="w1:chained").fence == claimed.fence  # the same claim, as if claimed again
+    assert ops.claim(eid, b, worker="w2").code == "BUSY"
+    # the chained claim chains again on the same entry; the commit that does not chain acks it
+    again = ops.commit(eid, b, token="w1:chained", chain=True)
+    assert again.code == "OK" and Committed.parse(again.detail).entry_id == eid
+    assert ops.r.xpending(ops.stream, GROUP)["pending"] == 1
+    b2 = Dispatch(run="r1", wf="wf", step="b", visit=2)
+    assert ops.commit(eid, b2, token="w1:chained", next_step=None).code == "OK"
+    assert ops.run()["status"] == "completed" and ops.r.xpending(ops.stream, GROUP)["pending"] == 0
 
 
 def test_a_chained_commit_resent_after_a_lost_reply_hands_back_the_same_claim(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read("w1")
     ops.claim(eid, d)
-    first = Committed.parse(ops.commit(eid, d, chain_to="w1").detail)
-    again = ops.commit(eid, d, chain_to="w1")  # the reply of the first was lost: the same call again
+    first = Committed.parse(ops.commit(eid, d, chain=True).detail)
+    again = ops.commit(eid, d, chain=True)  # the reply of the first was lost: the same call again
     replayed = Committed.parse(again.detail)
     assert again.code == "REPLAY" and replayed.chained is not None and first.chained is not None
-    assert (replayed.next_step, replayed.visit, replayed.entry_id) == (first.next_step, first.visit, first.entry_id)
+    assert (replayed.next_step, replayed.visit, replayed.entry_id) == (first.next_step, first.visit, eid)
     same = ("code", "fence", "attempt", "errors", "crashes", "steps_done", "state")  # not server_ms: the clock moved
     assert [getattr(replayed.chained, f) for f in same] == [getattr(first.chained, f) for f in same]
-    assert ops.r.xpending(ops.stream, GROUP)["pending"] == 1  # the one chained b (a was acked by the commit)
+    assert ops.r.xpending(ops.stream, GROUP)["pending"] == 1  # the entry b is held on
     ops.kill("w1")  # w1's deadline passed meanwhile: the claim is the supervisor's now
-    assert ops.commit(eid, d, chain_to="w1").detail == ()
+    assert ops.commit(eid, d, chain=True).detail == ()
 
 
-def test_a_commit_never_chains_past_entries_that_wait(ops: Ops) -> None:
+def test_a_commit_chains_even_past_entries_that_wait(ops: Ops) -> None:
+    """A run goes on on its worker ahead of the runs waiting in the queue: the worker bounds
+    how long (MAX_CHAINED_STEPS in a row, and not while an entry it read waits long)."""
     ops.submit()
     ((eid, d),) = ops.read("w1")
     ops.claim(eid, d)
     (r2,) = partition_mates(ops.keys, "r1", "r2-")
     other = Ops(ops.r, Settings(namespace=ops.keys.namespace), run_id=r2)
     other.submit()  # r2's first step waits undelivered in the same stream
-    out = ops.commit(eid, d, chain_to="w1")
-    assert out.code == "OK" and Committed.parse(out.detail).chained is None
-    assert [x.run for _, x in ops.read("w2")] == [r2, "r1"]  # both wait, in order, for anyone
-    assert ops.run()["claim"] == ""
+    out = ops.commit(eid, d, chain=True)
+    assert out.code == "OK" and Committed.parse(out.detail).chained is not None
+    assert [x.run for _, x in ops.read("w2")] == [r2]  # r2 still waits for anyone, first in line
 
 
 def test_a_chained_claim_whose_worker_dies_is_redispatched_and_counted_as_a_crash(ops: Ops) -> None:
+    """The supervisor finds the entry the dead worker's chain is held on and re-enqueues the
+    run's current step (b), not the entry's (a, committed)."""
     ops.submit()
     ((eid, d),) = ops.read("w1")
     ops.claim(eid, d)
-    committed = Committed.parse(ops.commit(eid, d, chain_to="w1").detail)
+    ops.commit(eid, d, chain=True)
+    call = ops.store.redispatch(queue="q", entry_id=eid, consumer="w1", dispatch=d)
+    assert Outcome.parse(ops.x(call)[0]).code == "ALIVE"  # w1 beats: its claim is live
     ops.kill("w1")  # w1 died before running b
-    b = Dispatch(run="r1", wf="wf", step="b", visit=1)
-    call = ops.store.redispatch(queue="q", entry_id=committed.entry_id, consumer="w1", dispatch=b)
     out = Outcome.parse(ops.x(call)[0])
     assert out.code == "REDISPATCHED"
+    assert "step held on entry" in ops.r.lrange(ops.rk.history, -1, -1)[0]
+    assert Outcome.parse(ops.x(call)[0]).code in ("GONE", "DROPPED")  # a second supervisor, or a resend
     ((eid2, d2),) = ops.read("w2")
+    assert (d2.step, d2.visit) == ("b", 1)
     c = ops.claim(eid2, d2, worker="w2")
     assert (c.code, c.crashed_now, c.attempt) == ("RUN", True, 2)
+    ops.beat("w1")  # w1 was only frozen: its late commit is refused
+    assert ops.commit(eid, Dispatch(run="r1", wf="wf", step="b", visit=1), token="w1:chained").code == "FENCED"
 
 
 def test_the_last_step_never_chains(ops: Ops) -> None:
     ops.submit()
     ((eid, d),) = ops.read("w1")
     ops.claim(eid, d)
-    out = ops.commit(eid, d, next_step=None, chain_to="w1")
+    out = ops.commit(eid, d, next_step=None, chain=True)
     assert out.code == "OK" and out.detail[0] == "" and ops.run()["status"] == "completed"
 
 
@@ -255,7 +260,7 @@ def test_a_commit_after_an_error_and_a_crash_starts_the_next_step_with_none(ops:
     crashed = ops.claim(eid2, d2, worker="w2")
     assert (crashed.errors, crashed.crashes, crashed.snapshot) == (1, 1, '{"k":1}')
     assert int(ops.run()["stash_base_ms"]) >= 5 and ops.run()["errors"] == "1"
-    out = ops.commit(eid2, d2, worker="w2", chain_to="w2" if chain else None)
+    out = ops.commit(eid2, d2, worker="w2", chain=chain)
     assert out.code == "OK"
     run = ops.run()
     assert (run["errors"], run["crashes"], run["stash_base_ms"], run["status"]) == ("0", "0", "0", "running")
@@ -548,23 +553,72 @@ def test_own_pending_lists_a_workers_entries_only_when_it_holds_more_than_it_kno
 
 
 def test_a_worker_gives_up_an_entry_it_lost_track_of_and_the_next_claim_counts_a_crash(ops: Ops) -> None:
-    """The chained claim's reply was lost: w1 holds a live claim it does not know of. Its audit
-    gives the entry up; the step is re-enqueued and the next claim (anyone's) counts a crash."""
+    """The claim's reply was lost: w1 holds a live claim it does not know of. Its audit gives
+    the entry up; the step is re-enqueued and the next claim (anyone's) counts a crash."""
     ops.submit()
     ((eid, d),) = ops.read("w1")
-    ops.claim(eid, d)
-    committed = Committed.parse(ops.commit(eid, d, chain_to="w1").detail)
-    b = Dispatch(run="r1", wf="wf", step="b", visit=1)
-    supervisor = ops.store.redispatch(queue="q", entry_id=committed.entry_id, consumer="w1", dispatch=b)
+    token = "w1:lost"
+    ops.claim(eid, d, token=token)
+    supervisor = ops.store.redispatch(queue="q", entry_id=eid, consumer="w1", dispatch=d)
     assert Outcome.parse(ops.x(supervisor)[0]).code == "ALIVE"  # w1 beats: not the supervisor's
-    gave = ops.store.redispatch(queue="q", entry_id=committed.entry_id, consumer="w1", dispatch=b, giver="w1")
+    gave = ops.store.redispatch(queue="q", entry_id=eid, consumer="w1", dispatch=d, giver="w1")
     out = Outcome.parse(ops.x(gave)[0])
     assert out.code == "REDISPATCHED" and ops.run()["claim_worker"] == ""
     assert "given up by w1" in ops.r.lrange(ops.rk.history, -1, -1)[0]
     ((eid2, d2),) = ops.read("w1")
     c = ops.claim(eid2, d2, worker="w1")
     assert (c.code, c.crashed_now, c.attempt) == ("RUN", True, 2)
-    assert ops.commit(committed.entry_id, b, token="w1:chained").code == "FENCED"  # the lost claim's late commit
+    assert ops.commit(eid, d, token=token).code == "FENCED"  # the lost claim's late commit
+
+
+def test_a_worker_gives_up_a_chained_claim_it_lost_track_of_and_the_next_claim_counts_a_crash(ops: Ops) -> None:
+    """The chained commit's reply was lost (and resending it failed): w1 holds b's claim on the
+    entry of a without knowing. Its audit gives the entry up; b is re-enqueued, counted a crash."""
+    ops.submit()
+    ((eid, d),) = ops.read("w1")
+    ops.claim(eid, d)
+    ops.commit(eid, d, chain=True)
+    gave = ops.store.redispatch(queue="q", entry_id=eid, consumer="w1", dispatch=d, giver="w1")
+    out = Outcome.parse(ops.x(gave)[0])
+    assert out.code == "REDISPATCHED" and ops.run()["claim_worker"] == ""
+    assert "given up by w1" in ops.r.lrange(ops.rk.history, -1, -1)[0]
+    ((eid2, d2),) = ops.read("w1")
+    c = ops.claim(eid2, d2, worker="w1")
+    assert (c.code, c.crashed_now, c.attempt, d2.step) == ("RUN", True, 2, "b")
+    b = Dispatch(run="r1", wf="wf", step="b", visit=1)
+    assert ops.commit(eid, b, token="w1:chained").code == "FENCED"  # the lost claim's late commit
+
+
+def test_an_entry_a_chain_is_held_on_stays_pending_when_delivered_again(ops: Ops) -> None:
+    """Redis lost writes (or the group was made again) and delivers the entry a run's chain is
+    held on to another worker: that claim is BUSY and leaves it pending, not DUP and acked, so
+    the entry still recovers the run if the holder dies."""
+    ops.submit()
+    ((eid, d),) = ops.read("w1")
+    ops.claim(eid, d)
+    ops.commit(eid, d, chain=True)
+    ops.r.xgroup_setid(ops.stream, GROUP, "0")
+    assert [e for e, _ in ops.read("w2")] == [eid]  # delivered again: pending for w2 now
+    assert ops.claim(eid, d, worker="w2").code == "BUSY"
+    (pending,) = ops.r.xpending_range(ops.stream, GROUP, "-", "+", 10)
+    assert (pending["message_id"], pending["consumer"]) == (eid, "w2")
+    ops.kill("w1")
+    out = Outcome.parse(ops.x(ops.store.redispatch(queue="q", entry_id=eid, consumer="w2", dispatch=d, giver="w2"))[0])
+    assert out.code == "REDISPATCHED"  # w2's audit gives it up: b is re-enqueued
+
+
+def test_the_sweep_leaves_a_chained_run_to_its_entry_and_repairs_it_when_the_entry_is_gone(ops: Ops) -> None:
+    ops.submit()
+    ((eid, d),) = ops.read("w1")
+    ops.claim(eid, d)
+    ops.commit(eid, d, chain=True)
+    assert Outcome.parse(ops.x(ops.store.sweep(run_id="r1", queue="q"))[0]).code == "ALIVE"
+    ops.kill("w1")
+    assert Outcome.parse(ops.x(ops.store.sweep(run_id="r1", queue="q"))[0]).code == "QUEUED"  # the reclaim's
+    ops.r.xdel(ops.stream, eid)  # lost with Redis' data, or an operator's XDEL
+    out = Outcome.parse(ops.x(ops.store.sweep(run_id="r1", queue="q"))[0])
+    assert (out.code, out.detail[1]) == ("REPAIRED", "no queued entry")
+    assert [(x.step, x.visit) for _, x in ops.read("w2")] == [("b", 1)]
 
 
 def test_the_sweep_looks_at_a_live_claim_again_after_as_long_as_it_has_run(ops: Ops) -> None:
