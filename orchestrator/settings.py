@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     concurrency: int = Field(default=16, ge=1, le=10_000, description="steps one worker runs at once")
     block_ms: int = Field(default=500, ge=10, le=20_000, description="XREADGROUP BLOCK (< socket timeout)")
     drain_grace_s: float = Field(default=30.0, ge=0, description="SIGTERM: time in-flight steps get to finish")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto", description="a worker's event loop: uvloop where installed (auto), or asyncio's own"
+    )
     promote_interval_s: float = Field(default=0.2, gt=0, description="how often due retries are enqueued")
     retention_s: float = Field(
         default=7 * 86400, ge=0, description="completed and cancelled runs are purged after this; 0 = keep"

@@ -36,6 +36,12 @@ def install_signals(first: Any, second: Any) -> None:
 @click.option("--lease-s", type=float, default=None, help="claim lease [4.0]")
 @click.option("--heartbeat-interval-s", type=float, default=None, help="heartbeat period [1.0]")
 @click.option("--drain-grace-s", type=float, default=None, help="SIGTERM grace for in-flight steps [30]")
+@click.option(
+    "--event-loop",
+    type=click.Choice(["auto", "uvloop", "asyncio"]),
+    default=None,
+    help="event loop: uvloop where installed, or asyncio's own [auto]",
+)
 @click.option("--max-crashes", type=int, default=None, help="crashes before a step is quarantined [3]")
 @click.option("--block-ms", type=int, default=None, help="XREADGROUP block time [500]")
 @click.option("--max-run-steps", type=int, default=None, help="steps a run may commit before it fails [10000]; 0 = any")

@@ -51,6 +51,7 @@ from orchestrator.worker.audit import PendingAudit
 from orchestrator.worker.batcher import Batcher
 from orchestrator.worker.execution import StepExecution
 from orchestrator.worker.heartbeat import Heartbeat, InFlightTable
+from orchestrator.worker.loop import loop_factory
 from orchestrator.worker.queues import ensure_groups, parse_entry, promote_due
 from orchestrator.worker.runtime import Released, Runtime, Shutdown
 from orchestrator.worker.usercode import StepThreads
@@ -125,7 +126,8 @@ class Worker:
     # -- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> None:
-        asyncio.run(self.run_async())
+        with asyncio.Runner(loop_factory=loop_factory(self.settings.event_loop)) as runner:
+            runner.run(self.run_async())
 
     def shutdown(self, *, immediate: bool = False) -> None:
         """Ask the worker to stop (thread-safe). Graceful first; ``immediate`` skips the drain."""

@@ -100,3 +100,22 @@ def test_concurrency_holds_across_several_queues(client: Client, settings: Setti
         for run in runs:
             run.wait(timeout_s=30)
     assert peak[0] == 2
+
+
+@pytest.mark.parametrize("choice", ["auto", "asyncio"])
+def test_a_worker_runs_its_steps_on_the_event_loop_the_setting_asks_for(
+    client: Client, settings: Settings, choice: str
+) -> None:
+    """``event_loop = auto`` runs the worker on uvloop (installed with the package here),
+    ``asyncio`` on asyncio's own loop; an async step sees which."""
+    import uvloop
+
+    flow = Workflow(f"which_loop_{choice}")
+
+    @flow.step
+    async def which(ctx: StepContext, state: Any) -> dict[str, Any]:
+        return {"uvloop": isinstance(asyncio.get_running_loop(), uvloop.Loop)}
+
+    with worker_thread([flow], settings.model_copy(update={"event_loop": choice})):
+        state = client.submit(flow, {}, run_id=f"loop-{choice}").wait(timeout_s=20)
+    assert state["uvloop"] is (choice == "auto")

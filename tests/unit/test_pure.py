@@ -378,3 +378,22 @@ def test_every_script_carries_each_prelude_helper_it_calls() -> None:
         called = set(re.findall(r"(?<![.:\w])([A-Za-z_]\w*)\s*\(", code))
         missing = called - defined - LUA_BUILTINS
         assert not missing, f"{name}.lua calls {sorted(missing)} without defining them"
+
+
+def test_the_event_loop_setting_picks_uvloop_where_installed_and_says_so_where_it_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    import uvloop
+
+    from orchestrator.worker.loop import loop_factory
+
+    assert loop_factory("auto") is uvloop.new_event_loop and loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as on a platform without it: import fails
+    assert loop_factory("auto") is None
+    with pytest.raises(ConfigError, match="event_loop is 'uvloop' but uvloop is not installed"):
+        loop_factory("uvloop")
+    with pytest.raises(ConfigError, match="event_loop"):
+        Settings(event_loop="trio")  # type: ignore[arg-type]
