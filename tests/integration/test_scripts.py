@@ -552,13 +552,18 @@ def test_own_pending_lists_a_workers_entries_only_when_it_holds_more_than_it_kno
     assert ops.x(ops.store.own_pending(stream=ops.stream, consumer="w9", known=0, idle_ms=0, limit=10))[0] == []
 
 
-def test_a_worker_gives_up_an_entry_it_lost_track_of_and_the_next_claim_counts_a_crash(ops: Ops) -> None:
-    """The claim's reply was lost: w1 holds a live claim it does not know of. Its audit gives
-    the entry up; the step is re-enqueued and the next claim (anyone's) counts a crash."""
+@pytest.mark.parametrize("chained", [False, True])
+def test_a_worker_gives_up_an_entry_it_lost_track_of_and_the_next_claim_counts_a_crash(ops: Ops, chained: bool) -> None:
+    """The claim's reply was lost (or, chained, the reply of the commit that claimed b on a's
+    entry, beyond every resend): w1 holds a live claim it does not know of. Its audit gives the
+    entry up; the claimed step is re-enqueued and the next claim (anyone's) counts a crash."""
     ops.submit()
     ((eid, d),) = ops.read("w1")
-    token = "w1:lost"
-    ops.claim(eid, d, token=token)
+    ops.claim(eid, d, token="w1:lost")
+    lost, token = (d, "w1:lost")
+    if chained:
+        ops.commit(eid, d, token="w1:lost", chain=True)
+        lost, token = Dispatch(run="r1", wf="wf", step="b", visit=1), "w1:chained"
     supervisor = ops.store.redispatch(queue="q", entry_id=eid, consumer="w1", dispatch=d)
     assert Outcome.parse(ops.x(supervisor)[0]).code == "ALIVE"  # w1 beats: not the supervisor's
     gave = ops.store.redispatch(queue="q", entry_id=eid, consumer="w1", dispatch=d, giver="w1")
@@ -567,26 +572,8 @@ def test_a_worker_gives_up_an_entry_it_lost_track_of_and_the_next_claim_counts_a
     assert "given up by w1" in ops.r.lrange(ops.rk.history, -1, -1)[0]
     ((eid2, d2),) = ops.read("w1")
     c = ops.claim(eid2, d2, worker="w1")
-    assert (c.code, c.crashed_now, c.attempt) == ("RUN", True, 2)
-    assert ops.commit(eid, d, token=token).code == "FENCED"  # the lost claim's late commit
-
-
-def test_a_worker_gives_up_a_chained_claim_it_lost_track_of_and_the_next_claim_counts_a_crash(ops: Ops) -> None:
-    """The chained commit's reply was lost (and resending it failed): w1 holds b's claim on the
-    entry of a without knowing. Its audit gives the entry up; b is re-enqueued, counted a crash."""
-    ops.submit()
-    ((eid, d),) = ops.read("w1")
-    ops.claim(eid, d)
-    ops.commit(eid, d, chain=True)
-    gave = ops.store.redispatch(queue="q", entry_id=eid, consumer="w1", dispatch=d, giver="w1")
-    out = Outcome.parse(ops.x(gave)[0])
-    assert out.code == "REDISPATCHED" and ops.run()["claim_worker"] == ""
-    assert "given up by w1" in ops.r.lrange(ops.rk.history, -1, -1)[0]
-    ((eid2, d2),) = ops.read("w1")
-    c = ops.claim(eid2, d2, worker="w1")
-    assert (c.code, c.crashed_now, c.attempt, d2.step) == ("RUN", True, 2, "b")
-    b = Dispatch(run="r1", wf="wf", step="b", visit=1)
-    assert ops.commit(eid, b, token="w1:chained").code == "FENCED"  # the lost claim's late commit
+    assert (c.code, c.crashed_now, c.attempt, d2.step) == ("RUN", True, 2, lost.step)
+    assert ops.commit(eid, lost, token=token).code == "FENCED"  # the lost claim's late commit
 
 
 def test_an_entry_a_chain_is_held_on_stays_pending_when_delivered_again(ops: Ops) -> None:
