@@ -113,7 +113,8 @@ def finish(
 
 
 def run_finish_ms(admin: redis.Redis, keys: Keys, run_ids: Sequence[str], steps: int) -> list[int]:
-    """``finished_ms`` of every run, after checking each completed with exactly ``steps`` commits.
+    """``finished_ms`` of every run, after checking each completed with exactly ``steps`` commits
+    and that no attempt failed.
 
     A benchmark that silently lost or duplicated steps would report a meaningless number.
     """
@@ -125,6 +126,16 @@ def run_finish_ms(admin: redis.Redis, keys: Keys, run_ids: Sequence[str], steps:
         if status != "completed" or int(seq) != steps:
             raise RuntimeError(f"run {run_id} ended {status} after {seq} committed steps, expected {steps}")
         out.append(int(finished))
+    # a no-op step never fails: a failed attempt (retried, so every run still completes) is a
+    # bug of ours, and the figures would be those of the bug
+    failed = sum(
+        int(value)
+        for detail in keys.all_stats_detail
+        for field, value in admin.hgetall(detail).items()
+        if field.startswith("steps|") and field.endswith(("|error", "|timeout"))
+    )
+    if failed:
+        raise RuntimeError(f"{failed} attempts of no-op steps failed; see the runs' history (orchestrator history RUN)")
     return out
 
 
