@@ -25,6 +25,7 @@ from bench.flows import STEPS_ENV, make_noop
 from bench.peers.base import PeerSpec
 from bench.procs import Fleet, child_env, wait_registered, wait_until
 from orchestrator import Client, Settings
+from orchestrator.counters import add_up
 from orchestrator.keys import Keys
 
 
@@ -128,10 +129,12 @@ def run_finish_ms(admin: redis.Redis, keys: Keys, run_ids: Sequence[str], steps:
         out.append(int(finished))
     # a no-op step never fails: a failed attempt (retried, so every run still completes) is a
     # bug of ours, and the figures would be those of the bug
+    pipe = admin.pipeline(transaction=False)
+    for detail in keys.all_stats_detail:
+        pipe.hgetall(detail)
     failed = sum(
         int(value)
-        for detail in keys.all_stats_detail
-        for field, value in admin.hgetall(detail).items()
+        for field, value in add_up(pipe.execute()).items()
         if field.startswith("steps|") and field.endswith(("|error", "|timeout"))
     )
     if failed:
