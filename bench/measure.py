@@ -7,14 +7,19 @@ Two shapes, each with a fresh keyspace (``FLUSHDB``) and freshly started consume
   chain done). Slow peers stop at a time cap; their rate is then the steps their own
   bookkeeping counts as finished by the cap, divided by the cap.
 - **paced**: submit one chain every ``interval_s`` (low load); each chain's latency is its
-  completion time minus the wall time just before its submit call.
+  completion time minus the wall time just before its submit call. For our runs the
+  completion time is when a client subscribed to the run's hash (keyspace notifications) saw
+  its last write, to the microsecond: the run's own ``finished_ms`` is on the Redis clock in
+  whole milliseconds, which understates a latency by half a millisecond on average.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import redis
@@ -142,6 +147,59 @@ def run_finish_ms(admin: redis.Redis, keys: Keys, run_ids: Sequence[str], steps:
     return out
 
 
+@contextmanager
+def run_writes_seen(admin: redis.Redis, run_keys: Sequence[str]) -> Iterator[dict[str, float]]:
+    """Wall time at which a subscribed client last saw an HSET of each of ``run_keys``.
+
+    Turns on keyspace notifications for hashes for as long as it lasts (the server's setting is
+    put back after): each write of a run's hash, inside a script too, reaches the subscriber
+    when its reply reaches the worker.
+    """
+    if not run_keys:
+        yield {}
+        return
+    before = admin.config_get("notify-keyspace-events")["notify-keyspace-events"]
+    admin.config_set("notify-keyspace-events", "Kh")
+    db = admin.connection_pool.connection_kwargs.get("db", 0)
+    prefix = f"__keyspace@{db}__:"
+    seen: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def on_write(message: dict[str, str]) -> None:
+        at = time.time()
+        if message["data"] == "hset":
+            with lock:
+                seen[message["channel"].removeprefix(prefix)] = at
+
+    pubsub = admin.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(**{prefix + key: on_write for key in run_keys})
+    reader = pubsub.run_in_thread(sleep_time=0.5, daemon=True)
+    try:
+        yield seen
+    finally:
+        reader.stop()
+        reader.join(timeout=5)
+        pubsub.close()
+        admin.config_set("notify-keyspace-events", before)
+
+
+def seen_finish_ms(
+    seen: dict[str, float], keys: Keys, run_ids: Sequence[str], finished_ms: Sequence[int]
+) -> list[float]:
+    """Each run's completion in ms to the µs: its hash's last write as the subscriber saw it,
+    checked against the run's own ``finished_ms`` (a later write would have shown up there)."""
+    out = []
+    for run_id, finished in zip(run_ids, finished_ms, strict=True):
+        at = seen.get(keys.run(run_id).run)
+        if at is None or not finished <= at * 1000 < finished + 20:
+            raise RuntimeError(
+                f"run {run_id}: its last write was seen at {at} s, its finished_ms is {finished}: "
+                "something else wrote the run's hash, or a notification was lost"
+            )
+        out.append(at * 1000)
+    return out
+
+
 def measure_ours(server: Server, config: str, repeat: int, consumers: Sequence[Sequence[str]], shape: Shape) -> Sample:
     """Our workers (or the raw loop): start them, submit, wait for every run, check every run, stop them."""
     server.admin.flushdb()  # every measurement starts on an empty keyspace
@@ -151,7 +209,8 @@ def measure_ours(server: Server, config: str, repeat: int, consumers: Sequence[S
     flow = make_noop(shape.steps)
     total = shape.runs * shape.steps
     run_ids = [f"r{i:05d}" for i in range(shape.runs)]
-    with Fleet(server.log_dir) as fleet, Client(settings) as client:
+    watch = [keys.run(run_id).run for run_id in run_ids] if shape.paced else []
+    with Fleet(server.log_dir) as fleet, Client(settings) as client, run_writes_seen(server.admin, watch) as seen:
 
         def submit(i: int) -> None:
             client.submit(flow, run_id=run_ids[i])
@@ -167,7 +226,9 @@ def measure_ours(server: Server, config: str, repeat: int, consumers: Sequence[S
             lambda: finished_runs(server.admin, keys) >= shape.runs, timeout_s, "every run completing", fleet
         )
         cpu_after = (fleet.cpu_s(), redis_cpu_s(server.admin))
-    finished = run_finish_ms(server.admin, keys, run_ids, shape.steps)
+    finished: Sequence[float] = run_finish_ms(server.admin, keys, run_ids, shape.steps)
+    if shape.paced:
+        finished = seen_finish_ms(seen, keys, run_ids, finished)
     latencies = [f - s * 1000 for f, s in zip(finished, submitted, strict=True)]
     cpu = (cpu_before[0], cpu_after[0], cpu_before[1], cpu_after[1])
     return finish(config, repeat, shape, (start, submit_s, end), total, latencies, cpu)

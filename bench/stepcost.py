@@ -28,8 +28,9 @@ off); every figure is per committed step, and the ratios are taken within the ru
   of each chain's first step) back to back, and measured the same way.
 - **paced**: ``--paced-runs`` chains, one every 0.1 s (low load: one run at a time), through one
   worker (as the paced row of :mod:`bench.throughput`, whose recipe :func:`bench.measure.measure_ours`
-  is reused here), through :mod:`bench.raw`'s batched loop (our scripts from a plain loop) and
-  through the minimal loop; end-to-end p50 / p99 and the ratios.
+  is reused here; once with plain ``def`` steps, run on the worker's step threads, once with
+  ``async def`` steps, run on its event loop), through :mod:`bench.raw`'s batched loop (our
+  scripts from a plain loop) and through the minimal loop; end-to-end p50 / p99 and the ratios.
 
 The benchmark's own commands (the polls that wait for the end, ``INFO``, ``CONFIG``) are left
 out of every count.
@@ -590,8 +591,15 @@ def paced(server: Server, options: Options) -> list[dict[str, Any]]:
     """Ours (one worker), our scripts from the raw loop, and the minimal loop, one chain at a time."""
     shape = Shape(options.paced_runs, options.steps, options.paced_interval_s)
     worker = tuple(worker_args("bench.flows:noop", CONCURRENCY))
+    # the same chain of `async def` steps: no hand-off to a step thread and back
+    worker_async = tuple(worker_args("bench.flows:noop_async", CONCURRENCY))
+    consumers = (
+        ("ours x1 paced", worker),
+        ("ours x1 paced, async steps", worker_async),
+        ("raw batched paced", tuple(consumer_args("batched"))),
+    )
     rows = []
-    for config, consumer in (("ours x1 paced", worker), ("raw batched paced", tuple(consumer_args("batched")))):
+    for config, consumer in consumers:
         sample = measure_ours(server, config, 1, (consumer,), shape)
         rows.append(paced_row(config, sample.latencies_ms, shape.runs, shape.steps))
     rows.append(minimal_paced(server, shape))

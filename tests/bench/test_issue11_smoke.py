@@ -86,7 +86,7 @@ def test_stepcost_figures_are_positive_and_ours_does_more_redis_work(stepcost: d
     in_scripts = summary["commands_in_scripts_per_step"]
     assert in_scripts["ours"] > 0 and in_scripts["minimal"] == 0
     rows = {row["config"]: row for row in stepcost["paced"]}
-    assert set(rows) == {"ours x1 paced", "raw batched paced", "minimal loop paced"}
+    assert set(rows) == {"ours x1 paced", "ours x1 paced, async steps", "raw batched paced", "minimal loop paced"}
     assert all(row["chains"] == PACED and row["latency_p50_ms"] > 0 for row in rows.values())
     assert rows["minimal loop paced"]["ratio_to_minimal"] == 1
 
