@@ -29,7 +29,7 @@ from orchestrator.runs import RunHistory, RunInfo
 from orchestrator.settings import Settings
 from orchestrator.supervisor import Supervisor
 from orchestrator.worker import Worker
-from orchestrator.workflow import End, Goto, Workflow
+from orchestrator.workflow import End, Goto, Sleep, Workflow
 
 __all__ = [
     "ClaimLost",
@@ -53,6 +53,7 @@ __all__ = [
     "RunInfo",
     "RunNotFound",
     "Settings",
+    "Sleep",
     "StepContext",
     "StepResultError",
     "Supervisor",

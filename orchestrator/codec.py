@@ -143,6 +143,7 @@ class StepRecord(Wire):
     update: dict[str, Any]
     next: str | None = None
     cost: dict[str, float] = Field(default_factory=dict)
+    wake: str | None = None  # the step returned Sleep: when the run goes on to ``next`` (Sleep.wake)
 
 
 class HistoryEvent(Wire):
@@ -159,6 +160,7 @@ class HistoryEvent(Wire):
     end_ms: int | None = None
     error: ErrorInfo | None = None
     detail: str | None = None
+    until_ms: int | None = None  # "sleeping": when the run wakes (Redis clock)
 
 
 # -- encoding -----------------------------------------------------------------------------

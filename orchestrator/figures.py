@@ -21,7 +21,7 @@ from typing import Any
 FAILED_OUTCOMES = ("error", "timeout", "crashed")
 STEP_OUTCOMES = ("ok", "error", "timeout", "crashed", "fenced")
 RUN_OUTCOMES = ("submitted", "completed", "failed", "cancelled", "retried")
-RUN_STATUSES = ("pending", "running", "retrying")  # of an unfinished run
+RUN_STATUSES = ("pending", "running", "retrying", "sleeping")  # of an unfinished run
 
 Detail = dict[str, dict[tuple[str, ...], float]]
 

@@ -49,8 +49,9 @@ Key                                Type    Holds                                
                                            dispatch waits in this stream           removes; sweep
                                            (unclaimed): the sweep looks only at
                                            those the group has passed
-``<ns>:delayed:{T}:Q``             zset    run id -> due ms (a retry waiting out   fail; promote,       until due
-                                           its backoff; one per run at most)       cancel remove
+``<ns>:delayed:{T}:Q``             zset    run id -> due ms (a retry waiting out   fail, commit (a      until due
+                                           its backoff or a sleeping run's         Sleep); promote,
+                                           wake-up; one per run at most)           cancel remove; sweep
 ``<ns>:alive:{T}``                 hash    worker id -> when its claims in this    the worker's beat    removed when the
                                            partition lapse (server ms): a claim    (alive.lua), each    worker leaves or is
                                            is live while the run's claim_worker    heartbeat            reaped from the fleet

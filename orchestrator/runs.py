@@ -10,8 +10,8 @@ from pydantic import BaseModel
 from orchestrator.codec import ErrorInfo, HistoryEvent, loads
 from orchestrator.keys import idempotency_key
 
-Status = Literal["pending", "running", "retrying", "completed", "failed", "cancelled"]
-STATUSES: tuple[str, ...] = ("pending", "running", "retrying", "completed", "failed", "cancelled")
+Status = Literal["pending", "running", "retrying", "sleeping", "completed", "failed", "cancelled"]
+STATUSES: tuple[str, ...] = ("pending", "running", "retrying", "sleeping", "completed", "failed", "cancelled")
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 ATTEMPT_OUTCOMES = frozenset({"ok", "error", "timeout", "crashed", "fenced", "released"})
 
@@ -69,7 +69,7 @@ class RunInfo(BaseModel):
             created_ms=num("created_ms"),
             updated_ms=num("updated_ms"),
             finished_ms=opt("finished_ms"),
-            due_ms=opt("due_ms") if h.get("status") == "retrying" else None,
+            due_ms=opt("due_ms") if h.get("status") in ("retrying", "sleeping") else None,
             worker=h.get("claim_worker") if h.get("claim") else None,
             error=ErrorInfo.model_validate(loads(error, what="run error")) if error else None,
         )

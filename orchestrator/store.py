@@ -176,6 +176,7 @@ class Store:
                 pk.dead,
                 pk.stats,
                 pk.stats_detail,
+                qk.delayed,
             ],
             [
                 dispatch.step,
@@ -207,11 +208,13 @@ class Store:
         chain_to: str | None = None,
         chain_token: str = "",
         entry_id: str = "",
+        wake: str = "",
     ) -> Call:
         """``chain_to``: the consumer that takes the next step at once when nothing else waits,
         under ``chain_token`` (a new claim token); ``max_steps`` = 0 puts no limit on the run;
         ``entry_id``: the stream entry the claim was made from, acked by the commit when it
-        applies ('' leaves the ack to the caller)."""
+        applies ('' leaves the ack to the caller); ``wake``: a Sleep's wake-up (``Sleep.wake``):
+        the run sleeps until then instead of going on at once."""
         rk, qk, k = self._at(dispatch.run, queue)
         return scripts.load("commit").call(
             [
@@ -228,6 +231,7 @@ class Store:
                 k.dead,
                 k.stats,
                 k.stats_detail,
+                qk.delayed,
             ],
             [
                 dispatch.run,
@@ -245,6 +249,7 @@ class Store:
                 GROUP,
                 max_steps,
                 entry_id,
+                wake,
                 *_pairs(state),
             ],
         )
@@ -344,7 +349,9 @@ class Store:
 
     def promote(self, *, queue: str, run_id: str) -> Call:
         rk, qk, pk = self._at(run_id, queue)
-        return scripts.load("promote").call([qk.delayed, qk.stream, rk.run, pk.stats, qk.queued, pk.active], [run_id])
+        return scripts.load("promote").call(
+            [qk.delayed, qk.stream, rk.run, pk.stats, qk.queued, pk.active, rk.history], [run_id]
+        )
 
     def passed(self, *, queue: str, partition: int, cursor: str, limit: int, deleted_seen: str = "") -> Call:
         """Runs of ``queue`` whose entry the group has passed, or that was trimmed or deleted.

@@ -436,11 +436,12 @@ class Supervisor:
                 repaired.append((run_id, str(outcome.detail[1])))
         for run_id, reason in repaired[:LOGGED_REPAIRS]:
             log.warning(
-                "run had no queued work; current step enqueued again", extra={"run_id": run_id, "reason": reason}
+                "run had no queued or scheduled work; repaired (reason says how)",
+                extra={"run_id": run_id, "reason": reason},
             )
         if len(repaired) > LOGGED_REPAIRS:  # a lost stream: one line for the rest, not one per run
             log.warning(
-                "more runs had no queued work; current steps enqueued again",
+                "more runs had no queued or scheduled work; repaired",
                 extra={"runs": len(repaired) - LOGGED_REPAIRS, "reasons": ",".join(sorted({r for _, r in repaired}))},
             )
         return counts

@@ -9,9 +9,11 @@ against the workflow's pydantic state model before it is persisted.
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import pydantic
@@ -61,6 +63,48 @@ class End:
 
 
 @dataclass(frozen=True)
+class Sleep:
+    """Return from a step to sleep, then continue at ``step`` (default: the step after this one).
+
+    Give ``seconds`` (measured on the Redis server's clock from the commit) or ``until`` (a
+    timezone-aware datetime). ``update`` is applied when the step commits, before the sleep.
+    While a run sleeps it holds no worker slot, no lease and no stream entry: it is a member of
+    its queue's delayed set, and the first worker to look after the due time (every
+    ``promote_interval_s``) puts its next step on the queue. The step that slept is committed:
+    it never runs again.
+    """
+
+    seconds: float | None = None
+    until: datetime | None = None
+    step: str | None = None
+    update: Mapping[str, Any] | None = None
+
+    def wake(self) -> str:
+        """The wake-up as ``commit.lua`` takes it: ``+<ms>`` from its clock, or ``@<epoch ms>``."""
+        if (self.seconds is None) == (self.until is None):
+            raise StepResultError(f"Sleep needs exactly one of seconds= or until=, got {self!r}")
+        if self.seconds is not None:
+            seconds = self.seconds
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+                raise StepResultError(f"Sleep(seconds={seconds!r}) is invalid: expected a finite number of seconds")
+            if not 0 <= seconds <= MAX_SLEEP_S:
+                raise StepResultError(
+                    f"Sleep(seconds={seconds!r}) is invalid: expected 0 to {MAX_SLEEP_S:.0f} seconds (one year)"
+                )
+            return f"+{math.ceil(seconds * 1000)}"
+        assert self.until is not None
+        if not isinstance(self.until, datetime) or self.until.tzinfo is None:
+            raise StepResultError(
+                f"Sleep(until={self.until!r}) is invalid: expected a timezone-aware datetime "
+                "(e.g. datetime.now(timezone.utc) + timedelta(hours=1))"
+            )
+        return f"@{math.ceil(self.until.timestamp() * 1000)}"
+
+
+MAX_SLEEP_S = 366 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
 class StepDef:
     """One registered step and its policies."""
 
@@ -78,6 +122,7 @@ class StepOutcome:
 
     update: dict[str, Any]
     next_step: str | None  # None: the run is complete
+    wake: str = ""  # a Sleep: when to go on to next_step (Sleep.wake); '' = at once
 
 
 @dataclass
@@ -253,6 +298,21 @@ class Workflow(Generic[S]):
             next_step, returned = returned.step, returned.update
         elif isinstance(returned, End):
             next_step, returned = None, returned.update
+        elif isinstance(returned, Sleep):
+            wake = returned.wake()
+            if returned.step is not None:
+                self.get_step(returned.step)
+                next_step = returned.step
+            if next_step is None:
+                raise StepResultError(
+                    f"{where} returned Sleep without step= and is the last step: name the step to continue at"
+                )
+            update = self._update(where, returned.update)
+            return StepOutcome(update=update, next_step=next_step, wake=wake)
+        return StepOutcome(update=self._update(where, returned), next_step=next_step)
+
+    @staticmethod
+    def _update(where: str, returned: Any) -> dict[str, Any]:
         if returned is None:
             update: dict[str, Any] = {}
         elif isinstance(returned, (BaseModel, Mapping)):
@@ -260,12 +320,12 @@ class Workflow(Generic[S]):
         else:
             raise StepResultError(
                 f"{where} returned {type(returned).__name__}; expected a dict of state updates, "
-                "None, Goto(step, update) or End(update)"
+                "None, Goto(step, update), End(update) or Sleep(seconds | until, step, update)"
             )
         bad_keys = [k for k in update if not isinstance(k, str)]
         if bad_keys:
             raise StepResultError(f"{where} returned non-string keys {bad_keys!r}")
-        return StepOutcome(update=update, next_step=next_step)
+        return update
 
     def merge(self, state: S, update: Mapping[str, Any], *, where: str) -> S:
         """Apply an update to a state and validate the result; unknown fields are an error."""

@@ -117,9 +117,11 @@ class Ops:
         max_steps: int = 0,
         record: str | None = None,
         ack: bool = True,
+        wake: str = "",
     ) -> scripts.Call:
         """``ack``: hand the commit the entry to ack, as workers do (False: the caller acks);
-        ``chain``: ask to chain the next step to ``worker`` (claim token ``<worker>:chained``)."""
+        ``chain``: ask to chain the next step to ``worker`` (claim token ``<worker>:chained``);
+        ``wake``: the step returned a Sleep (``Sleep.wake``)."""
         return self.store.commit(
             dispatch=d,
             queue="q",
@@ -134,6 +136,7 @@ class Ops:
             chain_to=worker if chain else None,
             chain_token=f"{worker}:chained",
             entry_id=eid if ack else "",
+            wake=wake,
         )
 
     def fail(

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from orchestrator import Goto, NonRetryableError, Retry, StepContext, Workflow
+from orchestrator import Goto, NonRetryableError, Retry, Sleep, StepContext, Workflow
 from orchestrator.chaos import ledger
 from orchestrator.faults import point
 
@@ -202,4 +202,26 @@ def after_hold(ctx: StepContext, state: Held) -> None:
     record_execution(ctx, saw=state.applied_by)
 
 
-ALL = [chain, stashing, effects, agent_loop, slow, held]
+class Nap(BaseModel):
+    """State of ``napping``: how long it sleeps between its two steps, and what each saw."""
+
+    nap_s: float = 1.0
+    naps: int = 0
+
+
+napping = Workflow("napping", state=Nap)
+
+
+@napping.step
+def doze(ctx: StepContext, state: Nap) -> Sleep:
+    """Records itself and sleeps ``nap_s`` (durably: no slot, no lease, no entry meanwhile)."""
+    record_execution(ctx)
+    return Sleep(seconds=state.nap_s, update={"naps": state.naps + 1})
+
+
+@napping.step
+def wake_up(ctx: StepContext, state: Nap) -> None:
+    record_execution(ctx, saw=state.naps)
+
+
+ALL = [chain, stashing, effects, agent_loop, slow, held, napping]

@@ -19,6 +19,10 @@ I9  fencing holds: for every committed step that sent an effect, the token kept 
     receiver that keeps the highest fencing token per idempotency key is the fence of the
     persisted step record, and no ``fenced`` event of that step (a commit we refused)
     carries that token
+I10 no wake-up early: a run that slept woke (``woke`` event) no earlier than the due time
+    of its ``sleeping`` event, and no execution of the step after a Sleep was claimed before
+    the wake-up its predecessor asked for (its fencing token, at least the server's clock at
+    the claim, is not below it); a wake-up that never came is I1
 
 Under lost writes (Redis restored from an older copy) the ledger lives on another server and
 keeps the executions of the forgotten timeline. The invariants above still hold as stated:
@@ -55,6 +59,8 @@ COUNTER_EVENTS = {
     "quarantined": "quarantined",
     "runs_completed": "completed",
     "runs_cancelled": "cancelled",
+    "sleeps": "sleeping",
+    "woken": "woke",
 }
 
 
@@ -87,6 +93,7 @@ class Report:
     fencing_checked: int = 0  # committed steps whose effect reached the fenced receiver (I9)
     vanished: int = 0  # runs a restore from an older copy forgot; resubmitted by the driver
     items_redone: int = 0
+    sleeps: int = 0  # sleeping events in the histories (I10)
     faults: Counter[str] = field(default_factory=Counter)
     detection_ms: list[int] = field(default_factory=list)
     recovery_ms: list[int] = field(default_factory=list)
@@ -107,6 +114,8 @@ class Report:
             "overwritten_or_rerun_after_commit": self.count("I2"),
             "duplicate_effects": self.count("I3"),
             "fencing_violations": self.count("I9"),
+            "early_wake_ups": self.count("I10"),
+            "sleeps": self.sleeps,
             "fencing_checked": self.fencing_checked,
             "vanished": self.vanished,
             "executions": self.executions,
@@ -181,6 +190,7 @@ class Checker:
             self._run(report, run_id, run, by_key)
         self._effects(report, facts)
         self._fencing(report, facts)
+        self._wake_ups(report, facts, executions)
         self._counters(report, facts)
         self._latencies(report, facts, kills, sorted(restores_ms))
         self._pending(report)
@@ -296,6 +306,28 @@ class Checker:
                         f"{key}: the fenced receiver kept token {token}, the token of an attempt whose "
                         f"commit was refused (fenced by worker {refused[0].worker})",
                     )
+
+    def _wake_ups(self, report: Report, facts: dict[str, RunFacts], executions: list[Execution]) -> None:
+        """I10: a sleeping run woke no earlier than its due time, and the step after the sleep
+        was never claimed before the wake-up it came after (``saw``: see ``flows.rise``)."""
+        for run_id, run in facts.items():
+            due: int | None = None
+            for ev in run.events:
+                if ev.type == "sleeping":
+                    report.sleeps += 1
+                    due = ev.until_ms
+                elif ev.type == "woke" and due is not None:
+                    if ev.at < due:
+                        self._fail(report, "I10", run_id, f"woke at {ev.at}, before its due time {due}")
+                    due = None
+        for ex in executions:
+            if ex.step == "rise" and isinstance(ex.saw, int) and ex.fence < ex.saw:
+                self._fail(
+                    report,
+                    "I10",
+                    ex.run,
+                    f"{ex.key} was claimed with fence {ex.fence}, before the wake-up at {ex.saw} it came after",
+                )
 
     def _counters(self, report: Report, facts: dict[str, RunFacts]) -> None:
         """I6: each counter equals the number of history events it counts."""

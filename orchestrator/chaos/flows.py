@@ -1,9 +1,10 @@
 """The synthetic workflow mix that ``orchestrator chaos`` runs: every step records itself in the ledger.
 
-Four shapes cover the step path: a chain (each step must see the state its predecessor
+Five shapes cover the step path: a chain (each step must see the state its predecessor
 committed), a stashing step (resumes from its checkpoint), a side effect sent to the ledger's
-two fake receivers (one dedupes by idempotency key, one keeps the highest fencing token), and
-an agent-style loop (``Goto``, so idempotency keys carry visit numbers).
+two fake receivers (one dedupes by idempotency key, one keeps the highest fencing token), an
+agent-style loop (``Goto``, so idempotency keys carry visit numbers), and a nap (``Sleep``
+until a time its first step picks, which the step after it must not start before).
 Steps sleep a little, heartbeat, and fail transiently now and then, so kills land in every
 phase of the step path and the retry path runs too. They all use the ``chaos`` queue.
 """
@@ -11,8 +12,10 @@ phase of the step path and the retry path runs too. They all use the ``chaos`` q
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -21,7 +24,7 @@ from orchestrator.chaos import ledger
 from orchestrator.context import StepContext
 from orchestrator.faults import point
 from orchestrator.retry import Retry
-from orchestrator.workflow import Goto, Workflow
+from orchestrator.workflow import Goto, Sleep, Workflow
 
 QUEUE = "chaos"
 CHAIN_STEPS = 8
@@ -152,5 +155,31 @@ def act(ctx: StepContext, state: LoopState) -> Goto | None:
     return Goto("think") if len(state.seen) < state.rounds else None
 
 
-ALL: list[Workflow[Any]] = [chain, stashing, effects, loop]
-MIX = {chain.name: 0.4, stashing.name: 0.2, effects.name: 0.2, loop.name: 0.2}
+class NapState(Knobs):
+    wake_at_ms: int = 0  # the wake-up ``doze`` asked for (epoch ms): ``rise`` records it
+
+
+naps = Workflow("chaos_nap", state=NapState, queue=QUEUE)
+NAP_S = (0.05, 1.5)
+
+
+@naps.step(retry=RETRY)
+def doze(ctx: StepContext, state: NapState) -> Sleep:
+    """Sleeps until a time it picks (an absolute time: Redis holds the run to it on its own
+    clock); a re-execution after a lost commit picks, and records, a new one."""
+    ledger.current().record(ctx)
+    _work(ctx, state)
+    wake_at = time.time() + random.uniform(*NAP_S)
+    return Sleep(until=datetime.fromtimestamp(wake_at, UTC), update={"wake_at_ms": math.ceil(wake_at * 1000)})
+
+
+@naps.step(retry=RETRY)
+def rise(ctx: StepContext, state: NapState) -> None:
+    """``saw`` is the wake-up it came after: its fencing token, at least the server's clock at
+    its claim, must not be below it (I10)."""
+    ledger.current().record(ctx, saw=state.wake_at_ms)
+    _work(ctx, state)
+
+
+ALL: list[Workflow[Any]] = [chain, stashing, effects, loop, naps]
+MIX = {chain.name: 0.35, stashing.name: 0.2, effects.name: 0.2, loop.name: 0.15, naps.name: 0.1}

@@ -26,6 +26,7 @@ INVARIANTS = {
     "I7": "no process died except those we killed",
     "I8": "no step started before its predecessor's result was durable",
     "I9": "a receiver keeping the highest fencing token agrees with the persisted record",
+    "I10": "no sleeping run woke, and no step after a sleep started, before its due time",
 }
 
 
@@ -52,6 +53,7 @@ def render(report: Report, header: str) -> str:
         f"duplicate effects {data['duplicate_effects']}; items redone inside stashing steps {report.items_redone}",
         f"fencing     effects checked against the persisted fence {report.fencing_checked}, "
         f"receiver disagrees with the persisted record {data['fencing_violations']}",
+        f"sleeps      {report.sleeps}, woke or started early {data['early_wake_ups']}",
         "faults      " + (", ".join(f"{k} {v}" for k, v in sorted(report.faults.items())) or "none"),
         f"detection   kill -> re-dispatch  p50 {_ms(det['p50'])}  p99 {_ms(det['p99'])}  max {_ms(det['max'])}"
         f"  (n={det['n']})",

@@ -32,13 +32,15 @@ def status_text(info: RunInfo) -> str:
         f"workflow  {info.workflow}  (queue {info.queue})",
         f"status    {info.status}",
     ]
+    if info.status == "sleeping" and info.due_ms:
+        lines[-1] = f"status    sleeping until {stamp(info.due_ms)}, then step {info.step}"
     if info.status in ("pending", "running", "retrying", "failed"):
         where = f"step {info.step}" + (f" (visit {info.visit})" if info.visit > 1 else "")
         lines.append(f"at        {where}, attempt {info.attempt}, fencing token {info.fence}")
         lines.append(f"key       {info.idempotency_key}")
     if info.worker:
         lines.append(f"worker    {info.worker}")
-    if info.due_ms:
+    if info.due_ms and info.status == "retrying":
         lines.append(f"retry at  {stamp(info.due_ms)}")
     lines.append(f"progress  {info.steps_done} steps committed, {seconds(info.work_ms)} of step work persisted")
     if info.crashes or info.errors or info.fenced:

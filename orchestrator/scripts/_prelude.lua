@@ -102,17 +102,27 @@ local function hset(key, fields)
   if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
 end
 
+-- A Sleep's wake-up (Sleep.wake in workflow.py: '+<ms>' after `now`, or '@<epoch ms>') as a due
+-- time on this server's clock; nil when it is malformed. A time already past is due now.
+local function wake_due(wake, now)
+  local kind, ms = string.match(wake, '^([+@])(%d+)$')
+  if not kind or #ms > 15 then return nil end
+  if kind == '+' then return now + tonumber(ms) end
+  return math.max(now, tonumber(ms))
+end
+
 -- Move a run whose step just got its result on to its next step (or finish it): the second
 -- half of commit.lua, also used by claim.lua to finish a commit that stopped half-way.
 -- Writes everything but the run hash; the run's new fields go into `set`, for the caller's
 -- one HSET (written last, so that a commit which stops half-way leaves its result with the
 -- run not moved on: claim.lua recognises that and finishes it).
--- k: {run, history, stream, queued, active, done, dead, stats, detail}
+-- k: {run, history, stream, queued, active, done, dead, stats, detail, delayed}
 -- a: {run_id, wf, token (of the claim that committed), next ('' = end), max_steps, now,
 --     seq (steps committed, this one included), visits (the next step's visits before this),
---     created_ms}
--- Returns {'OK', next step, visit, entry id}, {'OK', '', 0, '', created ms, now} when the run
--- completed, or {'OK', '', 0, '', created ms, now, 'RUNAWAY'} when the run hit max_steps.
+--     created_ms, wake (a Sleep's wake-up, wake_due(); '' or nil = go on at once)}
+-- Returns {'OK', next step, visit, entry id}, {'OK', next step, visit, 'delayed', due ms} when
+-- the run sleeps, {'OK', '', 0, '', created ms, now} when the run completed, or
+-- {'OK', '', 0, '', created ms, now, 'RUNAWAY'} when the run hit max_steps.
 -- commit.lua writes the common case (the run goes on) out flat, for speed: keep them alike.
 local function advance(k, a, set)
   set.claim, set.claim_fence, set.done_claim, set.updated_ms = '', 0, a.token, a.now
@@ -144,6 +154,16 @@ local function advance(k, a, set)
     count(k.stats, 'runaway_runs')
     detail(k.detail, 1, 'runs', a.wf, 'failed')
     return {'OK', '', 0, '', a.created_ms, a.now, 'RUNAWAY'}
+  end
+  if a.wake and a.wake ~= '' then
+    -- a Sleep: no entry until the due time; promote.lua puts the step on the stream then
+    local due = wake_due(a.wake, a.now)
+    redis.call('ZADD', k.delayed, due, a.run_id)
+    set.dispatch, set.status, set.due_ms = 'delayed', 'sleeping', due
+    index_active(k.active, k.queued, a.run_id, due)
+    redis.call('RPUSH', k.history, event({type = 'sleeping', at = a.now, step = a.next, visit = visit, until_ms = due}))
+    count(k.stats, 'sleeps')
+    return {'OK', a.next, visit, 'delayed', due}
   end
   local id = redis.call('XADD', k.stream, '*', 'run', a.run_id, 'wf', a.wf, 'step', a.next, 'visit', visit)
   set.dispatch, set.status = id, 'running'

@@ -1,12 +1,23 @@
--- Move one due retry from the delayed set onto its queue's stream. ZREM decides races.
+-- Move one due retry or sleeping run from the delayed set onto its queue's stream. ZREM decides
+-- races; the member's own score decides whether it is due, on this server's clock: a caller
+-- that listed it as due (due.lua) may come after the run was woken, ran and went to sleep again.
 -- KEYS[1] delayed  KEYS[2] stream  KEYS[3] run  KEYS[4] stats  KEYS[5] queued  KEYS[6] active
+-- KEYS[7] history
 -- ARGV[1] run id (the delayed set's member)
--- Returns the new entry id, or '' when another process promoted it or the run moved on.
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return '' end
+-- Returns the new entry id, or '' when it is not due, another process promoted it, or the run
+-- moved on.
+local now = now_ms()
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due or tonumber(due) > now then return '' end
+redis.call('ZREM', KEYS[1], ARGV[1])
 local r = redis.call('HMGET', KEYS[3], 'status', 'step', 'visit', 'wf')
-if r[1] ~= 'retrying' then return '' end
+if r[1] ~= 'retrying' and r[1] ~= 'sleeping' then return '' end
 local id = redis.call('XADD', KEYS[2], '*', 'run', ARGV[1], 'wf', r[4], 'step', r[2], 'visit', r[3])
-redis.call('HSET', KEYS[3], 'dispatch', id, 'status', 'running', 'updated_ms', now_ms())
+redis.call('HSET', KEYS[3], 'dispatch', id, 'status', 'running', 'updated_ms', now)
 index_queued(KEYS[6], KEYS[5], ARGV[1], id)
 count(KEYS[4], 'promoted')
+if r[1] == 'sleeping' then
+  redis.call('RPUSH', KEYS[7], event({type = 'woke', at = now, step = r[2], visit = tonumber(r[3])}))
+  count(KEYS[4], 'woken')
+end
 return id

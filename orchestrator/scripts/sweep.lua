@@ -1,5 +1,5 @@
 -- Supervisor: check that an unfinished run has work somewhere (a live claim, a queued or
--- pending stream entry, a scheduled retry) and enqueue its current step if not. Covers writes
+-- pending stream entry, a scheduled retry or wake-up) and enqueue its current step if not. Covers writes
 -- lost by Redis, trimmed or deleted streams and entries acked without progress. Also puts the
 -- run back in the index it belongs in (see keys.py), so the indexes heal too.
 -- KEYS[1] run  KEYS[2] alive  KEYS[3] stream  KEYS[4] delayed  KEYS[5] queued  KEYS[6] active
@@ -7,6 +7,7 @@
 -- ARGV[1] run id  ARGV[2] group  ARGV[3] sweep after ms (how long a run is left before a look)
 -- ARGV[4] the longest a live claim is left between two looks (ms)
 -- Returns {'ALIVE'} | {'QUEUED'} | {'SCHEDULED'} | {'TERMINAL'} | {'GONE'} | {'REPAIRED', entry id, reason}
+--   (entry id '' when a sleeping run's lost wake-up was scheduled again)
 local r = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'step', 'visit', 'wf', 'claim', 'claim_worker', 'claim_ms')
 if not r[1] or TERMINAL[r[1]] then
   unindex(KEYS[6], KEYS[5], ARGV[1])
@@ -39,9 +40,22 @@ end
 
 local reason
 if r[2] == 'delayed' then
-  if redis.call('ZSCORE', KEYS[4], ARGV[1]) then
-    index_active(KEYS[6], KEYS[5], ARGV[1], now)
+  local due = redis.call('ZSCORE', KEYS[4], ARGV[1])
+  if due then
+    -- looked at again once it is overdue (a sleep of a day costs one look, not one per sweep)
+    index_active(KEYS[6], KEYS[5], ARGV[1], math.max(now, tonumber(due)))
     return {'SCHEDULED'}
+  end
+  if r[1] == 'sleeping' then
+    -- the wake-up is gone (Redis lost writes): schedule it again at its due time, never earlier
+    local at = math.max(now, tonumber(redis.call('HGET', KEYS[1], 'due_ms')) or now)
+    redis.call('ZADD', KEYS[4], at, ARGV[1])
+    index_active(KEYS[6], KEYS[5], ARGV[1], at)
+    reason = 'scheduled wake-up missing'
+    redis.call('RPUSH', KEYS[7], event({type = 'repaired', at = now, step = r[3], visit = tonumber(r[4]),
+      detail = reason}))
+    count(KEYS[8], 'repaired')
+    return {'REPAIRED', '', reason}
   end
   reason = 'scheduled retry missing'
 elseif r[2] ~= '' and #redis.call('XRANGE', KEYS[3], r[2], r[2]) > 0 then

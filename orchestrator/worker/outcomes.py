@@ -78,13 +78,19 @@ class Outcomes:
             update=values,
             next=outcome.next_step,
             cost=ctx.cost,
-        ).model_dump_json()
+            wake=outcome.wake or None,
+        ).model_dump_json(exclude=None if outcome.wake else {"wake"})
         self.rt.faults.hit("before_commit", d.step)
         # Chain (take the next step at once, without a trip through the queue) at most
         # MAX_CHAINED_STEPS times in a row: a chained step goes ahead of the runs waiting in the
         # queue, and the bound keeps one run (a long Goto loop) from doing that for ever;
         # may_chain() also stops it while an entry this worker read waits long for a slot.
-        chain = outcome.next_step is not None and self.chained < MAX_CHAINED_STEPS and self.rt.may_chain()
+        chain = (
+            outcome.next_step is not None
+            and not outcome.wake
+            and self.chained < MAX_CHAINED_STEPS
+            and self.rt.may_chain()
+        )
         chain_token = new_claim_token(self.rt.worker_id) if chain else ""
         call = self.rt.store.commit(
             dispatch=d,
@@ -100,6 +106,7 @@ class Outcomes:
             chain_to=self.rt.worker_id if chain else None,
             chain_token=chain_token,
             entry_id="" if self.superseded else self.entry_id,
+            wake=outcome.wake,
         )
         try:
             result = await self._send(call, "commit")
@@ -257,6 +264,9 @@ class Outcomes:
         self._observe("ok")
         for unit, amount in self.ctx.cost.items():
             self.rt.metrics.cost.labels(self.dispatch.wf, self.dispatch.step, unit).inc(amount)
+        if len(result.detail) >= 4 and result.detail[2] == "delayed":  # a Sleep
+            log.info("step committed; run sleeping", extra={**fields, "until_ms": int(result.detail[3])})
+            return
         finished = bool(result.detail) and result.detail[0] == ""
         if finished and len(result.detail) >= 6:
             log.error(

@@ -32,7 +32,8 @@ def check(client: Client, ledger: Ledger, runs: list[str]) -> set[str]:
 def test_a_clean_workload_passes(client: Client, ledger: Ledger, finished: list[str]) -> None:
     report = Checker(client, ledger, max_crashes=3, recovery_bound_ms=10_000).check(finished, [])
     assert report.ok, report.violations
-    assert report.runs["completed"] == 4 and report.committed_steps == 8 + 1 + 3 + 6
+    assert report.runs["completed"] == 5 and report.committed_steps == 8 + 1 + 3 + 6 + 2
+    assert report.sleeps == 1 and report.to_dict()["early_wake_ups"] == 0
     assert report.effects_applied == 1
     assert report.fencing_checked == 1 and report.to_dict()["fencing_violations"] == 0
 
@@ -51,6 +52,21 @@ def test_each_kind_of_damage_is_caught(client: Client, ledger: Ledger, finished:
     client.redis.rpush(ledger.keys.executions, json.dumps({**doc, "fence": fence - 1, "saw": 1}))
     assert check(client, ledger, finished) == {"I8"}
     client.redis.rpop(ledger.keys.executions)
+    # a step after a sleep claimed before the wake-up it came after (its fence below it)
+    nap_run = "chaos_nap-1"
+    rise = {"key": f"{nap_run}:rise", "run": nap_run, "step": "rise", "attempt": 9, "worker": "w"}
+    wake_at = client.state(nap_run)["wake_at_ms"]
+    client.redis.rpush(ledger.keys.executions, json.dumps({**rise, "fence": wake_at - 5, "saw": wake_at}))
+    assert check(client, ledger, finished) == {"I10"}
+    client.redis.rpop(ledger.keys.executions)
+    # a run that woke before its due time
+    history = client.keys.run(nap_run).history
+    at = next(i for i, e in enumerate(client.events(nap_run)) if e.type == "woke")
+    woke = json.loads(client.redis.lindex(history, at))
+    due = next(e.until_ms for e in client.events(nap_run) if e.type == "sleeping")
+    client.redis.lset(history, at, json.dumps({**woke, "at": due - 1}))
+    assert check(client, ledger, finished) == {"I10"}
+    client.redis.lset(history, at, json.dumps(woke))
     # an effect sent with a key that belongs to no step visit
     client.redis.hincrby(ledger.keys.requests, "chaos_effect-1:send:7", 1)
     assert check(client, ledger, finished) == {"I3"}

@@ -229,7 +229,7 @@ def test_series_of_known_workflows_exist_at_zero_before_their_first_event(live: 
     chain = f'workflow="{wl.CHAIN}"'
     zero = {
         f"orchestrator_fleet_dead_letter_runs{{{chain}}}": 1,
-        f"orchestrator_fleet_runs_in_flight{{{chain}}}": 3,  # pending, running, retrying
+        f"orchestrator_fleet_runs_in_flight{{{chain}}}": 4,  # pending, running, retrying, sleeping
         f"orchestrator_fleet_work_saved_seconds_total{{{chain}}}": 1,
         f"orchestrator_fleet_work_saved_steps_total{{{chain}}}": 1,
         f"orchestrator_fleet_work_saved_stash_seconds_total{{{chain}}}": 1,

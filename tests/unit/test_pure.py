@@ -289,6 +289,7 @@ def test_public_api_is_pinned() -> None:
         "RunInfo",
         "RunNotFound",
         "Settings",
+        "Sleep",
         "StepContext",
         "StepResultError",
         "Supervisor",
