@@ -131,3 +131,23 @@ def test_the_readme_sleep_example_runs_as_written(client: Client, settings: Sett
     events = client.events("remind")
     assert [e.step for e in events if e.type == "sleeping"] == ["send", "send", "close"]
     assert sum(e.type == "woke" for e in events) == 3
+
+
+def test_with_no_worker_running_the_supervisor_wakes_a_sleeping_run(
+    client: Client, settings: Settings, ledger: Ledger
+) -> None:
+    """Workers scaled to zero while a run sleeps (KEDA counts no entry for it): the supervisor
+    puts its next step on the queue at its due time, and that entry is what brings workers back."""
+    with worker_thread([napping], settings):
+        client.submit(napping, Nap(nap_s=1.5), run_id="nap")
+        wait_until(lambda: client.get("nap").status == "sleeping", what="the run asleep")
+    keys = client.keys.queue_of(napping.queue, "nap")
+    assert client.redis.xlen(keys.stream) == 1 and client.redis.xpending(keys.stream, "workers")["pending"] == 0
+    with supervisor_thread(settings):
+        wait_until(lambda: client.get("nap").status == "running", timeout_s=20, what="the supervisor waking it")
+    woke = [e for e in client.events("nap") if e.type == "woke"]
+    dispatch = client.redis.hget(client.keys.run("nap").run, "dispatch")
+    assert len(woke) == 1 and client.redis.xrange(keys.stream, dispatch, dispatch)  # its entry, waiting for a worker
+    with worker_thread([napping], settings):
+        wait_until(lambda: client.get("nap").status == "completed", timeout_s=20, what="the run completed")
+    slept_on_time(client, "nap")
