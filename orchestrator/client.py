@@ -41,6 +41,7 @@ from orchestrator.retention import Purged, purge_finished
 from orchestrator.runs import STATUSES, TERMINAL, RunHistory, RunInfo, group_attempts
 from orchestrator.settings import Settings
 from orchestrator.store import FINISHED_IN, Outcome, Store
+from orchestrator.why import Why, explain
 from orchestrator.workflow import FreeState, Workflow
 
 S = TypeVar("S", bound=BaseModel)
@@ -183,6 +184,15 @@ class Client:
         if not h:
             raise RunNotFound(f"no run {run_id!r} in namespace {self.settings.namespace!r}", run_id=run_id)
         return RunInfo.from_hash(run_id, h)
+
+    @_tree_errors
+    def why(self, run_id: str) -> Why:
+        """What the run waits for right now (queue, worker, recovery, sleep, backoff), or how
+        it ended, as one paragraph (``Why.text``) with a code and figures."""
+        found = explain(self.redis, self.keys, run_id, self.settings.reclaim_interval_s)
+        if found is None:
+            raise RunNotFound(f"no run {run_id!r} in namespace {self.settings.namespace!r}", run_id=run_id)
+        return found
 
     @_tree_errors
     def state(self, run_id: str, workflow: Workflow[S] | None = None) -> Any:

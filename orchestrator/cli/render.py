@@ -6,18 +6,13 @@ import time
 
 from orchestrator.codec import HistoryEvent
 from orchestrator.runs import RunHistory, RunInfo
+from orchestrator.why import stamp
 
 
 def clock(ms: int | None) -> str:
     if ms is None:
         return "-"
     return time.strftime("%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}"
-
-
-def stamp(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
 
 
 def seconds(ms: int | None) -> str:

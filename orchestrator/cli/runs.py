@@ -1,4 +1,4 @@
-"""Commands on runs: submit, status, history, runs list, retry, cancel, stats."""
+"""Commands on runs: submit, status, history, runs list / why / purge, retry, cancel, stats."""
 
 from __future__ import annotations
 
@@ -141,6 +141,16 @@ def parse_duration(text: str) -> float:
     if not match:
         raise click.BadParameter(f"{text!r} is not a duration: expected a number with s, m, h, d or w, e.g. 7d")
     return float(match["n"]) * UNIT_S[match["unit"]]
+
+
+@runs.command("why")
+@click.argument("run_id")
+@output_option
+@pass_state
+def runs_why(state: CliState, run_id: str, output: str) -> None:
+    """Say what a run is waiting for right now (queue, worker, recovery, sleep, backoff), or how it ended."""
+    why = state.client().why(run_id)
+    state.emit_json(why.model_dump(mode="json")) if output == "json" else state.echo(why.text)
 
 
 @runs.command("purge")

@@ -104,8 +104,9 @@ DIRECT: dict[str, set[str]] = {
     # every client call first compares the namespace's partition count (HMGET of its config)
     "client": CONNECTION | PROBE | SCRIPTING | {"sadd", "hget", "hgetall", "hmget", "lrange", "smembers", "zrevrange"},
     "operator": CONNECTION | PROBE | SCRIPTING | PURGE_PAGES | {"hgetall", "hmget"},  # get() before cancel and retry
-    # runs list, status, history, stats, top, runs purge --dry-run
-    "reader": CONNECTION | PROBE | SCRAPE | PURGE_PAGES | {"lrange"},
+    # runs list, status, history, stats, top, runs purge --dry-run; runs why (XRANGE: the entries
+    # queued ahead of a run's own)
+    "reader": CONNECTION | PROBE | SCRAPE | PURGE_PAGES | {"lrange", "xrange"},
     # KEDA's redis-streams scaler (go-redis): XPENDING (pending trigger); INFO (server version,
     # every poll), XINFO GROUPS and XLEN when the group is missing (lag trigger)
     "keda": CONNECTION | {"info", "xinfo|groups", "xlen", "xpending"},
@@ -382,6 +383,8 @@ def test_the_read_only_cli_works_with_the_reader_acl_and_writes_nothing(acl: Acl
     )
     ok(cli(reader, ns, "top", "--iterations", "1", "-n", "0.5"))
     assert " 3 runs" in ok(cli(reader, ns, "runs", "purge", "--older-than", "0", "--dry-run"))
+    assert "finished: completed" in ok(cli(reader, ns, "runs", "why", "n1"))
+    assert "queued in queue default" in ok(cli(reader, ns, "runs", "why", "q2"))
     # the collector behind stats, top and /metrics, reading every unfinished run's record (ZRANGE)
     # or a sample of them (ZRANDMEMBER) past RUN_SAMPLE runs, with the reader's and the supervisor's ACL
     for role, sample in itertools.product(("reader", "supervisor"), (1, 200)):

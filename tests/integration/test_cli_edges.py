@@ -189,6 +189,7 @@ def test_read_only_commands_never_start_a_server(tmp_path: Path) -> None:
         ["status", "r1"],
         ["history", "r1"],
         ["runs", "list"],
+        ["runs", "why", "r1"],
         ["runs", "purge", "--older-than", "1d"],
         ["stats"],
         ["top", "--iterations", "1"],

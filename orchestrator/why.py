@@ -1,0 +1,192 @@
+"""``runs why``: one paragraph on what an unfinished run is waiting for right now, or how it ended.
+
+Read-only and best effort: it reads the run's record, the last of its history, and, for the
+case it finds, its worker's liveness or its queue entry, in a few round trips (the server's
+clock, then pipelines), with no script (the reader's ACL suffices). A run can move on between
+the reads; the answer then describes the moment of the first one, as any status display does.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import redis
+from pydantic import BaseModel
+
+from orchestrator.codec import HistoryEvent
+from orchestrator.keys import GROUP, Keys
+from orchestrator.runs import RunInfo
+
+Waiting = Literal["queue", "worker", "claim", "recovery", "sleep", "backoff", "repair", "nothing"]
+Answer = tuple[Waiting, str, dict[str, Any]]  # what it waits for, the paragraph, the figures
+LOOK_BACK = 50  # history events read for the last error or cancel reason
+MAX_AHEAD = 10_000  # queued entries counted ahead of the run's own, at most
+
+
+class Why(BaseModel):
+    """What a run waits for: a code for programs, a paragraph for people, and the figures."""
+
+    run_id: str
+    status: str
+    waiting_for: Waiting
+    text: str
+    server_ms: int
+    details: dict[str, Any] = {}
+
+
+def stamp(ms: int | None) -> str:
+    """A server time for people (UTC)."""
+    if ms is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def span(ms: int) -> str:
+    """A duration for people: ms, s, min or h."""
+    ms = max(0, ms)
+    if ms < 1000:
+        return f"{ms} ms"
+    if ms < 120_000:
+        return f"{ms / 1000:.1f} s"
+    if ms < 7_200_000:
+        return f"{ms / 60_000:.0f} min"
+    return f"{ms / 3_600_000:.1f} h"
+
+
+def explain(client: redis.Redis, keys: Keys, run_id: str, reclaim_interval_s: float) -> Why | None:
+    """Why run ``run_id`` is where it is; None when there is no such run."""
+    rk = keys.run(run_id)
+    seconds, micros = client.time()  # a keyless command: a cluster's pipelines refuse it
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(rk.run)
+    pipe.lrange(rk.history, -LOOK_BACK, -1)
+    record, raw_events = pipe.execute()
+    if not record:
+        return None
+    now = int(seconds) * 1000 + int(micros) // 1000
+    events = [HistoryEvent.model_validate_json(e) for e in raw_events]
+    info = RunInfo.from_hash(run_id, record)
+    waiting_for, text, details = _answer(client, keys, info, record, events, now, reclaim_interval_s)
+    return Why(run_id=run_id, status=info.status, waiting_for=waiting_for, text=text, server_ms=now, details=details)
+
+
+def _answer(
+    client: redis.Redis,
+    keys: Keys,
+    info: RunInfo,
+    record: dict[str, str],
+    events: list[HistoryEvent],
+    now: int,
+    reclaim_interval_s: float,
+) -> Answer:
+    where = f"step {info.step}" + (f" (visit {info.visit})" if info.visit > 1 else "")
+
+    if info.status in ("completed", "failed", "cancelled"):
+        return "nothing", _finished(info, events), {"finished_ms": info.finished_ms}
+    if info.status == "sleeping" and info.due_ms is not None:
+        if info.due_ms > now:
+            text = f"sleeping until {stamp(info.due_ms)} (in {span(info.due_ms - now)}), then {where}."
+        else:
+            text = (
+                f"due since {stamp(info.due_ms)} ({span(now - info.due_ms)} ago) to go on at {where}; the next "
+                "worker or supervisor that looks for due runs wakes it (every promote_interval_s, or "
+                "reclaim_interval_s for the supervisor)."
+            )
+        return "sleep", text, {"due_ms": info.due_ms, "step": info.step}
+    if info.status == "retrying" and info.due_ms is not None:
+        error = next((e for e in reversed(events) if e.type in ("error", "timeout") and e.error), None)
+        cause = f" after {error.error.type}: {error.error.message}" if error and error.error else ""
+        text = (
+            f"backing off until {stamp(info.due_ms)} (in {span(info.due_ms - now)}){cause}; {where} will be "
+            f"attempt {info.attempt + 1} ({info.errors} errors so far)."
+        )
+        return "backoff", text, {"due_ms": info.due_ms, "errors": info.errors}
+    if record.get("claim"):
+        return _claimed(client, keys, info, record, now, where, reclaim_interval_s)
+    return _queued(client, keys, info, record.get("dispatch", ""), now, where)
+
+
+def _finished(info: RunInfo, events: list[HistoryEvent]) -> str:
+    at = stamp(info.finished_ms) if info.finished_ms else "an unknown time"
+    took = f" (took {span(info.finished_ms - info.created_ms)})" if info.finished_ms else ""
+    if info.status == "completed":
+        return f"finished: completed at {at}{took} after {info.steps_done} committed steps."
+    if info.status == "cancelled":
+        cancel = next((e for e in reversed(events) if e.type == "cancelled"), None)
+        reason = f": {cancel.detail}" if cancel and cancel.detail else ""
+        return f"finished: cancelled at {at}{reason}."
+    error = info.error
+    if error is not None and error.type == "Quarantined":
+        return f"finished: failed at {at}, quarantined because {error.message}"
+    cause = f": {error.type}: {error.message}" if error else ""
+    return f"finished: failed at {at} at step {info.step}{cause}"
+
+
+def _claimed(
+    client: redis.Redis,
+    keys: Keys,
+    info: RunInfo,
+    record: dict[str, str],
+    now: int,
+    where: str,
+    reclaim_interval_s: float,
+) -> Answer:
+    worker = record.get("claim_worker", "")
+    pipe = client.pipeline(transaction=False)
+    pipe.hget(keys.part_of(info.run_id).alive, worker)
+    pipe.hget(keys.worker(worker), "last_ms")
+    deadline_raw, beat_raw = pipe.execute()
+    deadline = int(deadline_raw) if deadline_raw else None
+    since = int(record.get("claim_ms") or now)
+    details = {"worker": worker, "claimed_ms": since, "lease_until_ms": deadline, "attempt": info.attempt}
+    if deadline is not None and deadline > now:
+        beat = f"last heartbeat {span(now - int(beat_raw))} ago" if beat_raw else "no heartbeat on record"
+        text = (
+            f"running {where} (attempt {info.attempt}) on worker {worker} (alive, {beat}) since "
+            f"{stamp(since)} ({span(now - since)})."
+        )
+        return "worker", text, details
+    lapsed = f"at {stamp(deadline)}" if deadline is not None else "(its worker left the fleet)"
+    expected = max(now, deadline or now) + int(reclaim_interval_s * 1000)
+    text = (
+        f"the claim of {where} by worker {worker} lapsed {lapsed}: the worker stopped renewing it. The "
+        f"supervisor re-dispatches the step, expected by {stamp(expected)}; the next attempt counts a crash."
+    )
+    return "recovery", text, {**details, "expected_ms": expected}
+
+
+def _queued(client: redis.Redis, keys: Keys, info: RunInfo, dispatch: str, now: int, where: str) -> Answer:
+    stream = keys.queue_of(info.queue, info.run_id).stream
+    if not dispatch or dispatch == "delayed":
+        text = f"no queued work found for {where}; the supervisor's sweep re-enqueues it at its next pass."
+        return "repair", text, {}
+    pipe = client.pipeline(transaction=False)
+    pipe.xrange(stream, dispatch, dispatch)
+    pipe.xpending_range(stream, GROUP, min=dispatch, max=dispatch, count=1)
+    pipe.xinfo_groups(stream)
+    try:
+        entry, pending, groups = pipe.execute()
+    except redis.ResponseError:  # the stream is gone (an operator's DEL, lost data)
+        entry, pending, groups = [], [], []
+    details: dict[str, Any] = {"queue": info.queue, "stream": stream, "entry": dispatch}
+    if not entry:
+        text = f"the queued entry of {where} is gone; the supervisor's sweep re-enqueues it at its next pass."
+        return "repair", text, details
+    if pending:
+        consumer, idle = pending[0]["consumer"], int(pending[0]["time_since_delivered"])
+        text = (
+            f"{where} was delivered to worker {consumer} {span(idle)} ago and waits there for a free slot "
+            "(entries read ahead are claimed in order; after a lease they go back to the queue)."
+        )
+        return "claim", text, {**details, "worker": consumer, "idle_ms": idle}
+    group = next((g for g in groups if g.get("name") == GROUP), None)
+    last = group.get("last-delivered-id") if group else "0-0"
+    ahead = len(client.xrange(stream, f"({last}", f"({dispatch}", count=MAX_AHEAD) or []) if last != dispatch else 0
+    count = f"{ahead:,}" if ahead < MAX_AHEAD else f"more than {MAX_AHEAD - 1:,}"
+    waited = now - int(dispatch.split("-")[0])
+    text = (
+        f"queued in queue {info.queue} for {span(waited)}, behind {count} entries of its partition "
+        f"not yet read by a worker; {where} runs when a worker with a free slot reads it."
+    )
+    return "queue", text, {**details, "ahead": ahead, "waited_ms": waited}
