@@ -372,8 +372,17 @@ class _RetryUnlessRefused(Retry):
         raise error
 
 
+def closed_transport(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is uvloop's answer to a write on a connection the peer already closed:
+    asyncio's own loop ignores such a write (the read that follows fails), uvloop raises
+    ``RuntimeError`` ("... the handler is closed"), which redis-py does not take for a
+    connection error. A Redis restart or a network reset then stopped the worker."""
+    return "handler is closed" in str(exc)
+
+
 class _AsyncRetryUnlessRefused(AsyncRetry):
-    """:class:`_RetryUnlessRefused` for the asyncio client."""
+    """:class:`_RetryUnlessRefused` for the asyncio client; a write on a closed transport
+    (:func:`closed_transport`) is a connection error, retried as one."""
 
     async def call_with_retry(self, do: Callable[[], Awaitable[T]], fail: Any, *args: Any, **kwargs: Any) -> T:
         async def attempt() -> T:
@@ -383,6 +392,10 @@ class _AsyncRetryUnlessRefused(AsyncRetry):
                 if isinstance(exc, _NEVER_RETRIED) or tls_refused(exc):
                     raise _Refused(exc) from None
                 raise
+            except RuntimeError as exc:
+                if not closed_transport(exc):
+                    raise
+                raise redis.ConnectionError(f"the connection closed under a write: {exc}") from exc
 
         try:
             return await super().call_with_retry(attempt, fail, *args, **kwargs)

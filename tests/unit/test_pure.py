@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 from collections import Counter
@@ -398,3 +399,33 @@ def test_the_event_loop_setting_picks_uvloop_where_installed_and_says_so_where_i
         loop_factory("uvloop")
     with pytest.raises(ConfigError, match="event_loop"):
         Settings(event_loop="trio")  # type: ignore[arg-type]
+
+
+def test_a_write_on_a_closed_uvloop_transport_is_a_connection_error_retried_as_one() -> None:
+    """uvloop raises RuntimeError("... the handler is closed") for a write on a connection the
+    peer reset, where asyncio's loop stays quiet; redis-py lets it through, and a network blip
+    stopped a worker (caught by tests/chaos/test_lost_replies.py on the dependency floors)."""
+    from orchestrator.connection import _async_retry
+
+    closed = RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+    raised: list[BaseException] = []
+
+    async def flaky(failures: list[BaseException]) -> str:
+        if failures:
+            raise failures.pop()
+        return "answered"
+
+    async def disconnect(error: BaseException) -> None:  # redis-py drops the connection before a retry
+        raised.append(error)
+
+    async def main() -> tuple[str, type[BaseException]]:
+        retry = _async_retry()
+        failures: list[BaseException] = [closed, closed]
+        answer = await retry.call_with_retry(lambda: flaky(failures), disconnect)
+        other: list[BaseException] = [RuntimeError("something else")]
+        with pytest.raises(RuntimeError, match="something else"):
+            await retry.call_with_retry(lambda: flaky(other), disconnect)
+        return answer, type(raised[0])
+
+    answer, kind = asyncio.run(main())
+    assert answer == "answered" and len(raised) == 2 and issubclass(kind, redis.ConnectionError)
