@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -86,6 +87,22 @@ def _tree_errors(method: Callable[Concatenate[H, P], R]) -> Callable[Concatenate
     return wrapper
 
 
+MAX_DEADLINE_S = 10 * 366 * 24 * 3600.0
+
+
+def deadline_to_ms(deadline_s: float | None) -> int | None:
+    """A submit's ``deadline_s`` in whole ms (rounded up), checked: a positive finite number of
+    seconds, ten years at most."""
+    if deadline_s is None:
+        return None
+    if isinstance(deadline_s, bool) or not isinstance(deadline_s, int | float) or not 0 < deadline_s <= MAX_DEADLINE_S:
+        raise ValidationError(
+            f"deadline_s {deadline_s!r} is invalid: expected a number of seconds above 0 and at most "
+            f"{MAX_DEADLINE_S:.0f} (ten years)"
+        )
+    return math.ceil(deadline_s * 1000)
+
+
 class Client:
     """Synchronous client for one Redis deployment and namespace. Thread-safe.
 
@@ -125,12 +142,19 @@ class Client:
     # -- submit ---------------------------------------------------------------------------
 
     @_tree_errors
-    def submit(self, workflow: Workflow[S], input: Any = None, *, run_id: str | None = None) -> Run[S]:
+    def submit(
+        self, workflow: Workflow[S], input: Any = None, *, run_id: str | None = None, deadline_s: float | None = None
+    ) -> Run[S]:
         """Start a run of ``workflow`` with ``input``, or return the existing run with this id.
 
-        Raises :class:`ValidationError` (naming the field) for invalid input or run id, and
-        :class:`RunConflict` when the id belongs to a run of another workflow or input.
+        ``deadline_s``: the run fails with ``DeadlineExceeded`` if it has not finished that long
+        after this submit (on the Redis clock; a running step is stopped at its next heartbeat,
+        a sleeping or backing-off run at once). Kept from the first submit of a run id.
+        Raises :class:`ValidationError` (naming the field) for invalid input, run id or
+        deadline, and :class:`RunConflict` when the id belongs to a run of another workflow or
+        input.
         """
+        deadline_ms = deadline_to_ms(deadline_s)
         self._check_layout(record=True)  # the namespace's first submit records its partition count
         run_id = run_id or uuid.uuid4().hex
         if not RUN_ID_PATTERN.match(run_id):
@@ -155,6 +179,7 @@ class Client:
             event=dumps({"detail": f"workflow {workflow.name}"}, what="event"),
             request_id=uuid.uuid4().hex,
             state=fields,
+            deadline_ms=deadline_ms,
         )
         created, *rest = scripts.execute(self.redis, [call, scripts.command("SADD", self.keys.queues, workflow.queue)])[
             0

@@ -41,6 +41,7 @@ FLEET_COUNTERS = (
     ("orchestrator_fleet_malformed_entries_total", "malformed", "Stream entries set aside as malformed."),
     ("orchestrator_fleet_runaway_runs_total", "runaway_runs", "Runs failed at max_run_steps (a loop that never ends)."),
     ("orchestrator_fleet_purged_runs_total", "purged", "Finished runs deleted after their retention."),
+    ("orchestrator_fleet_expired_runs_total", "runs_expired", "Runs failed because their deadline passed."),
 )
 
 

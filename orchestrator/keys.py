@@ -59,6 +59,8 @@ Key                                Type    Holds                                
 ``<ns>:cancels:{T}``               stream  run ids cancelled in this partition,    cancel               MAXLEN ~1000
                                            read by workers at each beat (a
                                            running step learns its cancel)
+``<ns>:deadlines:{T}``             zset    run id -> its deadline (server ms), for submit (with a       until expired (the
+                                           runs submitted with one                 deadline); expire    supervisor ZREMs it)
 ``<ns>:runs:{T}:active``           zset    run id -> when to look at it: claimed   claim, commit        until the run ends
                                            runs (claim time), retries (due time);  (chained), fail,
                                            unfinished runs not waiting in a stream sweep; the others
@@ -194,6 +196,7 @@ class PartitionKeys:
     stats_detail: str
     alive: str
     cancels: str
+    deadlines: str
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,7 @@ class Keys:
             stats_detail=f"{self.namespace}:stats:{{{tag}}}:detail",
             alive=f"{self.namespace}:alive:{{{tag}}}",
             cancels=f"{self.namespace}:cancels:{{{tag}}}",
+            deadlines=f"{self.namespace}:deadlines:{{{tag}}}",
         )
 
     def part_of(self, run_id: str) -> PartitionKeys:

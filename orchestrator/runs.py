@@ -36,6 +36,7 @@ class RunInfo(BaseModel):
     updated_ms: int
     finished_ms: int | None = None
     due_ms: int | None = None
+    deadline_ms: int | None = None
     worker: str | None = None
     error: ErrorInfo | None = None
 
@@ -70,6 +71,7 @@ class RunInfo(BaseModel):
             updated_ms=num("updated_ms"),
             finished_ms=opt("finished_ms"),
             due_ms=opt("due_ms") if h.get("status") in ("retrying", "sleeping") else None,
+            deadline_ms=opt("deadline_ms"),
             worker=h.get("claim_worker") if h.get("claim") else None,
             error=ErrorInfo.model_validate(loads(error, what="run error")) if error else None,
         )

@@ -141,11 +141,46 @@ class Store:
         event: str,
         request_id: str,
         state: Mapping[str, str],
+        deadline_ms: int | None = None,
     ) -> Call:
+        """``deadline_ms``: how long the run may take, from its creation (server clock)."""
         rk, qk, pk = self._run(run_id), self.keys.queue_of(queue, run_id), self.keys.part_of(run_id)
         return scripts.load("submit").call(
-            [rk.run, rk.state, rk.history, qk.stream, qk.queued, pk.stats_detail],
-            [run_id, workflow, queue, first_step, input_sha, event, request_id, *_pairs(state)],
+            [rk.run, rk.state, rk.history, qk.stream, qk.queued, pk.stats_detail, pk.deadlines],
+            [
+                run_id,
+                workflow,
+                queue,
+                first_step,
+                input_sha,
+                event,
+                request_id,
+                "" if deadline_ms is None else deadline_ms,
+                *_pairs(state),
+            ],
+        )
+
+    def expired(self, *, partition: int, limit: int) -> Call:
+        """Runs of ``partition`` whose deadline has passed on the server's clock, earliest first."""
+        return scripts.load("due").call([self.keys.part(partition).deadlines], [limit])
+
+    def expire(self, *, run_id: str, queue: str) -> Call:
+        """Fail the run if its deadline has passed (``expire.lua``)."""
+        rk, qk, k = self._at(run_id, queue)
+        return scripts.load("expire").call(
+            [
+                rk.run,
+                k.cancels,
+                rk.history,
+                qk.delayed,
+                qk.queued,
+                k.active,
+                k.dead,
+                k.stats,
+                k.stats_detail,
+                k.deadlines,
+            ],
+            [run_id],
         )
 
     def claim(

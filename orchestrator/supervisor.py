@@ -170,6 +170,7 @@ class Supervisor:
         for lane in lanes:
             self._per_lane(done, lane, lambda ln: self.reclaim(ln, pending[ln]))
             self._per_lane(done, lane, lambda ln: {"promoted": self.promote(ln, due[ln])})
+        self._add(done, {"expired": self.expire()})
         self._add(done, {"trimmed": self.trim(lanes)})
         self._add(done, {"dead_workers": self.reap_workers()})
         if sweep:
@@ -330,6 +331,31 @@ class Supervisor:
             raise run_ids
         calls = [self.store.promote(queue=queue, run_id=run_id) for run_id in run_ids]
         return sum(1 for reply in scripts.execute(self.redis, calls) if reply)
+
+    def expire(self) -> int:
+        """Fail the runs whose deadline has passed (at most ``SCAN_LIMIT`` per partition and
+        tick; the rest at the next ticks): a round trip for the lists, one for the runs' queues,
+        one for the expiries."""
+        listed = scripts.execute(
+            self.redis, [self.store.expired(partition=p, limit=SCAN_LIMIT) for p in range(self.keys.partitions)]
+        )
+        run_ids = [run_id for page in listed for run_id in page]
+        if not run_ids:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hget(self.keys.run(run_id).run, "queue")
+        queues = pipe.execute()
+        calls = [
+            self.store.expire(run_id=rid, queue=q or DEFAULT_QUEUE) for rid, q in zip(run_ids, queues, strict=True)
+        ]
+        expired = 0
+        for run_id, reply in zip(run_ids, scripts.execute(self.redis, calls), strict=True):
+            outcome = Outcome.parse(reply)
+            if outcome.code == "EXPIRED":
+                expired += 1
+                log.warning("run failed: its deadline passed", extra={"run_id": run_id})
+        return expired
 
     def reap_workers(self) -> int:
         """Drop workers whose heartbeat is older than a lease from the fleet (their steps are

@@ -48,6 +48,13 @@ def read_input(text: str | None, file: Path | None) -> Any:
 )
 @click.option("--run-id", default=None, help="idempotency key of the run [random]; same id, same run")
 @click.option("--wait", "wait_s", type=float, default=None, metavar="SECONDS", help="wait for the result")
+@click.option(
+    "--deadline-s",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="fail the run (DeadlineExceeded) if it has not finished this long after the submit",
+)
 @output_option
 @pass_state
 def submit(
@@ -57,12 +64,13 @@ def submit(
     file: Path | None,
     run_id: str | None,
     wait_s: float | None,
+    deadline_s: float | None,
     output: str,
 ) -> None:
     """Start a run of WORKFLOW (module:attribute) with INPUT (JSON; '-' reads stdin)."""
     (flow,) = load_workflows((workflow,))
     client = state.client(start_embedded=True)
-    run = client.submit(flow, read_input(input, file), run_id=run_id)
+    run = client.submit(flow, read_input(input, file), run_id=run_id, deadline_s=deadline_s)
     result: dict[str, Any] = {"run_id": run.run_id, "created": run.created}
     if output == "text":
         state.echo(f"{'submitted' if run.created else 'already exists'}: {run.run_id}")

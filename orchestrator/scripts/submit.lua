@@ -1,15 +1,21 @@
 -- Create a run and enqueue its first step, unless a run with this id exists (idempotent submit).
 -- KEYS[1] run  KEYS[2] state  KEYS[3] history  KEYS[4] stream  KEYS[5] queued  KEYS[6] stats detail
+-- KEYS[7] deadlines
 -- (runs_submitted is the sum of the detail's runs|wf|submitted: counters.py)
 -- ARGV[1] run id  ARGV[2] workflow  ARGV[3] queue  ARGV[4] first step  ARGV[5] input digest
 -- ARGV[6] "submitted" event body (JSON object)  ARGV[7] request id (resent call = same id)
--- ARGV[8..] state field, JSON value pairs
+-- ARGV[8] deadline: ms from now on this server's clock ('' = none); the supervisor fails the run
+-- when it passes (expire.lua)
+-- ARGV[9..] state field, JSON value pairs
 -- Returns {1, entry id} when this request created the run (also when it is resent after a
 -- lost reply), {0, workflow, input digest, status} when the id belongs to an existing run.
 local existing = redis.call('HMGET', KEYS[1], 'wf', 'input_sha', 'status', 'submit_req', 'dispatch')
 if existing[1] then
   if existing[4] == ARGV[7] then return {1, existing[5] or ''} end
   return {0, existing[1], existing[2] or '', existing[3] or ''}
+end
+if ARGV[8] ~= '' and not string.match(ARGV[8], '^%d+$') then
+  return redis.error_reply('deadline ' .. ARGV[8] .. ' is not a whole number of ms')
 end
 local now = now_ms()
 local id = redis.call('XADD', KEYS[4], '*', 'run', ARGV[1], 'wf', ARGV[2], 'step', ARGV[4], 'visit', '1')
@@ -18,7 +24,12 @@ redis.call('HSET', KEYS[1],
   'attempt', 0, 'errors', 0, 'crashes', 0, 'fence', 0, 'seq', 0, 'work_ms', 0, 'fenced', 0,
   'claim', '', 'claim_fence', 0, 'done_claim', '', 'dispatch', id, 'input_sha', ARGV[5],
   'created_ms', now, 'updated_ms', now, 'v:' .. ARGV[4], 1, 'submit_req', ARGV[7])
-if #ARGV >= 8 then redis.call('HSET', KEYS[2], unpack(ARGV, 8, #ARGV)) end
+if #ARGV >= 9 then redis.call('HSET', KEYS[2], unpack(ARGV, 9, #ARGV)) end
+if ARGV[8] ~= '' then
+  local deadline = now + tonumber(ARGV[8])
+  redis.call('HSET', KEYS[1], 'deadline_ms', deadline)
+  redis.call('ZADD', KEYS[7], deadline, ARGV[1])
+end
 redis.call('RPUSH', KEYS[3], stamp('submitted', ARGV[6], now))
 redis.call('ZADD', KEYS[5], exact(entry_score(id)), ARGV[1])
 detail(KEYS[6], 1, 'runs', ARGV[2], 'submitted')

@@ -65,7 +65,7 @@ ROLE_SCRIPTS: dict[str, list[str]] = {
     # supervisor.py, retention.py (purge)
     "supervisor": words(
         "layout reap_consumer dead_pending redispatch due promote passed sweep trim purge leader resign reap_workers"
-        " stale"
+        " stale expire"
     ),
     "client": ["layout", "submit"],  # Client.submit (the first records the namespace's partition count)
     "operator": ["cancel", "retry_run", "purge"],  # Client.cancel, retry, purge (the CLI's cancel, retry, runs purge)
