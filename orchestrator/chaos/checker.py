@@ -23,6 +23,9 @@ I10 no wake-up early: a run that slept woke (``woke`` event) no earlier than the
     of its ``sleeping`` event, and no execution of the step after a Sleep was claimed before
     the wake-up its predecessor asked for (its fencing token, at least the server's clock at
     the claim, is not below it); a wake-up that never came is I1
+I11 no run expired before its deadline: a run failed with ``DeadlineExceeded`` finished no
+    earlier than its ``deadline_ms`` (both on the Redis clock); a run past its deadline that
+    never finished is I1
 
 Under lost writes (Redis restored from an older copy) the ledger lives on another server and
 keeps the executions of the forgotten timeline. The invariants above still hold as stated:
@@ -115,6 +118,7 @@ class Report:
             "duplicate_effects": self.count("I3"),
             "fencing_violations": self.count("I9"),
             "early_wake_ups": self.count("I10"),
+            "early_expiries": self.count("I11"),
             "sleeps": self.sleeps,
             "fencing_checked": self.fencing_checked,
             "vanished": self.vanished,
@@ -211,6 +215,11 @@ class Checker:
             self._fail(report, "I5", run_id, f"{run.info.crashes} crashes on one step, over {self.max_crashes}")
         if run.info.error and run.info.error.type == "Quarantined":
             report.runs["quarantined"] += 1
+        if run.info.error and run.info.error.type == "DeadlineExceeded":
+            report.runs["expired"] += 1
+            deadline, finished = run.info.deadline_ms, run.info.finished_ms
+            if deadline is None or finished is None or finished < deadline:
+                self._fail(report, "I11", run_id, f"expired at {finished}, before its deadline {deadline}")
         for key, record in run.results.items():
             report.committed_steps += 1
             runs = by_key.get(key, [])

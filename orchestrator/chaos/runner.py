@@ -40,6 +40,8 @@ from orchestrator.settings import Settings
 Echo = Callable[[str], None]
 CRASH_POINTS = ("after_claim", "mid_step", "after_stash", "before_commit", "after_persist_before_ack")
 HOLD_SHARE, HOLD_S = 0.5, (1.0, 6.0)  # with lost writes: effect runs whose send step works this long
+# runs submitted with a deadline (deadline_s): some finish in time, the others fail at it (I11)
+DEADLINE_SHARE, DEADLINE_S = 0.1, (0.5, 6.0)
 RESTORED = "restore from an older copy"  # the fault's name in the report
 
 
@@ -134,6 +136,7 @@ class ChaosRun:
         self.rescan = False  # a restore happened: look for vanished runs
         self.open_runs: set[str] = set()
         self.unsure: list[tuple[str, str, dict[str, float]]] = []  # submits whose outcome we did not see
+        self.deadlines: dict[str, float] = {}  # run id -> its deadline_s, for the runs given one
         self.unexpected: list[Violation] = []
         self.armed: set[str] = set()
         self.killed: set[str] = set()
@@ -210,12 +213,14 @@ class ChaosRun:
         if self.config.lost_writes and name == flows.effects.name and self.rng.random() < HOLD_SHARE:
             # a send that outlives a rollback: Redis forgets its claim while it still runs
             knobs["hold_s"] = self.rng.uniform(*HOLD_S)
+        if self.rng.random() < DEADLINE_SHARE:
+            self.deadlines[run_id] = self.rng.uniform(*DEADLINE_S)
         self._submit(run_id, name, knobs)
 
     def _submit(self, run_id: str, name: str, knobs: dict[str, float]) -> None:
         workflow = next(wf for wf in flows.ALL if wf.name == name)
         try:
-            self.client.submit(workflow, knobs, run_id=run_id)
+            self.client.submit(workflow, knobs, run_id=run_id, deadline_s=self.deadlines.get(run_id))
         except (redis.RedisError, OSError, RedisUnavailable):
             self.unsure.append((run_id, name, knobs))  # resubmitted later: same id, same run
             return

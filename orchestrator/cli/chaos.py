@@ -27,6 +27,7 @@ INVARIANTS = {
     "I8": "no step started before its predecessor's result was durable",
     "I9": "a receiver keeping the highest fencing token agrees with the persisted record",
     "I10": "no sleeping run woke, and no step after a sleep started, before its due time",
+    "I11": "no run expired before its deadline",
 }
 
 
@@ -41,9 +42,10 @@ def render(report: Report, header: str) -> str:
     share = report.re_executions / report.committed_steps if report.committed_steps else 0.0
     lines = [
         header,
-        f"runs        submitted {sum(v for k, v in runs.items() if k != 'quarantined')}, "
+        f"runs        submitted {sum(v for k, v in runs.items() if k not in ('quarantined', 'expired'))}, "
         f"completed {runs.get('completed', 0)}, failed {runs.get('failed', 0)} "
-        f"(quarantined {runs.get('quarantined', 0)}), lost {data['lost']}, "
+        f"(quarantined {runs.get('quarantined', 0)}, expired at their deadline {runs.get('expired', 0)}), "
+        f"lost {data['lost']}, "
         f"vanished (resubmitted) {data['vanished']}",
         f"steps       committed {report.committed_steps}, executions {report.executions}, "
         f"re-executed {report.re_executions} ({share:.1%}: attempts cut short by a fault or an error"

@@ -91,5 +91,6 @@ def test_the_report_shows_fencing_vanished_runs_and_restores() -> None:
     assert "  I9 BROKEN x1 a receiver keeping the highest fencing token agrees with the persisted record" in text
     assert "  I10 ok     no sleeping run woke, and no step after a sleep started, before its due time" in text
     assert "sleeps      0, woke or started early 0" in text
+    assert "  I11 ok     no run expired before its deadline" in text
     data = report.to_dict()
     assert (data["fencing_violations"], data["fencing_checked"], data["vanished"]) == (1, 12, 3)

@@ -67,6 +67,15 @@ def test_each_kind_of_damage_is_caught(client: Client, ledger: Ledger, finished:
     client.redis.lset(history, at, json.dumps({**woke, "at": due - 1}))
     assert check(client, ledger, finished) == {"I10"}
     client.redis.lset(history, at, json.dumps(woke))
+    # a run failed at its deadline before the deadline came
+    run_key = client.keys.run(chain_run).run
+    finished_ms = int(client.redis.hget(run_key, "finished_ms"))
+    expired = {"type": "DeadlineExceeded", "message": "too late", "traceback": "", "retryable": False}
+    client.redis.hset(run_key, mapping={"error": json.dumps(expired), "deadline_ms": finished_ms + 1000})
+    assert check(client, ledger, finished) == {"I11"}
+    client.redis.hset(run_key, "deadline_ms", finished_ms)  # expired at its deadline: fine
+    assert check(client, ledger, finished) == set()
+    client.redis.hdel(run_key, "error", "deadline_ms")
     # an effect sent with a key that belongs to no step visit
     client.redis.hincrby(ledger.keys.requests, "chaos_effect-1:send:7", 1)
     assert check(client, ledger, finished) == {"I3"}
