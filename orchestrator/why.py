@@ -68,6 +68,11 @@ def explain(client: redis.Redis, keys: Keys, run_id: str, reclaim_interval_s: fl
     events = [HistoryEvent.model_validate_json(e) for e in raw_events]
     info = RunInfo.from_hash(run_id, record)
     waiting_for, text, details = _answer(client, keys, info, record, events, now, reclaim_interval_s)
+    if info.deadline_ms is not None and waiting_for != "nothing":
+        left = info.deadline_ms - now
+        when = f"in {span(left)}" if left > 0 else f"passed {span(-left)} ago; the supervisor fails it at its next look"
+        text += f" Its deadline is {stamp(info.deadline_ms)} ({when})."
+        details = {**details, "deadline_ms": info.deadline_ms}
     return Why(run_id=run_id, status=info.status, waiting_for=waiting_for, text=text, server_ms=now, details=details)
 
 
@@ -165,10 +170,11 @@ def _queued(client: redis.Redis, keys: Keys, info: RunInfo, dispatch: str, now: 
     pipe.xrange(stream, dispatch, dispatch)
     pipe.xpending_range(stream, GROUP, min=dispatch, max=dispatch, count=1)
     pipe.xinfo_groups(stream)
-    try:
-        entry, pending, groups = pipe.execute()
-    except redis.ResponseError:  # the stream is gone (an operator's DEL, lost data)
-        entry, pending, groups = [], [], []
+    # a missing stream or group (no worker or supervisor made it yet, an operator's DEL) answers
+    # with an error: nothing pending, nothing read
+    entry, pending, groups = (
+        [] if isinstance(reply, Exception) else reply for reply in pipe.execute(raise_on_error=False)
+    )
     details: dict[str, Any] = {"queue": info.queue, "stream": stream, "entry": dispatch}
     if not entry:
         text = f"the queued entry of {where} is gone; the supervisor's sweep re-enqueues it at its next pass."

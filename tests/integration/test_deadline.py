@@ -27,14 +27,15 @@ def ops(r: redis.Redis, settings: Settings) -> Ops:
 
 
 def submit(ops: Ops, deadline_ms: int) -> None:
+    """Submit ``ops``' run with a deadline, as ``Client.submit(deadline_s=...)`` does."""
     call = ops.store.submit(
-        run_id="r1",
+        run_id=ops.run_id,
         workflow="wf",
         queue="q",
         first_step="a",
         input_sha="d1",
         event='{"detail":"x"}',
-        request_id="req1",
+        request_id=f"req-{ops.run_id}",
         state={"n": "0"},
         deadline_ms=deadline_ms,
     )
@@ -113,18 +114,7 @@ def test_a_run_that_finished_or_was_retried_has_no_deadline_left(ops: Ops, setti
     assert expire(ops).code == "NOT_DUE" and ops.run()["status"] == "running"  # an operator's retry: no deadline
 
     done = Ops(ops.r, settings, "r2")
-    call = done.store.submit(
-        run_id="r2",
-        workflow="wf",
-        queue="q",
-        first_step="a",
-        input_sha="d",
-        event='{"detail":"x"}',
-        request_id="req2",
-        state={},
-        deadline_ms=60_000,
-    )
-    done.x(call)
+    submit(done, 60_000)
     ((eid, d),) = done.read()
     done.claim(eid, d)
     assert done.commit(eid, d, next_step=None).code == "OK"

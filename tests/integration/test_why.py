@@ -80,6 +80,19 @@ def test_sleeping_backing_off_and_finished_runs_say_until_when_and_why(ops: Ops,
     assert why.waiting_for == "sleep" and "sleeping until" in why.text and "then step b" in why.text
 
 
+def test_an_unfinished_run_with_a_deadline_says_when_it_is(client: Client) -> None:
+    flow: Workflow[Any] = Workflow("why_deadline")
+
+    @flow.step
+    def only(ctx: StepContext, state: Any) -> None:
+        return None
+
+    client.submit(flow, {}, run_id="timed", deadline_s=600)
+    why = client.why("timed")
+    assert why.waiting_for == "queue" and "Its deadline is" in why.text and "(in 10 min)" in why.text
+    assert why.details["deadline_ms"] == client.get("timed").deadline_ms
+
+
 def test_a_run_whose_entry_is_gone_says_the_sweep_repairs_it(ops: Ops, client: Client) -> None:
     ops.submit()
     ops.r.delete(ops.stream)
