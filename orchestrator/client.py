@@ -207,8 +207,11 @@ class Client:
     def get(self, run_id: str) -> RunInfo:
         h: dict[str, str] = self.redis.hgetall(self.keys.run(run_id).run)  # type: ignore[assignment]
         if not h:
-            raise RunNotFound(f"no run {run_id!r} in namespace {self.settings.namespace!r}", run_id=run_id)
+            raise self._not_found(run_id)
         return RunInfo.from_hash(run_id, h)
+
+    def _not_found(self, run_id: str) -> RunNotFound:
+        return RunNotFound(f"no run {run_id!r} in namespace {self.settings.namespace!r}", run_id=run_id)
 
     @_tree_errors
     def why(self, run_id: str) -> Why:
@@ -216,7 +219,7 @@ class Client:
         it ended, as one paragraph (``Why.text``) with a code and figures."""
         found = explain(self.redis, self.keys, run_id, self.settings.reclaim_interval_s)
         if found is None:
-            raise RunNotFound(f"no run {run_id!r} in namespace {self.settings.namespace!r}", run_id=run_id)
+            raise self._not_found(run_id)
         return found
 
     @_tree_errors

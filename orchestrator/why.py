@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from orchestrator.codec import HistoryEvent
 from orchestrator.keys import GROUP, Keys
-from orchestrator.runs import RunInfo
+from orchestrator.runs import TERMINAL, RunInfo
 
 Waiting = Literal["queue", "worker", "claim", "recovery", "sleep", "backoff", "repair", "nothing"]
 Answer = tuple[Waiting, str, dict[str, Any]]  # what it waits for, the paragraph, the figures
@@ -87,7 +87,7 @@ def _answer(
 ) -> Answer:
     where = f"step {info.step}" + (f" (visit {info.visit})" if info.visit > 1 else "")
 
-    if info.status in ("completed", "failed", "cancelled"):
+    if info.status in TERMINAL:
         return "nothing", _finished(info, events), {"finished_ms": info.finished_ms}
     if info.status == "sleeping" and info.due_ms is not None:
         if info.due_ms > now:

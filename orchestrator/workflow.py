@@ -62,6 +62,9 @@ class End:
     update: Mapping[str, Any] | None = None
 
 
+MAX_SLEEP_S = 366 * 24 * 3600.0  # Sleep(seconds=...) at most: a year
+
+
 @dataclass(frozen=True)
 class Sleep:
     """Return from a step to sleep, then continue at ``step`` (default: the step after this one).
@@ -99,9 +102,6 @@ class Sleep:
                 "(e.g. datetime.now(timezone.utc) + timedelta(hours=1))"
             )
         return f"@{math.ceil(self.until.timestamp() * 1000)}"
-
-
-MAX_SLEEP_S = 366 * 24 * 3600.0
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from orchestrator.codec import HistoryEvent
-from orchestrator.runs import RunHistory, RunInfo
+from orchestrator.runs import TERMINAL, RunHistory, RunInfo
 from orchestrator.why import stamp
 
 
@@ -43,7 +43,7 @@ def status_text(info: RunInfo) -> str:
             f"trouble   {info.errors} errors, {info.crashes} crashes on this step; {info.fenced} stale commits refused"
         )
     lines.append(f"created   {stamp(info.created_ms)}")
-    if info.deadline_ms and info.status not in ("completed", "failed", "cancelled"):
+    if info.deadline_ms and info.status not in TERMINAL:
         lines.append(f"deadline  {stamp(info.deadline_ms)}")
     if info.finished_ms:
         lines.append(f"finished  {stamp(info.finished_ms)}  (took {seconds(info.finished_ms - info.created_ms)})")
