@@ -29,7 +29,7 @@ from orchestrator.runs import RunHistory, RunInfo
 from orchestrator.settings import Settings
 from orchestrator.supervisor import Supervisor
 from orchestrator.worker import Worker
-from orchestrator.workflow import End, Goto, Sleep, Workflow
+from orchestrator.workflow import End, Goto, Sleep, WaitFor, Workflow
 
 __all__ = [
     "ClaimLost",
@@ -58,6 +58,7 @@ __all__ = [
     "StepResultError",
     "Supervisor",
     "ValidationError",
+    "WaitFor",
     "WaitTimeout",
     "Worker",
     "Workflow",

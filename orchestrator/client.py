@@ -39,11 +39,11 @@ from orchestrator.errors import (
 from orchestrator.keys import RUN_ID_PATTERN, Keys
 from orchestrator.layout import check_layout
 from orchestrator.retention import Purged, purge_finished
-from orchestrator.runs import STATUSES, TERMINAL, RunHistory, RunInfo, group_attempts
+from orchestrator.runs import STATUSES, TERMINAL, RunHistory, RunInfo, SignalSent, group_attempts
 from orchestrator.settings import Settings
 from orchestrator.store import FINISHED_IN, Outcome, Store
 from orchestrator.why import Why, explain
-from orchestrator.workflow import FreeState, Workflow
+from orchestrator.workflow import FreeState, Workflow, defined
 
 S = TypeVar("S", bound=BaseModel)
 P = ParamSpec("P")
@@ -205,10 +205,14 @@ class Client:
 
     @_tree_errors
     def get(self, run_id: str) -> RunInfo:
-        h: dict[str, str] = self.redis.hgetall(self.keys.run(run_id).run)  # type: ignore[assignment]
+        keys = self.keys.run(run_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.run)
+        pipe.hgetall(keys.signals)
+        h, signals = pipe.execute()
         if not h:
             raise self._not_found(run_id)
-        return RunInfo.from_hash(run_id, h)
+        return RunInfo.from_hash(run_id, h, signals)
 
     def _not_found(self, run_id: str) -> RunNotFound:
         return RunNotFound(f"no run {run_id!r} in namespace {self.settings.namespace!r}", run_id=run_id)
@@ -298,6 +302,86 @@ class Client:
         return {k: int(float(v)) for k, v in counters.items()}
 
     # -- control --------------------------------------------------------------------------
+
+    @_tree_errors
+    def signal(
+        self,
+        run_id: str,
+        name: str,
+        payload: Any = None,
+        *,
+        signal_id: str | None = None,
+        workflow: Workflow[Any] | None = None,
+    ) -> SignalSent:
+        """Send the signal ``name`` with ``payload`` to a run: delivered at once if the run waits
+        for it (``WaitFor``), else kept until a step waits for it.
+
+        ``payload`` is validated against the model the run's workflow declared for ``name``
+        (``flow.signal(name, Model)``); ``workflow`` is that workflow, found by the run's
+        workflow name among those defined in this process when not given. ``signal_id`` makes
+        the send idempotent: a signal id already sent to this run changes nothing (random when
+        not given; a resent call after a lost reply reuses it). Raises :class:`ValidationError`
+        (naming the field) for a bad payload or an undeclared signal, :class:`RunNotFound`,
+        :class:`InvalidTransition` for a finished run, :class:`RunConflict` for a signal id
+        already sent with another name or payload.
+        """
+        signal_id = signal_id or uuid.uuid4().hex
+        if not isinstance(signal_id, str) or not RUN_ID_PATTERN.match(signal_id):
+            raise ValidationError(
+                f"signal_id {signal_id!r} is invalid: expected 1-200 characters of A-Z a-z 0-9 _ . : @ + = / -"
+            )
+        info = self.get(run_id)
+        flow = workflow or defined(info.workflow)
+        if flow is None:
+            raise ValidationError(
+                f"cannot check the payload of signal {name!r}: workflow {info.workflow!r} of run {run_id!r} is not "
+                "defined in this process; import the module that defines it, or pass workflow="
+            )
+        if flow.name != info.workflow:
+            raise ValidationError(f"run {run_id!r} is a run of workflow {info.workflow!r}, not {flow.name!r}")
+        what = f"payload of signal {name!r}"
+        data = flow.signal_payload(name, {} if payload is None else payload)
+        raw = encode_fields({"payload": data}, what=what, limit=self.settings.max_payload_bytes)["payload"]
+        digest = hashlib.sha256(f"{name}\n{raw}".encode()).hexdigest()[:32]
+        call = self.store.signal(
+            run_id=run_id,
+            queue=info.queue,
+            signal_id=signal_id,
+            name=name,
+            payload=raw,
+            digest=digest,
+            max_signals=self.settings.max_signals_per_run,
+        )
+        outcome = Outcome.parse(scripts.execute(self.redis, [call])[0])
+        code, detail = outcome.code, outcome.detail
+        sent = SignalSent(run_id=run_id, signal_id=signal_id, name=name, outcome="buffered")
+        if code == "DELIVERED":
+            return sent.model_copy(update={"outcome": "delivered", "step": str(detail[0]), "visit": int(detail[1])})
+        if code == "BUFFERED":
+            return sent
+        if code == "DUP":
+            step, _, visit = str(detail[0]).rpartition(":")
+            return sent.model_copy(
+                update={"outcome": "duplicate", "step": step or None, "visit": int(visit) if step else None}
+            )
+        if code == "MISSING":
+            raise self._not_found(run_id)
+        if code == "TERMINAL":
+            raise InvalidTransition(
+                f"run {run_id!r} is already {detail[0]}; no step will ever receive signal {name!r}", run_id=run_id
+            )
+        if code == "CONFLICT":
+            raise RunConflict(
+                f"signal id {signal_id!r} was already sent to run {run_id!r} as signal {detail[0]!r} with "
+                "another payload; use a new signal_id for a new signal",
+                run_id=run_id,
+            )
+        if code == "FULL":
+            raise InvalidTransition(
+                f"run {run_id!r} was sent {detail[0]} signals, the limit (max_signals_per_run); this one was not kept",
+                run_id=run_id,
+            )
+        raise ValidationError(f"signal {name!r} to run {run_id!r} was refused: {' '.join(map(str, detail))}")
 
     @_tree_errors
     def cancel(self, run_id: str, reason: str = "cancelled by request") -> RunInfo:
@@ -398,6 +482,10 @@ class Run(Generic[S]):
     def retry(self) -> Run[S]:
         self.client.retry(self.run_id)
         return self
+
+    def signal(self, name: str, payload: Any = None, *, signal_id: str | None = None) -> SignalSent:
+        """Send the signal ``name`` to this run (see :meth:`Client.signal`)."""
+        return self.client.signal(self.run_id, name, payload, signal_id=signal_id, workflow=self.workflow)
 
     def follow(self, timeout_s: float = 60.0, poll_s: float = 0.2) -> Iterator[HistoryEvent]:
         """Yield the run's history events as they happen, from the first, until it finishes.

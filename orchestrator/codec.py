@@ -144,6 +144,7 @@ class StepRecord(Wire):
     next: str | None = None
     cost: dict[str, float] = Field(default_factory=dict)
     wake: str | None = None  # the step returned Sleep: when the run goes on to ``next`` (Sleep.wake)
+    wait: dict[str, Any] | None = None  # the step returned WaitFor: the signal the run waits for before ``next``
 
 
 class HistoryEvent(Wire):
@@ -160,7 +161,9 @@ class HistoryEvent(Wire):
     end_ms: int | None = None
     error: ErrorInfo | None = None
     detail: str | None = None
-    until_ms: int | None = None  # "sleeping": when the run wakes (Redis clock)
+    until_ms: int | None = None  # "sleeping": when the run wakes; "waiting": when its wait times out (Redis clock)
+    signal: str | None = None  # "signal", "signalled", "waiting", "timed_out": the signal's name
+    signal_id: str | None = None  # "signal", "signalled": the id the sender gave it
 
 
 # -- encoding -----------------------------------------------------------------------------

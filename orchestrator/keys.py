@@ -27,10 +27,14 @@ Key                                Type    Holds                                
                                            cursor (step, visit, attempt), fence,   (submit, claim,      (failed runs:
                                            live claim (token, fence, worker,       commit, fail,        ``failed_retention_s``)
                                            time), dispatch (entry id | ``delayed`` release, cancel,     after it finishes
-                                           | ''), counters, ``v:<step>`` visit     retry_run, promote,
-                                           counts, ``cost:<unit>``, last error,    redispatch, sweep)
+                                           | ``signal`` | ''), counters,           retry_run, promote,
+                                           ``v:<step>`` visit counts,              redispatch, sweep,
+                                           ``cost:<unit>``, last error,            signal, expire)
                                            ``stash_ms`` (step time the stash
-                                           keeps), ``stash_base_ms``
+                                           keeps), ``stash_base_ms``, ``due_ms``,
+                                           a wait's ``wait_signal``,
+                                           ``wait_into``, ``wait_on_timeout``,
+                                           ``wait_ms``
 ``<ns>:run:{T}:R:state``           hash    current state: top-level field -> JSON  submit, commit       as the run
                                            (input, then each committed update)
 ``<ns>:run:{T}:R:results``         hash    idempotency key -> step record (the     commit (only if      as the run
@@ -40,6 +44,12 @@ Key                                Type    Holds                                
                                            an unfinished step                      only); commit
 ``<ns>:run:{T}:R:history``         list    JSON events: submitted, ok, error,      the run scripts      as the run
                                            crashed, fenced, retried, repaired ...
+``<ns>:run:{T}:R:signals``         hash    signals sent to the run: ``#`` count,   signal; commit (a    as the run (at most
+                                           ``s:<id>`` record (name, digest, time), WaitFor takes one    ``max_signals_per_
+                                           ``b:<id>`` payload and ``q:<name>`` ids sent before), promote run`` records)
+                                           of those not delivered yet (arrival
+                                           order), ``u:<id>`` the step:visit it
+                                           went to
 ``<ns>:queue:{T}:Q``               stream  dispatches ``run step visit wf``;       submit, commit,      acked entries
                                            consumer group ``workers``              release, promote,    trimmed by the
                                                                                    redispatch, sweep,   supervisor each
@@ -50,8 +60,9 @@ Key                                Type    Holds                                
                                            (unclaimed): the sweep looks only at
                                            those the group has passed
 ``<ns>:delayed:{T}:Q``             zset    run id -> due ms (a retry waiting out   fail, commit (a      until due
-                                           its backoff or a sleeping run's         Sleep); promote,
-                                           wake-up; one per run at most)           cancel remove; sweep
+                                           its backoff, a sleeping run's wake-up,  Sleep, a WaitFor);
+                                           a waiting run's timeout; one per run    promote, cancel,
+                                           at most)                                signal remove; sweep
 ``<ns>:alive:{T}``                 hash    worker id -> when its claims in this    the worker's beat    removed when the
                                            partition lapse (server ms): a claim    (alive.lua), each    worker leaves or is
                                            is live while the run's claim_worker    heartbeat            reaped from the fleet
@@ -168,6 +179,7 @@ class RunKeys:
     results: str
     stash: str
     history: str
+    signals: str
 
     @classmethod
     def under(cls, base: str) -> RunKeys:

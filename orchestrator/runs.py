@@ -10,10 +10,60 @@ from pydantic import BaseModel
 from orchestrator.codec import ErrorInfo, HistoryEvent, loads
 from orchestrator.keys import idempotency_key
 
-Status = Literal["pending", "running", "retrying", "sleeping", "completed", "failed", "cancelled"]
-STATUSES: tuple[str, ...] = ("pending", "running", "retrying", "sleeping", "completed", "failed", "cancelled")
+Status = Literal["pending", "running", "retrying", "sleeping", "waiting", "completed", "failed", "cancelled"]
+STATUSES: tuple[str, ...] = (
+    "pending",
+    "running",
+    "retrying",
+    "sleeping",
+    "waiting",
+    "completed",
+    "failed",
+    "cancelled",
+)
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 ATTEMPT_OUTCOMES = frozenset({"ok", "error", "timeout", "crashed", "fenced", "released"})
+
+
+class PendingSignal(BaseModel):
+    """A signal sent to a run that no step has received yet (none waited for it so far)."""
+
+    name: str
+    signal_id: str
+    sent_ms: int
+
+
+class SignalSent(BaseModel):
+    """What became of a signal sent with ``Client.signal``."""
+
+    run_id: str
+    signal_id: str
+    name: str
+    # delivered: the run was waiting for it and goes on at ``step``; buffered: kept until a step
+    # waits for it; duplicate: this signal id was sent before (``step`` set once delivered)
+    outcome: Literal["delivered", "buffered", "duplicate"]
+    step: str | None = None
+    visit: int | None = None
+
+
+class Waiting(BaseModel):
+    """What a waiting run waits for."""
+
+    signal: str
+    since_ms: int
+    timeout_ms: int | None = None  # when the wait ends without the signal (Redis clock)
+    on_timeout: str  # the step it then goes on at
+
+
+def pending_signals(signals: Mapping[str, str]) -> list[PendingSignal]:
+    """The signals of a run's signals hash (keys.py) not delivered yet, oldest first."""
+    out = []
+    for field, ids in signals.items():
+        if field.startswith("q:"):
+            for signal_id in ids.split():
+                record = loads(signals.get(f"s:{signal_id}", "{}"), what=f"signal {signal_id!r}")
+                out.append(PendingSignal(name=field[2:], signal_id=signal_id, sent_ms=int(record.get("at", 0))))
+    return sorted(out, key=lambda p: p.sent_ms)
 
 
 class RunInfo(BaseModel):
@@ -39,13 +89,15 @@ class RunInfo(BaseModel):
     deadline_ms: int | None = None
     worker: str | None = None
     error: ErrorInfo | None = None
+    waiting: Waiting | None = None
+    signals_pending: list[PendingSignal] = []
 
     @property
     def idempotency_key(self) -> str:
         return idempotency_key(self.run_id, self.step, self.visit)
 
     @classmethod
-    def from_hash(cls, run_id: str, h: Mapping[str, str]) -> RunInfo:
+    def from_hash(cls, run_id: str, h: Mapping[str, str], signals: Mapping[str, str] | None = None) -> RunInfo:
         def num(name: str) -> int:
             return int(h.get(name) or 0)
 
@@ -74,6 +126,15 @@ class RunInfo(BaseModel):
             deadline_ms=opt("deadline_ms"),
             worker=h.get("claim_worker") if h.get("claim") else None,
             error=ErrorInfo.model_validate(loads(error, what="run error")) if error else None,
+            waiting=Waiting(
+                signal=h["wait_signal"],
+                since_ms=num("wait_ms"),
+                timeout_ms=opt("due_ms") or None,
+                on_timeout=h.get("wait_on_timeout") or h["step"],
+            )
+            if h.get("status") == "waiting" and h.get("wait_signal")
+            else None,
+            signals_pending=pending_signals(signals or {}),
         )
 
 

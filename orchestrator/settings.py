@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     max_run_steps: int = Field(
         default=10_000, ge=0, description="steps one run may commit before it fails as a runaway loop; 0 = no limit"
     )
+    max_signals_per_run: int = Field(
+        default=1000, ge=1, le=1_000_000, description="signals one run may be sent (a resent signal id counts once)"
+    )
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics here; unset = off")
     metrics_host: str = Field(default="127.0.0.1", description="address /metrics binds to (0.0.0.0 for all)")
     data_dir: Path = Field(default=Path(".orchestrator"), description="embedded Redis data folder")

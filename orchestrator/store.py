@@ -212,6 +212,7 @@ class Store:
                 pk.stats,
                 pk.stats_detail,
                 qk.delayed,
+                rk.signals,
             ],
             [
                 dispatch.step,
@@ -244,12 +245,14 @@ class Store:
         chain_token: str = "",
         entry_id: str = "",
         wake: str = "",
+        wait: str = "",
     ) -> Call:
         """``chain_to``: the consumer that takes the next step at once when nothing else waits,
         under ``chain_token`` (a new claim token); ``max_steps`` = 0 puts no limit on the run;
         ``entry_id``: the stream entry the claim was made from, acked by the commit when it
         applies ('' leaves the ack to the caller); ``wake``: a Sleep's wake-up (``Sleep.wake``):
-        the run sleeps until then instead of going on at once."""
+        the run sleeps until then instead of going on at once; ``wait``: a WaitFor (the JSON of
+        ``StepOutcome.wait``): the run waits for that signal before it goes on."""
         rk, qk, k = self._at(dispatch.run, queue)
         return scripts.load("commit").call(
             [
@@ -267,6 +270,7 @@ class Store:
                 k.stats,
                 k.stats_detail,
                 qk.delayed,
+                rk.signals,
             ],
             [
                 dispatch.run,
@@ -285,6 +289,7 @@ class Store:
                 max_steps,
                 entry_id,
                 wake,
+                wait,
                 *_pairs(state),
             ],
         )
@@ -385,7 +390,7 @@ class Store:
     def promote(self, *, queue: str, run_id: str) -> Call:
         rk, qk, pk = self._at(run_id, queue)
         return scripts.load("promote").call(
-            [qk.delayed, qk.stream, rk.run, pk.stats, qk.queued, pk.active, rk.history], [run_id]
+            [qk.delayed, qk.stream, rk.run, pk.stats, qk.queued, pk.active, rk.history, rk.state], [run_id]
         )
 
     def passed(self, *, queue: str, partition: int, cursor: str, limit: int, deleted_seen: str = "") -> Call:
@@ -424,11 +429,22 @@ class Store:
             [run_id, reason, request_id],
         )
 
+    def signal(
+        self, *, run_id: str, queue: str, signal_id: str, name: str, payload: str, digest: str, max_signals: int
+    ) -> Call:
+        """Send signal ``name`` with ``payload`` (JSON, validated) to a run; resend the same call
+        (same ``signal_id``) after a lost reply."""
+        rk, qk, k = self._at(run_id, queue)
+        return scripts.load("signal").call(
+            [rk.run, rk.state, rk.signals, rk.history, qk.stream, qk.queued, k.active, qk.delayed, k.stats],
+            [run_id, signal_id, name, payload, digest, max_signals],
+        )
+
     def purge(self, *, run_id: str, index: str, cutoff_ms: int, statuses: Sequence[str]) -> Call:
         """Delete a finished run of ``index`` (``done`` or ``dead``) in ``statuses`` finished by ``cutoff_ms``."""
         rk = self._run(run_id)
         return scripts.load("purge").call(
-            [rk.run, rk.state, rk.results, rk.stash, rk.history, self.finished_index(run_id, index)],
+            [rk.run, rk.state, rk.results, rk.stash, rk.history, rk.signals, self.finished_index(run_id, index)],
             [run_id, cutoff_ms, ",".join(statuses), ",".join(FINISHED_IN[index])],
         )
 

@@ -17,8 +17,9 @@ from pydantic import BaseModel
 from orchestrator.codec import HistoryEvent
 from orchestrator.keys import GROUP, Keys
 from orchestrator.runs import TERMINAL, RunInfo
+from orchestrator.runs import Waiting as SignalWait
 
-Waiting = Literal["queue", "worker", "claim", "recovery", "sleep", "backoff", "repair", "nothing"]
+Waiting = Literal["queue", "worker", "claim", "recovery", "sleep", "signal", "backoff", "repair", "nothing"]
 Answer = tuple[Waiting, str, dict[str, Any]]  # what it waits for, the paragraph, the figures
 LOOK_BACK = 50  # history events read for the last error or cancel reason
 MAX_AHEAD = 10_000  # queued entries counted ahead of the run's own, at most
@@ -61,13 +62,21 @@ def explain(client: redis.Redis, keys: Keys, run_id: str, reclaim_interval_s: fl
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(rk.run)
     pipe.lrange(rk.history, -LOOK_BACK, -1)
-    record, raw_events = pipe.execute()
+    pipe.hgetall(rk.signals)
+    record, raw_events, signals = pipe.execute()
     if not record:
         return None
     now = int(seconds) * 1000 + int(micros) // 1000
     events = [HistoryEvent.model_validate_json(e) for e in raw_events]
-    info = RunInfo.from_hash(run_id, record)
+    info = RunInfo.from_hash(run_id, record, signals)
     waiting_for, text, details = _answer(client, keys, info, record, events, now, reclaim_interval_s)
+    if info.signals_pending and waiting_for != "nothing":
+        names = ", ".join(sorted({p.name for p in info.signals_pending}))
+        text += (
+            f" {len(info.signals_pending)} signal(s) sent to it wait for a step that waits for them ({names}); "
+            "each is delivered when a step returns WaitFor(name)."
+        )
+        details = {**details, "signals_pending": [p.model_dump() for p in info.signals_pending]}
     if info.deadline_ms is not None and waiting_for != "nothing":
         left = info.deadline_ms - now
         when = f"in {span(left)}" if left > 0 else f"passed {span(-left)} ago; the supervisor fails it at its next look"
@@ -99,6 +108,8 @@ def _answer(
                 "reclaim_interval_s for the supervisor)."
             )
         return "sleep", text, {"due_ms": info.due_ms, "step": info.step}
+    if info.status == "waiting" and info.waiting is not None:
+        return _waiting(info.waiting, now, where)
     if info.status == "retrying" and info.due_ms is not None:
         error = next((e for e in reversed(events) if e.type in ("error", "timeout") and e.error), None)
         cause = f" after {error.error.type}: {error.error.message}" if error and error.error else ""
@@ -110,6 +121,24 @@ def _answer(
     if record.get("claim"):
         return _claimed(client, keys, info, record, now, where, reclaim_interval_s)
     return _queued(client, keys, info, record.get("dispatch", ""), now, where)
+
+
+def _waiting(wait: SignalWait, now: int, where: str) -> Answer:
+    text = (
+        f"waiting for signal {wait.signal} since {stamp(wait.since_ms)} ({span(now - wait.since_ms)} ago), then {where}"
+    )
+    if wait.timeout_ms is None:
+        text += "; no timeout (`orchestrator signal` sends it)."
+    elif wait.timeout_ms > now:
+        text += (
+            f"; times out at {stamp(wait.timeout_ms)} (in {span(wait.timeout_ms - now)}), then step {wait.on_timeout}."
+        )
+    else:
+        text += (
+            f"; timed out at {stamp(wait.timeout_ms)} ({span(now - wait.timeout_ms)} ago): the next look for due runs "
+            f"moves it on to step {wait.on_timeout}."
+        )
+    return "signal", text, wait.model_dump()
 
 
 def _finished(info: RunInfo, events: list[HistoryEvent]) -> str:

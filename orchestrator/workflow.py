@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -105,6 +106,36 @@ class Sleep:
 
 
 @dataclass(frozen=True)
+class WaitFor:
+    """Return from a step to wait for the signal ``signal``, then continue at ``step`` (default:
+    the step after this one).
+
+    The signal's payload (validated against the model the workflow declared for it with
+    :meth:`Workflow.signal`) is written into the state field the declaration names, once, in
+    the same atomic step that puts ``step`` on the queue. A signal sent before the run waits
+    for it is kept and delivered at once when the run gets here. With ``timeout_s``, a run that
+    gets no signal in that time continues at ``on_timeout`` (default: ``step``) with that state
+    field set to ``None``. ``update`` is applied when this step commits, before the wait. While
+    a run waits it holds no worker slot, no lease and no stream entry.
+    """
+
+    signal: str
+    step: str | None = None
+    timeout_s: float | None = None
+    on_timeout: str | None = None
+    update: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class SignalDef:
+    """A signal a workflow's steps can wait for: its payload model and the state field it fills."""
+
+    name: str
+    model: type[BaseModel]
+    into: str
+
+
+@dataclass(frozen=True)
 class StepDef:
     """One registered step and its policies."""
 
@@ -123,6 +154,17 @@ class StepOutcome:
     update: dict[str, Any]
     next_step: str | None  # None: the run is complete
     wake: str = ""  # a Sleep: when to go on to next_step (Sleep.wake); '' = at once
+    wait: dict[str, Any] | None = None  # a WaitFor, as commit.lua takes it (Workflow.wait_spec)
+
+
+# Workflows defined in this process, by name (the last definition of a name wins), so that
+# Client.signal can find the signal models of a run's workflow from the run's record.
+_DEFINED: weakref.WeakValueDictionary[str, Workflow[Any]] = weakref.WeakValueDictionary()
+
+
+def defined(name: str) -> Workflow[Any] | None:
+    """The workflow called ``name`` defined in this process, if any."""
+    return _DEFINED.get(name)
 
 
 @dataclass
@@ -138,6 +180,7 @@ class Workflow(Generic[S]):
     state: type[S] = FreeState  # type: ignore[assignment]
     queue: str = "default"
     steps: list[StepDef] = field(default_factory=list)
+    signals: dict[str, SignalDef] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not re.match(WORKFLOW_NAME, self.name):
@@ -150,6 +193,59 @@ class Workflow(Generic[S]):
             )
         if not (isinstance(self.state, type) and issubclass(self.state, BaseModel)):
             raise DefinitionError(f"state of workflow {self.name!r} must be a pydantic BaseModel subclass")
+        _DEFINED[self.name] = self
+
+    def signal(self, name: str, model: type[BaseModel], *, into: str | None = None) -> None:
+        """Declare the signal ``name``, whose payload is validated against ``model`` when it is
+        sent and written into the state field ``into`` (default: ``name``) when a step that
+        returned ``WaitFor(name, ...)`` receives it. The field must accept ``None``: a wait that
+        times out sets it to ``None``."""
+        where = f"signal {name!r} of workflow {self.name!r}"
+        into = name if into is None else into
+        if not isinstance(name, str) or not re.match(STEP_NAME, name):
+            raise DefinitionError(f"{where}: name is invalid, expected a Python identifier of up to 100 chars")
+        if name in self.signals:
+            raise DefinitionError(f"{where} is declared twice")
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise DefinitionError(f"{where}: model must be a pydantic BaseModel subclass, got {model!r}")
+        if not isinstance(into, str) or not re.match(STEP_NAME, into):
+            raise DefinitionError(f"{where}: into={into!r} is invalid, expected a state field name")
+        fields = self.state.model_fields
+        if into in fields:
+            try:  # the other fields' errors (required ones are missing here) do not matter
+                self.state.model_validate({into: None})
+                refused = False
+            except pydantic.ValidationError as exc:
+                refused = any(error["loc"][:1] == (into,) for error in exc.errors())
+            if refused:
+                raise DefinitionError(
+                    f"{where}: state field {into!r} must accept None (a wait that times out sets it to None), "
+                    f"e.g. {into}: {model.__name__} | None = None"
+                )
+        elif self.state.model_config.get("extra") != "allow":
+            raise DefinitionError(
+                f"{where}: the state model {self.state.__name__} has no field {into!r} to receive the payload "
+                f"(fields: {sorted(fields)})"
+            )
+        self.signals[name] = SignalDef(name, model, into)
+
+    def signal_payload(self, name: str, payload: Any) -> dict[str, Any]:
+        """``payload`` validated against the model declared for signal ``name``, as JSON-ready data."""
+        declared = self.signals.get(name)
+        if declared is None:
+            known = ", ".join(sorted(self.signals)) or "none"
+            raise ValidationError(
+                f"signal {name!r} is not declared by workflow {self.name!r} (declared: {known}); "
+                "declare it with flow.signal(name, Model)"
+            )
+        what = f"payload of signal {name!r} of workflow {self.name!r}"
+        try:
+            model = payload if isinstance(payload, declared.model) else declared.model.model_validate(payload)
+            return model.model_dump(mode="json")
+        except pydantic.ValidationError as exc:
+            raise ValidationError(describe_validation_error(exc, what=what)) from None
+        except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
+            raise ValidationError(f"{what} is not JSON-serializable: {describe_serialization_error(exc)}") from None
 
     @overload
     def step(self, fn: F, /) -> F: ...
@@ -309,7 +405,38 @@ class Workflow(Generic[S]):
                 )
             update = self._update(where, returned.update)
             return StepOutcome(update=update, next_step=next_step, wake=wake)
+        elif isinstance(returned, WaitFor):
+            return self._wait(where, returned, next_step)
         return StepOutcome(update=self._update(where, returned), next_step=next_step)
+
+    def _wait(self, where: str, wait: WaitFor, next_step: str | None) -> StepOutcome:
+        declared = self.signals.get(wait.signal) if isinstance(wait.signal, str) else None
+        if declared is None:
+            known = ", ".join(sorted(self.signals)) or "none"
+            raise StepResultError(
+                f"{where} returned WaitFor({wait.signal!r}), a signal the workflow does not declare "
+                f"(declared: {known}); declare it with flow.signal(name, Model)"
+            )
+        for step in (wait.step, wait.on_timeout):
+            if step is not None:
+                self.get_step(step)
+        next_step = wait.step or next_step
+        if next_step is None:
+            raise StepResultError(f"{where} returned WaitFor without step= and is the last step: name the step")
+        timeout_ms = 0
+        if wait.on_timeout is not None and wait.timeout_s is None:
+            raise StepResultError(f"{where} returned WaitFor(on_timeout={wait.on_timeout!r}) without timeout_s")
+        if wait.timeout_s is not None:
+            t = wait.timeout_s
+            if isinstance(t, bool) or not isinstance(t, int | float) or not (math.isfinite(t) and 0 < t <= MAX_SLEEP_S):
+                raise StepResultError(
+                    f"WaitFor(timeout_s={t!r}) is invalid: expected a number of seconds above 0 and at most "
+                    f"{MAX_SLEEP_S:.0f} (one year)"
+                )
+            timeout_ms = math.ceil(t * 1000)
+        spec = {"signal": declared.name, "into": declared.into, "timeout_ms": timeout_ms}
+        spec["on_timeout"] = wait.on_timeout or ""
+        return StepOutcome(update=self._update(where, wait.update), next_step=next_step, wait=spec)
 
     @staticmethod
     def _update(where: str, returned: Any) -> dict[str, Any]:
@@ -320,7 +447,8 @@ class Workflow(Generic[S]):
         else:
             raise StepResultError(
                 f"{where} returned {type(returned).__name__}; expected a dict of state updates, "
-                "None, Goto(step, update), End(update) or Sleep(seconds | until, step, update)"
+                "None, Goto(step, update), End(update), Sleep(seconds | until, step, update) "
+                "or WaitFor(signal, step, timeout_s, on_timeout, update)"
             )
         bad_keys = [k for k in update if not isinstance(k, str)]
         if bad_keys:

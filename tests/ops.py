@@ -118,10 +118,11 @@ class Ops:
         record: str | None = None,
         ack: bool = True,
         wake: str = "",
+        wait: str = "",
     ) -> scripts.Call:
         """``ack``: hand the commit the entry to ack, as workers do (False: the caller acks);
         ``chain``: ask to chain the next step to ``worker`` (claim token ``<worker>:chained``);
-        ``wake``: the step returned a Sleep (``Sleep.wake``)."""
+        ``wake``: the step returned a Sleep (``Sleep.wake``); ``wait``: a WaitFor (its JSON)."""
         return self.store.commit(
             dispatch=d,
             queue="q",
@@ -137,6 +138,7 @@ class Ops:
             chain_token=f"{worker}:chained",
             entry_id=eid if ack else "",
             wake=wake,
+            wait=wait,
         )
 
     def fail(

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from orchestrator import Goto, NonRetryableError, Retry, Sleep, StepContext, Workflow
+from orchestrator import Goto, NonRetryableError, Retry, Sleep, StepContext, WaitFor, Workflow
 from orchestrator.chaos import ledger
 from orchestrator.faults import point
 
@@ -224,4 +224,51 @@ def wake_up(ctx: StepContext, state: Nap) -> None:
     record_execution(ctx, saw=state.naps)
 
 
-ALL = [chain, stashing, effects, agent_loop, slow, held, napping]
+class Approval(BaseModel):
+    """Payload of the ``approval`` signal."""
+
+    approved: bool
+    by: str
+
+
+class Purchase(BaseModel):
+    """State of ``approving``: the wait's timeout (0 = none), the approval it got, what it booked."""
+
+    timeout_s: float = 0.0
+    approval: Approval | None = None
+    outcome: str = ""
+    asks: int = 0
+
+
+approving = Workflow("approving", state=Purchase)
+approving.signal("approval", Approval)
+
+
+@approving.step
+def ask(ctx: StepContext, state: Purchase) -> WaitFor:
+    """Records itself and waits for ``approval`` (no slot, no lease, no entry meanwhile)."""
+    record_execution(ctx)
+    timeout = state.timeout_s or None
+    return WaitFor("approval", timeout_s=timeout, on_timeout="give_up" if timeout else None, update={"asks": 1})
+
+
+@approving.step
+def book(ctx: StepContext, state: Purchase) -> Goto:
+    """Runs once per signal received: ``saw`` 1 when it got the payload, 0 when it got None."""
+    record_execution(ctx, saw=int(state.approval is not None))
+    assert state.approval is not None
+    return Goto("done", {"outcome": f"booked, approved by {state.approval.by}"})
+
+
+@approving.step
+def give_up(ctx: StepContext, state: Purchase) -> Goto:
+    record_execution(ctx, saw=int(state.approval is not None))
+    return Goto("done", {"outcome": "no approval in time"})
+
+
+@approving.step
+def done(ctx: StepContext, state: Purchase) -> None:
+    record_execution(ctx)
+
+
+ALL = [chain, stashing, effects, agent_loop, slow, held, napping, approving]

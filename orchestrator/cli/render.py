@@ -29,6 +29,11 @@ def status_text(info: RunInfo) -> str:
     ]
     if info.status == "sleeping" and info.due_ms:
         lines[-1] = f"status    sleeping until {stamp(info.due_ms)}, then step {info.step}"
+    if info.status == "waiting" and info.waiting:
+        wait = info.waiting
+        lines[-1] = f"status    waiting for signal {wait.signal} since {stamp(wait.since_ms)}, then step {info.step}"
+        if wait.timeout_ms:
+            lines.append(f"timeout   {stamp(wait.timeout_ms)}, then step {wait.on_timeout}")
     if info.status in ("pending", "running", "retrying", "failed"):
         where = f"step {info.step}" + (f" (visit {info.visit})" if info.visit > 1 else "")
         lines.append(f"at        {where}, attempt {info.attempt}, fencing token {info.fence}")
@@ -49,6 +54,8 @@ def status_text(info: RunInfo) -> str:
         lines.append(f"finished  {stamp(info.finished_ms)}  (took {seconds(info.finished_ms - info.created_ms)})")
     if info.error:
         lines.append(f"error     {info.error.type}: {info.error.message}")
+    for pending in info.signals_pending:  # sent, but no step has waited for it (yet)
+        lines.append(f"signal    {pending.name} ({pending.signal_id}) sent {stamp(pending.sent_ms)}, not received yet")
     return "\n".join(lines)
 
 
@@ -69,6 +76,9 @@ def _event_line(ev: HistoryEvent) -> str:
     note = ev.detail or OUTCOME_NOTE.get(ev.type, "")
     if ev.error:
         note = f"{ev.error.type}: {ev.error.message}"
+    if ev.signal:
+        note = f"signal {ev.signal}" + (f" ({ev.signal_id})" if ev.signal_id else "")
+        note += f", times out {stamp(ev.until_ms)}" if ev.until_ms else ""
     worker = ev.worker or ""
     return f"{clock(ev.at)}  {ev.type:<12} {where:<22} {attempt:<6} {duration:>9}  {worker:<24} {note}".rstrip()
 
@@ -112,5 +122,9 @@ def live_line(ev: HistoryEvent, t0: int) -> str:
         "released": f"handed back at shutdown{where}",
         "completed": "run completed",
         "failed": "run failed",
+        "signal": f"signal {ev.signal} sent",
+        "waiting": f"waiting for signal {ev.signal}",
+        "signalled": f"signal {ev.signal} received",
+        "timed_out": f"no signal {ev.signal} in time",
     }.get(ev.type, f"{ev.type}{where} {ev.detail or ''}".rstrip())
     return f"  {at}  {step} {text}"

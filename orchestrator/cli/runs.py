@@ -1,4 +1,4 @@
-"""Commands on runs: submit, status, history, runs list / why / purge, retry, cancel, stats."""
+"""Commands on runs: submit, status, history, runs list / why / purge, retry, cancel, signal, stats."""
 
 from __future__ import annotations
 
@@ -222,3 +222,56 @@ def cancel(state: CliState, run_id: str, reason: str, output: str) -> None:
     """Cancel an unfinished run; a running step is told at its next heartbeat."""
     info = state.client().cancel(run_id, reason)
     state.emit_json(info.model_dump(mode="json")) if output == "json" else state.echo(f"cancelled {run_id}")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("name")
+@click.argument("payload", required=False)
+@click.option(
+    "--file",
+    "-f",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="read the JSON payload from a file",
+)
+@click.option(
+    "--workflow",
+    "-w",
+    "workflow",
+    required=True,
+    metavar="MODULE:ATTR",
+    help="the run's workflow, whose model for NAME checks the payload before it is sent",
+)
+@click.option("--signal-id", default=None, help="idempotency key of the signal [random]; same id, sent once")
+@click.option("--max-signals-per-run", type=int, default=None, help="signals one run may be sent [1000]")
+@output_option
+@pass_state
+def signal(
+    state: CliState,
+    run_id: str,
+    name: str,
+    payload: str | None,
+    file: Path | None,
+    workflow: str,
+    signal_id: str | None,
+    max_signals_per_run: int | None,
+    output: str,
+) -> None:
+    """Send signal NAME with PAYLOAD (JSON; '-' reads stdin) to a run.
+
+    A run waiting for NAME goes on at once; otherwise the signal is kept until a step waits for it.
+    """
+    (flow,) = load_workflows((workflow,))
+    client = state.client(max_signals_per_run=max_signals_per_run)
+    sent = client.signal(run_id, name, read_input(payload, file), signal_id=signal_id, workflow=flow)
+    if output == "json":
+        state.emit_json(sent.model_dump(mode="json"))
+        return
+    state.echo(
+        {
+            "delivered": f"delivered {name} ({sent.signal_id}) to {run_id}: it goes on at step {sent.step}",
+            "buffered": f"kept {name} ({sent.signal_id}) for {run_id}: delivered when a step waits for it",
+            "duplicate": f"already sent: {name} ({sent.signal_id}) to {run_id}; nothing changed",
+        }[sent.outcome]
+    )

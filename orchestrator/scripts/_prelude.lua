@@ -111,17 +111,66 @@ local function wake_due(wake, now)
   return math.max(now, tonumber(ms))
 end
 
+-- A WaitFor as commit.lua takes it (Workflow.wait_spec: a JSON object, or the table a step
+-- record holds) as {signal, into, timeout_ms (0 = none), on_timeout ('' = the next step)};
+-- nil when it is malformed.
+local function wait_spec(w)
+  if type(w) == 'string' then
+    local ok, decoded = pcall(cjson.decode, w)
+    if not ok then return nil end
+    w = decoded
+  end
+  if type(w) ~= 'table' or type(w.signal) ~= 'string' or not string.match(w.signal, '^[%w_]+$')
+    or type(w.into) ~= 'string' or w.into == '' then return nil end
+  local timeout = w.timeout_ms or 0
+  if type(timeout) ~= 'number' or timeout < 0 or timeout ~= math.floor(timeout) or timeout > 1e13 then return nil end
+  local on_timeout = w.on_timeout or ''
+  if type(on_timeout) ~= 'string' then return nil end
+  return {signal = w.signal, into = w.into, timeout_ms = timeout, on_timeout = on_timeout}
+end
+
+-- A run's signals hash (keys.py): '#' signals accepted, 's:<id>' each one's record, 'b:<id>'
+-- the payload of one not delivered yet, 'q:<name>' the ids of those, space-separated in arrival
+-- order, 'u:<id>' the step:visit a signal was delivered to.
+-- The oldest signal `name` not delivered yet, taken off its queue: its id and payload, or nil.
+local function take_buffered(signals, name)
+  local ids = redis.call('HGET', signals, 'q:' .. name)
+  if not ids then return nil end
+  local id, rest = string.match(ids, '^(%S+) ?(.*)$')
+  if rest == '' then redis.call('HDEL', signals, 'q:' .. name) else redis.call('HSET', signals, 'q:' .. name, rest) end
+  local payload = redis.call('HGET', signals, 'b:' .. id) or 'null'
+  redis.call('HDEL', signals, 'b:' .. id)
+  return id, payload
+end
+
+-- Hand signal `id` to the step `step` (visit `visit`) a waiting run goes on to: its payload
+-- into the state field `into`, once (the caller moves the run on in the same script).
+-- k: {state, signals, history, stats, delayed}
+local function deliver(k, run_id, id, name, payload, into, step, visit, now)
+  redis.call('HSET', k.state, into, payload)
+  redis.call('HSET', k.signals, 'u:' .. id, step .. ':' .. visit)
+  redis.call('ZREM', k.delayed, run_id)  -- the wait's timeout, if it had one
+  redis.call('RPUSH', k.history, event({type = 'signalled', at = now, step = step, visit = visit, signal = name,
+    signal_id = id}))
+  count(k.stats, 'signals_delivered')
+end
+
+-- How long a wait without a timeout is left before the sweep looks at it again (ms).
+local WAIT_LOOK_MS = 86400000
+
 -- Move a run whose step just got its result on to its next step (or finish it): the second
 -- half of commit.lua, also used by claim.lua to finish a commit that stopped half-way.
 -- Writes everything but the run hash; the run's new fields go into `set`, for the caller's
 -- one HSET (written last, so that a commit which stops half-way leaves its result with the
 -- run not moved on: claim.lua recognises that and finishes it).
--- k: {run, history, stream, queued, active, done, dead, stats, detail, delayed}
+-- k: {run, state, signals, history, stream, queued, active, done, dead, stats, detail, delayed}
 -- a: {run_id, wf, token (of the claim that committed), next ('' = end), max_steps, now,
 --     seq (steps committed, this one included), visits (the next step's visits before this),
---     created_ms, wake (a Sleep's wake-up, wake_due(); '' or nil = go on at once)}
+--     created_ms, wake (a Sleep's wake-up, wake_due(); '' or nil = go on at once),
+--     wait (a WaitFor, wait_spec(); nil = none)}
 -- Returns {'OK', next step, visit, entry id}, {'OK', next step, visit, 'delayed', due ms} when
--- the run sleeps, {'OK', '', 0, '', created ms, now} when the run completed, or
+-- the run sleeps, {'OK', next step, visit, 'waiting', timeout ms or 0} when it waits for a
+-- signal, {'OK', '', 0, '', created ms, now} when the run completed, or
 -- {'OK', '', 0, '', created ms, now, 'RUNAWAY'} when the run hit max_steps.
 -- commit.lua writes the common case (the run goes on) out flat, for speed: keep them alike.
 local function advance(k, a, set)
@@ -164,6 +213,24 @@ local function advance(k, a, set)
     redis.call('RPUSH', k.history, event({type = 'sleeping', at = a.now, step = a.next, visit = visit, until_ms = due}))
     count(k.stats, 'sleeps')
     return {'OK', a.next, visit, 'delayed', due}
+  end
+  if a.wait then
+    local id, payload = take_buffered(k.signals, a.wait.signal)
+    if id then
+      -- the signal came before the wait: delivered now, and the run goes on at once
+      deliver(k, a.run_id, id, a.wait.signal, payload, a.wait.into, a.next, visit, a.now)
+    else
+      -- parked: no entry, no claim; signal.lua moves it on, promote.lua at its timeout
+      local due = a.wait.timeout_ms > 0 and a.now + a.wait.timeout_ms or 0
+      if due > 0 then redis.call('ZADD', k.delayed, due, a.run_id) end
+      set.dispatch, set.status, set.due_ms, set.wait_ms = 'signal', 'waiting', due, a.now
+      set.wait_signal, set.wait_into, set.wait_on_timeout = a.wait.signal, a.wait.into, a.wait.on_timeout
+      index_active(k.active, k.queued, a.run_id, due > 0 and due or a.now + WAIT_LOOK_MS)
+      redis.call('RPUSH', k.history, event({type = 'waiting', at = a.now, step = a.next, visit = visit,
+        signal = a.wait.signal, until_ms = due > 0 and due or nil}))
+      count(k.stats, 'waits')
+      return {'OK', a.next, visit, 'waiting', due}
+    end
   end
   local id = redis.call('XADD', k.stream, '*', 'run', a.run_id, 'wf', a.wf, 'step', a.next, 'visit', visit)
   set.dispatch, set.status = id, 'running'

@@ -13,7 +13,7 @@
 -- supervisor already replaced is STALE, so it cannot take the step away from the new entry.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] alive
 -- KEYS[7] stream  KEYS[8] queued  KEYS[9] active  KEYS[10] done  KEYS[11] dead  KEYS[12] stats
--- KEYS[13] stats detail  KEYS[14] delayed
+-- KEYS[13] stats detail  KEYS[14] delayed  KEYS[15] signals
 -- ARGV[1] step  ARGV[2] visit  ARGV[3] idempotency key  ARGV[4] claim token  ARGV[5] worker id
 -- ARGV[6] max crashes  ARGV[7] stream entry id  ARGV[8] workflow  ARGV[9] run id
 -- ARGV[10] max committed steps per run (0 = no limit)
@@ -22,7 +22,7 @@
 --          {'DUP'} | {'DUP', 'advanced'} | {'STALE', step, visit} | {'BUSY', worker} | {'QUARANTINED', crashes} |
 --          (BUSY also for the entry a run's chained steps are held on: see commit.lua)
 --          {'LAPSED'} (the claiming worker's own deadline has passed: nothing written)
---          (STALE also when the run is waiting out a retry backoff or sleeping, or when this entry is not the
+--          (STALE also when the run is waiting out a retry backoff, sleeping or waiting for a signal, or when this entry is not the
 --          run's current dispatch; DUP 'advanced' when the step's result existed but the run had
 --          not moved on, a commit stopped half-way, and this claim moved it on)
 --          "work ms kept": the step time of the committed steps, plus, when the previous attempt
@@ -49,8 +49,11 @@ if stored then
   -- a Sleep's wake-up: '+<ms>' counts from now, later than the commit meant: never early
   local wake = ok and type(record) == 'table' and record['wake'] or nil
   if type(wake) ~= 'string' or nxt == '' or not wake_due(wake, 0) then wake = '' end
-  local keys = {run = KEYS[1], history = KEYS[5], stream = KEYS[7], queued = KEYS[8], active = KEYS[9],
-    done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13], delayed = KEYS[14]}
+  -- a WaitFor: the run waits (or takes a signal sent meanwhile) as the commit meant it to
+  local wait = ok and type(record) == 'table' and nxt ~= '' and wake == '' and wait_spec(record['wait']) or nil
+  local keys = {run = KEYS[1], state = KEYS[2], history = KEYS[5], stream = KEYS[7], queued = KEYS[8],
+    active = KEYS[9], done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13], delayed = KEYS[14],
+    signals = KEYS[15]}
   local now = now_ms()
   redis.call('RPUSH', KEYS[5], event({type = 'repaired', at = now, step = ARGV[1], visit = tonumber(ARGV[2]),
     detail = 'result persisted but the run had not moved on; advanced from the result'}))
@@ -63,12 +66,12 @@ if stored then
   advance(keys, {run_id = ARGV[9], wf = r[2], token = r[5] or '', next = nxt,
     max_steps = tonumber(ARGV[10]) or 0, now = now, seq = seq,
     visits = tonumber(redis.call('HGET', KEYS[1], 'v:' .. nxt) or 0),
-    created_ms = tonumber(redis.call('HGET', KEYS[1], 'created_ms')), wake = wake}, set)
+    created_ms = tonumber(redis.call('HGET', KEYS[1], 'created_ms')), wake = wake, wait = wait}, set)
   hset(KEYS[1], set)
   return {'DUP', 'advanced'}
 end
 if TERMINAL[status] then return {'TERMINAL', status} end
-if r[3] ~= ARGV[1] or r[4] ~= ARGV[2] or status == 'retrying' or status == 'sleeping' then
+if r[3] ~= ARGV[1] or r[4] ~= ARGV[2] or status == 'retrying' or status == 'sleeping' or status == 'waiting' then
   return {'STALE', r[3], r[4]}
 end
 if r[15] ~= ARGV[7] then return {'STALE', r[3], r[4]} end

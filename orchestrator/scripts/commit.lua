@@ -7,7 +7,7 @@
 -- writes). Every other answer leaves the entry to the caller (ack.lua) or the supervisor.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] alive
 -- KEYS[7] stream  KEYS[8] queued  KEYS[9] active  KEYS[10] done  KEYS[11] dead  KEYS[12] stats
--- KEYS[13] stats detail  KEYS[14] delayed
+-- KEYS[13] stats detail  KEYS[14] delayed  KEYS[15] signals
 -- ARGV[1] run id  ARGV[2] workflow  ARGV[3] idempotency key  ARGV[4] claim token
 -- ARGV[5] step record JSON  ARGV[6] attempt event body (JSON object)  ARGV[7] next step, '' = end
 -- ARGV[8] step duration ms  ARGV[9] step name  ARGV[10] cost JSON object ('' when none)
@@ -16,7 +16,10 @@
 -- ARGV[15] the stream entry this claim was made from ('' = the caller acks)
 -- ARGV[16] a Sleep's wake-up ('' = none; wake_due() in _prelude.lua): the run sleeps in the
 -- delayed set until then, with no entry and no claim, and promote.lua wakes it
--- ARGV[17..] state field, JSON value pairs
+-- ARGV[17] a WaitFor ('' = none; JSON, wait_spec() in _prelude.lua): the run waits for that
+-- signal with no entry and no claim (one already sent is delivered at once); signal.lua
+-- delivers it, promote.lua ends the wait at its timeout
+-- ARGV[18..] state field, JSON value pairs
 -- Everything is validated before the first write (Lua does not roll back a script that fails
 -- half-way), and the result is the last thing written before the run advances: a result that
 -- exists therefore always comes with its state update applied.
@@ -30,7 +33,8 @@
 -- when its worker dies redispatch.lua re-enqueues the run's current step (the run moved on
 -- from the entry). The commit that does not chain acks the anchor, as it acks any entry.
 -- Returns {'OK', next step, visit, entry id} ({'OK', next step, visit, 'delayed', due ms} when
---   the run sleeps; {'OK', '', 0, '', created ms, now ms} when the run
+--   the run sleeps; {'OK', next step, visit, 'waiting', timeout ms or 0} when it waits for a
+--   signal; {'OK', '', 0, '', created ms, now ms} when the run
 --   completed, with a 7th element 'RUNAWAY' when it failed at max steps; {'OK', next step,
 --   visit, the anchor entry id, <claim.lua's RUN reply without the state>} when chained: the state is the
 --   caller's own, with its update merged, so it is not sent back) or
@@ -40,7 +44,7 @@
 --   or already committed it) | {'TERMINAL', status} | {'MISSING'} |
 --   {'INVALID', reason} (an argument that would make a write fail: nothing was written)
 
-local STATE_AT = 17
+local STATE_AT = 18
 
 -- claim.lua's RUN reply for the step this commit chained, after the commit's own fields
 local function with_claim(code, step, visit, id, fence, attempt, now, seq, work_ms)
@@ -63,6 +67,9 @@ local function invalid(wf, step)
   if not tonumber(ARGV[14]) then return 'max steps ' .. ARGV[14] .. ' is not a number' end
   if ARGV[16] ~= '' and (ARGV[7] == '' or not wake_due(ARGV[16], 0)) then
     return 'wake-up ' .. ARGV[16] .. ' is not +<ms> or @<epoch ms> before a next step'
+  end
+  if ARGV[17] ~= '' and (ARGV[7] == '' or ARGV[16] ~= '' or not wait_spec(ARGV[17])) then
+    return 'wait ' .. ARGV[17] .. ' is not a WaitFor before a next step'
   end
   if ARGV[10] == '' then return nil end
   local ok, cost = pcall(cjson.decode, ARGV[10])
@@ -133,14 +140,16 @@ redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
 local seq = tonumber(r[5] or 0) + 1
 local work_ms = tonumber(r[6] or 0) + tonumber(ARGV[8])
 local max_steps = tonumber(ARGV[14])
-if ARGV[7] == '' or ARGV[16] ~= '' or (max_steps > 0 and seq >= max_steps) then
-  -- the run ends or sleeps here (completed, failed at max steps, or a Sleep): advance() in _prelude.lua
+if ARGV[7] == '' or ARGV[16] ~= '' or ARGV[17] ~= '' or (max_steps > 0 and seq >= max_steps) then
+  -- the run ends, sleeps or waits here (completed, failed at max steps, a Sleep or a WaitFor):
+  -- advance() in _prelude.lua
   local set = {seq = seq, work_ms = work_ms, stash_base_ms = 0}
-  local keys = {run = KEYS[1], history = KEYS[5], stream = KEYS[7], queued = KEYS[8], active = KEYS[9],
-    done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13], delayed = KEYS[14]}
+  local keys = {run = KEYS[1], state = KEYS[2], history = KEYS[5], stream = KEYS[7], queued = KEYS[8],
+    active = KEYS[9], done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13], delayed = KEYS[14],
+    signals = KEYS[15]}
   local out = advance(keys, {run_id = ARGV[1], wf = ARGV[2], token = ARGV[4], next = ARGV[7],
     max_steps = max_steps, now = now, seq = seq, visits = tonumber(r[9] or 0), created_ms = tonumber(r[7]),
-    wake = ARGV[16]}, set)
+    wake = ARGV[16], wait = ARGV[17] ~= '' and wait_spec(ARGV[17]) or nil}, set)
   hset(KEYS[1], set)
   ack()
   return out

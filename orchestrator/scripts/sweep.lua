@@ -6,8 +6,9 @@
 -- KEYS[7] history  KEYS[8] stats
 -- ARGV[1] run id  ARGV[2] group  ARGV[3] sweep after ms (how long a run is left before a look)
 -- ARGV[4] the longest a live claim is left between two looks (ms)
--- Returns {'ALIVE'} | {'QUEUED'} | {'SCHEDULED'} | {'TERMINAL'} | {'GONE'} | {'REPAIRED', entry id, reason}
---   (entry id '' when a sleeping run's lost wake-up was scheduled again)
+-- Returns {'ALIVE'} | {'QUEUED'} | {'SCHEDULED'} | {'WAITING'} | {'TERMINAL'} | {'GONE'} |
+--   {'REPAIRED', entry id, reason} (entry id '' when a sleeping run's lost wake-up, or a waiting
+--   run's lost timeout, was scheduled again)
 local r = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'step', 'visit', 'wf', 'claim', 'claim_worker', 'claim_ms')
 if not r[1] or TERMINAL[r[1]] then
   unindex(KEYS[6], KEYS[5], ARGV[1])
@@ -39,6 +40,23 @@ local function queued()
 end
 
 local reason
+if r[1] == 'waiting' then
+  -- parked until a signal comes (signal.lua) or its timeout (promote.lua): nothing to dispatch
+  local due = tonumber(redis.call('HGET', KEYS[1], 'due_ms')) or 0
+  if due <= 0 then
+    index_active(KEYS[6], KEYS[5], ARGV[1], now + WAIT_LOOK_MS)
+    return {'WAITING'}
+  end
+  index_active(KEYS[6], KEYS[5], ARGV[1], math.max(now, due))
+  if redis.call('ZSCORE', KEYS[4], ARGV[1]) then return {'SCHEDULED'} end
+  -- the timeout is gone (Redis lost writes): schedule it again, never earlier
+  redis.call('ZADD', KEYS[4], math.max(now, due), ARGV[1])
+  reason = 'scheduled wait timeout missing'
+  redis.call('RPUSH', KEYS[7], event({type = 'repaired', at = now, step = r[3], visit = tonumber(r[4]),
+    detail = reason}))
+  count(KEYS[8], 'repaired')
+  return {'REPAIRED', '', reason}
+end
 if r[2] == 'delayed' then
   local due = redis.call('ZSCORE', KEYS[4], ARGV[1])
   if due then

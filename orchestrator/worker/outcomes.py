@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from typing import Any
@@ -79,7 +80,8 @@ class Outcomes:
             next=outcome.next_step,
             cost=ctx.cost,
             wake=outcome.wake or None,
-        ).model_dump_json(exclude=None if outcome.wake else {"wake"})
+            wait=outcome.wait,
+        ).model_dump_json(exclude={name for name in ("wake", "wait") if not getattr(outcome, name)})
         self.rt.faults.hit("before_commit", d.step)
         # Chain (take the next step at once, without a trip through the queue) at most
         # MAX_CHAINED_STEPS times in a row: a chained step goes ahead of the runs waiting in the
@@ -88,6 +90,7 @@ class Outcomes:
         chain = (
             outcome.next_step is not None
             and not outcome.wake
+            and outcome.wait is None
             and self.chained < MAX_CHAINED_STEPS
             and self.rt.may_chain()
         )
@@ -107,6 +110,7 @@ class Outcomes:
             chain_token=chain_token,
             entry_id="" if self.superseded else self.entry_id,
             wake=outcome.wake,
+            wait=json.dumps(outcome.wait) if outcome.wait else "",
         )
         try:
             result = await self._send(call, "commit")
@@ -266,6 +270,9 @@ class Outcomes:
             self.rt.metrics.cost.labels(self.dispatch.wf, self.dispatch.step, unit).inc(amount)
         if len(result.detail) >= 4 and result.detail[2] == "delayed":  # a Sleep
             log.info("step committed; run sleeping", extra={**fields, "until_ms": int(result.detail[3])})
+            return
+        if len(result.detail) >= 4 and result.detail[2] == "waiting":  # a WaitFor
+            log.info("step committed; run waiting for a signal", extra={**fields, "timeout_ms": int(result.detail[3])})
             return
         finished = bool(result.detail) and result.detail[0] == ""
         if finished and len(result.detail) >= 6:

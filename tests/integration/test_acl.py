@@ -67,8 +67,10 @@ ROLE_SCRIPTS: dict[str, list[str]] = {
         "layout reap_consumer dead_pending redispatch due promote passed sweep trim purge leader resign reap_workers"
         " stale expire"
     ),
-    "client": ["layout", "submit"],  # Client.submit (the first records the namespace's partition count)
-    "operator": ["cancel", "retry_run", "purge"],  # Client.cancel, retry, purge (the CLI's cancel, retry, runs purge)
+    # Client.submit (the first records the namespace's partition count), Client.signal
+    "client": ["layout", "submit", "signal"],
+    # Client.cancel, retry, purge, signal (the CLI's cancel, retry, runs purge, signal)
+    "operator": ["cancel", "retry_run", "purge", "signal"],
     "reader": [],
     "keda": [],
 }

@@ -291,6 +291,7 @@ def test_public_api_is_pinned() -> None:
         "RunNotFound",
         "Settings",
         "Sleep",
+        "WaitFor",
         "StepContext",
         "StepResultError",
         "Supervisor",
