@@ -3,7 +3,8 @@
 ``python -m bench [--quick] [--redis-server BIN] [--only throughput,growth,recovery,compound,backlog] [--out DIR]``
 
 Runs the benchmarks one after another with their default sizes (``--quick``: the smoke
-sizes); the issue-11 benchmarks (``stepcost``, ``liveness``, ``agent``, ``shards``) run only when named in ``--only``.
+sizes); the issue-11 benchmarks (``stepcost``, ``liveness``, ``agent``, ``shards``) and issue 12's ``parked``
+run only when named in ``--only``.
 It writes ``<out>/<name>.json`` for each, plus ``<out>/report.md`` (every table, the
 targets, the machine and the load average before and after) and ``<out>/all.json``.
 """
@@ -22,7 +23,7 @@ from typing import Any
 from bench.common import RESULTS, cpu_share, cpu_ticks, loadavg, run_main, write_json
 
 BENCHMARKS = ("throughput", "growth", "recovery", "compound", "backlog")
-OPTIONAL = ("stepcost", "liveness", "agent", "shards")  # run when named in --only (liveness alone takes ~4 minutes)
+OPTIONAL = ("stepcost", "liveness", "agent", "shards", "parked")  # run when named in --only (liveness alone ~4 min)
 
 
 def module(name: str) -> ModuleType:

@@ -16,7 +16,9 @@ The other workflows: ``timed`` (recovery: the step body every system runs, from
 :mod:`bench.marks`), ``loop`` (growth: one step that re-enters itself with ``Goto``, an agent
 loop) and ``payload`` (growth: each step returns an update of a given size), ``hold`` (liveness:
 one step that awaits for an hour) and ``agent`` (the agent-shaped capacity benchmark: ``BENCH_STEPS``
-steps that each await ``BENCH_AWAIT_S`` seconds, a model call in flight).
+steps that each await ``BENCH_AWAIT_S`` seconds, a model call in flight), ``sleeper`` and
+``approver`` (the parked-runs benchmark: a step that sleeps for an hour, or waits for the signal
+``approval`` with an hour's timeout, then a no-op step).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from bench.marks import step_body
-from orchestrator import Goto, StepContext, Workflow
+from orchestrator import Goto, Sleep, StepContext, WaitFor, Workflow
 
 STEPS = 10
 STEPS_ENV = "BENCH_STEPS"
@@ -185,3 +187,45 @@ def make_agent(steps: int = STEPS) -> Workflow[Empty]:
 
 
 agent = make_agent(steps_from_env())
+
+
+PARK_S = 3600  # how long a sleeper sleeps, and an approver waits for its signal at most
+
+
+def napping(ctx: StepContext, state: Empty) -> Sleep:
+    """A run that sleeps for an hour: committed, then parked in its queue's delayed set."""
+    return Sleep(seconds=PARK_S)
+
+
+sleeper: Workflow[Empty] = Workflow("sleeper", state=Empty)
+sleeper.step(name="nap")(napping)
+sleeper.step(name="woken")(nothing)
+
+
+class Approval(BaseModel):
+    """The payload of the ``approval`` signal: a person's answer."""
+
+    approved: bool
+    by: str
+
+
+class Awaiting(BaseModel):
+    """State of an ``approver`` run: the signal's payload once it came (None until then, or on a timeout)."""
+
+    approval: Approval | None = None
+
+
+def asking(ctx: StepContext, state: Awaiting) -> WaitFor:
+    """Ask a person, then wait for the answer at zero compute, an hour at most."""
+    return WaitFor("approval", timeout_s=PARK_S)
+
+
+def answered(ctx: StepContext, state: Awaiting) -> None:
+    """The step after the wait: nothing to do, so its start time is the resume time alone."""
+    return None
+
+
+approver: Workflow[Awaiting] = Workflow("approver", state=Awaiting)
+approver.signal("approval", Approval)
+approver.step(name="ask")(asking)
+approver.step(name="approved")(answered)

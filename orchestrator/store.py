@@ -425,7 +425,7 @@ class Store:
     def retry(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
         rk, qk, k = self._at(run_id, queue)
         return scripts.load("retry_run").call(
-            [rk.run, rk.history, qk.stream, qk.queued, k.active, k.dead, k.stats, k.stats_detail],
+            [rk.run, rk.history, qk.stream, qk.queued, k.active, k.dead, k.stats, k.stats_detail, qk.delayed],
             [run_id, reason, request_id],
         )
 

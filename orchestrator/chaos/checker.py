@@ -26,6 +26,10 @@ I10 no wake-up early: a run that slept woke (``woke`` event) no earlier than the
 I11 no run expired before its deadline: a run failed with ``DeadlineExceeded`` finished no
     earlier than its ``deadline_ms`` (both on the Redis clock); a run past its deadline that
     never finished is I1
+I12 no signal lost or applied twice: a completed run that waited for a signal got it once
+    (one ``signalled`` event) or timed out once (one ``timed_out``, no earlier than the wait's
+    timeout), never both; the step after the wait ran at one visit only, and every execution
+    of it saw the run's own token (or none after a timeout); a signal never delivered is I1
 
 Under lost writes (Redis restored from an older copy) the ledger lives on another server and
 keeps the executions of the forgotten timeline. The invariants above still hold as stated:
@@ -45,6 +49,7 @@ from typing import Any
 
 import redis
 
+from orchestrator.chaos.flows import approvals, signal_token
 from orchestrator.chaos.ledger import Execution, Ledger
 from orchestrator.client import Client
 from orchestrator.codec import HistoryEvent, StepRecord
@@ -64,6 +69,10 @@ COUNTER_EVENTS = {
     "runs_cancelled": "cancelled",
     "sleeps": "sleeping",
     "woken": "woke",
+    "waits": "waiting",
+    "signals": "signal",
+    "signals_delivered": "signalled",
+    "wait_timeouts": "timed_out",
 }
 
 
@@ -97,6 +106,9 @@ class Report:
     vanished: int = 0  # runs a restore from an older copy forgot; resubmitted by the driver
     items_redone: int = 0
     sleeps: int = 0  # sleeping events in the histories (I10)
+    signalled: int = 0  # runs that got their signal (I12)
+    wait_timeouts: int = 0  # runs whose wait timed out (I12)
+    signal_sends: int = 0  # signals the driver sent, resends included (set by the driver)
     faults: Counter[str] = field(default_factory=Counter)
     detection_ms: list[int] = field(default_factory=list)
     recovery_ms: list[int] = field(default_factory=list)
@@ -119,6 +131,10 @@ class Report:
             "fencing_violations": self.count("I9"),
             "early_wake_ups": self.count("I10"),
             "early_expiries": self.count("I11"),
+            "signals_lost_or_doubled": self.count("I12"),
+            "signalled": self.signalled,
+            "wait_timeouts": self.wait_timeouts,
+            "signal_sends": self.signal_sends,
             "sleeps": self.sleeps,
             "fencing_checked": self.fencing_checked,
             "vanished": self.vanished,
@@ -195,6 +211,7 @@ class Checker:
         self._effects(report, facts)
         self._fencing(report, facts)
         self._wake_ups(report, facts, executions)
+        self._signals(report, facts, executions)
         self._counters(report, facts)
         self._latencies(report, facts, kills, sorted(restores_ms))
         self._pending(report)
@@ -337,6 +354,28 @@ class Checker:
                     ex.run,
                     f"{ex.key} was claimed with fence {ex.fence}, before the wake-up at {ex.saw} it came after",
                 )
+
+    def _signals(self, report: Report, facts: dict[str, RunFacts], executions: list[Execution]) -> None:
+        """I12: each completed run of the approval flow got its signal once or timed out once,
+        never early, and the step after the wait ran at one visit with the run's own token."""
+        for run_id, run in facts.items():
+            if not run_id.startswith(approvals.name) or run.info is None or run.info.status != "completed":
+                continue
+            got = [ev for ev in run.events if ev.type == "signalled"]
+            timed_out = [ev for ev in run.events if ev.type == "timed_out"]
+            report.signalled += len(got)
+            report.wait_timeouts += len(timed_out)
+            if len(got) + len(timed_out) != 1:
+                self._fail(report, "I12", run_id, f"{len(got)} signals delivered and {len(timed_out)} timeouts")
+            timeouts = [ev.until_ms for ev in run.events if ev.type == "waiting" and ev.until_ms is not None]
+            if timed_out and timeouts and timed_out[0].at < timeouts[-1]:
+                self._fail(report, "I12", run_id, f"timed out at {timed_out[0].at}, before {timeouts[-1]}")
+        for ex in executions:
+            if ex.run.startswith(approvals.name) and ex.step == "proceed":
+                if ex.key != f"{ex.run}:proceed":
+                    self._fail(report, "I12", ex.run, f"{ex.key}: the step after the wait ran at a second visit")
+                if ex.saw not in (signal_token(ex.run), -1):
+                    self._fail(report, "I12", ex.run, f"{ex.key} saw token {ex.saw}, not the run's own")
 
     def _counters(self, report: Report, facts: dict[str, RunFacts]) -> None:
         """I6: each counter equals the number of history events it counts."""

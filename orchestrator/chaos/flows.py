@@ -1,10 +1,11 @@
 """The synthetic workflow mix that ``orchestrator chaos`` runs: every step records itself in the ledger.
 
-Five shapes cover the step path: a chain (each step must see the state its predecessor
+Six shapes cover the step path: a chain (each step must see the state its predecessor
 committed), a stashing step (resumes from its checkpoint), a side effect sent to the ledger's
 two fake receivers (one dedupes by idempotency key, one keeps the highest fencing token), an
-agent-style loop (``Goto``, so idempotency keys carry visit numbers), and a nap (``Sleep``
-until a time its first step picks, which the step after it must not start before).
+agent-style loop (``Goto``, so idempotency keys carry visit numbers), a nap (``Sleep``
+until a time its first step picks, which the step after it must not start before), and an
+approval (``WaitFor`` a signal the driver sends, and sends again, under one signal id).
 Steps sleep a little, heartbeat, and fail transiently now and then, so kills land in every
 phase of the step path and the retry path runs too. They all use the ``chaos`` queue.
 """
@@ -15,6 +16,7 @@ import asyncio
 import math
 import random
 import time
+import zlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +26,7 @@ from orchestrator.chaos import ledger
 from orchestrator.context import StepContext
 from orchestrator.faults import point
 from orchestrator.retry import Retry
-from orchestrator.workflow import Goto, Sleep, Workflow
+from orchestrator.workflow import Goto, Sleep, WaitFor, Workflow
 
 QUEUE = "chaos"
 CHAIN_STEPS = 8
@@ -181,5 +183,39 @@ def rise(ctx: StepContext, state: NapState) -> None:
     _work(ctx, state)
 
 
-ALL: list[Workflow[Any]] = [chain, stashing, effects, loop, naps]
-MIX = {chain.name: 0.35, stashing.name: 0.2, effects.name: 0.2, loop.name: 0.15, naps.name: 0.1}
+class Go(BaseModel):
+    """Payload of the ``go`` signal: a token only the driver's signal to this run carries."""
+
+    token: int
+
+
+class ApprovalState(Knobs):
+    go: Go | None = None  # the signal's payload; None after a timeout
+
+
+approvals = Workflow("chaos_signal", state=ApprovalState, queue=QUEUE)
+approvals.signal("go", Go)
+SIGNAL_TIMEOUT_S = 30.0  # far beyond the driver's first send: a timeout means a signal went missing
+
+
+def signal_token(run_id: str) -> int:
+    """The token the driver sends to ``run_id`` (the same in every resend)."""
+    return zlib.crc32(run_id.encode()) & 0x7FFFFFFF
+
+
+@approvals.step(retry=RETRY)
+def ask(ctx: StepContext, state: ApprovalState) -> WaitFor:
+    ledger.current().record(ctx)
+    _work(ctx, state)
+    return WaitFor("go", timeout_s=SIGNAL_TIMEOUT_S, on_timeout="proceed")
+
+
+@approvals.step(retry=RETRY)
+def proceed(ctx: StepContext, state: ApprovalState) -> None:
+    """``saw`` is the token it got (-1: none, the wait timed out): the run's own, or I12 breaks."""
+    ledger.current().record(ctx, saw=state.go.token if state.go else -1)
+    _work(ctx, state)
+
+
+ALL: list[Workflow[Any]] = [chain, stashing, effects, loop, naps, approvals]
+MIX = {chain.name: 0.3, stashing.name: 0.2, effects.name: 0.2, loop.name: 0.1, naps.name: 0.1, approvals.name: 0.1}

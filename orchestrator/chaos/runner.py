@@ -32,7 +32,7 @@ from orchestrator.chaos.rollback import Rollbacks
 from orchestrator.client import Client
 from orchestrator.connection import check_topology, close, connect, redis_failure
 from orchestrator.embedded import RedisServer
-from orchestrator.errors import OrchestratorError, RedisUnavailable
+from orchestrator.errors import InvalidTransition, OrchestratorError, RedisUnavailable, RunNotFound
 from orchestrator.keys import GROUP
 from orchestrator.processes import ProcessGroup
 from orchestrator.settings import Settings
@@ -135,6 +135,8 @@ class ChaosRun:
         self.restores_ms: list[int] = []
         self.rescan = False  # a restore happened: look for vanished runs
         self.open_runs: set[str] = set()
+        self.signal_at: dict[str, float] = {}  # approval run id -> when to send it its signal (again)
+        self.signal_sends = 0
         self.unsure: list[tuple[str, str, dict[str, float]]] = []  # submits whose outcome we did not see
         self.deadlines: dict[str, float] = {}  # run id -> its deadline_s, for the runs given one
         self.unexpected: list[Violation] = []
@@ -228,6 +230,26 @@ class ChaosRun:
             self.submitted.append(run_id)
             self.inputs[run_id] = (name, knobs)
         self.open_runs.add(run_id)
+        if name == flows.approvals.name and run_id not in self.signal_at:
+            # before or after the run starts to wait: either must be delivered once
+            self.signal_at[run_id] = time.monotonic() + self.rng.uniform(0.0, 2.0)
+
+    def _send_signals(self) -> None:
+        """Send each approval run its ``go`` signal, and again every 1-3 s while it is open:
+        one signal id per run, so every resend (as an app's retry after a lost reply) must be a
+        duplicate, and a signal that a restore from an older copy forgot is delivered again."""
+        now = time.monotonic()
+        for run_id, at in list(self.signal_at.items()):
+            if run_id not in self.open_runs:
+                del self.signal_at[run_id]
+            elif now >= at:
+                payload = {"token": flows.signal_token(run_id)}
+                try:
+                    self.client.signal(run_id, "go", payload, signal_id=f"{run_id}:go", workflow=flows.approvals)
+                    self.signal_sends += 1
+                except (InvalidTransition, RunNotFound):
+                    pass  # finished (at a deadline), or forgotten by a restore: resubmitted, sent again
+                self.signal_at[run_id] = now + self.rng.uniform(1.0, 3.0)
 
     def _retry_unsure(self) -> None:
         pending, self.unsure = self.unsure, []
@@ -336,6 +358,7 @@ class ChaosRun:
                     self.open_runs = set(self._unfinished(sorted(self.open_runs)))
                     next_poll = now + 0.25
                     self._retry_unsure()
+                    self._send_signals()
                 while len(self.open_runs) + len(self.unsure) < cfg.in_flight:
                     self._submit_one()
                 if now >= next_junk:
@@ -445,7 +468,9 @@ class ChaosRun:
             try:
                 self._resubmit_vanished()
                 self._retry_unsure()
-                if not self.unsure and not self._unfinished(self.submitted) and not self._pending():
+                self.open_runs = set(self._unfinished(self.submitted))
+                self._send_signals()
+                if not self.unsure and not self.open_runs and not self._pending():
                     return
             except (redis.RedisError, OSError, RedisUnavailable):
                 pass
@@ -472,6 +497,7 @@ class ChaosRun:
             (self.settings.lease_s + self.settings.sweep_after_s + self.settings.sweep_interval_s + 5) * 1000
         )
         report.vanished = len(self.vanished)
+        report.signal_sends = self.signal_sends
         checker = Checker(self.client, self.ledger, max_crashes=self.settings.max_crashes, recovery_bound_ms=bound_ms)
         return checker.check(self.submitted, self.injected.kills, report, restores_ms=self.restores_ms)
 

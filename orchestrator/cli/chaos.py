@@ -28,6 +28,7 @@ INVARIANTS = {
     "I9": "a receiver keeping the highest fencing token agrees with the persisted record",
     "I10": "no sleeping run woke, and no step after a sleep started, before its due time",
     "I11": "no run expired before its deadline",
+    "I12": "no signal lost or applied twice, no wait timed out early",
 }
 
 
@@ -56,6 +57,8 @@ def render(report: Report, header: str) -> str:
         f"fencing     effects checked against the persisted fence {report.fencing_checked}, "
         f"receiver disagrees with the persisted record {data['fencing_violations']}",
         f"sleeps      {report.sleeps}, woke or started early {data['early_wake_ups']}",
+        f"signals     sent {report.signal_sends} (resends included), delivered {report.signalled}, "
+        f"waits timed out {report.wait_timeouts}, lost or applied twice {data['signals_lost_or_doubled']}",
         "faults      " + (", ".join(f"{k} {v}" for k, v in sorted(report.faults.items())) or "none"),
         f"detection   kill -> re-dispatch  p50 {_ms(det['p50'])}  p99 {_ms(det['p99'])}  max {_ms(det['max'])}"
         f"  (n={det['n']})",
@@ -65,7 +68,7 @@ def render(report: Report, header: str) -> str:
     ]
     for code, text in INVARIANTS.items():
         broken = report.count(code)
-        lines.append(f"  {code} {'ok    ' if not broken else f'BROKEN x{broken}'} {text}")
+        lines.append(f"  {code:<3} {'ok    ' if not broken else f'BROKEN x{broken}'} {text}")
     for violation in report.violations[:20]:
         lines.append(f"  ! {violation.invariant} {violation.run_id}: {violation.detail}")
     lines.append("result      " + ("PASS" if report.ok else f"FAIL ({len(report.violations)} violations)"))

@@ -21,9 +21,19 @@ from orchestrator.cli.common import CliState, pass_state
     show_default=True,
     help="where the demo keeps its Redis data, logs and simulated outside world (wiped at start)",
 )
+@click.option(
+    "--approve",
+    type=click.Choice(["auto", "manually"]),
+    default="auto",
+    show_default=True,
+    help="who approves the meeting: the demo after 2 s, or you, with the `orchestrator signal` command it prints",
+)
 @pass_state
-def demo(state: CliState, kill: bool, competitors: int, demo_dir: Path) -> None:
+def demo(state: CliState, kill: bool, competitors: int, demo_dir: Path, approve: str) -> None:
     """Run the article's research agent on real processes, kill -9 a worker mid-step, show the recovery.
+
+    Before booking the meeting the run waits for a person's approval (a signal) while every
+    worker is killed; the approval still resumes it.
 
     Uses REDIS_URL when set (in a fresh namespace), else a private redis-server of its own.
     """
@@ -36,5 +46,6 @@ def demo(state: CliState, kill: bool, competitors: int, demo_dir: Path) -> None:
         kill=kill,
         competitors=competitors,
         echo=click.echo,
+        approve=approve,
     )
     sys.exit(code)

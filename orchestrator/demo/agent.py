@@ -1,4 +1,5 @@
-"""The article's agent: find competitors, research each (stashing as it goes), synthesize, book a meeting.
+"""The article's agent: find competitors, research each (stashing as it goes), synthesize, ask a
+person to approve (when the input asks for it), book a meeting.
 
 The "LLM" is simulated (seeded latency and transient failures, no network) so the demo runs
 anywhere. Every simulated call and the meeting booking are written to a small SQLite file
@@ -17,7 +18,7 @@ from contextlib import closing
 
 from pydantic import BaseModel
 
-from orchestrator import Retry, StepContext, Workflow
+from orchestrator import End, Retry, StepContext, WaitFor, Workflow
 
 COMPANIES = ["Initech", "Globex", "Umbrella", "Hooli", "Vandelay", "Soylent", "Wonka", "Cyberdyne"]
 SCHEMA = """
@@ -32,12 +33,21 @@ class RateLimited(Exception):
     """A transient provider error (HTTP 429); retried with backoff."""
 
 
+class Approval(BaseModel):
+    """A person's answer to "book the review meeting?" (the ``approval`` signal's payload)."""
+
+    approved: bool
+    by: str
+
+
 class Research(BaseModel):
     company: str
     how_many: int = 4
+    needs_approval: bool = False  # wait for a person's approval before booking the meeting
     competitors: list[str] = []
     findings: dict[str, str] = {}
     summary: str = ""
+    approval: Approval | None = None
     meeting: str = ""
 
 
@@ -66,6 +76,8 @@ def _rng(ctx: StepContext, salt: str = "") -> random.Random:
 
 
 research = Workflow("research", state=Research)
+research.signal("approval", Approval)
+APPROVAL_TIMEOUT_S = 3600.0
 
 
 @research.step(retry=Retry(max_attempts=5, backoff_s=0.5, jitter=0.2))
@@ -103,9 +115,22 @@ async def synthesize(ctx: StepContext, state: Research) -> dict[str, str]:
     return {"summary": f"{state.company} competes with {len(state.competitors)} companies. {lines}"}
 
 
+@research.step()
+def ask_approval(ctx: StepContext, state: Research) -> WaitFor | None:
+    """A person approves the meeting before it is booked, when the input asks for it: the run
+    waits for the ``approval`` signal with no worker slot, no lease and no queue entry, and
+    survives anything that happens to the workers meanwhile."""
+    if not state.needs_approval:
+        return None
+    return WaitFor("approval", timeout_s=APPROVAL_TIMEOUT_S)
+
+
 @research.step(retry=Retry(max_attempts=5, backoff_s=0.5))
-def schedule_meeting(ctx: StepContext, state: Research) -> dict[str, str]:
+def schedule_meeting(ctx: StepContext, state: Research) -> dict[str, str] | End:
     """The side effect: book a meeting. The calendar dedupes on the idempotency key."""
+    if state.needs_approval and not (state.approval and state.approval.approved):
+        why = f"declined by {state.approval.by}" if state.approval else "no approval within an hour"
+        return End({"meeting": f"not booked: {why}"})
     title = f"Competitive review: {state.company}"
     with closing(_db()) as db, db:
         db.execute(

@@ -88,9 +88,11 @@ def test_the_report_shows_fencing_vanished_runs_and_restores() -> None:
         in text
     )
     assert "restore from an older copy 2" in text and "or forgotten by a restore" in text
-    assert "  I9 BROKEN x1 a receiver keeping the highest fencing token agrees with the persisted record" in text
+    assert "  I9  BROKEN x1 a receiver keeping the highest fencing token agrees with the persisted record" in text
     assert "  I10 ok     no sleeping run woke, and no step after a sleep started, before its due time" in text
     assert "sleeps      0, woke or started early 0" in text
     assert "  I11 ok     no run expired before its deadline" in text
+    assert "  I12 ok     no signal lost or applied twice, no wait timed out early" in text
+    assert "signals     sent 0 (resends included), delivered 0, waits timed out 0, lost or applied twice 0" in text
     data = report.to_dict()
     assert (data["fencing_violations"], data["fencing_checked"], data["vanished"]) == (1, 12, 3)

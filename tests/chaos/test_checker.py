@@ -18,6 +18,8 @@ from tests.harness import worker_thread
 def finished(client: Client, settings: Settings, ledger: Ledger) -> list[str]:
     """A few chaos runs, completed without faults: the checker finds nothing wrong with them."""
     runs = [client.submit(wf, {"work_s": 0.0, "fail_rate": 0.0}, run_id=f"{wf.name}-1") for wf in flows.ALL]
+    approval = f"{flows.approvals.name}-1"  # sent before it waits: kept, then delivered
+    client.signal(approval, "go", {"token": flows.signal_token(approval)}, signal_id="go-1", workflow=flows.approvals)
     with worker_thread(flows.ALL, settings):
         for run in runs:
             run.wait(timeout_s=20)
@@ -32,8 +34,9 @@ def check(client: Client, ledger: Ledger, runs: list[str]) -> set[str]:
 def test_a_clean_workload_passes(client: Client, ledger: Ledger, finished: list[str]) -> None:
     report = Checker(client, ledger, max_crashes=3, recovery_bound_ms=10_000).check(finished, [])
     assert report.ok, report.violations
-    assert report.runs["completed"] == 5 and report.committed_steps == 8 + 1 + 3 + 6 + 2
+    assert report.runs["completed"] == 6 and report.committed_steps == 8 + 1 + 3 + 6 + 2 + 2
     assert report.sleeps == 1 and report.to_dict()["early_wake_ups"] == 0
+    assert (report.signalled, report.wait_timeouts, report.to_dict()["signals_lost_or_doubled"]) == (1, 0, 0)
     assert report.effects_applied == 1
     assert report.fencing_checked == 1 and report.to_dict()["fencing_violations"] == 0
 
@@ -76,6 +79,22 @@ def test_each_kind_of_damage_is_caught(client: Client, ledger: Ledger, finished:
     client.redis.hset(run_key, "deadline_ms", finished_ms)  # expired at its deadline: fine
     assert check(client, ledger, finished) == set()
     client.redis.hdel(run_key, "error", "deadline_ms")
+    # the step after a wait ran with another run's payload, or at a second visit (the signal applied twice)
+    approval = f"{flows.approvals.name}-1"
+    proceed = {"key": f"{approval}:proceed", "run": approval, "step": "proceed", "attempt": 9, "worker": "w"}
+    fence = client.results(approval)[f"{approval}:proceed"].fence
+    client.redis.rpush(ledger.keys.executions, json.dumps({**proceed, "fence": fence - 1, "saw": 12345}))
+    assert check(client, ledger, finished) == {"I12"}
+    client.redis.rpop(ledger.keys.executions)
+    twice = {**proceed, "key": f"{approval}:proceed:2", "fence": fence - 1, "saw": flows.signal_token(approval)}
+    client.redis.rpush(ledger.keys.executions, json.dumps(twice))
+    assert check(client, ledger, finished) == {"I12"}
+    client.redis.rpop(ledger.keys.executions)
+    # a run that got its signal and also timed out (I6 as well: no counter counted that timeout)
+    history = client.keys.run(approval).history
+    client.redis.rpush(history, json.dumps({"type": "timed_out", "at": 1, "step": "proceed", "signal": "go"}))
+    assert check(client, ledger, finished) == {"I6", "I12"}
+    client.redis.rpop(history)
     # an effect sent with a key that belongs to no step visit
     client.redis.hincrby(ledger.keys.requests, "chaos_effect-1:send:7", 1)
     assert check(client, ledger, finished) == {"I3"}

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from orchestrator import Client, Settings
 from orchestrator.embedded import RedisServer
-from tests.harness import process_env, run_cli, start_worker, worker_thread
+from tests.harness import REPO, process_env, run_cli, start_worker, worker_thread
 from tests.ledger import Ledger
 from workers.testflows import chain
 
@@ -181,6 +182,66 @@ def test_the_demo_kills_a_worker_and_the_run_still_completes(settings: Settings,
     rerun_s = float(re.search(r"the step ran again ([0-9.]+) s after the kill", out).group(1))  # type: ignore[union-attr]
     assert rerun_s < 10
     assert "steps committed before the crash" in out or "step committed before the crash" in out
+    # then it waits for an approval with every worker killed, and the approval alone resumes it
+    assert "the run waits for approval: no worker slot, no lease, no queue entry" in out
+    assert "not one worker left while it waits ***" in out
+    assert "approval sent with no worker alive: delivered, step schedule_meeting queued" in out
+    assert re.search(
+        r"the run waited [0-9.]+ s for its approval with every worker killed, then went on at "
+        r"schedule_meeting; steps before it run again: 0",
+        out,
+    ), out
+
+
+def test_the_demo_waits_for_the_approval_the_user_types(settings: Settings, tmp_path: Path) -> None:
+    """``--approve manually``: the demo prints the ``orchestrator signal`` command (with
+    ``$REDIS_URL`` for a URL of the user's: it may hold a password) and the run goes on once
+    an operator types it."""
+    env = {**process_env(settings), "REDIS_URL": settings.plain_url()}
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "demo",
+            "--competitors",
+            "2",
+            "--no-kill",
+            "--approve",
+            "manually",
+            "--demo-dir",
+            str(tmp_path / "demo"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert demo.stdout is not None
+        lines: list[str] = []
+        for line in demo.stdout:
+            lines.append(line)
+            if line.strip().startswith("orchestrator --redis-url"):
+                break
+        command = lines[-1].strip()
+        assert '--redis-url "$REDIS_URL"' in command and settings.plain_url() not in "".join(lines), lines
+        typed = subprocess.run(
+            ["bash", "-c", command.replace("orchestrator ", f"{sys.executable} -m orchestrator ", 1)],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+        assert typed.returncode == 0, typed.stdout + typed.stderr
+        assert "delivered approval" in typed.stdout and "it goes on at step schedule_meeting" in typed.stdout
+        rest, _ = demo.communicate(timeout=120)
+    finally:
+        demo.kill()
+    assert demo.returncode == 0, "".join(lines) + rest
+    assert "run completed" in rest and "meeting booked 1 time(s)" in rest
 
 
 def test_runs_purge_deletes_finished_runs_by_status_and_age_with_a_dry_run_first(

@@ -224,3 +224,22 @@ def test_bad_waits_and_signals_are_refused_before_any_write(ops: Ops) -> None:
         run_id="nope", queue="q", signal_id="s", name="approval", payload="{}", digest="d", max_signals=5
     )
     assert Outcome.parse(ops.x(missing)[0]).code == "MISSING"
+
+
+def test_a_run_retried_after_its_deadline_passed_while_it_waited_waits_again(ops: Ops) -> None:
+    """The step after a wait must not run without the signal: a retry re-parks the run, its
+    timeout as long as before, from the retry's time."""
+    waiting(ops, timeout_ms=HOUR_MS, on_timeout="c")
+    ops.r.zadd(ops.part.deadlines, {"r1": 0})  # the run's deadline passed
+    expired = Outcome.parse(ops.x(ops.store.expire(run_id="r1", queue="q"))[0])
+    assert expired.code == "EXPIRED" and ops.r.zcard(ops.q.delayed) == 0
+    before = server_ms(ops)
+    retried = Outcome.parse(ops.x(ops.store.retry(run_id="r1", queue="q", reason="again", request_id="x"))[0])
+    assert retried.code == "RETRIED" and retried.detail[:2] == ("signal", "b")
+    run = ops.run()
+    assert (run["status"], run["dispatch"], run["wait_signal"]) == ("waiting", "signal", "approval")
+    assert int(run["due_ms"]) >= before + HOUR_MS and ops.r.zscore(ops.q.delayed, "r1") == int(run["due_ms"])
+    assert ops.read() == []
+    assert signal(ops).code == "DELIVERED" and state(ops)["approval"] == APPROVED
+    ((_, d),) = ops.read()
+    assert (d.step, d.visit) == ("b", 1)
