@@ -712,8 +712,9 @@ def tables(mem: list[dict[str, Any]], late: dict[str, Any], sig: dict[str, Any],
         f"{DEFAULTS['concurrency'].default}, promote every {DEFAULTS['promote_interval_s'].default} s per worker, "
         f"supervisor every {DEFAULTS['reclaim_interval_s'].default} s); set by the benchmark: namespace and Redis URL "
         f"only. Parking took {late['park_s']:.1f} s and ended {late['parked_before_start_s']:.1f} s before the "
-        f"window opened; the fleet was ready {late['fleet_ready_before_start_s']:.1f} s before it (negative: "
-        f"overran); wake-ups clamped by an overrun: {late['clamped']:,}; every run woke once and ran "
+        f"window opened; the fleet was ready {late['fleet_ready_before_start_s']:.1f} s before it (a negative "
+        f"figure would mean it was late); wake-ups clamped by an overrun: {late['clamped']:,}; every run woke "
+        f"once and ran "
         f"`{WOKEN}` once: {check}; last run done {late['done_after_window_s']:.1f} s after the window closed; "
         f"Redis CPU {late['redis_cpu_s']:.1f} s, workers + supervisor CPU {fmt(late['fleet_cpu_s'], 1)} s"
     )

@@ -64,6 +64,8 @@ def test_a_waiting_run_frees_its_slot_and_goes_on_once_with_the_payload(
         other.cancel("not needed")
     counts = {k: n for k, n in ledger.execution_counts().items() if k.startswith("p1:")}
     assert counts == {"p1:ask": 1, "p1:book": 1, "p1:done": 1}, counts
+    stats = client.stats()  # the fleet counters (orchestrator_fleet_*_total): a resend counts once
+    assert (stats["waits"], stats["signals"], stats["signals_delivered"], stats.get("wait_timeouts", 0)) == (2, 1, 1, 0)
     assert [e.type for e in client.events("p1")].count("signalled") == 1
 
 
