@@ -28,8 +28,10 @@ I11 no run expired before its deadline: a run failed with ``DeadlineExceeded`` f
     never finished is I1
 I12 no signal lost or applied twice: a completed run that waited for a signal got it once
     (one ``signalled`` event) or timed out once (one ``timed_out``, no earlier than the wait's
-    timeout), never both; the step after the wait ran at one visit only, and every execution
-    of it saw the run's own token (or none after a timeout); a signal never delivered is I1
+    timeout, and with no signal accepted before it: the driver sends each one before its
+    run's wait ends, and again every few seconds while the run is open), never both; the step
+    after the wait ran at one visit only, and every execution of it saw the run's own token
+    (or none after a timeout); a signal never delivered is I1
 
 Under lost writes (Redis restored from an older copy) the ledger lives on another server and
 keeps the executions of the forgotten timeline. The invariants above still hold as stated:
@@ -370,6 +372,9 @@ class Checker:
             timeouts = [ev.until_ms for ev in run.events if ev.type == "waiting" and ev.until_ms is not None]
             if timed_out and timeouts and timed_out[0].at < timeouts[-1]:
                 self._fail(report, "I12", run_id, f"timed out at {timed_out[0].at}, before {timeouts[-1]}")
+            sent = [ev.at for ev in run.events if ev.type == "signal"]
+            if timed_out and sent and sent[0] < timed_out[0].at:
+                self._fail(report, "I12", run_id, f"signal accepted at {sent[0]}, yet the wait timed out")
         for ex in executions:
             if ex.run.startswith(approvals.name) and ex.step == "proceed":
                 if ex.key != f"{ex.run}:proceed":

@@ -230,15 +230,17 @@ class ChaosRun:
             self.submitted.append(run_id)
             self.inputs[run_id] = (name, knobs)
         self.open_runs.add(run_id)
-        if name == flows.approvals.name and run_id not in self.signal_at:
-            # before or after the run starts to wait: either must be delivered once
-            self.signal_at[run_id] = time.monotonic() + self.rng.uniform(0.0, 2.0)
 
     def _send_signals(self) -> None:
         """Send each approval run its ``go`` signal, and again every 1-3 s while it is open:
         one signal id per run, so every resend (as an app's retry after a lost reply) must be a
         duplicate, and a signal that a restore from an older copy forgot is delivered again."""
         now = time.monotonic()
+        for run_id in self.open_runs - self.signal_at.keys():
+            if run_id.startswith(flows.approvals.name):
+                # before or after the run starts to wait: either must be delivered once; a run
+                # a restore from an older copy opened again is sent its signal again
+                self.signal_at[run_id] = now + self.rng.uniform(0.0, 2.0)
         for run_id, at in list(self.signal_at.items()):
             if run_id not in self.open_runs:
                 del self.signal_at[run_id]
