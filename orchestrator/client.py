@@ -180,6 +180,7 @@ class Client:
             request_id=uuid.uuid4().hex,
             state=fields,
             deadline_ms=deadline_ms,
+            step_deadlines=workflow.step_deadlines_ms(),
         )
         created, *rest = scripts.execute(self.redis, [call, scripts.command("SADD", self.keys.queues, workflow.queue)])[
             0

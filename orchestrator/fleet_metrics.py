@@ -42,6 +42,7 @@ FLEET_COUNTERS = (
     ("orchestrator_fleet_runaway_runs_total", "runaway_runs", "Runs failed at max_run_steps (a loop that never ends)."),
     ("orchestrator_fleet_purged_runs_total", "purged", "Finished runs deleted after their retention."),
     ("orchestrator_fleet_expired_runs_total", "runs_expired", "Runs failed because their deadline passed."),
+    ("orchestrator_fleet_expired_steps_total", "steps_expired", "Runs failed because a step's deadline_s passed."),
     ("orchestrator_fleet_sleeps_total", "sleeps", "Runs put to sleep by a step that returned Sleep."),
     ("orchestrator_fleet_waits_total", "waits", "Runs parked waiting for a signal (WaitFor)."),
     ("orchestrator_fleet_signals_total", "signals", "Signals accepted (each signal id once)."),

@@ -34,7 +34,9 @@ Key                                Type    Holds                                
                                            keeps), ``stash_base_ms``, ``due_ms``,
                                            a wait's ``wait_signal``,
                                            ``wait_into``, ``wait_on_timeout``,
-                                           ``wait_ms``
+                                           ``wait_ms``; step deadlines
+                                           ``sd:<step>`` (ms), ``sd``, and
+                                           ``queued_ms``
 ``<ns>:run:{T}:R:state``           hash    current state: top-level field -> JSON  submit, commit       as the run
                                            (input, then each committed update)
 ``<ns>:run:{T}:R:results``         hash    idempotency key -> step record (the     commit (only if      as the run
@@ -70,8 +72,11 @@ Key                                Type    Holds                                
 ``<ns>:cancels:{T}``               stream  run ids cancelled in this partition,    cancel               MAXLEN ~1000
                                            read by workers at each beat (a
                                            running step learns its cancel)
-``<ns>:deadlines:{T}``             zset    run id -> its deadline (server ms), for submit (with a       until expired (the
-                                           runs submitted with one                 deadline); expire    supervisor ZREMs it)
+``<ns>:deadlines:{T}``             zset    run id -> the earlier of its deadline   submit, and every    until expired or the
+                                           and its queued step's (server ms), for  script that queues   run has neither (the
+                                           runs with either                        a step of a run with supervisor ZREMs it)
+                                                                                   step deadlines;
+                                                                                   expire
 ``<ns>:runs:{T}:active``           zset    run id -> when to look at it: claimed   claim, commit        until the run ends
                                            runs (claim time), retries (due time);  (chained), fail,
                                            unfinished runs not waiting in a stream sweep; the others

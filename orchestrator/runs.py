@@ -87,6 +87,7 @@ class RunInfo(BaseModel):
     finished_ms: int | None = None
     due_ms: int | None = None
     deadline_ms: int | None = None
+    step_deadline_ms: int | None = None  # when the current step's deadline_s passes (it is queued)
     worker: str | None = None
     error: ErrorInfo | None = None
     waiting: Waiting | None = None
@@ -124,6 +125,9 @@ class RunInfo(BaseModel):
             finished_ms=opt("finished_ms"),
             due_ms=opt("due_ms") if h.get("status") in ("retrying", "sleeping") else None,
             deadline_ms=opt("deadline_ms"),
+            step_deadline_ms=num("queued_ms") + num(f"sd:{h['step']}")
+            if num("queued_ms") and num(f"sd:{h['step']}") and h.get("status") in ("pending", "running", "retrying")
+            else None,
             worker=h.get("claim_worker") if h.get("claim") else None,
             error=ErrorInfo.model_validate(loads(error, what="run error")) if error else None,
             waiting=Waiting(

@@ -142,8 +142,10 @@ class Store:
         request_id: str,
         state: Mapping[str, str],
         deadline_ms: int | None = None,
+        step_deadlines: Mapping[str, int] | None = None,
     ) -> Call:
-        """``deadline_ms``: how long the run may take, from its creation (server clock)."""
+        """``deadline_ms``: how long the run may take, from its creation (server clock);
+        ``step_deadlines``: each step's ``deadline_s`` in ms, by name (``Workflow.step_deadlines_ms``)."""
         rk, qk, pk = self._run(run_id), self.keys.queue_of(queue, run_id), self.keys.part_of(run_id)
         return scripts.load("submit").call(
             [rk.run, rk.state, rk.history, qk.stream, qk.queued, pk.stats_detail, pk.deadlines],
@@ -156,6 +158,7 @@ class Store:
                 event,
                 request_id,
                 "" if deadline_ms is None else deadline_ms,
+                json.dumps(dict(step_deadlines)) if step_deadlines else "",
                 *_pairs(state),
             ],
         )
@@ -213,6 +216,7 @@ class Store:
                 pk.stats_detail,
                 qk.delayed,
                 rk.signals,
+                pk.deadlines,
             ],
             [
                 dispatch.step,
@@ -271,6 +275,7 @@ class Store:
                 k.stats_detail,
                 qk.delayed,
                 rk.signals,
+                k.deadlines,
             ],
             [
                 dispatch.run,
@@ -390,7 +395,8 @@ class Store:
     def promote(self, *, queue: str, run_id: str) -> Call:
         rk, qk, pk = self._at(run_id, queue)
         return scripts.load("promote").call(
-            [qk.delayed, qk.stream, rk.run, pk.stats, qk.queued, pk.active, rk.history, rk.state], [run_id]
+            [qk.delayed, qk.stream, rk.run, pk.stats, qk.queued, pk.active, rk.history, rk.state, pk.deadlines],
+            [run_id],
         )
 
     def passed(self, *, queue: str, partition: int, cursor: str, limit: int, deleted_seen: str = "") -> Call:
@@ -425,7 +431,18 @@ class Store:
     def retry(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
         rk, qk, k = self._at(run_id, queue)
         return scripts.load("retry_run").call(
-            [rk.run, rk.history, qk.stream, qk.queued, k.active, k.dead, k.stats, k.stats_detail, qk.delayed],
+            [
+                rk.run,
+                rk.history,
+                qk.stream,
+                qk.queued,
+                k.active,
+                k.dead,
+                k.stats,
+                k.stats_detail,
+                qk.delayed,
+                k.deadlines,
+            ],
             [run_id, reason, request_id],
         )
 
@@ -436,7 +453,18 @@ class Store:
         (same ``signal_id``) after a lost reply."""
         rk, qk, k = self._at(run_id, queue)
         return scripts.load("signal").call(
-            [rk.run, rk.state, rk.signals, rk.history, qk.stream, qk.queued, k.active, qk.delayed, k.stats],
+            [
+                rk.run,
+                rk.state,
+                rk.signals,
+                rk.history,
+                qk.stream,
+                qk.queued,
+                k.active,
+                qk.delayed,
+                k.stats,
+                k.deadlines,
+            ],
             [run_id, signal_id, name, payload, digest, max_signals],
         )
 

@@ -82,6 +82,11 @@ def explain(client: redis.Redis, keys: Keys, run_id: str, reclaim_interval_s: fl
         when = f"in {span(left)}" if left > 0 else f"passed {span(-left)} ago; the supervisor fails it at its next look"
         text += f" Its deadline is {stamp(info.deadline_ms)} ({when})."
         details = {**details, "deadline_ms": info.deadline_ms}
+    if info.step_deadline_ms is not None and waiting_for != "nothing":
+        left = info.step_deadline_ms - now
+        when = f"in {span(left)}" if left > 0 else f"passed {span(-left)} ago; the supervisor fails it at its next look"
+        text += f" Step {info.step} must commit by {stamp(info.step_deadline_ms)} ({when}: its deadline_s)."
+        details = {**details, "step_deadline_ms": info.step_deadline_ms}
     return Why(run_id=run_id, status=info.status, waiting_for=waiting_for, text=text, server_ms=now, details=details)
 
 

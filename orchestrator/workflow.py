@@ -145,6 +145,7 @@ class StepDef:
     retry: Retry
     timeout_s: float | None
     heartbeat_timeout_s: float | None
+    deadline_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,7 @@ class Workflow(Generic[S]):
         retry: Retry | None = None,
         timeout_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
+        deadline_s: float | None = None,
     ) -> Callable[[F], F]: ...
 
     def step(
@@ -271,17 +273,22 @@ class Workflow(Generic[S]):
         retry: Retry | None = None,
         timeout_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
+        deadline_s: float | None = None,
     ) -> F | Callable[[F], F]:
         """Register a step; usable as ``@flow.step`` or ``@flow.step(retry=...)``.
 
         ``timeout_s`` bounds one attempt. ``heartbeat_timeout_s`` makes the step prove
         progress: if it does not call ``ctx.heartbeat()`` that often, the worker stops waiting for
         it and fails the attempt as a timeout (retried per ``retry``; a late result of the stalled
-        attempt is fenced off).
+        attempt is fenced off). ``deadline_s`` bounds the whole step visit from when it is
+        queued: the wait in the queue, every attempt and every backoff. When it passes before the
+        step commits, the run fails with ``StepDeadlineExceeded`` (a running attempt is stopped
+        at its worker's next heartbeat, a retry that would start after it is not scheduled).
+        Runs keep the deadlines of the definition they were submitted with.
         """
 
         def register(func: F) -> F:
-            self._add(func, name or func.__name__, retry or Retry(), timeout_s, heartbeat_timeout_s)
+            self._add(func, name or func.__name__, retry or Retry(), timeout_s, heartbeat_timeout_s, deadline_s)
             return func
 
         return register(fn) if fn is not None else register
@@ -293,6 +300,7 @@ class Workflow(Generic[S]):
         retry: Retry,
         timeout_s: float | None,
         heartbeat_timeout_s: float | None,
+        deadline_s: float | None = None,
     ) -> None:
         where = f"step {name!r} of workflow {self.name!r}"
         if not re.match(STEP_NAME, name):
@@ -308,11 +316,14 @@ class Workflow(Generic[S]):
         ]
         if len(params) != 2:
             raise DefinitionError(f"{where}: expected a function of (ctx, state), got {len(params)} parameters")
-        for label, value in (("timeout_s", timeout_s), ("heartbeat_timeout_s", heartbeat_timeout_s)):
+        limits = (("timeout_s", timeout_s), ("heartbeat_timeout_s", heartbeat_timeout_s), ("deadline_s", deadline_s))
+        for label, value in limits:
             if value is not None and value <= 0:
                 raise DefinitionError(f"{where}: {label}={value} must be positive")
         is_async = inspect.iscoroutinefunction(fn)
-        self.steps.append(StepDef(name, fn, is_async, retry, timeout_s, heartbeat_timeout_s))
+        if deadline_s is not None and deadline_s > MAX_SLEEP_S:
+            raise DefinitionError(f"{where}: deadline_s={deadline_s} is over a year ({MAX_SLEEP_S:.0f} s)")
+        self.steps.append(StepDef(name, fn, is_async, retry, timeout_s, heartbeat_timeout_s, deadline_s))
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -321,6 +332,10 @@ class Workflow(Generic[S]):
         if not self.steps:
             raise DefinitionError(f"workflow {self.name!r} has no steps")
         return self.steps[0].name
+
+    def step_deadlines_ms(self) -> dict[str, int]:
+        """The steps' ``deadline_s`` in whole ms (rounded up), by step name: stored with each run at submit."""
+        return {s.name: math.ceil(s.deadline_s * 1000) for s in self.steps if s.deadline_s is not None}
 
     def get_step(self, name: str) -> StepDef:
         for step in self.steps:

@@ -25,15 +25,10 @@ def status_text(info: RunInfo) -> str:
     lines = [
         f"run       {info.run_id}",
         f"workflow  {info.workflow}  (queue {info.queue})",
-        f"status    {info.status}",
+        f"status    {_status(info)}",
     ]
-    if info.status == "sleeping" and info.due_ms:
-        lines[-1] = f"status    sleeping until {stamp(info.due_ms)}, then step {info.step}"
-    if info.status == "waiting" and info.waiting:
-        wait = info.waiting
-        lines[-1] = f"status    waiting for signal {wait.signal} since {stamp(wait.since_ms)}, then step {info.step}"
-        if wait.timeout_ms:
-            lines.append(f"timeout   {stamp(wait.timeout_ms)}, then step {wait.on_timeout}")
+    if info.waiting and info.waiting.timeout_ms:
+        lines.append(f"timeout   {stamp(info.waiting.timeout_ms)}, then step {info.waiting.on_timeout}")
     if info.status in ("pending", "running", "retrying", "failed"):
         where = f"step {info.step}" + (f" (visit {info.visit})" if info.visit > 1 else "")
         lines.append(f"at        {where}, attempt {info.attempt}, fencing token {info.fence}")
@@ -48,15 +43,32 @@ def status_text(info: RunInfo) -> str:
             f"trouble   {info.errors} errors, {info.crashes} crashes on this step; {info.fenced} stale commits refused"
         )
     lines.append(f"created   {stamp(info.created_ms)}")
+    lines += _ends(info)
+    for pending in info.signals_pending:  # sent, but no step has waited for it (yet)
+        lines.append(f"signal    {pending.name} ({pending.signal_id}) sent {stamp(pending.sent_ms)}, not received yet")
+    return "\n".join(lines)
+
+
+def _status(info: RunInfo) -> str:
+    if info.status == "sleeping" and info.due_ms:
+        return f"sleeping until {stamp(info.due_ms)}, then step {info.step}"
+    if info.status == "waiting" and info.waiting:
+        return f"waiting for signal {info.waiting.signal} since {stamp(info.waiting.since_ms)}, then step {info.step}"
+    return info.status
+
+
+def _ends(info: RunInfo) -> list[str]:
+    """The deadlines still ahead, or how the run finished."""
+    lines = []
     if info.deadline_ms and info.status not in TERMINAL:
         lines.append(f"deadline  {stamp(info.deadline_ms)}")
+    if info.step_deadline_ms:
+        lines.append(f"step due  {stamp(info.step_deadline_ms)} (step {info.step}'s deadline_s)")
     if info.finished_ms:
         lines.append(f"finished  {stamp(info.finished_ms)}  (took {seconds(info.finished_ms - info.created_ms)})")
     if info.error:
         lines.append(f"error     {info.error.type}: {info.error.message}")
-    for pending in info.signals_pending:  # sent, but no step has waited for it (yet)
-        lines.append(f"signal    {pending.name} ({pending.signal_id}) sent {stamp(pending.sent_ms)}, not received yet")
-    return "\n".join(lines)
+    return lines
 
 
 OUTCOME_NOTE = {

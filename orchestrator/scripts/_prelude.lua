@@ -155,6 +155,32 @@ local function deliver(k, run_id, id, name, payload, into, step, visit, now)
   count(k.stats, 'signals_delivered')
 end
 
+-- Step deadlines. A run submitted with any (`sd` set, `sd:<step>` a step's deadline_s in ms)
+-- records when its current step was queued (`queued_ms`: 0 while it sleeps or waits for a
+-- signal, not queued yet). It is in its partition's `deadlines` zset while it has a deadline,
+-- scored by the earlier of its own (`deadline_ms`) and its queued step's (`queued_ms` +
+-- `sd:<step>`): expire.lua fails it when the score comes.
+local function step_due(run, step, queued)
+  local ms = tonumber(redis.call('HGET', run, 'sd:' .. step)) or 0
+  if queued > 0 and ms > 0 then return queued + ms end
+  return nil
+end
+
+-- Re-index a run with step deadlines whose step is now `step`, queued at `queued` (0: not yet).
+local function index_deadlines(deadlines, run, run_id, step, queued)
+  local due = tonumber(redis.call('HGET', run, 'deadline_ms'))
+  local step_at = step_due(run, step, queued)
+  if step_at and (not due or step_at < due) then due = step_at end
+  if due then redis.call('ZADD', deadlines, due, run_id) else redis.call('ZREM', deadlines, run_id) end
+end
+
+-- The run is (re)queued at `step` now: record it, for a run with step deadlines (`sd`).
+local function step_queued(deadlines, run, run_id, step, now)
+  if not redis.call('HGET', run, 'sd') then return end
+  redis.call('HSET', run, 'queued_ms', now)
+  index_deadlines(deadlines, run, run_id, step, now)
+end
+
 -- How long a wait without a timeout is left before the sweep looks at it again (ms).
 local WAIT_LOOK_MS = 86400000
 
@@ -163,7 +189,7 @@ local WAIT_LOOK_MS = 86400000
 -- Writes everything but the run hash; the run's new fields go into `set`, for the caller's
 -- one HSET (written last, so that a commit which stops half-way leaves its result with the
 -- run not moved on: claim.lua recognises that and finishes it).
--- k: {run, state, signals, history, stream, queued, active, done, dead, stats, detail, delayed}
+-- k: {run, state, signals, history, stream, queued, active, done, dead, stats, detail, delayed, deadlines}
 -- a: {run_id, wf, token (of the claim that committed), next ('' = end), max_steps, now,
 --     seq (steps committed, this one included), visits (the next step's visits before this),
 --     created_ms, wake (a Sleep's wake-up, wake_due(); '' or nil = go on at once),
@@ -189,6 +215,13 @@ local function advance(k, a, set)
   end
   local visit = a.visits + 1
   set['v:' .. a.next], set.step, set.visit = visit, a.next, visit
+  -- a run with step deadlines: its next step's starts when it is queued, not while it sleeps or waits
+  local deadlined = redis.call('HGET', k.run, 'sd')
+  local function queued_at(at)
+    if not deadlined then return end
+    set.queued_ms = at
+    index_deadlines(k.deadlines, k.run, a.run_id, a.next, at)
+  end
   if a.max_steps > 0 and a.seq >= a.max_steps then
     -- a Goto loop that never ends: stop it before it grows history and results without bound
     local msg = 'run committed ' .. a.seq .. ' steps, the limit (max_run_steps); the next step would be ' ..
@@ -207,6 +240,7 @@ local function advance(k, a, set)
   if a.wake and a.wake ~= '' then
     -- a Sleep: no entry until the due time; promote.lua puts the step on the stream then
     local due = wake_due(a.wake, a.now)
+    queued_at(0)
     redis.call('ZADD', k.delayed, due, a.run_id)
     set.dispatch, set.status, set.due_ms = 'delayed', 'sleeping', due
     index_active(k.active, k.queued, a.run_id, due)
@@ -221,6 +255,7 @@ local function advance(k, a, set)
       deliver(k, a.run_id, id, a.wait.signal, payload, a.wait.into, a.next, visit, a.now)
     else
       -- parked: no entry, no claim; signal.lua moves it on, promote.lua at its timeout
+      queued_at(0)
       local due = a.wait.timeout_ms > 0 and a.now + a.wait.timeout_ms or 0
       if due > 0 then redis.call('ZADD', k.delayed, due, a.run_id) end
       set.dispatch, set.status, set.due_ms, set.wait_ms = 'signal', 'waiting', due, a.now
@@ -234,6 +269,7 @@ local function advance(k, a, set)
   end
   local id = redis.call('XADD', k.stream, '*', 'run', a.run_id, 'wf', a.wf, 'step', a.next, 'visit', visit)
   set.dispatch, set.status = id, 'running'
+  queued_at(a.now)
   index_queued(k.active, k.queued, a.run_id, id)
   return {'OK', a.next, visit, id}
 end

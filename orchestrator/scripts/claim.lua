@@ -13,7 +13,7 @@
 -- supervisor already replaced is STALE, so it cannot take the step away from the new entry.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] alive
 -- KEYS[7] stream  KEYS[8] queued  KEYS[9] active  KEYS[10] done  KEYS[11] dead  KEYS[12] stats
--- KEYS[13] stats detail  KEYS[14] delayed  KEYS[15] signals
+-- KEYS[13] stats detail  KEYS[14] delayed  KEYS[15] signals  KEYS[16] deadlines
 -- ARGV[1] step  ARGV[2] visit  ARGV[3] idempotency key  ARGV[4] claim token  ARGV[5] worker id
 -- ARGV[6] max crashes  ARGV[7] stream entry id  ARGV[8] workflow  ARGV[9] run id
 -- ARGV[10] max committed steps per run (0 = no limit)
@@ -53,7 +53,7 @@ if stored then
   local wait = ok and type(record) == 'table' and nxt ~= '' and wake == '' and wait_spec(record['wait']) or nil
   local keys = {run = KEYS[1], state = KEYS[2], history = KEYS[5], stream = KEYS[7], queued = KEYS[8],
     active = KEYS[9], done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13], delayed = KEYS[14],
-    signals = KEYS[15]}
+    signals = KEYS[15], deadlines = KEYS[16]}
   local now = now_ms()
   redis.call('RPUSH', KEYS[5], event({type = 'repaired', at = now, step = ARGV[1], visit = tonumber(ARGV[2]),
     detail = 'result persisted but the run had not moved on; advanced from the result'}))

@@ -7,7 +7,7 @@
 -- writes). Every other answer leaves the entry to the caller (ack.lua) or the supervisor.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] alive
 -- KEYS[7] stream  KEYS[8] queued  KEYS[9] active  KEYS[10] done  KEYS[11] dead  KEYS[12] stats
--- KEYS[13] stats detail  KEYS[14] delayed  KEYS[15] signals
+-- KEYS[13] stats detail  KEYS[14] delayed  KEYS[15] signals  KEYS[16] deadlines
 -- ARGV[1] run id  ARGV[2] workflow  ARGV[3] idempotency key  ARGV[4] claim token
 -- ARGV[5] step record JSON  ARGV[6] attempt event body (JSON object)  ARGV[7] next step, '' = end
 -- ARGV[8] step duration ms  ARGV[9] step name  ARGV[10] cost JSON object ('' when none)
@@ -89,7 +89,7 @@ local function invalid(wf, step)
 end
 
 local r = redis.call('HMGET', KEYS[1], 'status', 'claim', 'claim_fence', 'fence', 'seq', 'work_ms', 'created_ms',
-  'stash_ms', 'v:' .. ARGV[7], 'dispatch', 'errors', 'crashes', 'stash_base_ms')
+  'stash_ms', 'v:' .. ARGV[7], 'dispatch', 'errors', 'crashes', 'stash_base_ms', 'sd')
 if not r[1] then return {'MISSING'} end
 -- A claim is issued only while its step has no result, and the commit that writes the result
 -- moves the claim on in the same script: while the claim is ours, no result exists, and the
@@ -146,7 +146,7 @@ if ARGV[7] == '' or ARGV[16] ~= '' or ARGV[17] ~= '' or (max_steps > 0 and seq >
   local set = {seq = seq, work_ms = work_ms, stash_base_ms = 0}
   local keys = {run = KEYS[1], state = KEYS[2], history = KEYS[5], stream = KEYS[7], queued = KEYS[8],
     active = KEYS[9], done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13], delayed = KEYS[14],
-    signals = KEYS[15]}
+    signals = KEYS[15], deadlines = KEYS[16]}
   local out = advance(keys, {run_id = ARGV[1], wf = ARGV[2], token = ARGV[4], next = ARGV[7],
     max_steps = max_steps, now = now, seq = seq, visits = tonumber(r[9] or 0), created_ms = tonumber(r[7]),
     wake = ARGV[16], wait = ARGV[17] ~= '' and wait_spec(ARGV[17]) or nil}, set)
@@ -170,6 +170,11 @@ local function moved_on(f)
   put('v:' .. ARGV[7], visit_s); put('step', ARGV[7]); put('visit', visit_s)
   zero('errors', r[11]); zero('crashes', r[12]); zero('stash_base_ms', r[13])
   if r[1] ~= 'running' then put('status', 'running') end
+  if r[14] then
+    -- step deadlines: the next step's counts from now (_prelude.lua)
+    put('queued_ms', string.format('%d', now))
+    index_deadlines(KEYS[16], KEYS[1], ARGV[1], ARGV[7], now)
+  end
   return unpack(f)
 end
 if ARGV[11] == '' or ARGV[15] == '' or r[10] ~= ARGV[15] or not live(KEYS[6], ARGV[11], now) then

@@ -4,7 +4,7 @@
 -- due, on this server's clock: a caller that listed it as due (due.lua) may come after the run
 -- was woken, ran and went to sleep again (or was signalled: signal.lua removes the member).
 -- KEYS[1] delayed  KEYS[2] stream  KEYS[3] run  KEYS[4] stats  KEYS[5] queued  KEYS[6] active
--- KEYS[7] history  KEYS[8] state
+-- KEYS[7] history  KEYS[8] state  KEYS[9] deadlines
 -- ARGV[1] run id (the delayed set's member)
 -- Returns the new entry id, or '' when it is not due, another process promoted it, or the run
 -- moved on.
@@ -29,6 +29,7 @@ if r[1] == 'waiting' then
 end
 local id = redis.call('XADD', KEYS[2], '*', 'run', ARGV[1], 'wf', r[4], 'step', r[2], 'visit', r[3])
 redis.call('HSET', KEYS[3], 'dispatch', id, 'status', 'running', 'updated_ms', now)
+if r[1] ~= 'retrying' then step_queued(KEYS[9], KEYS[3], ARGV[1], r[2], now) end  -- a retry keeps its step's
 index_queued(KEYS[6], KEYS[5], ARGV[1], id)
 count(KEYS[4], 'promoted')
 if r[1] == 'sleeping' then

@@ -4,7 +4,9 @@
 -- (if it had one) as long as before, counted from now: the step after the wait must not run
 -- without the signal it waits for.
 -- KEYS[1] run  KEYS[2] history  KEYS[3] stream  KEYS[4] queued  KEYS[5] active  KEYS[6] dead
--- KEYS[7] stats  KEYS[8] stats detail  KEYS[9] delayed
+-- KEYS[7] stats  KEYS[8] stats detail  KEYS[9] delayed  KEYS[10] deadlines
+-- The run's own deadline is dropped (a retried run has none); its step's deadline, if it has
+-- one, counts again from the retry.
 -- ARGV[1] run id  ARGV[2] reason  ARGV[3] request id (a resent call reports RETRIED again and
 -- does not re-drive the run a second time)
 -- Returns {'RETRIED', entry id ('signal' when the run waits again), step, visit} |
@@ -29,8 +31,10 @@ else
 end
 redis.call('HSET', KEYS[1], 'errors', 0, 'crashes', 0, 'claim', '', 'claim_fence', 0,
   'dispatch', id, 'updated_ms', now, 'retry_req', ARGV[3])
-redis.call('HDEL', KEYS[1], 'error', 'finished_ms')
+redis.call('HDEL', KEYS[1], 'error', 'finished_ms', 'deadline_ms')
 redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[10], ARGV[1])
+if id ~= 'signal' then step_queued(KEYS[10], KEYS[1], ARGV[1], r[3], now) end
 redis.call('RPUSH', KEYS[2], event({type = 'retried', at = now, step = r[3], visit = tonumber(r[4]),
   detail = ARGV[2]}))
 count(KEYS[7], 'runs_retried')

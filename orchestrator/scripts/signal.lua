@@ -3,7 +3,7 @@
 -- run's next step on its queue, the wait's timeout removed), or keep it for the step that will
 -- wait for it (a commit that waits takes the oldest one kept: advance() in _prelude.lua).
 -- KEYS[1] run  KEYS[2] state  KEYS[3] signals  KEYS[4] history  KEYS[5] stream  KEYS[6] queued
--- KEYS[7] active  KEYS[8] delayed  KEYS[9] stats
+-- KEYS[7] active  KEYS[8] delayed  KEYS[9] stats  KEYS[10] deadlines
 -- ARGV[1] run id  ARGV[2] signal id (no spaces)  ARGV[3] name  ARGV[4] payload (JSON, checked
 -- by the sender against the workflow's model)  ARGV[5] digest of name and payload (tells a resent
 -- signal from another one under the same id)  ARGV[6] most signals one run may be sent
@@ -43,5 +43,6 @@ local k = {state = KEYS[2], signals = KEYS[3], history = KEYS[4], stats = KEYS[9
 deliver(k, ARGV[1], ARGV[2], ARGV[3], ARGV[4], r[6], r[3], tonumber(r[4]), now)
 local id = redis.call('XADD', KEYS[5], '*', 'run', ARGV[1], 'wf', r[2], 'step', r[3], 'visit', r[4])
 redis.call('HSET', KEYS[1], 'status', 'running', 'dispatch', id, 'wait_signal', '', 'updated_ms', now)
+step_queued(KEYS[10], KEYS[1], ARGV[1], r[3], now)
 index_queued(KEYS[7], KEYS[6], ARGV[1], id)
 return {'DELIVERED', r[3], tonumber(r[4])}

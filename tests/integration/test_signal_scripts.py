@@ -230,7 +230,8 @@ def test_a_run_retried_after_its_deadline_passed_while_it_waited_waits_again(ops
     """The step after a wait must not run without the signal: a retry re-parks the run, its
     timeout as long as before, from the retry's time."""
     waiting(ops, timeout_ms=HOUR_MS, on_timeout="c")
-    ops.r.zadd(ops.part.deadlines, {"r1": 0})  # the run's deadline passed
+    ops.r.hset(ops.rk.run, "deadline_ms", 1)  # the run's deadline passed
+    ops.r.zadd(ops.part.deadlines, {"r1": 1})
     expired = Outcome.parse(ops.x(ops.store.expire(run_id="r1", queue="q"))[0])
     assert expired.code == "EXPIRED" and ops.r.zcard(ops.q.delayed) == 0
     before = server_ms(ops)
