@@ -5,6 +5,7 @@ Define a :class:`Workflow` of plain Python steps, run :class:`Worker` processes 
 """
 
 from orchestrator._version import __version__ as __version__
+from orchestrator.children import ChildResult
 from orchestrator.client import Client, Run
 from orchestrator.context import ClaimLost, StepContext
 from orchestrator.errors import (
@@ -29,9 +30,11 @@ from orchestrator.runs import RunHistory, RunInfo
 from orchestrator.settings import Settings
 from orchestrator.supervisor import Supervisor
 from orchestrator.worker import Worker
-from orchestrator.workflow import End, Goto, Sleep, WaitFor, Workflow
+from orchestrator.workflow import Child, End, Goto, Sleep, StartChildren, WaitFor, Workflow
 
 __all__ = [
+    "Child",
+    "ChildResult",
     "ClaimLost",
     "Client",
     "ConfigError",
@@ -54,6 +57,7 @@ __all__ = [
     "RunNotFound",
     "Settings",
     "Sleep",
+    "StartChildren",
     "StepContext",
     "StepResultError",
     "Supervisor",

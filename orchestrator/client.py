@@ -24,6 +24,7 @@ import redis
 from pydantic import BaseModel
 
 from orchestrator import scripts
+from orchestrator.children import cancel_children
 from orchestrator.codec import HistoryEvent, StepRecord, describe_validation_error, dumps, encode_fields, loads
 from orchestrator.connection import REDIS_FAILURES, close, connect, redis_failure
 from orchestrator.counters import read_counters
@@ -161,15 +162,7 @@ class Client:
             raise ValidationError(
                 f"run_id {run_id!r} is invalid: expected 1-200 characters of A-Z a-z 0-9 _ . : @ + = / -"
             )
-        state = workflow.validate_input({} if input is None else input)
-        what = f"input of workflow {workflow.name!r}"
-        names = type(state).model_fields.keys() | (state.model_extra or {}).keys()
-        fields = encode_fields(
-            workflow.json_fields(state, names, what=what, error=ValidationError),
-            what=what,
-            limit=self.settings.max_payload_bytes,
-        )
-        digest = hashlib.sha256(dumps(dict(sorted(fields.items())), what="input").encode()).hexdigest()[:32]
+        fields, digest = workflow.encode_input(input, limit=self.settings.max_payload_bytes)
         call = self.store.submit(
             run_id=run_id,
             workflow=workflow.name,
@@ -210,10 +203,11 @@ class Client:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(keys.run)
         pipe.hgetall(keys.signals)
-        h, signals = pipe.execute()
+        pipe.hgetall(keys.children)
+        h, signals, children = pipe.execute()
         if not h:
             raise self._not_found(run_id)
-        return RunInfo.from_hash(run_id, h, signals)
+        return RunInfo.from_hash(run_id, h, signals, children)
 
     def _not_found(self, run_id: str) -> RunNotFound:
         return RunNotFound(f"no run {run_id!r} in namespace {self.settings.namespace!r}", run_id=run_id)
@@ -396,6 +390,8 @@ class Client:
         outcome = Outcome.parse(scripts.execute(self.redis, [call])[0])
         if outcome.code == "TERMINAL":
             raise InvalidTransition(f"run {run_id!r} is already {outcome.detail[0]}; nothing to cancel", run_id=run_id)
+        # its children at once (the supervisor also does it, from the run's finished notice)
+        cancel_children(self.redis, self.store, run_id, f"parent {run_id} cancelled: {reason}")
         return self.get(run_id)
 
     @_tree_errors
@@ -408,6 +404,8 @@ class Client:
             raise InvalidTransition(
                 f"run {run_id!r} is {outcome.detail[0]}, not failed; only failed runs can be retried", run_id=run_id
             )
+        for child in outcome.detail[3:]:  # it waits for its children again: re-drive the failed ones
+            self.retry(str(child), f"parent {run_id} retried: {reason}")
         return Run(self, run_id, None, created=False)
 
     @_tree_errors

@@ -145,6 +145,7 @@ class StepRecord(Wire):
     cost: dict[str, float] = Field(default_factory=dict)
     wake: str | None = None  # the step returned Sleep: when the run goes on to ``next`` (Sleep.wake)
     wait: dict[str, Any] | None = None  # the step returned WaitFor: the signal the run waits for before ``next``
+    children: dict[str, Any] | None = None  # the step returned StartChildren: into, collect, each child's submit
 
 
 class HistoryEvent(Wire):

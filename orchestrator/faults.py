@@ -13,7 +13,9 @@ Arm with ``Settings.faults`` (``ORCHESTRATOR_FAULTS``), a comma-separated list o
 Points in the worker: ``after_claim`` (claimed, user code not started), ``mid_step`` (called
 by test steps through :func:`point`), ``after_stash`` (a stash is durable), ``before_commit``
 (the step returned, nothing persisted), ``after_persist_before_ack`` (the outcome is durable;
-a commit acked its entry with it, a failure's entry is not acked yet). In the supervisor: ``before_redispatch``.
+a commit acked its entry with it, a failure's entry is not acked yet), ``before_children`` (a
+commit that parked its run for child runs is durable, the children are not submitted yet). In
+the supervisor: ``before_redispatch``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ import time
 from dataclasses import dataclass, field
 
 POINTS = frozenset(
-    {"after_claim", "mid_step", "after_stash", "before_commit", "after_persist_before_ack", "before_redispatch"}
+    {
+        "after_claim",
+        "mid_step",
+        "after_stash",
+        "before_commit",
+        "after_persist_before_ack",
+        "before_children",
+        "before_redispatch",
+    }
 )
 
 

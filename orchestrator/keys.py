@@ -46,6 +46,17 @@ Key                                Type    Holds                                
                                            an unfinished step                      only); commit
 ``<ns>:run:{T}:R:history``         list    JSON events: submitted, ok, error,      the run scripts      as the run
                                            crashed, fenced, retried, repaired ...
+``<ns>:run:{T}:R:children``        hash    the child runs a step started: ``n``,   commit (a            as the run
+                                           ``c:<i>`` each child's run id, ``r:<i>`` StartChildren);
+                                           its result, ``s:<i>`` its status,       child_done;
+                                           ``done``, ``into``, ``collect``,        retry_run
+                                           ``from`` (the step record that holds
+                                           their inputs), ``step``/``visit`` of
+                                           the wait, ``settled``
+``<ns>:finished:{T}``              stream  run ids of linked runs (children, and   the scripts that     XDEL once relayed
+                                           parents of children) that finished in   finish a run;        (consumer group
+                                           this partition, for the supervisor to   the supervisor       ``parents``)
+                                           relay (child_done.lua, cancels)         reads
 ``<ns>:run:{T}:R:signals``         hash    signals sent to the run: ``#`` count,   signal; commit (a    as the run (at most
                                            ``s:<id>`` record (name, digest, time), WaitFor takes one    ``max_signals_per_
                                            ``b:<id>`` payload and ``q:<name>`` ids sent before), promote run`` records)
@@ -185,6 +196,7 @@ class RunKeys:
     stash: str
     history: str
     signals: str
+    children: str
 
     @classmethod
     def under(cls, base: str) -> RunKeys:
@@ -214,6 +226,7 @@ class PartitionKeys:
     alive: str
     cancels: str
     deadlines: str
+    finished: str
 
 
 @dataclass(frozen=True)
@@ -275,6 +288,7 @@ class Keys:
             alive=f"{self.namespace}:alive:{{{tag}}}",
             cancels=f"{self.namespace}:cancels:{{{tag}}}",
             deadlines=f"{self.namespace}:deadlines:{{{tag}}}",
+            finished=f"{self.namespace}:finished:{{{tag}}}",
         )
 
     def part_of(self, run_id: str) -> PartitionKeys:

@@ -55,6 +55,22 @@ class Waiting(BaseModel):
     on_timeout: str  # the step it then goes on at
 
 
+class ChildWait(BaseModel):
+    """A run waiting for the child runs a step started."""
+
+    total: int
+    done: int
+    children: list[str]
+
+
+def child_wait(children: Mapping[str, str]) -> ChildWait | None:
+    if "n" not in children:
+        return None
+    total = int(children["n"])
+    ids = [children.get(f"c:{i}", "") for i in range(total)]
+    return ChildWait(total=total, done=int(children.get("done", 0)), children=ids)
+
+
 def pending_signals(signals: Mapping[str, str]) -> list[PendingSignal]:
     """The signals of a run's signals hash (keys.py) not delivered yet, oldest first."""
     out = []
@@ -91,6 +107,8 @@ class RunInfo(BaseModel):
     worker: str | None = None
     error: ErrorInfo | None = None
     waiting: Waiting | None = None
+    children: ChildWait | None = None  # waiting for child runs: how many are done
+    parent: str | None = None  # the run that started this one (a child run)
     signals_pending: list[PendingSignal] = []
 
     @property
@@ -98,7 +116,13 @@ class RunInfo(BaseModel):
         return idempotency_key(self.run_id, self.step, self.visit)
 
     @classmethod
-    def from_hash(cls, run_id: str, h: Mapping[str, str], signals: Mapping[str, str] | None = None) -> RunInfo:
+    def from_hash(
+        cls,
+        run_id: str,
+        h: Mapping[str, str],
+        signals: Mapping[str, str] | None = None,
+        children: Mapping[str, str] | None = None,
+    ) -> RunInfo:
         def num(name: str) -> int:
             return int(h.get(name) or 0)
 
@@ -138,6 +162,10 @@ class RunInfo(BaseModel):
             )
             if h.get("status") == "waiting" and h.get("wait_signal")
             else None,
+            children=child_wait(children or {})
+            if h.get("status") == "waiting" and h.get("dispatch") == "children"
+            else None,
+            parent=h.get("parent") or None,
             signals_pending=pending_signals(signals or {}),
         )
 

@@ -143,9 +143,11 @@ class Store:
         state: Mapping[str, str],
         deadline_ms: int | None = None,
         step_deadlines: Mapping[str, int] | None = None,
+        parent: tuple[str, str, int] | None = None,
     ) -> Call:
         """``deadline_ms``: how long the run may take, from its creation (server clock);
-        ``step_deadlines``: each step's ``deadline_s`` in ms, by name (``Workflow.step_deadlines_ms``)."""
+        ``step_deadlines``: each step's ``deadline_s`` in ms, by name (``Workflow.step_deadlines_ms``);
+        ``parent``: a child run's parent (run id, queue, the child's index)."""
         rk, qk, pk = self._run(run_id), self.keys.queue_of(queue, run_id), self.keys.part_of(run_id)
         return scripts.load("submit").call(
             [rk.run, rk.state, rk.history, qk.stream, qk.queued, pk.stats_detail, pk.deadlines],
@@ -159,6 +161,7 @@ class Store:
                 request_id,
                 "" if deadline_ms is None else deadline_ms,
                 json.dumps(dict(step_deadlines)) if step_deadlines else "",
+                "|".join(map(str, parent)) if parent else "",
                 *_pairs(state),
             ],
         )
@@ -182,6 +185,7 @@ class Store:
                 k.stats,
                 k.stats_detail,
                 k.deadlines,
+                k.finished,
             ],
             [run_id],
         )
@@ -217,6 +221,8 @@ class Store:
                 qk.delayed,
                 rk.signals,
                 pk.deadlines,
+                rk.children,
+                pk.finished,
             ],
             [
                 dispatch.step,
@@ -250,13 +256,16 @@ class Store:
         entry_id: str = "",
         wake: str = "",
         wait: str = "",
+        children: str = "",
     ) -> Call:
         """``chain_to``: the consumer that takes the next step at once when nothing else waits,
         under ``chain_token`` (a new claim token); ``max_steps`` = 0 puts no limit on the run;
         ``entry_id``: the stream entry the claim was made from, acked by the commit when it
         applies ('' leaves the ack to the caller); ``wake``: a Sleep's wake-up (``Sleep.wake``):
         the run sleeps until then instead of going on at once; ``wait``: a WaitFor (the JSON of
-        ``StepOutcome.wait``): the run waits for that signal before it goes on."""
+        ``StepOutcome.wait``): the run waits for that signal before it goes on; ``children``: a
+        StartChildren (``{"into", "collect", "runs": [ids]}``): the run waits for those child runs,
+        which the caller starts after the commit."""
         rk, qk, k = self._at(dispatch.run, queue)
         return scripts.load("commit").call(
             [
@@ -276,6 +285,8 @@ class Store:
                 qk.delayed,
                 rk.signals,
                 k.deadlines,
+                rk.children,
+                k.finished,
             ],
             [
                 dispatch.run,
@@ -295,6 +306,7 @@ class Store:
                 entry_id,
                 wake,
                 wait,
+                children,
                 *_pairs(state),
             ],
         )
@@ -312,7 +324,7 @@ class Store:
     ) -> Call:
         rk, qk, k = self._at(dispatch.run, queue)
         return scripts.load("fail").call(
-            [rk.run, rk.history, qk.delayed, qk.queued, k.active, k.done, k.dead, k.stats, k.stats_detail],
+            [rk.run, rk.history, qk.delayed, qk.queued, k.active, k.done, k.dead, k.stats, k.stats_detail, k.finished],
             [dispatch.run, token, event, kind, "" if retry_delay_ms is None else retry_delay_ms, error],
         )
 
@@ -424,7 +436,18 @@ class Store:
     def cancel(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
         rk, qk, k = self._at(run_id, queue)
         return scripts.load("cancel").call(
-            [rk.run, k.cancels, rk.history, qk.delayed, qk.queued, k.active, k.done, k.stats, k.stats_detail],
+            [
+                rk.run,
+                k.cancels,
+                rk.history,
+                qk.delayed,
+                qk.queued,
+                k.active,
+                k.done,
+                k.stats,
+                k.stats_detail,
+                k.finished,
+            ],
             [run_id, reason, request_id],
         )
 
@@ -442,6 +465,7 @@ class Store:
                 k.stats_detail,
                 qk.delayed,
                 k.deadlines,
+                rk.children,
             ],
             [run_id, reason, request_id],
         )
@@ -468,11 +492,41 @@ class Store:
             [run_id, signal_id, name, payload, digest, max_signals],
         )
 
+    def child_done(self, *, parent: str, queue: str, index: int, child: str, status: str, result: str) -> Call:
+        """Record how child run ``child`` (index ``index`` of ``parent``) ended (``child_done.lua``)."""
+        rk, qk, k = self._at(parent, queue)
+        return scripts.load("child_done").call(
+            [
+                rk.run,
+                rk.state,
+                rk.children,
+                rk.history,
+                qk.stream,
+                qk.queued,
+                k.active,
+                k.dead,
+                k.stats,
+                k.stats_detail,
+                k.deadlines,
+                k.finished,
+            ],
+            [parent, index, child, status, result],
+        )
+
     def purge(self, *, run_id: str, index: str, cutoff_ms: int, statuses: Sequence[str]) -> Call:
         """Delete a finished run of ``index`` (``done`` or ``dead``) in ``statuses`` finished by ``cutoff_ms``."""
         rk = self._run(run_id)
         return scripts.load("purge").call(
-            [rk.run, rk.state, rk.results, rk.stash, rk.history, rk.signals, self.finished_index(run_id, index)],
+            [
+                rk.run,
+                rk.state,
+                rk.results,
+                rk.stash,
+                rk.history,
+                rk.signals,
+                rk.children,
+                self.finished_index(run_id, index),
+            ],
             [run_id, cutoff_ms, ",".join(statuses), ",".join(FINISHED_IN[index])],
         )
 

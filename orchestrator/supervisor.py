@@ -31,6 +31,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from orchestrator import scripts
+from orchestrator.children import check_parent, relay
 from orchestrator.codec import Dispatch
 from orchestrator.connection import REDIS_FAILURES, close, connect, is_cluster, probe_cluster
 from orchestrator.errors import ConfigError, RedisRefused, RedisUnavailable
@@ -171,6 +172,7 @@ class Supervisor:
             self._per_lane(done, lane, lambda ln: self.reclaim(ln, pending[ln]))
             self._per_lane(done, lane, lambda ln: {"promoted": self.promote(ln, due[ln])})
         self._add(done, {"expired": self.expire()})
+        self._add(done, relay(self.redis, self.store, range(self.keys.partitions), self.id))
         self._add(done, {"trimmed": self.trim(lanes)})
         self._add(done, {"dead_workers": self.reap_workers()})
         if sweep:
@@ -460,6 +462,8 @@ class Supervisor:
             counts[key] = counts.get(key, 0) + 1
             if outcome.code == "REPAIRED":
                 repaired.append((run_id, str(outcome.detail[1])))
+            elif outcome.code == "CHILDREN":  # waiting for child runs: check them (another slot each)
+                self._add(counts, check_parent(self.redis, self.store, run_id))
         for run_id, reason in repaired[:LOGGED_REPAIRS]:
             log.warning(
                 "run had no queued or scheduled work; repaired (reason says how)",

@@ -19,7 +19,7 @@ from orchestrator.keys import GROUP, Keys
 from orchestrator.runs import TERMINAL, RunInfo
 from orchestrator.runs import Waiting as SignalWait
 
-Waiting = Literal["queue", "worker", "claim", "recovery", "sleep", "signal", "backoff", "repair", "nothing"]
+Waiting = Literal["queue", "worker", "claim", "recovery", "sleep", "signal", "children", "backoff", "repair", "nothing"]
 Answer = tuple[Waiting, str, dict[str, Any]]  # what it waits for, the paragraph, the figures
 LOOK_BACK = 50  # history events read for the last error or cancel reason
 MAX_AHEAD = 10_000  # queued entries counted ahead of the run's own, at most
@@ -63,12 +63,13 @@ def explain(client: redis.Redis, keys: Keys, run_id: str, reclaim_interval_s: fl
     pipe.hgetall(rk.run)
     pipe.lrange(rk.history, -LOOK_BACK, -1)
     pipe.hgetall(rk.signals)
-    record, raw_events, signals = pipe.execute()
+    pipe.hgetall(rk.children)
+    record, raw_events, signals, children = pipe.execute()
     if not record:
         return None
     now = int(seconds) * 1000 + int(micros) // 1000
     events = [HistoryEvent.model_validate_json(e) for e in raw_events]
-    info = RunInfo.from_hash(run_id, record, signals)
+    info = RunInfo.from_hash(run_id, record, signals, children)
     waiting_for, text, details = _answer(client, keys, info, record, events, now, reclaim_interval_s)
     if info.signals_pending and waiting_for != "nothing":
         names = ", ".join(sorted({p.name for p in info.signals_pending}))
@@ -115,6 +116,15 @@ def _answer(
         return "sleep", text, {"due_ms": info.due_ms, "step": info.step}
     if info.status == "waiting" and info.waiting is not None:
         return _waiting(info.waiting, now, where)
+    if info.status == "waiting" and info.children is not None:
+        kids = info.children
+        text = (
+            f"waiting for child runs ({kids.done} of {kids.total} done), then {where}: "
+            + ", ".join(kids.children[:10])
+            + (f" and {kids.total - 10} more" if kids.total > 10 else "")
+            + "."
+        )
+        return "children", text, kids.model_dump()
     if info.status == "retrying" and info.due_ms is not None:
         error = next((e for e in reversed(events) if e.type in ("error", "timeout") and e.error), None)
         cause = f" after {error.error.type}: {error.error.message}" if error and error.error else ""

@@ -8,11 +8,12 @@ against the workflow's pydantic state model before it is persisted.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import re
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
@@ -28,6 +29,8 @@ from orchestrator.codec import (
     check_encoded,
     describe_serialization_error,
     describe_validation_error,
+    dumps,
+    encode_fields,
     to_json,
 )
 from orchestrator.errors import DefinitionError, StepResultError, ValidationError
@@ -64,6 +67,7 @@ class End:
 
 
 MAX_SLEEP_S = 366 * 24 * 3600.0  # Sleep(seconds=...) at most: a year
+MAX_CHILDREN = 1000  # child runs one StartChildren may start
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,40 @@ class WaitFor:
 
 
 @dataclass(frozen=True)
+class Child:
+    """One child run for :class:`StartChildren`: a run of ``workflow`` with ``input``.
+
+    Its run id is the starting step's idempotency key, ``/`` and ``key`` (default: its place in
+    the list), so a step that runs again starts no second child: the first one's id is taken.
+    """
+
+    workflow: Workflow[Any]
+    input: Any = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class StartChildren:
+    """Return from a step to start child runs, then continue at ``step`` (default: the step
+    after this one) once every child has finished.
+
+    Each child's outcome (a :class:`~orchestrator.children.ChildResult`: its final state, or
+    its error) is written, in list order, into the state field ``into`` (a list), in the same
+    atomic step that queues ``step``. A child that failed or was cancelled fails this run with
+    ``ChildFailed`` (``orchestrator retry`` of it re-drives the failed children, never starts new
+    ones), unless ``collect_failures``: then the next step gets them all and decides.
+    ``update`` is applied when this step commits. While its children run, this run holds no
+    worker slot, no lease and no stream entry; cancelling it cancels them.
+    """
+
+    children: Sequence[Child]
+    into: str
+    step: str | None = None
+    collect_failures: bool = False
+    update: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class SignalDef:
     """A signal a workflow's steps can wait for: its payload model and the state field it fills."""
 
@@ -156,6 +194,7 @@ class StepOutcome:
     next_step: str | None  # None: the run is complete
     wake: str = ""  # a Sleep: when to go on to next_step (Sleep.wake); '' = at once
     wait: dict[str, Any] | None = None  # a WaitFor, as commit.lua takes it (Workflow.wait_spec)
+    children: StartChildren | None = None  # child runs to start (orchestrator.children)
 
 
 # Workflows defined in this process, by name (the last definition of a name wins), so that
@@ -360,6 +399,16 @@ class Workflow(Generic[S]):
         except pydantic.ValidationError as exc:
             raise ValidationError(describe_validation_error(exc, what=f"input of workflow {self.name!r}")) from None
 
+    def encode_input(self, data: Any, *, limit: int) -> tuple[dict[str, str], str]:
+        """Submit input validated and encoded: the state fields as stored, and the digest that
+        tells a resubmit of the same input from another (``RunConflict``)."""
+        state = self.validate_input({} if data is None else data)
+        what = f"input of workflow {self.name!r}"
+        names = type(state).model_fields.keys() | (state.model_extra or {}).keys()
+        fields = encode_fields(self.json_fields(state, names, what=what, error=ValidationError), what=what, limit=limit)
+        digest = hashlib.sha256(dumps(dict(sorted(fields.items())), what="input").encode()).hexdigest()[:32]
+        return fields, digest
+
     def load_state(self, fields: Mapping[str, Any]) -> S:
         """Build the state model from stored fields (already JSON-decoded)."""
         try:
@@ -422,6 +471,8 @@ class Workflow(Generic[S]):
             return StepOutcome(update=update, next_step=next_step, wake=wake)
         elif isinstance(returned, WaitFor):
             return self._wait(where, returned, next_step)
+        elif isinstance(returned, StartChildren):
+            return self._children(where, returned, next_step)
         return StepOutcome(update=self._update(where, returned), next_step=next_step)
 
     def _wait(self, where: str, wait: WaitFor, next_step: str | None) -> StepOutcome:
@@ -453,6 +504,34 @@ class Workflow(Generic[S]):
         spec["on_timeout"] = wait.on_timeout or ""
         return StepOutcome(update=self._update(where, wait.update), next_step=next_step, wait=spec)
 
+    def _children(self, where: str, start: StartChildren, next_step: str | None) -> StepOutcome:
+        if start.step is not None:
+            self.get_step(start.step)
+        next_step = start.step or next_step
+        if next_step is None:
+            raise StepResultError(f"{where} returned StartChildren without step= and is the last step: name the step")
+        children = list(start.children)
+        if not children or len(children) > MAX_CHILDREN:
+            raise StepResultError(
+                f"{where} returned StartChildren with {len(children)} children: expected 1 to {MAX_CHILDREN}"
+            )
+        for i, child in enumerate(children):
+            if not isinstance(child, Child) or not isinstance(child.workflow, Workflow):
+                raise StepResultError(f"{where}: child {i} is {child!r}, expected Child(workflow, input)")
+        keys = [child.key or str(i) for i, child in enumerate(children)]
+        bad = [k for k in keys if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", k)]
+        if bad or len(set(keys)) != len(keys):
+            raise StepResultError(
+                f"{where}: child keys {bad or keys} are invalid: expected distinct keys of 1-64 A-Z a-z 0-9 _ . -"
+            )
+        if start.into not in self.state.model_fields and self.state.model_config.get("extra") != "allow":
+            raise StepResultError(
+                f"{where}: StartChildren(into={start.into!r}) names no field of {self.state.__name__} "
+                f"(fields: {sorted(self.state.model_fields)})"
+            )
+        update = self._update(where, start.update)
+        return StepOutcome(update=update, next_step=next_step, children=start)
+
     @staticmethod
     def _update(where: str, returned: Any) -> dict[str, Any]:
         if returned is None:
@@ -462,8 +541,8 @@ class Workflow(Generic[S]):
         else:
             raise StepResultError(
                 f"{where} returned {type(returned).__name__}; expected a dict of state updates, "
-                "None, Goto(step, update), End(update), Sleep(seconds | until, step, update) "
-                "or WaitFor(signal, step, timeout_s, on_timeout, update)"
+                "None, Goto(step, update), End(update), Sleep(seconds | until, step, update), "
+                "WaitFor(signal, step, timeout_s, on_timeout, update) or StartChildren(children, into, step, ...)"
             )
         bad_keys = [k for k in update if not isinstance(k, str)]
         if bad_keys:

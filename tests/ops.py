@@ -119,6 +119,7 @@ class Ops:
         ack: bool = True,
         wake: str = "",
         wait: str = "",
+        children: str = "",
     ) -> scripts.Call:
         """``ack``: hand the commit the entry to ack, as workers do (False: the caller acks);
         ``chain``: ask to chain the next step to ``worker`` (claim token ``<worker>:chained``);
@@ -139,6 +140,7 @@ class Ops:
             entry_id=eid if ack else "",
             wake=wake,
             wait=wait,
+            children=children,
         )
 
     def fail(

@@ -16,7 +16,18 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from orchestrator import Goto, NonRetryableError, Retry, Sleep, StepContext, WaitFor, Workflow
+from orchestrator import (
+    Child,
+    ChildResult,
+    Goto,
+    NonRetryableError,
+    Retry,
+    Sleep,
+    StartChildren,
+    StepContext,
+    WaitFor,
+    Workflow,
+)
 from orchestrator.chaos import ledger
 from orchestrator.faults import point
 
@@ -272,3 +283,52 @@ def done(ctx: StepContext, state: Purchase) -> None:
 
 
 ALL = [chain, stashing, effects, agent_loop, slow, held, napping, approving]
+
+
+class Kid(BaseModel):
+    """State of ``kid``: its name, and what it answered."""
+
+    name: str = ""
+    fail: bool = False
+    answer: str = ""
+
+
+kid = Workflow("kid", state=Kid, queue="kids")  # its own queue: a test can leave kids unserved
+BROKEN: set[str] = set()  # kids named here fail (a test flips it to make a retry succeed)
+
+
+@kid.step(retry=Retry(max_attempts=2, backoff_s=0.05))
+def answer(ctx: StepContext, state: Kid) -> dict[str, str]:
+    record_execution(ctx)
+    if state.fail or state.name in BROKEN:
+        raise NonRetryableError(f"kid {state.name} cannot answer")
+    return {"answer": f"hello from {state.name}"}
+
+
+class Family(BaseModel):
+    """State of ``parenting``: the kids to start, their results, and what the parent made of them."""
+
+    names: list[str] = []
+    fail: list[str] = []
+    collect: bool = False
+    kids: list[ChildResult] = []
+    summary: str = ""
+
+
+parenting = Workflow("parenting", state=Family)
+
+
+@parenting.step
+def start_kids(ctx: StepContext, state: Family) -> StartChildren:
+    record_execution(ctx)
+    kids = [Child(kid, {"name": n, "fail": n in state.fail}, key=n) for n in state.names]
+    return StartChildren(kids, into="kids", collect_failures=state.collect)
+
+
+@parenting.step
+def sum_up(ctx: StepContext, state: Family) -> dict[str, str]:
+    record_execution(ctx, saw=len(state.kids))
+    return {"summary": "; ".join(f"{k.run_id}={k.status}" for k in state.kids)}
+
+
+ALL.extend([kid, parenting])

@@ -181,6 +181,39 @@ local function step_queued(deadlines, run, run_id, step, now)
   index_deadlines(deadlines, run, run_id, step, now)
 end
 
+-- Runs linked to others (a child run, or a parent that started children: `notify` set) say
+-- that they finished on their partition's `finished` stream, in the script that finishes them;
+-- the supervisor relays it: to the parent (child_done.lua), and from a cancelled parent to its
+-- children (cancel.lua on each).
+local function announce(finished, run, run_id)
+  if redis.call('HGET', run, 'notify') then redis.call('XADD', finished, '*', 'run', run_id) end
+end
+
+-- Child runs a commit starts (children_spec: a StartChildren as commit.lua takes it, JSON or
+-- the table a step record holds) as {into, collect (bool), runs = {ids}}; nil when malformed.
+local function children_spec(c)
+  if type(c) == 'string' then
+    local ok, decoded = pcall(cjson.decode, c)
+    if not ok then return nil end
+    c = decoded
+  end
+  if type(c) ~= 'table' then return nil end
+  local listed = c.runs or c.specs  -- a step record keeps each child's whole submit
+  if type(c.into) ~= 'string' or c.into == '' or type(listed) ~= 'table' or #listed == 0 then return nil end
+  local runs = {}
+  for i, run in ipairs(listed) do
+    if type(run) == 'table' then run = run.run end
+    if type(run) ~= 'string' or run == '' then return nil end
+    runs[i] = run
+  end
+  return {into = c.into, collect = c.collect == true, runs = runs}
+end
+
+-- How long a parent waiting for its children is left between two looks of the sweep (ms; the
+-- first comes sweep_after_s after it parked): the supervisor then checks each child itself (a
+-- child not started, a notice lost).
+local CHILDREN_LOOK_MS = 30000
+
 -- How long a wait without a timeout is left before the sweep looks at it again (ms).
 local WAIT_LOOK_MS = 86400000
 
@@ -189,14 +222,17 @@ local WAIT_LOOK_MS = 86400000
 -- Writes everything but the run hash; the run's new fields go into `set`, for the caller's
 -- one HSET (written last, so that a commit which stops half-way leaves its result with the
 -- run not moved on: claim.lua recognises that and finishes it).
--- k: {run, state, signals, history, stream, queued, active, done, dead, stats, detail, delayed, deadlines}
+-- k: {run, state, signals, history, stream, queued, active, done, dead, stats, detail, delayed, deadlines,
+--    children, finished}
 -- a: {run_id, wf, token (of the claim that committed), next ('' = end), max_steps, now,
 --     seq (steps committed, this one included), visits (the next step's visits before this),
 --     created_ms, wake (a Sleep's wake-up, wake_due(); '' or nil = go on at once),
---     wait (a WaitFor, wait_spec(); nil = none)}
+--     wait (a WaitFor, wait_spec(); nil = none), children (a StartChildren, children_spec(); nil = none),
+--     idem (the idempotency key of the step that committed)}
 -- Returns {'OK', next step, visit, entry id}, {'OK', next step, visit, 'delayed', due ms} when
 -- the run sleeps, {'OK', next step, visit, 'waiting', timeout ms or 0} when it waits for a
--- signal, {'OK', '', 0, '', created ms, now} when the run completed, or
+-- signal, {'OK', next step, visit, 'children', count} when it waits for child runs,
+-- {'OK', '', 0, '', created ms, now} when the run completed, or
 -- {'OK', '', 0, '', created ms, now, 'RUNAWAY'} when the run hit max_steps.
 -- commit.lua writes the common case (the run goes on) out flat, for speed: keep them alike.
 local function advance(k, a, set)
@@ -205,6 +241,7 @@ local function advance(k, a, set)
   local function finish(status)
     set.status, set.dispatch, set.finished_ms = status, '', a.now
     unindex(k.active, k.queued, a.run_id)
+    announce(k.finished, k.run, a.run_id)
   end
   if a.next == '' then
     finish('completed')
@@ -247,6 +284,24 @@ local function advance(k, a, set)
     redis.call('RPUSH', k.history, event({type = 'sleeping', at = a.now, step = a.next, visit = visit, until_ms = due}))
     count(k.stats, 'sleeps')
     return {'OK', a.next, visit, 'delayed', due}
+  end
+  if a.children then
+    -- parked until every child finished (child_done.lua); the caller starts them
+    local fields = {'n', #a.children.runs, 'done', 0, 'into', a.children.into, 'collect', a.children.collect and 1 or 0,
+      'from', a.idem, 'step', a.next, 'visit', visit}
+    for i, run in ipairs(a.children.runs) do
+      fields[#fields + 1] = 'c:' .. (i - 1)
+      fields[#fields + 1] = run
+    end
+    redis.call('DEL', k.children)  -- a park before this one (a loop) was settled
+    redis.call('HSET', k.children, unpack(fields))
+    queued_at(0)
+    set.dispatch, set.status, set.due_ms, set.notify = 'children', 'waiting', 0, 1
+    index_active(k.active, k.queued, a.run_id, a.now)  -- a first look soon: were the children started?
+    redis.call('RPUSH', k.history, event({type = 'children', at = a.now, step = a.next, visit = visit,
+      detail = #a.children.runs .. ' child runs: ' .. table.concat(a.children.runs, ', ')}))
+    count(k.stats, 'children_started')
+    return {'OK', a.next, visit, 'children', #a.children.runs}
   end
   if a.wait then
     local id, payload = take_buffered(k.signals, a.wait.signal)

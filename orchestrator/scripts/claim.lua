@@ -13,7 +13,8 @@
 -- supervisor already replaced is STALE, so it cannot take the step away from the new entry.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] alive
 -- KEYS[7] stream  KEYS[8] queued  KEYS[9] active  KEYS[10] done  KEYS[11] dead  KEYS[12] stats
--- KEYS[13] stats detail  KEYS[14] delayed  KEYS[15] signals  KEYS[16] deadlines
+-- KEYS[13] stats detail  KEYS[14] delayed  KEYS[15] signals  KEYS[16] deadlines  KEYS[17] children
+-- KEYS[18] finished
 -- ARGV[1] step  ARGV[2] visit  ARGV[3] idempotency key  ARGV[4] claim token  ARGV[5] worker id
 -- ARGV[6] max crashes  ARGV[7] stream entry id  ARGV[8] workflow  ARGV[9] run id
 -- ARGV[10] max committed steps per run (0 = no limit)
@@ -51,9 +52,11 @@ if stored then
   if type(wake) ~= 'string' or nxt == '' or not wake_due(wake, 0) then wake = '' end
   -- a WaitFor: the run waits (or takes a signal sent meanwhile) as the commit meant it to
   local wait = ok and type(record) == 'table' and nxt ~= '' and wake == '' and wait_spec(record['wait']) or nil
+  local children = ok and type(record) == 'table' and nxt ~= '' and wake == '' and not wait and
+    record['children'] and children_spec(record['children']) or nil
   local keys = {run = KEYS[1], state = KEYS[2], history = KEYS[5], stream = KEYS[7], queued = KEYS[8],
     active = KEYS[9], done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13], delayed = KEYS[14],
-    signals = KEYS[15], deadlines = KEYS[16]}
+    signals = KEYS[15], deadlines = KEYS[16], children = KEYS[17], finished = KEYS[18]}
   local now = now_ms()
   redis.call('RPUSH', KEYS[5], event({type = 'repaired', at = now, step = ARGV[1], visit = tonumber(ARGV[2]),
     detail = 'result persisted but the run had not moved on; advanced from the result'}))
@@ -66,7 +69,8 @@ if stored then
   advance(keys, {run_id = ARGV[9], wf = r[2], token = r[5] or '', next = nxt,
     max_steps = tonumber(ARGV[10]) or 0, now = now, seq = seq,
     visits = tonumber(redis.call('HGET', KEYS[1], 'v:' .. nxt) or 0),
-    created_ms = tonumber(redis.call('HGET', KEYS[1], 'created_ms')), wake = wake, wait = wait}, set)
+    created_ms = tonumber(redis.call('HGET', KEYS[1], 'created_ms')), wake = wake, wait = wait,
+    children = children, idem = ARGV[3]}, set)
   hset(KEYS[1], set)
   return {'DUP', 'advanced'}
 end
@@ -142,6 +146,7 @@ if r[5] ~= '' then
       visit = tonumber(ARGV[2]), detail = msg}))
     count(KEYS[12], 'quarantined')
     count(KEYS[12], 'runs_failed')
+    announce(KEYS[18], KEYS[1], ARGV[9])
     detail(KEYS[13], 1, 'runs', r[2], 'failed')
     return {'QUARANTINED', crashes}
   end

@@ -7,7 +7,8 @@
 -- writes). Every other answer leaves the entry to the caller (ack.lua) or the supervisor.
 -- KEYS[1] run  KEYS[2] state  KEYS[3] results  KEYS[4] stash  KEYS[5] history  KEYS[6] alive
 -- KEYS[7] stream  KEYS[8] queued  KEYS[9] active  KEYS[10] done  KEYS[11] dead  KEYS[12] stats
--- KEYS[13] stats detail  KEYS[14] delayed  KEYS[15] signals  KEYS[16] deadlines
+-- KEYS[13] stats detail  KEYS[14] delayed  KEYS[15] signals  KEYS[16] deadlines  KEYS[17] children
+-- KEYS[18] finished
 -- ARGV[1] run id  ARGV[2] workflow  ARGV[3] idempotency key  ARGV[4] claim token
 -- ARGV[5] step record JSON  ARGV[6] attempt event body (JSON object)  ARGV[7] next step, '' = end
 -- ARGV[8] step duration ms  ARGV[9] step name  ARGV[10] cost JSON object ('' when none)
@@ -19,7 +20,9 @@
 -- ARGV[17] a WaitFor ('' = none; JSON, wait_spec() in _prelude.lua): the run waits for that
 -- signal with no entry and no claim (one already sent is delivered at once); signal.lua
 -- delivers it, promote.lua ends the wait at its timeout
--- ARGV[18..] state field, JSON value pairs
+-- ARGV[18] a StartChildren ('' = none; JSON, children_spec() in _prelude.lua): the run waits
+-- for those child runs (the caller starts them after this commit), child_done.lua moves it on
+-- ARGV[19..] state field, JSON value pairs
 -- Everything is validated before the first write (Lua does not roll back a script that fails
 -- half-way), and the result is the last thing written before the run advances: a result that
 -- exists therefore always comes with its state update applied.
@@ -44,7 +47,7 @@
 --   or already committed it) | {'TERMINAL', status} | {'MISSING'} |
 --   {'INVALID', reason} (an argument that would make a write fail: nothing was written)
 
-local STATE_AT = 18
+local STATE_AT = 19
 
 -- claim.lua's RUN reply for the step this commit chained, after the commit's own fields
 local function with_claim(code, step, visit, id, fence, attempt, now, seq, work_ms)
@@ -70,6 +73,9 @@ local function invalid(wf, step)
   end
   if ARGV[17] ~= '' and (ARGV[7] == '' or ARGV[16] ~= '' or not wait_spec(ARGV[17])) then
     return 'wait ' .. ARGV[17] .. ' is not a WaitFor before a next step'
+  end
+  if ARGV[18] ~= '' and (ARGV[7] == '' or ARGV[16] ~= '' or ARGV[17] ~= '' or not children_spec(ARGV[18])) then
+    return 'children ' .. ARGV[18] .. ' are not a StartChildren before a next step'
   end
   if ARGV[10] == '' then return nil end
   local ok, cost = pcall(cjson.decode, ARGV[10])
@@ -140,16 +146,17 @@ redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
 local seq = tonumber(r[5] or 0) + 1
 local work_ms = tonumber(r[6] or 0) + tonumber(ARGV[8])
 local max_steps = tonumber(ARGV[14])
-if ARGV[7] == '' or ARGV[16] ~= '' or ARGV[17] ~= '' or (max_steps > 0 and seq >= max_steps) then
+if ARGV[7] == '' or ARGV[16] ~= '' or ARGV[17] ~= '' or ARGV[18] ~= '' or (max_steps > 0 and seq >= max_steps) then
   -- the run ends, sleeps or waits here (completed, failed at max steps, a Sleep or a WaitFor):
   -- advance() in _prelude.lua
   local set = {seq = seq, work_ms = work_ms, stash_base_ms = 0}
   local keys = {run = KEYS[1], state = KEYS[2], history = KEYS[5], stream = KEYS[7], queued = KEYS[8],
     active = KEYS[9], done = KEYS[10], dead = KEYS[11], stats = KEYS[12], detail = KEYS[13], delayed = KEYS[14],
-    signals = KEYS[15], deadlines = KEYS[16]}
+    signals = KEYS[15], deadlines = KEYS[16], children = KEYS[17], finished = KEYS[18]}
   local out = advance(keys, {run_id = ARGV[1], wf = ARGV[2], token = ARGV[4], next = ARGV[7],
     max_steps = max_steps, now = now, seq = seq, visits = tonumber(r[9] or 0), created_ms = tonumber(r[7]),
-    wake = ARGV[16], wait = ARGV[17] ~= '' and wait_spec(ARGV[17]) or nil}, set)
+    wake = ARGV[16], wait = ARGV[17] ~= '' and wait_spec(ARGV[17]) or nil,
+    children = ARGV[18] ~= '' and children_spec(ARGV[18]) or nil, idem = ARGV[3]}, set)
   hset(KEYS[1], set)
   ack()
   return out

@@ -5,7 +5,7 @@
 -- the partition's cancels stream) and its late commit is refused (TERMINAL); a sleeping,
 -- waiting or backing-off run loses its wake-up at once.
 -- KEYS[1] run  KEYS[2] cancels  KEYS[3] history  KEYS[4] delayed  KEYS[5] queued  KEYS[6] active
--- KEYS[7] dead  KEYS[8] stats  KEYS[9] stats detail  KEYS[10] deadlines
+-- KEYS[7] dead  KEYS[8] stats  KEYS[9] stats detail  KEYS[10] deadlines  KEYS[11] finished
 -- ARGV[1] run id
 -- Returns {'EXPIRED', deadline ms} | {'NOT_DUE', deadline ms or ''} | {'TERMINAL', status} |
 --   {'MISSING'}
@@ -52,6 +52,7 @@ unindex(KEYS[6], KEYS[5], ARGV[1])
 redis.call('ZADD', KEYS[7], now, ARGV[1])
 redis.call('RPUSH', KEYS[3], event({type = 'failed', at = now, step = r[2], visit = tonumber(r[3]), detail = msg}))
 count(KEYS[8], 'runs_failed')
+announce(KEYS[11], KEYS[1], ARGV[1])
 count(KEYS[8], kind == 'DeadlineExceeded' and 'runs_expired' or 'steps_expired')
 detail(KEYS[9], 1, 'runs', r[4], 'failed')
 return {'EXPIRED', deadline}

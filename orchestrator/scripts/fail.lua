@@ -1,7 +1,7 @@
 -- Record a failed attempt (the step raised or timed out): schedule a retry after its backoff,
 -- or fail the run and dead-letter it. The caller XACKs the stream entry afterwards.
 -- KEYS[1] run  KEYS[2] history  KEYS[3] delayed  KEYS[4] queued  KEYS[5] active  KEYS[6] done
--- KEYS[7] dead  KEYS[8] stats  KEYS[9] stats detail
+-- KEYS[7] dead  KEYS[8] stats  KEYS[9] stats detail  KEYS[10] finished
 -- ARGV[1] run id  ARGV[2] claim token  ARGV[3] attempt event body (JSON object, with error)
 -- ARGV[4] event type ('error' | 'timeout')  ARGV[5] retry delay ms, '' = fail the run
 -- ARGV[6] error JSON
@@ -54,5 +54,6 @@ redis.call('ZADD', KEYS[7], now, ARGV[1])
 redis.call('RPUSH', KEYS[2], event({type = 'failed', at = now}))
 count(KEYS[8], 'steps_failed')
 count(KEYS[8], 'runs_failed')
+announce(KEYS[10], KEYS[1], ARGV[1])
 detail(KEYS[9], 1, 'runs', r[5], 'failed')
 return {'FAILED'}

@@ -1,7 +1,7 @@
 -- Send a signal to a run: record it under its id (a second send of the same id changes
 -- nothing), then deliver it at once when the run waits for it (its payload into the state, the
 -- run's next step on its queue, the wait's timeout removed), or keep it for the step that will
--- wait for it (a commit that waits takes the oldest one kept: advance() in _prelude.lua).
+-- wait for it (a commit that waits takes the oldest one kept: see advance in _prelude.lua).
 -- KEYS[1] run  KEYS[2] state  KEYS[3] signals  KEYS[4] history  KEYS[5] stream  KEYS[6] queued
 -- KEYS[7] active  KEYS[8] delayed  KEYS[9] stats  KEYS[10] deadlines
 -- ARGV[1] run id  ARGV[2] signal id (no spaces)  ARGV[3] name  ARGV[4] payload (JSON, checked

@@ -7,7 +7,9 @@
 -- ARGV[8] deadline: ms from now on this server's clock ('' = none); the supervisor fails the run
 -- when it passes (expire.lua)
 -- ARGV[9] step deadlines: a JSON object, step name -> ms ('' = none; see step_due in _prelude.lua)
--- ARGV[10..] state field, JSON value pairs
+-- ARGV[10] the parent of a child run: its run id, queue and the child's index, '|'-separated
+-- ('' = none); the run says when it finishes (announce() in _prelude.lua)
+-- ARGV[11..] state field, JSON value pairs
 -- Returns {1, entry id} when this request created the run (also when it is resent after a
 -- lost reply), {0, workflow, input digest, status} when the id belongs to an existing run.
 local existing = redis.call('HMGET', KEYS[1], 'wf', 'input_sha', 'status', 'submit_req', 'dispatch')
@@ -37,7 +39,13 @@ redis.call('HSET', KEYS[1],
   'attempt', 0, 'errors', 0, 'crashes', 0, 'fence', 0, 'seq', 0, 'work_ms', 0, 'fenced', 0,
   'claim', '', 'claim_fence', 0, 'done_claim', '', 'dispatch', id, 'input_sha', ARGV[5],
   'created_ms', now, 'updated_ms', now, 'v:' .. ARGV[4], 1, 'submit_req', ARGV[7])
-if #ARGV >= 10 then redis.call('HSET', KEYS[2], unpack(ARGV, 10, #ARGV)) end
+if #ARGV >= 11 then redis.call('HSET', KEYS[2], unpack(ARGV, 11, #ARGV)) end
+if ARGV[10] ~= '' then
+  local parent, queue, index = string.match(ARGV[10], '^([^|]+)|([^|]+)|(%d+)$')
+  if parent then
+    redis.call('HSET', KEYS[1], 'parent', parent, 'parent_queue', queue, 'parent_index', index, 'notify', 1)
+  end
+end
 if ARGV[8] ~= '' then
   local deadline = now + tonumber(ARGV[8])
   redis.call('HSET', KEYS[1], 'deadline_ms', deadline)

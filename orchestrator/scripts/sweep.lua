@@ -6,7 +6,8 @@
 -- KEYS[7] history  KEYS[8] stats
 -- ARGV[1] run id  ARGV[2] group  ARGV[3] sweep after ms (how long a run is left before a look)
 -- ARGV[4] the longest a live claim is left between two looks (ms)
--- Returns {'ALIVE'} | {'QUEUED'} | {'SCHEDULED'} | {'WAITING'} | {'TERMINAL'} | {'GONE'} |
+-- Returns {'ALIVE'} | {'QUEUED'} | {'SCHEDULED'} | {'WAITING'} | {'CHILDREN'} (waiting for child
+--   runs: the caller checks them) | {'TERMINAL'} | {'GONE'} |
 --   {'REPAIRED', entry id, reason} (entry id '' when a sleeping run's lost wake-up, or a waiting
 --   run's lost timeout, was scheduled again)
 local r = redis.call('HMGET', KEYS[1], 'status', 'dispatch', 'step', 'visit', 'wf', 'claim', 'claim_worker', 'claim_ms')
@@ -40,6 +41,11 @@ local function queued()
 end
 
 local reason
+if r[1] == 'waiting' and r[2] == 'children' then
+  -- the supervisor checks each child itself (one not started, a notice lost): child_done.lua
+  index_active(KEYS[6], KEYS[5], ARGV[1], now + CHILDREN_LOOK_MS)
+  return {'CHILDREN'}
+end
 if r[1] == 'waiting' then
   -- parked until a signal comes (signal.lua) or its timeout (promote.lua): nothing to dispatch
   local due = tonumber(redis.call('HGET', KEYS[1], 'due_ms')) or 0

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from orchestrator import scripts
+from orchestrator.children import child_specs, submit_calls
 from orchestrator.codec import Dispatch, ErrorInfo, StepRecord, dumps, encode_fields
 from orchestrator.connection import REDIS_FAILURES, outcome_unknown_or_passing
 from orchestrator.context import StepContext
@@ -67,6 +68,8 @@ class Outcomes:
         merged = wf.merge(state, outcome.update, where=where)
         values = wf.json_fields(merged, outcome.update.keys(), what=f"update from {where}")
         fields = encode_fields(values, what=f"update from {where}", limit=self.rt.settings.max_payload_bytes)
+        children = outcome.children
+        specs = child_specs(children, ctx.idempotency_key, limit=self.rt.settings.max_payload_bytes) if children else []
         end_ms = now_ms()
         record = StepRecord(
             step=d.step,
@@ -81,7 +84,10 @@ class Outcomes:
             cost=ctx.cost,
             wake=outcome.wake or None,
             wait=outcome.wait,
-        ).model_dump_json(exclude={name for name in ("wake", "wait") if not getattr(outcome, name)})
+            children={"into": children.into, "collect": children.collect_failures, "specs": specs}
+            if children
+            else None,
+        ).model_dump_json(exclude={name for name in ("wake", "wait", "children") if not getattr(outcome, name)})
         self.rt.faults.hit("before_commit", d.step)
         # Chain (take the next step at once, without a trip through the queue) at most
         # MAX_CHAINED_STEPS times in a row: a chained step goes ahead of the runs waiting in the
@@ -91,6 +97,7 @@ class Outcomes:
             outcome.next_step is not None
             and not outcome.wake
             and outcome.wait is None
+            and children is None
             and self.chained < MAX_CHAINED_STEPS
             and self.rt.may_chain()
         )
@@ -111,6 +118,11 @@ class Outcomes:
             entry_id="" if self.superseded else self.entry_id,
             wake=outcome.wake,
             wait=json.dumps(outcome.wait) if outcome.wait else "",
+            children=json.dumps(
+                {"into": children.into, "collect": children.collect_failures, "runs": [c["run"] for c in specs]}
+            )
+            if children
+            else "",
         )
         try:
             result = await self._send(call, "commit")
@@ -123,6 +135,8 @@ class Outcomes:
             await self.fail(CommitRefused(f"the commit of {where} was refused: {result.detail[0]}"), step=None)
             return
         self.rt.faults.hit("after_persist_before_ack", d.step)
+        if specs and result.code in ("OK", "REPLAY"):
+            await self._start_children(specs)
         if result.code not in ("OK", "REPLAY"):  # REPLAY: resent after a lost reply
             self._ack(result)  # an applied commit acked its entry itself
         elif result.detail:
@@ -134,6 +148,19 @@ class Outcomes:
                     run=d.run, wf=d.wf, step=committed.next_step, visit=committed.visit
                 )
                 self.rt.start_chained(self.queue, committed.entry_id, successor, chained, chain_token, self.chained + 1)
+
+    async def _start_children(self, specs: list[dict[str, Any]]) -> None:
+        """Submit the children the commit parked this run for (each idempotent by its run id);
+        one that does not get through is submitted by the supervisor's next look at this run."""
+        self.rt.faults.hit("before_children", self.dispatch.step)
+        calls = submit_calls(self.rt.store, specs, self.dispatch.run, self.queue)
+        replies = await self.rt.batcher.call_many(calls)
+        failed = [spec["run"] for spec, reply in zip(specs, replies, strict=True) if isinstance(reply, BaseException)]
+        fields = {**self.log_fields, "children": len(specs)}
+        if failed:
+            log.warning("child runs not started; the supervisor starts them", extra={**fields, "failed": failed[:5]})
+        else:
+            log.info("child runs started; run waiting for them", extra=fields)
 
     # -- fail and release -----------------------------------------------------------------
 

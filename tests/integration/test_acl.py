@@ -61,11 +61,12 @@ ROLE_SCRIPTS: dict[str, list[str]] = {
     # worker/runner.py, outcomes.py, execution.py, heartbeat.py, queues.py, runtime.py (ack_owned)
     "worker": words(
         "layout claim commit fail release alive own_pending redispatch stash ack reap_consumer heartbeat due promote"
+        " submit"  # the child runs of a step that returned StartChildren
     ),
     # supervisor.py, retention.py (purge)
     "supervisor": words(
         "layout reap_consumer dead_pending redispatch due promote passed sweep trim purge leader resign reap_workers"
-        " stale expire"
+        " stale expire child_done submit cancel"  # children.py: relay, check_parent (children not started), cascade
     ),
     # Client.submit (the first records the namespace's partition count), Client.signal
     "client": ["layout", "submit", "signal"],
@@ -89,7 +90,7 @@ SCRAPE |= {"zrandmember", "zrange", "zrevrange"}
 PURGE_PAGES = {"time", "zrangebyscore", "hmget"}  # retention.purge_finished (also --dry-run)
 SUPERVISING = set(
     words("smembers time xgroup|create xinfo|consumers xpending xrange hget zmscore xack xdel hincrby hdel")
-)
+) | {"xreadgroup", "xautoclaim", "hgetall", "hmget", "exists"}  # children.py: the finished notices, children
 # The commands each role sends itself, outside scripts.
 DIRECT: dict[str, set[str]] = {
     # runner.py: XREADGROUP, SADD queues, HINCRBY/HSET zeroed series and step order, ZREM/DEL at
@@ -105,7 +106,8 @@ DIRECT: dict[str, set[str]] = {
     # (LRANGE), list_runs (SMEMBERS, ZREVRANGE)
     # every client call first compares the namespace's partition count (HMGET of its config)
     "client": CONNECTION | PROBE | SCRIPTING | {"sadd", "hget", "hgetall", "hmget", "lrange", "smembers", "zrevrange"},
-    "operator": CONNECTION | PROBE | SCRIPTING | PURGE_PAGES | {"hgetall", "hmget"},  # get() before cancel and retry
+    # get() before cancel and retry; a cancelled parent's children (children.cancel_children)
+    "operator": CONNECTION | PROBE | SCRIPTING | PURGE_PAGES | {"hgetall", "hmget"},
     # runs list, status, history, stats, top, runs purge --dry-run; runs why (XRANGE: the entries
     # queued ahead of a run's own)
     "reader": CONNECTION | PROBE | SCRAPE | PURGE_PAGES | {"lrange", "xrange"},

@@ -269,6 +269,8 @@ def test_fault_rules_fire_only_when_armed_for_that_step_and_hit() -> None:
 def test_public_api_is_pinned() -> None:
     assert orchestrator.__all__ == sorted(orchestrator.__all__)
     assert set(orchestrator.__all__) == {
+        "Child",
+        "ChildResult",
         "ClaimLost",
         "Client",
         "ConfigError",
@@ -291,6 +293,7 @@ def test_public_api_is_pinned() -> None:
         "RunNotFound",
         "Settings",
         "Sleep",
+        "StartChildren",
         "WaitFor",
         "StepContext",
         "StepResultError",

@@ -1,0 +1,192 @@
+"""Child runs: starting them for a step that returned ``StartChildren``, and bringing each one's
+outcome back to its parent.
+
+A parent and its children live in different partitions (hash slots), so no one script can
+touch both. The parent's commit parks it and lists its children (``advance()`` in
+``_prelude.lua``); the worker then submits each child (``submit.lua``, idempotent by the child's
+run id, which derives from the parent's idempotency key). A child that finishes says so on its
+partition's ``finished`` stream in the script that finishes it; the supervisor relays that to
+the parent (``child_done.lua``, once per child), and from a cancelled parent to its children.
+The sweep's look at a waiting parent (``check_parent``) repairs whatever those two fast paths
+lost: a child never submitted (the worker died after the commit), a notice never relayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+from pydantic import BaseModel
+
+from orchestrator import scripts
+from orchestrator.codec import loads
+from orchestrator.keys import RUN_ID_PATTERN, Keys
+from orchestrator.runs import TERMINAL
+from orchestrator.store import Outcome, Store
+from orchestrator.workflow import StartChildren
+
+log = logging.getLogger("orchestrator.children")
+GROUP = "parents"  # the consumer group of the supervisors on each partition's finished stream
+READ = 100  # notices relayed per partition and tick
+
+
+class ChildResult(BaseModel):
+    """How one child run ended, as its parent's state receives it (in the ``into`` list)."""
+
+    run_id: str
+    workflow: str
+    status: str  # completed, failed or cancelled
+    state: dict[str, Any] | None = None  # the child's final state
+    error: dict[str, Any] | None = None  # its error (type, message, ...) when it failed
+
+
+def _strings(values: Any) -> list[str | None]:
+    """A reply of strings (the clients decode responses), typed as such."""
+    return [None if v is None else str(v) for v in values]
+
+
+def child_specs(start: StartChildren, idempotency_key: str, *, limit: int) -> list[dict[str, Any]]:
+    """Each child's submit, ready to store in the parent's step record and to send: run id,
+    workflow, queue, first step, step deadlines, input digest and state fields (JSON)."""
+    specs = []
+    for i, child in enumerate(start.children):
+        run_id = f"{idempotency_key}/{child.key or i}"
+        if not RUN_ID_PATTERN.match(run_id):
+            raise ValueError(f"child run id {run_id!r} is over 200 characters: use shorter keys or run ids")
+        fields, digest = child.workflow.encode_input(child.input, limit=limit)
+        specs.append(
+            {
+                "run": run_id,
+                "wf": child.workflow.name,
+                "queue": child.workflow.queue,
+                "first": child.workflow.first_step,
+                "sd": child.workflow.step_deadlines_ms(),
+                "sha": digest,
+                "state": fields,
+            }
+        )
+    return specs
+
+
+def submit_calls(store: Store, specs: Sequence[dict[str, Any]], parent: str, queue: str) -> list[scripts.Call]:
+    """The submits of a parent's children (each idempotent: one already there is kept)."""
+    return [
+        store.submit(
+            run_id=spec["run"],
+            workflow=spec["wf"],
+            queue=spec["queue"],
+            first_step=spec["first"],
+            input_sha=spec["sha"],
+            event=json.dumps({"detail": f"workflow {spec['wf']}, child {i} of run {parent}"}),
+            request_id=f"child:{spec['run']}",
+            state=spec["state"],
+            step_deadlines=spec["sd"],
+            parent=(parent, queue, i),
+        )
+        for i, spec in enumerate(specs)
+    ]
+
+
+def result_of(client: redis.Redis, keys: Keys, run_id: str) -> tuple[str, str] | None:
+    """A finished child's status and its :class:`ChildResult` as JSON (its state fields copied
+    as stored, not decoded and encoded again); None while it runs or when it is gone."""
+    rk = keys.run(run_id)
+    pipe = client.pipeline(transaction=False)
+    pipe.hmget(rk.run, "status", "wf", "error")
+    pipe.hgetall(rk.state)
+    (status, wf, error), state = pipe.execute()
+    if status not in TERMINAL:
+        return None
+    fields = ",".join(f"{json.dumps(name)}:{value}" for name, value in sorted(state.items()))
+    head = json.dumps(
+        {"run_id": run_id, "workflow": wf, "status": status, "error": loads(error, what="error") if error else None}
+    )
+    return status, head[:-1] + ',"state":{' + fields + "}}"
+
+
+def report(client: redis.Redis, store: Store, child: str) -> Outcome | None:
+    """Hand a finished child's outcome to its parent (``child_done.lua``); None when ``child`` is
+    not a child, still runs, or is gone."""
+    rk = store.keys.run(child)
+    parent, queue, index = _strings(client.hmget(rk.run, "parent", "parent_queue", "parent_index"))
+    if not parent or not queue or not index:
+        return None
+    found = result_of(client, store.keys, child)
+    if found is None:
+        return None
+    status, result = found
+    call = store.child_done(parent=parent, queue=queue, index=int(index), child=child, status=status, result=result)
+    return Outcome.parse(scripts.execute(client, [call])[0])
+
+
+def children_of(client: redis.Redis, keys: Keys, parent: str) -> list[str]:
+    """The child runs of ``parent``'s current (or last) wait, in order."""
+    found: dict[str, str] = client.hgetall(keys.run(parent).children)  # type: ignore[assignment]
+    return [found[f"c:{i}"] for i in range(int(found.get("n", 0))) if f"c:{i}" in found]
+
+
+def cancel_children(client: redis.Redis, store: Store, parent: str, reason: str) -> int:
+    """Cancel every unfinished child of ``parent``; returns how many were cancelled."""
+    cancelled = 0
+    for child in children_of(client, store.keys, parent):
+        status, queue = _strings(client.hmget(store.keys.run(child).run, "status", "queue"))
+        if status and queue and status not in TERMINAL:
+            call = store.cancel(run_id=child, queue=queue, reason=reason, request_id=f"parent:{parent}")
+            cancelled += Outcome.parse(scripts.execute(client, [call])[0]).code == "CANCELLED"
+    return cancelled
+
+
+def check_parent(client: redis.Redis, store: Store, parent: str) -> dict[str, int]:
+    """The sweep's look at a parent waiting for its children: submit the children it lists that
+    do not exist (from the specs in the step record that started them), and report every
+    finished one (``child_done.lua`` settles the parent once all are in)."""
+    keys = store.keys
+    rk = keys.run(parent)
+    info: dict[str, str] = client.hgetall(rk.children)  # type: ignore[assignment]
+    (queue,) = _strings([client.hget(rk.run, "queue")])
+    if not info or queue is None:
+        return {}
+    counts = {"children_checked": 0, "children_submitted": 0}
+    missing = [i for i in range(int(info["n"])) if not client.exists(keys.run(info[f"c:{i}"]).run)]
+    if missing:
+        (raw,) = _strings([client.hget(rk.results, info["from"])])
+        record = loads(raw or "{}", what=f"step record of {parent}")
+        specs = (record.get("children") or {}).get("specs") or []
+        calls = submit_calls(store, specs, parent, queue)
+        scripts.execute(client, [calls[i] for i in missing if i < len(calls)])
+        counts["children_submitted"] = len(missing)
+    for i in range(int(info["n"])):
+        if f"r:{i}" not in info:
+            counts["children_checked"] += 1
+            report(client, store, info[f"c:{i}"])
+    return counts
+
+
+def relay(client: redis.Redis, store: Store, partitions: Iterable[int], consumer: str) -> dict[str, int]:
+    """Relay the ``finished`` notices of ``partitions``: each child's outcome to its parent, and
+    a cancelled parent's cancel to its children. A notice is acked and deleted once relayed; one
+    left pending (the supervisor died) is read again by the next supervisor (from the group's
+    pending entries, idle a minute)."""
+    counts = {"children_reported": 0, "children_cancelled": 0}
+    for p in partitions:
+        stream = store.keys.part(p).finished
+        with contextlib.suppress(redis.ResponseError):  # it exists
+            client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        stale: Any = client.xautoclaim(stream, GROUP, consumer, min_idle_time=60_000, start_id="0", count=READ)
+        entries = list(stale[1]) if stale else []
+        fresh: Any = client.xreadgroup(GROUP, consumer, {stream: ">"}, count=READ)
+        for _, batch in fresh or []:
+            entries += batch
+        for entry_id, fields in entries:
+            run_id = fields.get("run", "")
+            outcome = report(client, store, run_id) if run_id else None
+            counts["children_reported"] += outcome is not None
+            if client.hget(store.keys.run(run_id).run, "status") == "cancelled":
+                counts["children_cancelled"] += cancel_children(client, store, run_id, f"parent {run_id} cancelled")
+            client.xack(stream, GROUP, entry_id)
+            client.xdel(stream, entry_id)
+    return counts
