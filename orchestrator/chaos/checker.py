@@ -32,6 +32,11 @@ I12 no signal lost or applied twice: a completed run that waited for a signal go
     run's wait ends, and again every few seconds while the run is open), never both; the step
     after the wait ran at one visit only, and every execution of it saw the run's own token
     (or none after a timeout); a signal never delivered is I1
+I13 child runs: a parent's children are exactly those it listed (no other run carries a
+    child id of its step: none started twice), each one says so (``parent``); a completed
+    parent finished after every child (its ``children_done`` no earlier than any child's end)
+    and its next step saw one outcome per child; every child of a cancelled parent is finished
+    (none left running); a child never finished is I1 (children are checked as runs too)
 
 Under lost writes (Redis restored from an older copy) the ledger lives on another server and
 keeps the executions of the forgotten timeline. The invariants above still hold as stated:
@@ -51,7 +56,7 @@ from typing import Any
 
 import redis
 
-from orchestrator.chaos.flows import approvals, signal_token
+from orchestrator.chaos.flows import MAX_KIDS, approvals, parents, signal_token
 from orchestrator.chaos.ledger import Execution, Ledger
 from orchestrator.client import Client
 from orchestrator.codec import HistoryEvent, StepRecord
@@ -111,6 +116,8 @@ class Report:
     signalled: int = 0  # runs that got their signal (I12)
     wait_timeouts: int = 0  # runs whose wait timed out (I12)
     signal_sends: int = 0  # signals the driver sent, resends included (set by the driver)
+    children: int = 0  # child runs the parents started (I13)
+    parents_cancelled: int = 0  # parents the driver cancelled while their children ran (I13)
     faults: Counter[str] = field(default_factory=Counter)
     detection_ms: list[int] = field(default_factory=list)
     recovery_ms: list[int] = field(default_factory=list)
@@ -137,6 +144,9 @@ class Report:
             "signalled": self.signalled,
             "wait_timeouts": self.wait_timeouts,
             "signal_sends": self.signal_sends,
+            "children": self.children,
+            "parents_cancelled": self.parents_cancelled,
+            "child_violations": self.count("I13"),
             "sleeps": self.sleeps,
             "fencing_checked": self.fencing_checked,
             "vanished": self.vanished,
@@ -183,6 +193,18 @@ def load(client: Client, run_ids: list[str]) -> dict[str, RunFacts]:
     return facts
 
 
+def children_of(client: Client, parent_ids: list[str]) -> dict[str, list[str]]:
+    """Each parent's listed children (its ``children`` hash), for the parents that started any."""
+    pipe = client.redis.pipeline(transaction=False)
+    for rid in parent_ids:
+        pipe.hgetall(client.keys.run(rid).children)
+    out = {}
+    for rid, listed in zip(parent_ids, pipe.execute() if parent_ids else [], strict=True):
+        if listed:
+            out[rid] = [listed[f"c:{i}"] for i in range(int(listed["n"]))]
+    return out
+
+
 class Checker:
     """Checks one namespace after a chaos run. ``kills`` are (worker id, server ms) pairs;
     ``restores_ms`` the server-clock times at which Redis came back from an older copy."""
@@ -203,6 +225,8 @@ class Checker:
     ) -> Report:
         report = report or Report()
         facts = load(self.client, submitted)
+        kids = children_of(self.client, [rid for rid in facts if rid.startswith(parents.name)])
+        facts.update(load(self.client, [kid for listed in kids.values() for kid in listed]))
         executions = self.ledger.executions()
         by_key: dict[str, list[Execution]] = {}
         for ex in executions:
@@ -214,6 +238,7 @@ class Checker:
         self._fencing(report, facts)
         self._wake_ups(report, facts, executions)
         self._signals(report, facts, executions)
+        self._children(report, facts, kids, executions)
         self._counters(report, facts)
         self._latencies(report, facts, kills, sorted(restores_ms))
         self._pending(report)
@@ -381,6 +406,54 @@ class Checker:
                     self._fail(report, "I12", ex.run, f"{ex.key}: the step after the wait ran at a second visit")
                 if ex.saw not in (signal_token(ex.run), -1):
                     self._fail(report, "I12", ex.run, f"{ex.key} saw token {ex.saw}, not the run's own")
+
+    def _children(
+        self, report: Report, facts: dict[str, RunFacts], kids: dict[str, list[str]], executions: list[Execution]
+    ) -> None:
+        """I13: each parent's children are exactly the ones it listed, finished before it
+        completed (all of them, when it was cancelled), and its next step saw one outcome each."""
+        extra = self._unlisted(kids)
+        for parent, listed in kids.items():
+            info = facts[parent].info
+            report.children += len(listed)
+            for kid in extra.get(parent, []):
+                self._fail(report, "I13", parent, f"{kid} exists but the parent did not list it: a second child")
+            ends = []
+            for kid in listed:
+                child = facts[kid].info
+                if child is None or child.parent != parent:
+                    self._fail(report, "I13", parent, f"child {kid} is missing or names another parent")
+                    continue
+                if info is not None and info.status == "cancelled" and child.status not in TERMINAL:
+                    self._fail(report, "I13", parent, f"cancelled, but its child {kid} is still {child.status}")
+                ends.append(child.finished_ms or 0)
+            if info is not None and info.status == "cancelled":
+                report.parents_cancelled += 1
+            if info is not None and info.status == "completed":
+                settled = [ev.at for ev in facts[parent].events if ev.type == "children_done"]
+                if not settled or min(settled) < max(ends, default=0):
+                    self._fail(report, "I13", parent, f"completed before its children ended ({settled} < {ends})")
+        for ex in executions:
+            if ex.run in kids and ex.step == "tally" and ex.saw != len(kids[ex.run]):
+                self._fail(report, "I13", ex.run, f"{ex.key} saw {ex.saw} outcomes for {len(kids[ex.run])} children")
+
+    def _unlisted(self, kids: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Runs with a child id of a parent's step that the parent did not list (the ids are
+        the step's idempotency key and the child's place: one past the list would be a second
+        start)."""
+        pipe = self.client.redis.pipeline(transaction=False)
+        probes = []
+        for parent in kids:
+            for i in range(MAX_KIDS + 1):
+                kid = f"{parent}:spawn/{i}"
+                if kid not in kids[parent]:
+                    probes.append((parent, kid))
+                    pipe.exists(self.client.keys.run(kid).run)
+        found: dict[str, list[str]] = {}
+        for (parent, kid), exists in zip(probes, pipe.execute() if probes else [], strict=True):
+            if exists:
+                found.setdefault(parent, []).append(kid)
+        return found
 
     def _counters(self, report: Report, facts: dict[str, RunFacts]) -> None:
         """I6: each counter equals the number of history events it counts."""

@@ -1,11 +1,12 @@
 """The synthetic workflow mix that ``orchestrator chaos`` runs: every step records itself in the ledger.
 
-Six shapes cover the step path: a chain (each step must see the state its predecessor
+Seven shapes cover the step path: a chain (each step must see the state its predecessor
 committed), a stashing step (resumes from its checkpoint), a side effect sent to the ledger's
 two fake receivers (one dedupes by idempotency key, one keeps the highest fencing token), an
 agent-style loop (``Goto``, so idempotency keys carry visit numbers), a nap (``Sleep``
 until a time its first step picks, which the step after it must not start before), and an
-approval (``WaitFor`` a signal the driver sends, and sends again, under one signal id).
+approval (``WaitFor`` a signal the driver sends, and sends again, under one signal id), and a
+parent (``StartChildren`` of 1-3 two-step children; the driver cancels some parents).
 Steps sleep a little, heartbeat, and fail transiently now and then, so kills land in every
 phase of the step path and the retry path runs too. They all use the ``chaos`` queue.
 """
@@ -23,10 +24,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from orchestrator.chaos import ledger
+from orchestrator.children import ChildResult
 from orchestrator.context import StepContext
 from orchestrator.faults import point
 from orchestrator.retry import Retry
-from orchestrator.workflow import Goto, Sleep, WaitFor, Workflow
+from orchestrator.workflow import Child, Goto, Sleep, StartChildren, WaitFor, Workflow
 
 QUEUE = "chaos"
 CHAIN_STEPS = 8
@@ -217,5 +219,54 @@ def proceed(ctx: StepContext, state: ApprovalState) -> None:
     _work(ctx, state)
 
 
-ALL: list[Workflow[Any]] = [chain, stashing, effects, loop, naps, approvals]
-MIX = {chain.name: 0.3, stashing.name: 0.2, effects.name: 0.2, loop.name: 0.1, naps.name: 0.1, approvals.name: 0.1}
+kids = Workflow("chaos_kid", state=Knobs, queue=QUEUE)
+
+
+@kids.step(retry=RETRY)
+def play(ctx: StepContext, state: Knobs) -> None:
+    ledger.current().record(ctx)
+    _work(ctx, state)
+
+
+@kids.step(retry=RETRY)
+def rest(ctx: StepContext, state: Knobs) -> None:
+    ledger.current().record(ctx)
+    _work(ctx, state)
+
+
+class ParentState(Knobs):
+    results: list[ChildResult] = []  # the children's outcomes
+
+
+parents = Workflow("chaos_parent", state=ParentState, queue=QUEUE)
+MAX_KIDS = 3
+
+
+@parents.step(retry=RETRY)
+def spawn(ctx: StepContext, state: ParentState) -> StartChildren:
+    """Starts 1-3 children (a re-execution may pick another count: only the committed one's
+    children start); failures are collected, so a quarantined child does not fail its parent."""
+    ledger.current().record(ctx)
+    _work(ctx, state)
+    knobs = {"work_s": state.work_s, "fail_rate": state.fail_rate}
+    children = [Child(kids, knobs) for _ in range(random.randint(1, MAX_KIDS))]
+    return StartChildren(children, into="results", collect_failures=True)
+
+
+@parents.step(retry=RETRY)
+def tally(ctx: StepContext, state: ParentState) -> None:
+    """``saw``: how many outcomes it got (I13: one per child the parent listed)."""
+    ledger.current().record(ctx, saw=len(state.results))
+    _work(ctx, state)
+
+
+ALL: list[Workflow[Any]] = [chain, stashing, effects, loop, naps, approvals, kids, parents]
+MIX = {
+    chain.name: 0.25,
+    stashing.name: 0.2,
+    effects.name: 0.2,
+    loop.name: 0.1,
+    naps.name: 0.1,
+    approvals.name: 0.1,
+    parents.name: 0.05,
+}

@@ -13,6 +13,7 @@ and checks the invariants (``checker``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import redis
 
 from orchestrator.chaos import flows
-from orchestrator.chaos.checker import Checker, Report, Violation
+from orchestrator.chaos.checker import Checker, Report, Violation, children_of
 from orchestrator.chaos.cluster import LoopbackCluster
 from orchestrator.chaos.cluster_faults import FAILOVER, ClusterFaults
 from orchestrator.chaos.ledger import Ledger
@@ -42,6 +43,7 @@ CRASH_POINTS = ("after_claim", "mid_step", "after_stash", "before_commit", "afte
 HOLD_SHARE, HOLD_S = 0.5, (1.0, 6.0)  # with lost writes: effect runs whose send step works this long
 # runs submitted with a deadline (deadline_s): some finish in time, the others fail at it (I11)
 DEADLINE_SHARE, DEADLINE_S = 0.1, (0.5, 6.0)
+CANCEL_SHARE, CANCEL_AFTER_S = 0.3, (0.2, 1.5)  # parents cancelled this long after their submit
 RESTORED = "restore from an older copy"  # the fault's name in the report
 
 
@@ -136,6 +138,7 @@ class ChaosRun:
         self.rescan = False  # a restore happened: look for vanished runs
         self.open_runs: set[str] = set()
         self.signal_at: dict[str, float] = {}  # approval run id -> when to send it its signal (again)
+        self.cancel_at: dict[str, float] = {}  # parent run id -> when to cancel it (children running)
         self.signal_sends = 0
         self.unsure: list[tuple[str, str, dict[str, float]]] = []  # submits whose outcome we did not see
         self.deadlines: dict[str, float] = {}  # run id -> its deadline_s, for the runs given one
@@ -229,7 +232,18 @@ class ChaosRun:
         if run_id not in self.inputs:
             self.submitted.append(run_id)
             self.inputs[run_id] = (name, knobs)
+            if name == flows.parents.name and self.rng.random() < CANCEL_SHARE:
+                self.cancel_at[run_id] = time.monotonic() + self.rng.uniform(*CANCEL_AFTER_S)
         self.open_runs.add(run_id)
+
+    def _cancel_due(self) -> None:
+        """Cancel the parents due for it: their children must not be left running (I13)."""
+        now = time.monotonic()
+        for run_id, at in list(self.cancel_at.items()):
+            if now >= at:
+                with contextlib.suppress(InvalidTransition, RunNotFound):  # finished, or forgotten by a restore
+                    self.client.cancel(run_id, "chaos: a parent cancelled while its children run")
+                del self.cancel_at[run_id]
 
     def _send_signals(self) -> None:
         """Send each approval run its ``go`` signal, and again every 1-3 s while it is open:
@@ -361,6 +375,7 @@ class ChaosRun:
                     next_poll = now + 0.25
                     self._retry_unsure()
                     self._send_signals()
+                    self._cancel_due()
                 while len(self.open_runs) + len(self.unsure) < cfg.in_flight:
                     self._submit_one()
                 if now >= next_junk:
@@ -472,7 +487,8 @@ class ChaosRun:
                 self._retry_unsure()
                 self.open_runs = set(self._unfinished(self.submitted))
                 self._send_signals()
-                if not self.unsure and not self.open_runs and not self._pending():
+                kids = [k for listed in children_of(self.client, self._parents()).values() for k in listed]
+                if not self.unsure and not self.open_runs and not self._unfinished(kids) and not self._pending():
                     return
             except (redis.RedisError, OSError, RedisUnavailable):
                 pass
@@ -482,6 +498,9 @@ class ChaosRun:
             self.restarts.clear()
             time.sleep(0.25)
         self.echo(f"drain timed out after {cfg.drain_timeout_s:g} s; checking what is there")
+
+    def _parents(self) -> list[str]:
+        return [rid for rid in self.submitted if rid.startswith(flows.parents.name)]
 
     def _pending(self) -> int:
         pipe = self.client.redis.pipeline(transaction=False)

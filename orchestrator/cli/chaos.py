@@ -29,6 +29,7 @@ INVARIANTS = {
     "I10": "no sleeping run woke, and no step after a sleep started, before its due time",
     "I11": "no run expired before its deadline",
     "I12": "no signal lost or applied twice, no wait timed out early",
+    "I13": "children: none started twice, all done before their parent, none left by a cancelled parent",
 }
 
 
@@ -59,6 +60,8 @@ def render(report: Report, header: str) -> str:
         f"sleeps      {report.sleeps}, woke or started early {data['early_wake_ups']}",
         f"signals     sent {report.signal_sends} (resends included), delivered {report.signalled}, "
         f"waits timed out {report.wait_timeouts}, lost or applied twice {data['signals_lost_or_doubled']}",
+        f"children    started {report.children}, parents cancelled while they ran {report.parents_cancelled}, "
+        f"violations {data['child_violations']}",
         "faults      " + (", ".join(f"{k} {v}" for k, v in sorted(report.faults.items())) or "none"),
         f"detection   kill -> re-dispatch  p50 {_ms(det['p50'])}  p99 {_ms(det['p99'])}  max {_ms(det['max'])}"
         f"  (n={det['n']})",

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from orchestrator import Client, Settings
+from orchestrator import Client, Settings, scripts
 from orchestrator.chaos import flows
 from orchestrator.chaos.checker import Checker
 from orchestrator.chaos.ledger import Ledger
 from orchestrator.codec import HistoryEvent
-from tests.harness import worker_thread
+from tests.harness import supervisor_thread, worker_thread
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def finished(client: Client, settings: Settings, ledger: Ledger) -> list[str]:
     runs = [client.submit(wf, {"work_s": 0.0, "fail_rate": 0.0}, run_id=f"{wf.name}-1") for wf in flows.ALL]
     approval = f"{flows.approvals.name}-1"  # sent before it waits: kept, then delivered
     client.signal(approval, "go", {"token": flows.signal_token(approval)}, signal_id="go-1", workflow=flows.approvals)
-    with worker_thread(flows.ALL, settings):
+    with supervisor_thread(settings), worker_thread(flows.ALL, settings):  # the supervisor relays children's ends
         for run in runs:
             run.wait(timeout_s=20)
     return [run.run_id for run in runs]
@@ -34,7 +34,10 @@ def check(client: Client, ledger: Ledger, runs: list[str]) -> set[str]:
 def test_a_clean_workload_passes(client: Client, ledger: Ledger, finished: list[str]) -> None:
     report = Checker(client, ledger, max_crashes=3, recovery_bound_ms=10_000).check(finished, [])
     assert report.ok, report.violations
-    assert report.runs["completed"] == 6 and report.committed_steps == 8 + 1 + 3 + 6 + 2 + 2
+    kids = int(client.redis.hget(client.keys.run(f"{flows.parents.name}-1").children, "n"))
+    assert report.children == kids and report.to_dict()["child_violations"] == 0
+    assert report.runs["completed"] == 8 + kids
+    assert report.committed_steps == 8 + 1 + 3 + 6 + 2 + 2 + 2 + 2 + 2 * kids
     assert report.sleeps == 1 and report.to_dict()["early_wake_ups"] == 0
     assert (report.signalled, report.wait_timeouts, report.to_dict()["signals_lost_or_doubled"]) == (1, 0, 0)
     assert report.effects_applied == 1
@@ -90,6 +93,27 @@ def test_each_kind_of_damage_is_caught(client: Client, ledger: Ledger, finished:
     client.redis.rpush(ledger.keys.executions, json.dumps(twice))
     assert check(client, ledger, finished) == {"I12"}
     client.redis.rpop(ledger.keys.executions)
+    # a second child started for one parent step, and a parent settled before a child ended
+    parent = f"{flows.parents.name}-1"
+    extra = client.store.submit(
+        run_id=f"{parent}:spawn/{flows.MAX_KIDS}",
+        workflow=flows.kids.name,
+        queue=flows.QUEUE,
+        first_step="play",
+        input_sha="x",
+        event='{"detail":"x"}',
+        request_id="x",
+        state={},
+    )
+    scripts.execute(client.redis, [extra])
+    assert check(client, ledger, finished) == {"I13"}
+    client.redis.delete(*client.keys.run(f"{parent}:spawn/{flows.MAX_KIDS}").__dict__.values())
+    history = client.keys.run(parent).history
+    at = next(i for i, e in enumerate(client.events(parent)) if e.type == "children_done")
+    settled = json.loads(client.redis.lindex(history, at))
+    client.redis.lset(history, at, json.dumps({**settled, "at": 1}))
+    assert check(client, ledger, finished) == {"I13"}
+    client.redis.lset(history, at, json.dumps(settled))
     # a run that got its signal and also timed out (I6 as well: no counter counted that timeout)
     history = client.keys.run(approval).history
     client.redis.rpush(history, json.dumps({"type": "timed_out", "at": 1, "step": "proceed", "signal": "go"}))
