@@ -166,27 +166,48 @@ def check_parent(client: redis.Redis, store: Store, parent: str) -> dict[str, in
     return counts
 
 
-def relay(client: redis.Redis, store: Store, partitions: Iterable[int], consumer: str) -> dict[str, int]:
+def relay(
+    client: redis.Redis,
+    store: Store,
+    partitions: Iterable[int],
+    consumer: str,
+    *,
+    groups: set[str],
+    reclaim: bool = False,
+) -> dict[str, int]:
     """Relay the ``finished`` notices of ``partitions``: each child's outcome to its parent, and
-    a cancelled parent's cancel to its children. A notice is acked and deleted once relayed; one
-    left pending (the supervisor died) is read again by the next supervisor (from the group's
-    pending entries, idle a minute)."""
+    a cancelled parent's cancel to its children. A notice is acked and deleted once relayed; with
+    ``reclaim``, notices another supervisor left pending for a minute (it died) are taken over.
+    One round trip reads every partition; ``groups`` remembers the streams whose group exists."""
+    streams = [store.keys.part(p).finished for p in partitions]
+    for stream in streams:
+        if stream not in groups:
+            with contextlib.suppress(redis.ResponseError):  # it exists
+                client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            groups.add(stream)
+    pipe = client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xreadgroup(GROUP, consumer, {stream: ">"}, count=READ)
+        if reclaim:
+            pipe.xautoclaim(stream, GROUP, consumer, min_idle_time=60_000, start_id="0", count=READ)
+    replies: list[Any] = pipe.execute(raise_on_error=False)
+    notices: list[tuple[str, str, dict[str, str]]] = []
+    per_stream = 2 if reclaim else 1
+    for i, stream in enumerate(streams):
+        read, *stale = replies[i * per_stream : (i + 1) * per_stream]
+        if isinstance(read, redis.ResponseError) or any(isinstance(x, redis.ResponseError) for x in stale):
+            groups.discard(stream)  # NOGROUP (the stream was lost): made again next time
+            continue
+        for _, batch in read or []:
+            notices += [(stream, entry_id, fields) for entry_id, fields in batch]
+        for claimed in stale:
+            notices += [(stream, entry_id, fields) for entry_id, fields in (claimed[1] if claimed else [])]
     counts = {"children_reported": 0, "children_cancelled": 0}
-    for p in partitions:
-        stream = store.keys.part(p).finished
-        with contextlib.suppress(redis.ResponseError):  # it exists
-            client.xgroup_create(stream, GROUP, id="0", mkstream=True)
-        stale: Any = client.xautoclaim(stream, GROUP, consumer, min_idle_time=60_000, start_id="0", count=READ)
-        entries = list(stale[1]) if stale else []
-        fresh: Any = client.xreadgroup(GROUP, consumer, {stream: ">"}, count=READ)
-        for _, batch in fresh or []:
-            entries += batch
-        for entry_id, fields in entries:
-            run_id = fields.get("run", "")
-            outcome = report(client, store, run_id) if run_id else None
-            counts["children_reported"] += outcome is not None
-            if client.hget(store.keys.run(run_id).run, "status") == "cancelled":
-                counts["children_cancelled"] += cancel_children(client, store, run_id, f"parent {run_id} cancelled")
-            client.xack(stream, GROUP, entry_id)
-            client.xdel(stream, entry_id)
+    for stream, entry_id, fields in notices:
+        run_id = fields.get("run", "")
+        counts["children_reported"] += bool(run_id) and report(client, store, run_id) is not None
+        if run_id and client.hget(store.keys.run(run_id).run, "status") == "cancelled":
+            counts["children_cancelled"] += cancel_children(client, store, run_id, f"parent {run_id} cancelled")
+        client.xack(stream, GROUP, entry_id)
+        client.xdel(stream, entry_id)
     return counts

@@ -48,6 +48,7 @@ FLEET_COUNTERS = (
     ("orchestrator_fleet_signals_total", "signals", "Signals accepted (each signal id once)."),
     ("orchestrator_fleet_signals_delivered_total", "signals_delivered", "Signals delivered to a waiting run."),
     ("orchestrator_fleet_wait_timeouts_total", "wait_timeouts", "Waits for a signal that ended at their timeout."),
+    ("orchestrator_fleet_child_runs_total", "children_started", "Child runs started by steps (StartChildren)."),
 )
 
 

@@ -76,6 +76,7 @@ class Supervisor:
         self._faults = Faults(self.settings.faults)
         self._stopped = threading.Event()
         self._groups: set[Lane] = set()
+        self._finished_groups: set[str] = set()  # partitions whose finished stream has its group (children.relay)
         self._deleted_seen: dict[Lane, str] = {}  # highest deleted entry id already looked behind
         self._sweep_cursor: dict[Lane, str] = {}  # where an unfinished sweep of a lane's index resumes
         self._last_seen: dict[str, float] = {}  # last heartbeat of workers found dead, for detection latency
@@ -172,7 +173,8 @@ class Supervisor:
             self._per_lane(done, lane, lambda ln: self.reclaim(ln, pending[ln]))
             self._per_lane(done, lane, lambda ln: {"promoted": self.promote(ln, due[ln])})
         self._add(done, {"expired": self.expire()})
-        self._add(done, relay(self.redis, self.store, range(self.keys.partitions), self.id))
+        parts = range(self.keys.partitions)
+        self._add(done, relay(self.redis, self.store, parts, self.id, groups=self._finished_groups, reclaim=sweep))
         self._add(done, {"trimmed": self.trim(lanes)})
         self._add(done, {"dead_workers": self.reap_workers()})
         if sweep:

@@ -35,6 +35,8 @@ def status_text(info: RunInfo) -> str:
         lines.append(f"key       {info.idempotency_key}")
     if info.worker:
         lines.append(f"worker    {info.worker}")
+    if info.parent:
+        lines.append(f"parent    {info.parent}")
     if info.due_ms and info.status == "retrying":
         lines.append(f"retry at  {stamp(info.due_ms)}")
     lines.append(f"progress  {info.steps_done} steps committed, {seconds(info.work_ms)} of step work persisted")

@@ -300,7 +300,7 @@ local function advance(k, a, set)
     index_active(k.active, k.queued, a.run_id, a.now)  -- a first look soon: were the children started?
     redis.call('RPUSH', k.history, event({type = 'children', at = a.now, step = a.next, visit = visit,
       detail = #a.children.runs .. ' child runs: ' .. table.concat(a.children.runs, ', ')}))
-    count(k.stats, 'children_started')
+    count(k.stats, 'children_started', #a.children.runs)
     return {'OK', a.next, visit, 'children', #a.children.runs}
   end
   if a.wait then

@@ -49,7 +49,8 @@ def test_children_run_and_their_results_come_back_in_order_once(
     assert started.detail is not None and "p:start_kids/ann" in started.detail  # the parent links its children
     assert [e.type for e in events].count("child") == 3
     child = client.get("p:start_kids/bob")
-    assert child.parent == "p"  # and each child its parent
+    assert child.parent == "p" and "parent    p" in status_text(child)  # and each child its parent
+    assert client.stats()["children_started"] == 3
     assert "child 1 of run p" in (client.events("p:start_kids/bob")[0].detail or "")
 
 
