@@ -214,6 +214,7 @@ class Checker:
         self.ledger = ledger
         self.max_crashes = max_crashes
         self.recovery_bound_ms = recovery_bound_ms
+        self.restored = False  # Redis was restored from an older copy during the run (check())
 
     def check(
         self,
@@ -224,9 +225,11 @@ class Checker:
         restores_ms: Sequence[int] = (),
     ) -> Report:
         report = report or Report()
+        self.restored = bool(restores_ms)
         facts = load(self.client, submitted)
         kids = children_of(self.client, [rid for rid in facts if rid.startswith(parents.name)])
-        facts.update(load(self.client, [kid for listed in kids.values() for kid in listed]))
+        started = load(self.client, [kid for listed in kids.values() for kid in listed])
+        facts.update({kid: found for kid, found in started.items() if found.info is not None})
         executions = self.ledger.executions()
         by_key: dict[str, list[Execution]] = {}
         for ex in executions:
@@ -420,9 +423,15 @@ class Checker:
                 self._fail(report, "I13", parent, f"{kid} exists but the parent did not list it: a second child")
             ends = []
             for kid in listed:
-                child = facts[kid].info
-                if child is None or child.parent != parent:
-                    self._fail(report, "I13", parent, f"child {kid} is missing or names another parent")
+                child = facts[kid].info if kid in facts else None
+                if child is None:
+                    # never started: fine only for a parent that ended without it (cancelled or
+                    # failed before its children were submitted)
+                    if info is None or info.status == "completed":
+                        self._fail(report, "I13", parent, f"child {kid} was never started")
+                    continue
+                if child.parent != parent:
+                    self._fail(report, "I13", parent, f"child {kid} names another parent: {child.parent}")
                     continue
                 if info is not None and info.status == "cancelled" and child.status not in TERMINAL:
                     self._fail(report, "I13", parent, f"cancelled, but its child {kid} is still {child.status}")
@@ -433,9 +442,27 @@ class Checker:
                 settled = [ev.at for ev in facts[parent].events if ev.type == "children_done"]
                 if not settled or min(settled) < max(ends, default=0):
                     self._fail(report, "I13", parent, f"completed before its children ended ({settled} < {ends})")
+        self._tallies(report, facts, kids, executions)
+
+    def _tallies(
+        self, report: Report, facts: dict[str, RunFacts], kids: dict[str, list[str]], executions: list[Execution]
+    ) -> None:
+        """I13: the step after the children saw one outcome per child (the execution whose result
+        was persisted, when Redis was restored from an older copy: an execution of the forgotten
+        timeline saw the children its parent listed there; otherwise every execution)."""
         for ex in executions:
-            if ex.run in kids and ex.step == "tally" and ex.saw != len(kids[ex.run]):
-                self._fail(report, "I13", ex.run, f"{ex.key} saw {ex.saw} outcomes for {len(kids[ex.run])} children")
+            if ex.step != "tally" or ex.run not in kids or ex.saw == len(kids[ex.run]):
+                continue
+            committed = facts[ex.run].results.get(f"{ex.run}:tally")
+            if self.restored and (committed is None or ex.fence != committed.fence):
+                continue
+            trail = [f"{ev.type}@{ev.at}:{ev.step}:{ev.detail or ''}" for ev in facts[ex.run].events]
+            self._fail(
+                report,
+                "I13",
+                ex.run,
+                f"{ex.key} (fence {ex.fence}) saw {ex.saw} outcomes for {len(kids[ex.run])} children; {trail}",
+            )
 
     def _unlisted(self, kids: dict[str, list[str]]) -> dict[str, list[str]]:
         """Runs with a child id of a parent's step that the parent did not list (the ids are

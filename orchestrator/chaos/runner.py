@@ -39,7 +39,14 @@ from orchestrator.processes import ProcessGroup
 from orchestrator.settings import Settings
 
 Echo = Callable[[str], None]
-CRASH_POINTS = ("after_claim", "mid_step", "after_stash", "before_commit", "after_persist_before_ack")
+CRASH_POINTS = (
+    "after_claim",
+    "mid_step",
+    "after_stash",
+    "before_commit",
+    "after_persist_before_ack",
+    "before_children",  # a parent's commit durable, its children not submitted: hit far less often
+)
 HOLD_SHARE, HOLD_S = 0.5, (1.0, 6.0)  # with lost writes: effect runs whose send step works this long
 # runs submitted with a deadline (deadline_s): some finish in time, the others fail at it (I11)
 DEADLINE_SHARE, DEADLINE_S = 0.1, (0.5, 6.0)
@@ -158,7 +165,8 @@ class ChaosRun:
         env = {}
         if self.rng.random() < self.config.crash_point_share:
             point = self.rng.choice(CRASH_POINTS)
-            env["ORCHESTRATOR_FAULTS"] = f"{point}=kill#{self.rng.randint(3, 40)}"
+            nth = self.rng.randint(1, 3) if point == "before_children" else self.rng.randint(3, 40)
+            env["ORCHESTRATOR_FAULTS"] = f"{point}=kill#{nth}"
             self.armed.add(name)
         self.procs.start(
             name,
