@@ -161,6 +161,17 @@ class Outcomes:
             log.warning("child runs not started; the supervisor starts them", extra={**fields, "failed": failed[:5]})
         else:
             log.info("child runs started; run waiting for them", extra=fields)
+        # a cancel of this run that landed before the children existed could not reach them
+        run_key = self.rt.store.keys.run(self.dispatch.run).run
+        (status,) = await self.rt.batcher.call_many([scripts.command("HGET", run_key, "status")])
+        if status == "cancelled":
+            reason = f"parent {self.dispatch.run} cancelled"
+            cancels = [
+                self.rt.store.cancel(run_id=s["run"], queue=s["queue"], reason=reason, request_id=f"parent:{s['run']}")
+                for s in specs
+            ]
+            await self.rt.batcher.call_many(cancels)
+            log.info("run was cancelled meanwhile; its children cancelled", extra=fields)
 
     # -- fail and release -----------------------------------------------------------------
 

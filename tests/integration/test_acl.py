@@ -61,7 +61,7 @@ ROLE_SCRIPTS: dict[str, list[str]] = {
     # worker/runner.py, outcomes.py, execution.py, heartbeat.py, queues.py, runtime.py (ack_owned)
     "worker": words(
         "layout claim commit fail release alive own_pending redispatch stash ack reap_consumer heartbeat due promote"
-        " submit"  # the child runs of a step that returned StartChildren
+        " submit cancel"  # the child runs of a step that returned StartChildren (cancelled if it was)
     ),
     # supervisor.py, retention.py (purge)
     "supervisor": words(
