@@ -148,3 +148,27 @@ def test_the_readme_children_example_runs_as_written(
     with supervisor_thread(settings), worker_thread([module.survey, module.review], settings):
         final = client.submit(module.survey, {"companies": ["Acme", "Globex"]}, run_id="s").wait(timeout_s=30)
     assert final.report == "Acme: reviewed; Globex: reviewed"
+
+
+def test_a_step_that_runs_again_before_its_commit_starts_its_children_once(
+    fresh_server: RedisServer, tmp_path: Path
+) -> None:
+    """kill -9 after the step returned StartChildren, before its commit: the step runs again on
+    another worker and only the committed attempt's children start, once each."""
+    settings = fast_settings(fresh_server.url)
+    client = Client(settings)
+    ledger = Ledger(connect(settings.plain_url()), settings.namespace)
+    worker = start_worker(settings, tmp_path, name="w1", faults="before_commit=kill@start_kids")
+    try:
+        with supervisor_thread(settings):
+            client.submit(parenting, Family(names=["ann", "bob"]), run_id="r")
+            wait_until(lambda: worker.popen.poll() is not None, timeout_s=20, what="the worker killed at the point")
+            worker = start_worker(settings, tmp_path, name="w2")
+            wait_until(lambda: client.get("r").status == "completed", timeout_s=40, what="the parent completed")
+    finally:
+        worker.kill()
+    counts = ledger.execution_counts()
+    assert counts["r:start_kids"] == 2  # ran again: nothing of the first attempt was committed
+    assert kid_runs(client, "r") == ["r:start_kids/ann", "r:start_kids/bob"]
+    assert counts["r:start_kids/ann:answer"] == counts["r:start_kids/bob:answer"] == 1
+    client.close()
