@@ -280,14 +280,16 @@ class ChaosRun:
         for run_id, name, knobs in pending:
             self._submit(run_id, name, knobs)
 
-    def _unfinished(self, candidates: list[str]) -> list[str]:
+    def _unfinished(self, candidates: list[str], *, existing: bool = False) -> list[str]:
+        """The runs among ``candidates`` that have not finished; with ``existing``, a run that
+        does not exist is not waited for (a child its cancelled parent never started)."""
         pipe = self.client.redis.pipeline(transaction=False)
         for rid in candidates:
             pipe.hget(self.client.keys.run(rid).run, "status")
         return [
             rid
             for rid, status in zip(candidates, pipe.execute(), strict=True)
-            if status not in ("completed", "failed", "cancelled")
+            if status not in ("completed", "failed", "cancelled") and not (existing and status is None)
         ]
 
     def _resubmit_vanished(self) -> None:
@@ -496,7 +498,12 @@ class ChaosRun:
                 self.open_runs = set(self._unfinished(self.submitted))
                 self._send_signals()
                 kids = [k for listed in children_of(self.client, self._parents()).values() for k in listed]
-                if not self.unsure and not self.open_runs and not self._unfinished(kids) and not self._pending():
+                if (
+                    not self.unsure
+                    and not self.open_runs
+                    and not self._unfinished(kids, existing=True)
+                    and not self._pending()
+                ):
                     return
             except (redis.RedisError, OSError, RedisUnavailable):
                 pass
