@@ -157,6 +157,11 @@ class Ops:
         )
         return Outcome.parse(self.x(call)[0])
 
+    def server_ms(self) -> int:
+        """The Redis server's clock, in ms (the scripts' time)."""
+        seconds, micros = self.r.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
     def run(self) -> dict[str, str]:
         return self.r.hgetall(self.rk.run)
 

@@ -48,13 +48,8 @@ def promote(ops: Ops) -> str:
     return str(ops.x(ops.store.promote(queue="q", run_id="r1"))[0])
 
 
-def server_ms(ops: Ops) -> int:
-    seconds, micros = ops.r.time()
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
 def due_now(ops: Ops) -> None:
-    ops.r.zadd(ops.q.delayed, {"r1": server_ms(ops) - 1}, xx=True)
+    ops.r.zadd(ops.q.delayed, {"r1": ops.server_ms() - 1}, xx=True)
 
 
 def state(ops: Ops) -> dict[str, str]:
@@ -75,7 +70,7 @@ def test_a_waiting_run_holds_no_entry_no_claim_and_no_lease(ops: Ops) -> None:
     assert ops.r.xpending(ops.stream, GROUP)["pending"] == 0 and ops.read() == []
     assert ops.r.zcard(ops.q.delayed) == 0  # no timeout: nothing scheduled
     assert ops.r.zscore(ops.q.queued, "r1") is None
-    assert ops.r.zscore(ops.part.active, "r1") > server_ms(ops) + 3_600_000  # the sweep looks in a day
+    assert ops.r.zscore(ops.part.active, "r1") > ops.server_ms() + 3_600_000  # the sweep looks in a day
     assert ops.history_types()[-2:] == ["ok", "waiting"]
 
 
@@ -113,7 +108,7 @@ def test_a_signal_sent_before_the_wait_is_kept_and_delivered_when_the_run_waits(
 
 
 def test_a_wait_times_out_once_at_its_timeout_and_a_late_signal_is_kept(ops: Ops) -> None:
-    before = server_ms(ops)
+    before = ops.server_ms()
     waiting(ops, timeout_ms=HOUR_MS, on_timeout="c")
     due = int(ops.run()["due_ms"])
     assert due >= before + HOUR_MS and ops.r.zscore(ops.q.delayed, "r1") == due
@@ -234,7 +229,7 @@ def test_a_run_retried_after_its_deadline_passed_while_it_waited_waits_again(ops
     ops.r.zadd(ops.part.deadlines, {"r1": 1})
     expired = Outcome.parse(ops.x(ops.store.expire(run_id="r1", queue="q"))[0])
     assert expired.code == "EXPIRED" and ops.r.zcard(ops.q.delayed) == 0
-    before = server_ms(ops)
+    before = ops.server_ms()
     retried = Outcome.parse(ops.x(ops.store.retry(run_id="r1", queue="q", reason="again", request_id="x"))[0])
     assert retried.code == "RETRIED" and retried.detail[:2] == ("signal", "b")
     run = ops.run()

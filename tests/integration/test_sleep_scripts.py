@@ -24,14 +24,9 @@ def asleep(ops: Ops, wake: str = f"+{HOUR_MS}") -> tuple[str, Dispatch, Outcome]
     return eid, d, ops.commit(eid, d, wake=wake)
 
 
-def server_ms(ops: Ops) -> int:
-    seconds, micros = ops.r.time()
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
 def due_now(ops: Ops) -> None:
     """Time passes: the sleeping run's wake-up is due."""
-    ops.r.zadd(ops.q.delayed, {"r1": server_ms(ops) - 1}, xx=True)
+    ops.r.zadd(ops.q.delayed, {"r1": ops.server_ms() - 1}, xx=True)
 
 
 def promote(ops: Ops) -> str:
@@ -39,11 +34,11 @@ def promote(ops: Ops) -> str:
 
 
 def test_a_sleeping_run_holds_no_entry_no_claim_and_no_lease(ops: Ops) -> None:
-    before = server_ms(ops)
+    before = ops.server_ms()
     _, _, out = asleep(ops)
     assert out.code == "OK" and out.detail[:3] == ("b", 1, "delayed")
     due = int(out.detail[3])
-    assert before + HOUR_MS <= due <= server_ms(ops) + HOUR_MS
+    assert before + HOUR_MS <= due <= ops.server_ms() + HOUR_MS
     assert Committed.parse(out.detail).chained is None
     run = ops.run()
     assert (run["status"], run["step"], run["dispatch"], run["claim"], run["due_ms"]) == (
@@ -142,7 +137,7 @@ def test_a_claim_that_finishes_a_half_done_sleep_commit_puts_the_run_to_sleep(op
     ops.r.xack(ops.stream, GROUP, eid)
     ops.x(ops.store.sweep(run_id="r1", queue="q"))  # re-enqueues step a: its entry was acked
     ((eid2, d2),) = ops.read("w2")
-    before = server_ms(ops)
+    before = ops.server_ms()
     claimed = ops.claim(eid2, d2, worker="w2")
     assert (claimed.code, claimed.detail) == ("DUP", "advanced")
     run = ops.run()
@@ -152,7 +147,7 @@ def test_a_claim_that_finishes_a_half_done_sleep_commit_puts_the_run_to_sleep(op
 
 def test_a_wake_up_at_a_time_already_past_is_due_at_once_and_bad_ones_are_refused(ops: Ops) -> None:
     _, _, out = asleep(ops, wake="@1000")
-    assert int(out.detail[3]) >= server_ms(ops) - 1000  # never before the commit
+    assert int(out.detail[3]) >= ops.server_ms() - 1000  # never before the commit
     assert promote(ops)
     (eid, d), *_ = ops.read()
     ops.claim(eid, d)

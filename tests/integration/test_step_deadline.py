@@ -47,11 +47,6 @@ def submit(ops: Ops, step_deadlines: dict[str, int], deadline_ms: int | None = N
     assert ops.x(call)[0][0] == 1
 
 
-def server_ms(ops: Ops) -> int:
-    seconds, micros = ops.r.time()
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
 def expire(ops: Ops) -> Outcome:
     return Outcome.parse(ops.x(ops.store.expire(run_id="r1", queue="q"))[0])
 
@@ -59,7 +54,7 @@ def expire(ops: Ops) -> Outcome:
 def queued_long_ago(ops: Ops, step_ms: int) -> None:
     """Time passes: the current step was queued ``step_ms`` + 1 ms ago (the run's record and its
     deadlines member, as the scripts keep them)."""
-    queued = server_ms(ops) - step_ms - 1
+    queued = ops.server_ms() - step_ms - 1
     ops.r.hset(ops.rk.run, "queued_ms", queued)
     ops.r.zadd(ops.part.deadlines, {"r1": queued + step_ms})
 
@@ -69,10 +64,10 @@ def member(ops: Ops) -> float | None:
 
 
 def test_a_step_left_in_the_queue_past_its_deadline_fails_the_run(ops: Ops) -> None:
-    before = server_ms(ops)
+    before = ops.server_ms()
     submit(ops, {"a": 1000})
     run = ops.run()
-    assert run["sd:a"] == "1000" and before <= int(run["queued_ms"]) <= server_ms(ops)
+    assert run["sd:a"] == "1000" and before <= int(run["queued_ms"]) <= ops.server_ms()
     assert member(ops) == int(run["queued_ms"]) + 1000
     assert expire(ops).code == "NOT_DUE"  # listed early: not yet
     queued_long_ago(ops, 1000)
@@ -111,7 +106,7 @@ def test_a_retry_that_would_start_after_the_deadline_is_not_scheduled(ops: Ops) 
     time.sleep(0.02)
     ops.x(ops.store.promote(queue="q", run_id="r1"))
     ((eid, d),) = ops.read()
-    assert int(ops.run()["queued_ms"]) <= server_ms(ops) - 10  # a retry keeps its step's deadline
+    assert int(ops.run()["queued_ms"]) <= ops.server_ms() - 10  # a retry keeps its step's deadline
     ops.claim(eid, d)
     assert ops.fail(eid, d, delay_ms=120_000).code == "FAILED"  # its backoff ends past the deadline
     error = json.loads(ops.run()["error"])
@@ -127,7 +122,7 @@ def test_a_sleep_or_a_wait_does_not_count_toward_the_next_steps_deadline(ops: Op
     ops.commit(eid, d, next_step="b", wake=f"+{HOUR_MS}")
     assert ops.run()["queued_ms"] == "0" and member(ops) is None  # asleep: step b not queued yet
     ops.r.zadd(ops.q.delayed, {"r1": 0})  # its wake-up is due
-    before = server_ms(ops)
+    before = ops.server_ms()
     assert ops.x(ops.store.promote(queue="q", run_id="r1"))[0]
     queued = int(ops.run()["queued_ms"])
     assert queued >= before and member(ops) == queued + 1000  # from the wake-up on
@@ -137,7 +132,7 @@ def test_a_sleep_or_a_wait_does_not_count_toward_the_next_steps_deadline(ops: Op
     wait = json.dumps({"signal": "go", "into": "go", "timeout_ms": 0, "on_timeout": ""})
     ops.commit(eid, d, next_step="b", wait=wait)
     assert ops.run()["queued_ms"] == "0" and member(ops) is None
-    before = server_ms(ops)
+    before = ops.server_ms()
     call = ops.store.signal(run_id="r1", queue="q", signal_id="s", name="go", payload="{}", digest="d", max_signals=9)
     assert Outcome.parse(ops.x(call)[0]).code == "DELIVERED"
     queued = int(ops.run()["queued_ms"])
@@ -148,7 +143,7 @@ def test_an_operators_retry_gives_the_step_its_deadline_again_and_drops_the_runs
     submit(ops, {"a": 1000}, deadline_ms=HOUR_MS)
     queued_long_ago(ops, 1000)
     assert expire(ops).code == "EXPIRED"
-    before = server_ms(ops)
+    before = ops.server_ms()
     out = Outcome.parse(ops.x(ops.store.retry(run_id="r1", queue="q", reason="again", request_id="t"))[0])
     assert out.code == "RETRIED"
     run = ops.run()
