@@ -129,13 +129,19 @@ def children_of(client: redis.Redis, keys: Keys, parent: str) -> list[str]:
     return [found[f"c:{i}"] for i in range(int(found.get("n", 0))) if f"c:{i}" in found]
 
 
-def cancel_children(client: redis.Redis, store: Store, parent: str, reason: str) -> int:
+def cancel_call(store: Store, child: str, queue: str, parent: str, reason: str = "") -> scripts.Call:
+    """The cancel of ``parent``'s child ``child`` because the parent was cancelled."""
+    reason = reason or f"parent {parent} cancelled"
+    return store.cancel(run_id=child, queue=queue, reason=reason, request_id=f"parent:{parent}")
+
+
+def cancel_children(client: redis.Redis, store: Store, parent: str, reason: str = "") -> int:
     """Cancel every unfinished child of ``parent``; returns how many were cancelled."""
     cancelled = 0
     for child in children_of(client, store.keys, parent):
         status, queue = _strings(client.hmget(store.keys.run(child).run, "status", "queue"))
         if status and queue and status not in TERMINAL:
-            call = store.cancel(run_id=child, queue=queue, reason=reason, request_id=f"parent:{parent}")
+            call = cancel_call(store, child, queue, parent, reason)
             cancelled += Outcome.parse(scripts.execute(client, [call])[0]).code == "CANCELLED"
     return cancelled
 
@@ -207,7 +213,7 @@ def relay(
         run_id = fields.get("run", "")
         counts["children_reported"] += bool(run_id) and report(client, store, run_id) is not None
         if run_id and client.hget(store.keys.run(run_id).run, "status") == "cancelled":
-            counts["children_cancelled"] += cancel_children(client, store, run_id, f"parent {run_id} cancelled")
+            counts["children_cancelled"] += cancel_children(client, store, run_id)
         client.xack(stream, GROUP, entry_id)
         client.xdel(stream, entry_id)
     return counts

@@ -325,22 +325,26 @@ class Client:
             raise ValidationError(
                 f"signal_id {signal_id!r} is invalid: expected 1-200 characters of A-Z a-z 0-9 _ . : @ + = / -"
             )
-        info = self.get(run_id)
-        flow = workflow or defined(info.workflow)
+        # the run's workflow (for the payload's model) and queue (for the keys): not the whole record
+        found: list[str | None] = self.redis.hmget(self.keys.run(run_id).run, "wf", "queue")  # type: ignore[assignment]
+        wf_name, queue = found
+        if wf_name is None or queue is None:
+            raise self._not_found(run_id)
+        flow = workflow or defined(wf_name)
         if flow is None:
             raise ValidationError(
-                f"cannot check the payload of signal {name!r}: workflow {info.workflow!r} of run {run_id!r} is not "
+                f"cannot check the payload of signal {name!r}: workflow {wf_name!r} of run {run_id!r} is not "
                 "defined in this process; import the module that defines it, or pass workflow="
             )
-        if flow.name != info.workflow:
-            raise ValidationError(f"run {run_id!r} is a run of workflow {info.workflow!r}, not {flow.name!r}")
+        if flow.name != wf_name:
+            raise ValidationError(f"run {run_id!r} is a run of workflow {wf_name!r}, not {flow.name!r}")
         what = f"payload of signal {name!r}"
         data = flow.signal_payload(name, {} if payload is None else payload)
         raw = encode_fields({"payload": data}, what=what, limit=self.settings.max_payload_bytes)["payload"]
         digest = hashlib.sha256(f"{name}\n{raw}".encode()).hexdigest()[:32]
         call = self.store.signal(
             run_id=run_id,
-            queue=info.queue,
+            queue=queue,
             signal_id=signal_id,
             name=name,
             payload=raw,

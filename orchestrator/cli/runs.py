@@ -6,8 +6,9 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -16,6 +17,8 @@ from orchestrator.cli.common import CliState, load_workflows, output_option, pas
 from orchestrator.cli.render import history_text, live_line, runs_table, status_text
 from orchestrator.retention import Purged
 from orchestrator.runs import STATUSES
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def read_input(text: str | None, file: Path | None) -> Any:
@@ -36,16 +39,21 @@ def read_input(text: str | None, file: Path | None) -> Any:
         raise click.BadParameter(f"{source} is not valid JSON: {exc}") from None
 
 
+def json_file_option(what: str) -> Callable[[F], F]:
+    """``--file/-f``: read the command's JSON ``what`` from a file (``read_input``)."""
+    return click.option(
+        "--file",
+        "-f",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help=f"read the JSON {what} from a file",
+    )
+
+
 @cli.command()
 @click.argument("workflow")
 @click.argument("input", required=False)
-@click.option(
-    "--file",
-    "-f",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="read the JSON input from a file",
-)
+@json_file_option("input")
 @click.option("--run-id", default=None, help="idempotency key of the run [random]; same id, same run")
 @click.option("--wait", "wait_s", type=float, default=None, metavar="SECONDS", help="wait for the result")
 @click.option(
@@ -228,13 +236,7 @@ def cancel(state: CliState, run_id: str, reason: str, output: str) -> None:
 @click.argument("run_id")
 @click.argument("name")
 @click.argument("payload", required=False)
-@click.option(
-    "--file",
-    "-f",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="read the JSON payload from a file",
-)
+@json_file_option("payload")
 @click.option(
     "--workflow",
     "-w",

@@ -111,15 +111,18 @@ local function wake_due(wake, now)
   return math.max(now, tonumber(ms))
 end
 
+-- `x` decoded when it is JSON text (nil when that does not parse), as it is otherwise.
+local function decoded(x)
+  if type(x) ~= 'string' then return x end
+  local ok, value = pcall(cjson.decode, x)
+  return ok and value or nil
+end
+
 -- A WaitFor as commit.lua takes it (Workflow.wait_spec: a JSON object, or the table a step
 -- record holds) as {signal, into, timeout_ms (0 = none), on_timeout ('' = the next step)};
 -- nil when it is malformed.
 local function wait_spec(w)
-  if type(w) == 'string' then
-    local ok, decoded = pcall(cjson.decode, w)
-    if not ok then return nil end
-    w = decoded
-  end
+  w = decoded(w)
   if type(w) ~= 'table' or type(w.signal) ~= 'string' or not string.match(w.signal, '^[%w_]+$')
     or type(w.into) ~= 'string' or w.into == '' then return nil end
   local timeout = w.timeout_ms or 0
@@ -192,11 +195,7 @@ end
 -- Child runs a commit starts (children_spec: a StartChildren as commit.lua takes it, JSON or
 -- the table a step record holds) as {into, collect (bool), runs = {ids}}; nil when malformed.
 local function children_spec(c)
-  if type(c) == 'string' then
-    local ok, decoded = pcall(cjson.decode, c)
-    if not ok then return nil end
-    c = decoded
-  end
+  c = decoded(c)
   if type(c) ~= 'table' then return nil end
   local listed = c.runs or c.specs  -- a step record keeps each child's whole submit
   if type(c.into) ~= 'string' or c.into == '' or type(listed) ~= 'table' or #listed == 0 then return nil end

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from orchestrator import scripts
-from orchestrator.children import child_specs, submit_calls
+from orchestrator.children import cancel_call, child_specs, submit_calls
 from orchestrator.codec import Dispatch, ErrorInfo, StepRecord, dumps, encode_fields
 from orchestrator.connection import REDIS_FAILURES, outcome_unknown_or_passing
 from orchestrator.context import StepContext
@@ -165,12 +165,9 @@ class Outcomes:
         run_key = self.rt.store.keys.run(self.dispatch.run).run
         (status,) = await self.rt.batcher.call_many([scripts.command("HGET", run_key, "status")])
         if status == "cancelled":
-            reason = f"parent {self.dispatch.run} cancelled"
-            cancels = [
-                self.rt.store.cancel(run_id=s["run"], queue=s["queue"], reason=reason, request_id=f"parent:{s['run']}")
-                for s in specs
-            ]
-            await self.rt.batcher.call_many(cancels)
+            await self.rt.batcher.call_many(
+                [cancel_call(self.rt.store, s["run"], s["queue"], self.dispatch.run) for s in specs]
+            )
             log.info("run was cancelled meanwhile; its children cancelled", extra=fields)
 
     # -- fail and release -----------------------------------------------------------------
