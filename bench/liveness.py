@@ -60,7 +60,17 @@ from bench.common import (
     run_main,
 )
 from bench.flows import HOLD_ENV, hold
-from bench.procs import Child, Fleet, child_env, proc_cpu_s, tree_pids, wait_registered, wait_until, worker_args
+from bench.procs import (
+    Child,
+    Fleet,
+    child_env,
+    proc_cpu_s,
+    stop_quietly,
+    tree_pids,
+    wait_registered,
+    wait_until,
+    worker_args,
+)
 from orchestrator import Client, Settings
 from orchestrator.keys import GROUP, Keys
 
@@ -196,7 +206,7 @@ def level(server: Server, n: int, options: Options) -> dict[str, Any]:
         out["claim_s"] = done - started
         time.sleep(options.settle_s)
         out["inflight_fleet"] = window(server, "in flight", options.window_s, workers, supervisor)
-        os.kill(supervisor.popen.pid, signal.SIGSTOP)
+        stop_quietly(supervisor.popen.pid)
         try:
             out["inflight_workers"] = window(server, "in flight, workers only", options.window_s, workers, supervisor)
         finally:

@@ -50,6 +50,28 @@ def proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_state(pid: int) -> str | None:
+    """One letter of proc(5) (``R``, ``S``, ``T`` for stopped, ...), None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def stop_quietly(pid: int, drain_s: float = 0.3, timeout_s: float = 10.0) -> None:
+    """SIGSTOP ``pid``, wait until the kernel shows it stopped, then ``drain_s`` more for the
+    commands it had already sent to reach Redis: kill() only queues the signal, so a process
+    on the other core runs on for a moment and a measurement window opened at once would
+    count its last calls."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout_s
+    while process_state(pid) not in ("T", "t", None):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} did not stop within {timeout_s} s of SIGSTOP")
+        time.sleep(POLL_S)
+    time.sleep(drain_s)
+
+
 @dataclass
 class Child:
     """One subprocess we started, with its log file for post-mortems."""
