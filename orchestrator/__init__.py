@@ -5,7 +5,7 @@ Define a :class:`Workflow` of plain Python steps, run :class:`Worker` processes 
 """
 
 from orchestrator._version import __version__ as __version__
-from orchestrator.children import ChildResult
+from orchestrator.children import ChildResult, ItemResult
 from orchestrator.client import Client, Run
 from orchestrator.context import ClaimLost, StepContext
 from orchestrator.errors import (
@@ -30,7 +30,7 @@ from orchestrator.runs import RunHistory, RunInfo
 from orchestrator.settings import Settings
 from orchestrator.supervisor import Supervisor
 from orchestrator.worker import Worker
-from orchestrator.workflow import Child, End, Goto, Sleep, StartChildren, WaitFor, Workflow
+from orchestrator.workflow import Child, End, Goto, Map, Sleep, StartChildren, WaitFor, Workflow
 
 __all__ = [
     "Child",
@@ -42,6 +42,8 @@ __all__ = [
     "End",
     "Goto",
     "InvalidTransition",
+    "ItemResult",
+    "Map",
     "NonRetryableError",
     "OrchestratorError",
     "PayloadTooLarge",

@@ -24,10 +24,10 @@ from pydantic import BaseModel
 
 from orchestrator import scripts
 from orchestrator.codec import loads
-from orchestrator.keys import RUN_ID_PATTERN, Keys
+from orchestrator.keys import ITEM_MARK, RUN_ID_PATTERN, Keys
 from orchestrator.runs import TERMINAL
 from orchestrator.store import Outcome, Store
-from orchestrator.workflow import StartChildren
+from orchestrator.workflow import StartChildren, Workflow
 
 log = logging.getLogger("orchestrator.children")
 GROUP = "parents"  # the consumer group of the supervisors on each partition's finished stream
@@ -41,6 +41,15 @@ class ChildResult(BaseModel):
     workflow: str
     status: str  # completed, failed or cancelled
     state: dict[str, Any] | None = None  # the child's final state
+    error: dict[str, Any] | None = None  # its error (type, message, ...) when it failed
+
+
+class ItemResult(BaseModel):
+    """How one map item ended, as ``Map(collect_failures=True)`` hands it to the next step."""
+
+    index: int
+    status: str  # completed, failed or cancelled
+    value: Any = None  # what the item function returned (completed items)
     error: dict[str, Any] | None = None  # its error (type, message, ...) when it failed
 
 
@@ -72,8 +81,27 @@ def child_specs(start: StartChildren, idempotency_key: str, *, limit: int) -> li
     return specs
 
 
-def submit_calls(store: Store, specs: Sequence[dict[str, Any]], parent: str, queue: str) -> list[scripts.Call]:
-    """The submits of a parent's children (each idempotent: one already there is kept)."""
+def map_specs(flow: Workflow[Any], values: Sequence[Any], idempotency_key: str, *, limit: int) -> list[dict[str, Any]]:
+    """Each map item's submit, as :func:`child_specs` makes a child's: a run of the item workflow
+    ``flow`` whose id is the mapping step's idempotency key and the item's index."""
+    specs = []
+    for i, value in enumerate(values):
+        run_id = f"{idempotency_key}:{i}"
+        if not RUN_ID_PATTERN.match(run_id):
+            raise ValueError(f"map item run id {run_id!r} is over 200 characters: use shorter run ids")
+        fields, digest = flow.encode_input({"item": value, "index": i}, limit=limit)
+        specs.append(
+            {"run": run_id, "wf": flow.name, "queue": flow.queue, "first": flow.first_step, "sd": {}, "sha": digest}
+            | {"state": fields}
+        )
+    return specs
+
+
+def submit_calls(
+    store: Store, specs: Sequence[dict[str, Any]], parent: str, queue: str, first: int = 0
+) -> list[scripts.Call]:
+    """The submits of a parent's children (each idempotent: one already there is kept);
+    ``specs[0]`` is child ``first``."""
     return [
         store.submit(
             run_id=spec["run"],
@@ -87,13 +115,14 @@ def submit_calls(store: Store, specs: Sequence[dict[str, Any]], parent: str, que
             step_deadlines=spec["sd"],
             parent=(parent, queue, i),
         )
-        for i, spec in enumerate(specs)
+        for i, spec in enumerate(specs, start=first)
     ]
 
 
-def result_of(client: redis.Redis, keys: Keys, run_id: str) -> tuple[str, str] | None:
-    """A finished child's status and its :class:`ChildResult` as JSON (its state fields copied
-    as stored, not decoded and encoded again); None while it runs or when it is gone."""
+def result_of(client: redis.Redis, keys: Keys, run_id: str) -> tuple[str, str, str] | None:
+    """A finished child's status, its result as JSON (a :class:`ChildResult`; a map item's an
+    :class:`ItemResult`) and a completed map item's value as JSON ('' otherwise). State fields
+    are copied as stored, not decoded and encoded again. None while it runs or when it is gone."""
     rk = keys.run(run_id)
     pipe = client.pipeline(transaction=False)
     pipe.hmget(rk.run, "status", "wf", "error")
@@ -101,16 +130,23 @@ def result_of(client: redis.Redis, keys: Keys, run_id: str) -> tuple[str, str] |
     (status, wf, error), state = pipe.execute()
     if status not in TERMINAL:
         return None
+    failure = json.dumps(loads(error, what="error") if error else None)
+    if ITEM_MARK in (wf or ""):
+        value = state.get("result", "null") if status == "completed" else ""
+        index = int(state.get("index", "0"))
+        head = f'{{"index":{index},"status":{json.dumps(status)},"error":{failure},"value":'
+        return status, head + (value or "null") + "}", value
     fields = ",".join(f"{json.dumps(name)}:{value}" for name, value in sorted(state.items()))
-    head = json.dumps(
-        {"run_id": run_id, "workflow": wf, "status": status, "error": loads(error, what="error") if error else None}
-    )
-    return status, head[:-1] + ',"state":{' + fields + "}}"
+    head = json.dumps({"run_id": run_id, "workflow": wf, "status": status})
+    return status, head[:-1] + f',"error":{failure},"state":{{' + fields + "}}", ""
 
 
 def report(client: redis.Redis, store: Store, child: str) -> Outcome | None:
-    """Hand a finished child's outcome to its parent (``child_done.lua``); None when ``child`` is
-    not a child, still runs, or is gone."""
+    """Hand a finished child's outcome to its parent (``child_done.lua``) and act on the answer:
+    start the map items it says to start, cancel the items still running when a failed item
+    failed the parent. None when ``child`` is not a child, still runs, or is gone. Called by
+    the worker that finished a map item, by the supervisor's relay and by its sweep: each
+    answer is acted on by whoever got it, and the sweep repairs what a caller that died left."""
     rk = store.keys.run(child)
     parent, queue, index = _strings(client.hmget(rk.run, "parent", "parent_queue", "parent_index"))
     if not parent or not queue or not index:
@@ -118,9 +154,31 @@ def report(client: redis.Redis, store: Store, child: str) -> Outcome | None:
     found = result_of(client, store.keys, child)
     if found is None:
         return None
-    status, result = found
-    call = store.child_done(parent=parent, queue=queue, index=int(index), child=child, status=status, result=result)
-    return Outcome.parse(scripts.execute(client, [call])[0])
+    status, result, value = found
+    call = store.child_done(
+        parent=parent, queue=queue, index=int(index), child=child, status=status, result=result, value=value
+    )
+    outcome = Outcome.parse(scripts.execute(client, [call])[0])
+    if outcome.code in ("RECORDED", "DUP") and len(outcome.detail) > 2:
+        start_items(client, store, parent, queue, [int(i) for i in outcome.detail[2:]])
+    elif outcome.code == "FAILED":
+        cancel_children(client, store, parent, f"parent {parent} failed: map item {child} {status}")
+    return outcome
+
+
+def start_items(client: redis.Redis, store: Store, parent: str, queue: str, indexes: Sequence[int]) -> int:
+    """Submit the map items ``indexes`` of ``parent`` from the specs its children hash keeps
+    (``p:<i>``); returns how many were sent (each submit is idempotent by the item's run id)."""
+    if not indexes:
+        return 0
+    raw = _strings(client.hmget(store.keys.run(parent).children, [f"p:{i}" for i in indexes]))
+    calls = [
+        submit_calls(store, [loads(spec, what=f"map item {i} of {parent}")], parent, queue, first=i)[0]
+        for i, spec in zip(indexes, raw, strict=True)
+        if spec
+    ]
+    scripts.execute(client, calls)
+    return len(calls)
 
 
 def children_of(client: redis.Redis, keys: Keys, parent: str) -> list[str]:
@@ -135,29 +193,57 @@ def cancel_call(store: Store, child: str, queue: str, parent: str, reason: str =
     return store.cancel(run_id=child, queue=queue, reason=reason, request_id=f"parent:{parent}")
 
 
+def unfinished_children(client: redis.Redis, keys: Keys, parent: str, recorded: Sequence[Any]) -> list[str]:
+    """The children a retried ``parent`` must re-drive: those whose failure or cancel it had
+    recorded (``recorded``, from ``retry_run.lua``), and those that failed or were cancelled
+    without it recording so (it had failed already: ``child_done.lua`` keeps only completed
+    results then), in index order."""
+    info: dict[str, str] = client.hgetall(keys.run(parent).children)  # type: ignore[assignment]
+    started = [info[f"c:{i}"] for i in range(int(info.get("started", info.get("n", 0)))) if f"c:{i}" in info]
+    unrecorded = [child for i, child in enumerate(started) if f"r:{i}" not in info]
+    pipe = client.pipeline(transaction=False)
+    for child in unrecorded:
+        pipe.hget(keys.run(child).run, "status")
+    ended = {
+        child for child, status in zip(unrecorded, pipe.execute(), strict=True) if status in ("failed", "cancelled")
+    }
+    wanted = ended | {str(child) for child in recorded}
+    return [child for child in started if child in wanted]
+
+
 def cancel_children(client: redis.Redis, store: Store, parent: str, reason: str = "") -> int:
     """Cancel every unfinished child of ``parent``; returns how many were cancelled."""
-    cancelled = 0
-    for child in children_of(client, store.keys, parent):
-        status, queue = _strings(client.hmget(store.keys.run(child).run, "status", "queue"))
+    children = children_of(client, store.keys, parent)
+    pipe = client.pipeline(transaction=False)
+    for child in children:
+        pipe.hmget(store.keys.run(child).run, "status", "queue")
+    calls = []
+    for child, reply in zip(children, pipe.execute(), strict=True):
+        status, queue = _strings(reply)
         if status and queue and status not in TERMINAL:
-            call = cancel_call(store, child, queue, parent, reason)
-            cancelled += Outcome.parse(scripts.execute(client, [call])[0]).code == "CANCELLED"
-    return cancelled
+            calls.append(cancel_call(store, child, queue, parent, reason))
+    replies = scripts.execute(client, calls) if calls else []
+    return sum(Outcome.parse(reply).code == "CANCELLED" for reply in replies)
 
 
 def check_parent(client: redis.Redis, store: Store, parent: str) -> dict[str, int]:
-    """The sweep's look at a parent waiting for its children: submit the children it lists that
-    do not exist (from the specs in the step record that started them), and report every
-    finished one (``child_done.lua`` settles the parent once all are in)."""
+    """The sweep's look at a parent waiting for its children: submit the children it lists
+    (up to a map's ``started``) that do not exist, from the specs of the step record that
+    started them or a map's ``p:<i>``, and report every finished one (``child_done.lua``
+    settles the parent once all are in, and tops up a map's window)."""
     keys = store.keys
     rk = keys.run(parent)
     info: dict[str, str] = client.hgetall(rk.children)  # type: ignore[assignment]
     (queue,) = _strings([client.hget(rk.run, "queue")])
     if not info or queue is None:
         return {}
+    n = int(info["n"])
+    started = int(info.get("started", n))
     counts = {"children_checked": 0, "children_submitted": 0}
-    missing = [i for i in range(int(info["n"])) if not client.exists(keys.run(info[f"c:{i}"]).run)]
+    pipe = client.pipeline(transaction=False)
+    for i in range(started):
+        pipe.exists(keys.run(info[f"c:{i}"]).run)
+    missing = [i for i, there in enumerate(pipe.execute()) if not there]
     if missing:
         (raw,) = _strings([client.hget(rk.results, info["from"])])
         record = loads(raw or "{}", what=f"step record of {parent}")
@@ -165,7 +251,7 @@ def check_parent(client: redis.Redis, store: Store, parent: str) -> dict[str, in
         calls = submit_calls(store, specs, parent, queue)
         scripts.execute(client, [calls[i] for i in missing if i < len(calls)])
         counts["children_submitted"] = len(missing)
-    for i in range(int(info["n"])):
+    for i in range(started):
         if f"r:{i}" not in info:
             counts["children_checked"] += 1
             report(client, store, info[f"c:{i}"])
@@ -212,7 +298,9 @@ def relay(
     for stream, entry_id, fields in notices:
         run_id = fields.get("run", "")
         counts["children_reported"] += bool(run_id) and report(client, store, run_id) is not None
-        if run_id and client.hget(store.keys.run(run_id).run, "status") == "cancelled":
+        # a parent that ended (cancelled, or failed: a map's failed item, its deadline) leaves
+        # no child running
+        if run_id and client.hget(store.keys.run(run_id).run, "status") in ("cancelled", "failed"):
             counts["children_cancelled"] += cancel_children(client, store, run_id)
         client.xack(stream, GROUP, entry_id)
         client.xdel(stream, entry_id)

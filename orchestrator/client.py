@@ -24,7 +24,7 @@ import redis
 from pydantic import BaseModel
 
 from orchestrator import scripts
-from orchestrator.children import cancel_children
+from orchestrator.children import cancel_children, unfinished_children
 from orchestrator.codec import HistoryEvent, StepRecord, describe_validation_error, dumps, encode_fields, loads
 from orchestrator.connection import REDIS_FAILURES, close, connect, redis_failure
 from orchestrator.counters import read_counters
@@ -400,17 +400,26 @@ class Client:
 
     @_tree_errors
     def retry(self, run_id: str, reason: str = "retried by request") -> Run[Any]:
-        """Re-drive a failed run from its failed step (same idempotency key as before)."""
+        """Re-drive a failed run from its failed step (same idempotency key as before).
+
+        A run that failed while it waited for child runs or map items waits for them again, and
+        those that failed or were cancelled run again (the completed ones are kept)."""
+        self._retry(run_id, reason, cancelled_too=False)
+        return Run(self, run_id, None, created=False)
+
+    def _retry(self, run_id: str, reason: str, *, cancelled_too: bool) -> None:
         info = self.get(run_id)
-        call = self.store.retry(run_id=run_id, queue=info.queue, reason=reason, request_id=uuid.uuid4().hex)
+        call = self.store.retry(
+            run_id=run_id, queue=info.queue, reason=reason, request_id=uuid.uuid4().hex, cancelled_too=cancelled_too
+        )
         outcome = Outcome.parse(scripts.execute(self.redis, [call])[0])
         if outcome.code == "NOT_FAILED":
             raise InvalidTransition(
                 f"run {run_id!r} is {outcome.detail[0]}, not failed; only failed runs can be retried", run_id=run_id
             )
-        for child in outcome.detail[3:]:  # it waits for its children again: re-drive the failed ones
-            self.retry(str(child), f"parent {run_id} retried: {reason}")
-        return Run(self, run_id, None, created=False)
+        if outcome.detail and outcome.detail[0] == "children":  # it waits for its children again
+            for child in unfinished_children(self.redis, self.store.keys, run_id, outcome.detail[3:]):
+                self._retry(child, f"parent {run_id} retried: {reason}", cancelled_too=True)
 
     @_tree_errors
     def purge(

@@ -61,7 +61,7 @@ class StepContext:
         self.fencing_token = fencing_token
         self.snapshot = snapshot
         self.worker_id = worker_id
-        self.idempotency_key = idempotency_key(run_id, step, visit)
+        self.idempotency_key = idempotency_key(run_id, step, visit, workflow)
         self.cost: dict[str, float] = {}
         self._limit = max_payload_bytes
         self._save_stash = save_stash

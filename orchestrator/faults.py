@@ -14,8 +14,9 @@ Points in the worker: ``after_claim`` (claimed, user code not started), ``mid_st
 by test steps through :func:`point`), ``after_stash`` (a stash is durable), ``before_commit``
 (the step returned, nothing persisted), ``after_persist_before_ack`` (the outcome is durable;
 a commit acked its entry with it, a failure's entry is not acked yet), ``before_children`` (a
-commit that parked its run for child runs is durable, the children are not submitted yet). In
-the supervisor: ``before_redispatch``.
+commit that parked its run for child runs is durable, the children are not submitted yet),
+``before_fan_in`` (a map item's run finished, its result not handed to its parent yet). In the
+supervisor: ``before_redispatch``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ POINTS = frozenset(
         "before_commit",
         "after_persist_before_ack",
         "before_children",
+        "before_fan_in",
         "before_redispatch",
     }
 )

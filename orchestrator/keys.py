@@ -383,6 +383,15 @@ class LegacyKeys:
         return f"{self.namespace}:runs:{{{self.namespace}}}:{name}"
 
 
-def idempotency_key(run_id: str, step: str, visit: int) -> str:
-    """``{run_id}:{step}`` for a step's first visit, ``{run_id}:{step}:{visit}`` after a loop."""
+ITEM_MARK = ".."  # in the name of a map's item workflow, "<workflow>..<item>": never in a user's
+
+
+def idempotency_key(run_id: str, step: str, visit: int, workflow: str = "") -> str:
+    """``{run_id}:{step}`` for a step's first visit, ``{run_id}:{step}:{visit}`` after a loop.
+
+    A map item's run id is its key already: the map step's key and the item's index,
+    ``{run_id}:{step}:{index}`` (``{run_id}:{step}:{visit}:{index}`` after a loop), and its one
+    step (of the workflow ``<workflow>..<item>``) has that key."""
+    if ITEM_MARK in workflow:
+        return run_id
     return f"{run_id}:{step}" if visit == 1 else f"{run_id}:{step}:{visit}"

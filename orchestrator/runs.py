@@ -113,7 +113,7 @@ class RunInfo(BaseModel):
 
     @property
     def idempotency_key(self) -> str:
-        return idempotency_key(self.run_id, self.step, self.visit)
+        return idempotency_key(self.run_id, self.step, self.visit, self.workflow)
 
     @classmethod
     def from_hash(
@@ -217,7 +217,7 @@ def group_attempts(run: RunInfo, events: list[HistoryEvent]) -> list[StepHistory
             steps[key] = StepHistory(
                 step=ev.step,
                 visit=ev.visit,
-                idempotency_key=idempotency_key(run.run_id, ev.step, ev.visit),
+                idempotency_key=idempotency_key(run.run_id, ev.step, ev.visit, run.workflow),
                 attempts=[],
                 committed=False,
             )

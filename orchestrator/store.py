@@ -227,7 +227,7 @@ class Store:
             [
                 dispatch.step,
                 dispatch.visit,
-                idempotency_key(dispatch.run, dispatch.step, dispatch.visit),
+                idempotency_key(dispatch.run, dispatch.step, dispatch.visit, dispatch.wf),
                 token,
                 worker,
                 max_crashes,
@@ -291,7 +291,7 @@ class Store:
             [
                 dispatch.run,
                 dispatch.wf,
-                idempotency_key(dispatch.run, dispatch.step, dispatch.visit),
+                idempotency_key(dispatch.run, dispatch.step, dispatch.visit, dispatch.wf),
                 token,
                 record,
                 event,
@@ -394,7 +394,7 @@ class Store:
                 dispatch.run,
                 dispatch.step,
                 dispatch.visit,
-                idempotency_key(dispatch.run, dispatch.step, dispatch.visit),
+                idempotency_key(dispatch.run, dispatch.step, dispatch.visit, dispatch.wf),
                 consumer,
                 giver,
             ],
@@ -451,7 +451,9 @@ class Store:
             [run_id, reason, request_id],
         )
 
-    def retry(self, *, run_id: str, queue: str, reason: str, request_id: str) -> Call:
+    def retry(self, *, run_id: str, queue: str, reason: str, request_id: str, cancelled_too: bool = False) -> Call:
+        """Re-drive a failed run (``retry_run.lua``); with ``cancelled_too`` a cancelled one as well
+        (a retried parent's children: a map's failed item cancelled the others)."""
         rk, qk, k = self._at(run_id, queue)
         return scripts.load("retry_run").call(
             [
@@ -466,8 +468,9 @@ class Store:
                 qk.delayed,
                 k.deadlines,
                 rk.children,
+                k.done,
             ],
-            [run_id, reason, request_id],
+            [run_id, reason, request_id, "1" if cancelled_too else "0"],
         )
 
     def signal(
@@ -492,8 +495,11 @@ class Store:
             [run_id, signal_id, name, payload, digest, max_signals],
         )
 
-    def child_done(self, *, parent: str, queue: str, index: int, child: str, status: str, result: str) -> Call:
-        """Record how child run ``child`` (index ``index`` of ``parent``) ended (``child_done.lua``)."""
+    def child_done(
+        self, *, parent: str, queue: str, index: int, child: str, status: str, result: str, value: str = ""
+    ) -> Call:
+        """Record how child run ``child`` (index ``index`` of ``parent``) ended (``child_done.lua``);
+        ``value``: a completed map item's value (JSON)."""
         rk, qk, k = self._at(parent, queue)
         return scripts.load("child_done").call(
             [
@@ -510,7 +516,7 @@ class Store:
                 k.deadlines,
                 k.finished,
             ],
-            [parent, index, child, status, result],
+            [parent, index, child, status, result, value],
         )
 
     def purge(self, *, run_id: str, index: str, cutoff_ms: int, statuses: Sequence[str]) -> Call:

@@ -34,7 +34,7 @@ from orchestrator.codec import (
     to_json,
 )
 from orchestrator.errors import DefinitionError, StepResultError, ValidationError
-from orchestrator.keys import QUEUE_PATTERN
+from orchestrator.keys import ITEM_MARK, QUEUE_PATTERN
 from orchestrator.retry import Retry
 
 if TYPE_CHECKING:
@@ -165,6 +165,42 @@ class StartChildren:
 
 
 @dataclass(frozen=True)
+class Map:
+    """Return from a step to run the item function ``each`` (registered with
+    :meth:`Workflow.item`) once per element of the state field ``over`` (a list), then continue
+    at ``step`` (default: the step after this one) once every item has committed.
+
+    Each item is its own run, ``{run_id}:{step}:{index}`` (also its idempotency key; with the
+    visit before the index after a loop), taken by any worker, with its own claim, fence, lease,
+    stash, retries and crash count. At most ``parallelism`` items run at a time (default: all).
+    The results go into the state field ``into``, in item order, in the same atomic step that
+    queues ``step``. An item that fails (after its retries) fails this run at once with
+    ``ChildFailed`` and cancels the items still running; ``orchestrator retry`` of the run
+    re-runs only the items that did not complete. With ``collect_failures``, every item runs
+    and ``into`` gets an :class:`~orchestrator.children.ItemResult` per item (index, status,
+    value, error) for the next step to decide. ``update`` is applied when this step commits,
+    before the list is read, so a step can build the list and map it in one return. While the
+    items run, this run holds no worker slot, no lease and no stream entry.
+    """
+
+    each: str | Callable[..., Any]
+    over: str
+    into: str
+    step: str | None = None
+    parallelism: int | None = None
+    collect_failures: bool = False
+    update: Mapping[str, Any] | None = None
+
+
+class ItemState(BaseModel):
+    """The state of one map item's run: the element it works on, its place, and what it returned."""
+
+    item: Any = None
+    index: int = 0
+    result: Any = None
+
+
+@dataclass(frozen=True)
 class SignalDef:
     """A signal a workflow's steps can wait for: its payload model and the state field it fills."""
 
@@ -195,6 +231,7 @@ class StepOutcome:
     wake: str = ""  # a Sleep: when to go on to next_step (Sleep.wake); '' = at once
     wait: dict[str, Any] | None = None  # a WaitFor, as commit.lua takes it (Workflow.wait_spec)
     children: StartChildren | None = None  # child runs to start (orchestrator.children)
+    map: Map | None = None  # map items to start (orchestrator.children.map_specs)
 
 
 # Workflows defined in this process, by name (the last definition of a name wins), so that
@@ -221,11 +258,13 @@ class Workflow(Generic[S]):
     queue: str = "default"
     steps: list[StepDef] = field(default_factory=list)
     signals: dict[str, SignalDef] = field(default_factory=dict)
+    items: dict[str, Workflow[ItemState]] = field(default_factory=dict)  # a map's item workflows, by item name
 
     def __post_init__(self) -> None:
-        if not re.match(WORKFLOW_NAME, self.name):
+        if not re.match(WORKFLOW_NAME, self.name) or (ITEM_MARK in self.name and self.state is not ItemState):
             raise DefinitionError(
-                f"workflow name {self.name!r} is invalid: expected 1-100 characters of A-Z a-z 0-9 _ . -"
+                f"workflow name {self.name!r} is invalid: expected 1-100 characters of A-Z a-z 0-9 _ . - "
+                f"without {ITEM_MARK!r} (kept for map items)"
             )
         if not QUEUE_PATTERN.match(self.queue):
             raise DefinitionError(
@@ -348,13 +387,9 @@ class Workflow(Generic[S]):
             raise DefinitionError(f"{where} is defined twice")
         if not callable(fn):
             raise DefinitionError(f"{where}: {fn!r} is not callable")
-        params = [
-            p
-            for p in inspect.signature(fn).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        if len(params) != 2:
-            raise DefinitionError(f"{where}: expected a function of (ctx, state), got {len(params)} parameters")
+        params = _positional(fn)
+        if params != 2:
+            raise DefinitionError(f"{where}: expected a function of (ctx, state), got {params} parameters")
         limits = (("timeout_s", timeout_s), ("heartbeat_timeout_s", heartbeat_timeout_s), ("deadline_s", deadline_s))
         for label, value in limits:
             if value is not None and value <= 0:
@@ -363,6 +398,41 @@ class Workflow(Generic[S]):
         if deadline_s is not None and deadline_s > MAX_SLEEP_S:
             raise DefinitionError(f"{where}: deadline_s={deadline_s} is over a year ({MAX_SLEEP_S:.0f} s)")
         self.steps.append(StepDef(name, fn, is_async, retry, timeout_s, heartbeat_timeout_s, deadline_s))
+
+    def item(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retry: Retry | None = None,
+        timeout_s: float | None = None,
+        heartbeat_timeout_s: float | None = None,
+    ) -> Any:
+        """Register an item function for :class:`Map`: ``(ctx, item) -> value``, sync or async,
+        run once per element of the mapped list. It is not a step of the chain: a step reaches
+        it by returning ``Map(each=name, over=..., into=...)``. Its value (JSON-serializable, a
+        pydantic model included) goes into the mapped step's ``into`` list; ``ctx.idempotency_key``
+        is the item's own key. ``retry``, ``timeout_s`` and ``heartbeat_timeout_s`` are per item,
+        as for a step. Items run on this workflow's queue.
+        """
+
+        def register(func: F) -> F:
+            item_name = name or func.__name__
+            where = f"item {item_name!r} of workflow {self.name!r}"
+            if item_name in self.items or any(s.name == item_name for s in self.steps):
+                raise DefinitionError(f"{where} is defined twice (items and steps share one namespace)")
+            if not callable(func) or _positional(func) != 2:
+                raise DefinitionError(f"{where}: expected a function of (ctx, item), got {func!r}")
+            flow_name = f"{self.name}{ITEM_MARK}{item_name}"
+            if len(flow_name) > 100:
+                raise DefinitionError(f"{where}: workflow and item names together are over 98 characters")
+            flow = Workflow(flow_name, state=ItemState, queue=self.queue)
+            flow._add(_item_step(func), item_name, retry or Retry(), timeout_s, heartbeat_timeout_s)
+            self.items[item_name] = flow
+            return func
+
+        return register(fn) if fn is not None else register
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -473,7 +543,40 @@ class Workflow(Generic[S]):
             return self._wait(where, returned, next_step)
         elif isinstance(returned, StartChildren):
             return self._children(where, returned, next_step)
+        elif isinstance(returned, Map):
+            return self._map(where, returned, next_step)
         return StepOutcome(update=self._update(where, returned), next_step=next_step)
+
+    def item_flow(self, each: str | Callable[..., Any]) -> Workflow[ItemState]:
+        """The item workflow of ``each`` (an item's name or its function)."""
+        name = each if isinstance(each, str) else getattr(each, "__name__", repr(each))
+        flow = self.items.get(name)
+        if flow is None:
+            known = ", ".join(sorted(self.items)) or "none"
+            raise StepResultError(
+                f"Map(each={name!r}) names no item of workflow {self.name!r} (items: {known}); "
+                "register it with @flow.item"
+            )
+        return flow
+
+    def _map(self, where: str, mapped: Map, next_step: str | None) -> StepOutcome:
+        self.item_flow(mapped.each)
+        if mapped.step is not None:
+            self.get_step(mapped.step)
+        next_step = mapped.step or next_step
+        if next_step is None:
+            raise StepResultError(f"{where} returned Map without step= and is the last step: name the step")
+        extra = self.state.model_config.get("extra") == "allow"
+        for label, name in (("over", mapped.over), ("into", mapped.into)):
+            if not isinstance(name, str) or (name not in self.state.model_fields and not extra):
+                raise StepResultError(
+                    f"{where}: Map({label}={name!r}) names no field of {self.state.__name__} "
+                    f"(fields: {sorted(self.state.model_fields)})"
+                )
+        p = mapped.parallelism
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise StepResultError(f"{where}: Map(parallelism={p!r}) is invalid: expected a whole number >= 1 or None")
+        return StepOutcome(update=self._update(where, mapped.update), next_step=next_step, map=mapped)
 
     def _wait(self, where: str, wait: WaitFor, next_step: str | None) -> StepOutcome:
         declared = self.signals.get(wait.signal) if isinstance(wait.signal, str) else None
@@ -542,7 +645,8 @@ class Workflow(Generic[S]):
             raise StepResultError(
                 f"{where} returned {type(returned).__name__}; expected a dict of state updates, "
                 "None, Goto(step, update), End(update), Sleep(seconds | until, step, update), "
-                "WaitFor(signal, step, timeout_s, on_timeout, update) or StartChildren(children, into, step, ...)"
+                "WaitFor(signal, step, timeout_s, on_timeout, update), StartChildren(children, into, step, ...) "
+                "or Map(each, over, into, ...)"
             )
         bad_keys = [k for k in update if not isinstance(k, str)]
         if bad_keys:
@@ -563,3 +667,33 @@ class Workflow(Generic[S]):
             return self.state.model_validate(merged)
         except pydantic.ValidationError as exc:
             raise StepResultError(describe_validation_error(exc, what=f"state update from {where}")) from None
+
+
+def _item_step(fn: Callable[..., Any]) -> StepFn:
+    """A map item function ``(ctx, item) -> value`` as the one step of its item workflow: the
+    value becomes the item run's ``result`` and the run ends."""
+    if inspect.iscoroutinefunction(fn):
+
+        async def run_item_async(ctx: StepContext, state: ItemState) -> End:
+            return _item_end(fn, await fn(ctx, state.item))
+
+        return run_item_async
+
+    def run_item(ctx: StepContext, state: ItemState) -> End:
+        return _item_end(fn, fn(ctx, state.item))
+
+    return run_item
+
+
+def _item_end(fn: Callable[..., Any], value: Any) -> End:
+    if isinstance(value, Goto | End | Sleep | WaitFor | StartChildren | Map):
+        raise StepResultError(
+            f"map item {getattr(fn, '__name__', fn)!r} returned {type(value).__name__}: an item returns its value"
+        )
+    return End({"result": value})
+
+
+def _positional(fn: Callable[..., Any]) -> int:
+    """How many positional parameters ``fn`` takes."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in inspect.signature(fn).parameters.values() if p.kind in kinds)

@@ -20,6 +20,7 @@ from orchestrator import (
     Child,
     ChildResult,
     Goto,
+    Map,
     NonRetryableError,
     Retry,
     Sleep,
@@ -332,3 +333,52 @@ def sum_up(ctx: StepContext, state: Family) -> dict[str, str]:
 
 
 ALL.extend([kid, parenting])
+
+
+class Survey(BaseModel):
+    """State of ``survey``: the topics to study in parallel (a Map), the findings, a summary."""
+
+    topics: list[str] = []
+    fail: list[str] = []  # topics whose item fails (for good)
+    slow_s: float = 0.0  # each item's time
+    parallelism: int | None = None
+    collect: bool = False
+    findings: list[Any] = []
+    summary: str = ""
+
+
+survey = Workflow("survey", state=Survey)
+FLAKY: set[str] = set()  # topics whose item fails until a test discards them
+
+
+@survey.step
+def plan(ctx: StepContext, state: Survey) -> Map:
+    record_execution(ctx)
+    return Map(study, over="topics", into="findings", parallelism=state.parallelism, collect_failures=state.collect)
+
+
+@survey.item(retry=Retry(max_attempts=2, backoff_s=0.05))
+def study(ctx: StepContext, topic: str) -> dict[str, Any]:
+    """One topic. The execution's ``saw`` is how many items were running when it started (the
+    ledger's ``study:running`` counter), so a test can check a Map's parallelism."""
+    board = ledger.current()
+    running = board.redis.hincrby(board.keys.items, "study:running", 1)
+    try:
+        record_execution(ctx, saw=running)
+        point("mid_step", ctx.step)
+        if ":fail" in topic or topic in FLAKY:
+            raise NonRetryableError(f"cannot study {topic}")
+        if ":slow" in topic:
+            time.sleep(float(topic.rsplit(":slow", 1)[1] or 1))
+        return {"topic": topic, "words": len(topic)}
+    finally:
+        board.redis.hincrby(board.keys.items, "study:running", -1)
+
+
+@survey.step
+def summarize(ctx: StepContext, state: Survey) -> dict[str, str]:
+    record_execution(ctx, saw=len(state.findings))
+    return {"summary": f"{len(state.findings)} findings"}
+
+
+ALL.append(survey)

@@ -192,20 +192,30 @@ local function announce(finished, run, run_id)
   if redis.call('HGET', run, 'notify') then redis.call('XADD', finished, '*', 'run', run_id) end
 end
 
--- Child runs a commit starts (children_spec: a StartChildren as commit.lua takes it, JSON or
--- the table a step record holds) as {into, collect (bool), runs = {ids}}; nil when malformed.
+-- Child runs a commit starts (children_spec: a StartChildren or a Map as commit.lua takes it,
+-- JSON or the table a step record holds) as {into, collect (bool), runs = {ids}, map (bool),
+-- window (how many run at once; the whole list without one), specs (each child's submit, a
+-- table, when given)}; nil when malformed.
 local function children_spec(c)
   c = decoded(c)
   if type(c) ~= 'table' then return nil end
   local listed = c.runs or c.specs  -- a step record keeps each child's whole submit
   if type(c.into) ~= 'string' or c.into == '' or type(listed) ~= 'table' or #listed == 0 then return nil end
-  local runs = {}
+  local runs, specs = {}, nil
   for i, run in ipairs(listed) do
-    if type(run) == 'table' then run = run.run end
+    if type(run) == 'table' then
+      specs = specs or {}
+      specs[i] = run
+      run = run.run
+    end
     if type(run) ~= 'string' or run == '' then return nil end
     runs[i] = run
   end
-  return {into = c.into, collect = c.collect == true, runs = runs}
+  local window = c.window or #runs
+  if type(window) ~= 'number' or window < 1 or window ~= math.floor(window) then return nil end
+  if c.map == true and not specs then return nil end  -- a map's later items are started from their specs
+  return {into = c.into, collect = c.collect == true, runs = runs, map = c.map == true,
+    window = math.min(window, #runs), specs = specs}
 end
 
 -- How long a parent waiting for its children is left between two looks of the sweep (ms; the
@@ -286,21 +296,33 @@ local function advance(k, a, set)
   end
   if a.children then
     -- parked until every child finished (child_done.lua); the caller starts them
-    local fields = {'n', #a.children.runs, 'done', 0, 'into', a.children.into, 'collect', a.children.collect and 1 or 0,
-      'from', a.idem, 'step', a.next, 'visit', visit}
-    for i, run in ipairs(a.children.runs) do
+    local c = a.children
+    local fields = {'n', #c.runs, 'done', 0, 'into', c.into, 'collect', c.collect and 1 or 0,
+      'from', a.idem, 'step', a.next, 'visit', visit, 'window', c.window, 'started', c.window}
+    if c.map then
+      fields[#fields + 1] = 'map'
+      fields[#fields + 1] = 1
+    end
+    for i, run in ipairs(c.runs) do
       fields[#fields + 1] = 'c:' .. (i - 1)
       fields[#fields + 1] = run
+      if c.map and i > c.window then
+        -- a map item past the window: started (from this) when an earlier one finishes
+        fields[#fields + 1] = 'p:' .. (i - 1)
+        fields[#fields + 1] = cjson.encode(c.specs[i])
+      end
     end
     redis.call('DEL', k.children)  -- a park before this one (a loop) was settled
     redis.call('HSET', k.children, unpack(fields))
     queued_at(0)
     set.dispatch, set.status, set.due_ms, set.notify = 'children', 'waiting', 0, 1
     index_active(k.active, k.queued, a.run_id, a.now)  -- a first look soon: were the children started?
+    local listed = #c.runs <= 10 and table.concat(c.runs, ', ') or (c.runs[1] .. ' ... ' .. c.runs[#c.runs])
     redis.call('RPUSH', k.history, event({type = 'children', at = a.now, step = a.next, visit = visit,
-      detail = #a.children.runs .. ' child runs: ' .. table.concat(a.children.runs, ', ')}))
-    count(k.stats, 'children_started', #a.children.runs)
-    return {'OK', a.next, visit, 'children', #a.children.runs}
+      detail = #c.runs .. (c.map and ' map items' or ' child runs') ..
+        (c.window < #c.runs and ' (' .. c.window .. ' at a time)' or '') .. ': ' .. listed}))
+    count(k.stats, c.map and 'map_items' or 'children_started', #c.runs)
+    return {'OK', a.next, visit, 'children', #c.runs}
   end
   if a.wait then
     local id, payload = take_buffered(k.signals, a.wait.signal)

@@ -4,15 +4,17 @@
 -- (if it had one) as long as before, counted from now: the step after the wait must not run
 -- without the signal it waits for.
 -- A run that failed while it waited for child runs (one failed, or its deadline passed) waits
--- for them again: the failed children's results are dropped, and the caller re-drives those
--- children (Client.retry: they are in other slots).
+-- for them again: the results of the children that failed or were cancelled are dropped, and
+-- the caller re-drives those children (Client.retry: they are in other slots).
 -- KEYS[1] run  KEYS[2] history  KEYS[3] stream  KEYS[4] queued  KEYS[5] active  KEYS[6] dead
 -- KEYS[7] stats  KEYS[8] stats detail  KEYS[9] delayed  KEYS[10] deadlines
--- KEYS[11] children
+-- KEYS[11] children  KEYS[12] done (where a cancelled run is indexed)
 -- The run's own deadline is dropped (a retried run has none); its step's deadline, if it has
 -- one, counts again from the retry.
 -- ARGV[1] run id  ARGV[2] reason  ARGV[3] request id (a resent call reports RETRIED again and
--- does not re-drive the run a second time)
+-- does not re-drive the run a second time)  ARGV[4] '1': a cancelled run is re-driven too (a
+-- parent's retry re-drives its children that failed or were cancelled: a map's failed item
+-- cancels the others)
 -- Returns {'RETRIED', entry id ('signal' or 'children' when the run waits again), step, visit,
 --   the failed children to re-drive...} |
 --   {'NOT_FAILED', status} | {'MISSING'}
@@ -20,7 +22,7 @@ local r = redis.call('HMGET', KEYS[1], 'status', 'wf', 'step', 'visit', 'retry_r
   'wait_ms', 'due_ms')
 if not r[1] then return {'MISSING'} end
 if r[5] == ARGV[3] then return {'RETRIED', r[6] or '', r[3], tonumber(r[4])} end
-if r[1] ~= 'failed' then return {'NOT_FAILED', r[1]} end
+if r[1] ~= 'failed' and not (r[1] == 'cancelled' and ARGV[4] == '1') then return {'NOT_FAILED', r[1]} end
 local now = now_ms()
 local id = 'signal'
 local parked = redis.call('HMGET', KEYS[11], 'n', 'step', 'visit', 'settled')
@@ -28,7 +30,8 @@ local rerun = {}
 if parked[1] and not parked[4] and parked[2] == r[3] and parked[3] == r[4] then
   id = 'children'
   for i = 0, tonumber(parked[1]) - 1 do
-    if redis.call('HGET', KEYS[11], 's:' .. i) == 'failed' then
+    local outcome = redis.call('HGET', KEYS[11], 's:' .. i)
+    if outcome and outcome ~= 'completed' then
       rerun[#rerun + 1] = redis.call('HGET', KEYS[11], 'c:' .. i)
       redis.call('HDEL', KEYS[11], 'r:' .. i, 's:' .. i)
       redis.call('HINCRBY', KEYS[11], 'done', -1)
@@ -52,6 +55,7 @@ redis.call('HSET', KEYS[1], 'errors', 0, 'crashes', 0, 'claim', '', 'claim_fence
   'dispatch', id, 'updated_ms', now, 'retry_req', ARGV[3])
 redis.call('HDEL', KEYS[1], 'error', 'finished_ms', 'deadline_ms')
 redis.call('ZREM', KEYS[6], ARGV[1])
+if r[1] == 'cancelled' then redis.call('ZREM', KEYS[12], ARGV[1]) end
 redis.call('ZREM', KEYS[10], ARGV[1])
 if id ~= 'signal' and id ~= 'children' then step_queued(KEYS[10], KEYS[1], ARGV[1], r[3], now) end
 redis.call('RPUSH', KEYS[2], event({type = 'retried', at = now, step = r[3], visit = tonumber(r[4]),

@@ -20,14 +20,15 @@ from typing import Any
 import redis
 
 from orchestrator import scripts
-from orchestrator.children import cancel_call, child_specs, submit_calls
+from orchestrator.children import cancel_call, child_specs, map_specs, report, submit_calls
 from orchestrator.codec import Dispatch, ErrorInfo, StepRecord, dumps, encode_fields
 from orchestrator.connection import REDIS_FAILURES, outcome_unknown_or_passing
 from orchestrator.context import StepContext
-from orchestrator.errors import ValidationError
+from orchestrator.errors import StepResultError, ValidationError
+from orchestrator.keys import ITEM_MARK
 from orchestrator.store import Claimed, Committed, Outcome, new_claim_token
 from orchestrator.worker.runtime import Runtime, StepTimeout, now_ms
-from orchestrator.workflow import StepDef, Workflow
+from orchestrator.workflow import Map, StepDef, Workflow
 
 log = logging.getLogger("orchestrator.worker")
 
@@ -66,11 +67,20 @@ class Outcomes:
         where = f"step {d.step!r} of workflow {wf.name!r}"
         outcome = wf.interpret(step, returned)
         merged = wf.merge(state, outcome.update, where=where)
-        values = wf.json_fields(merged, outcome.update.keys(), what=f"update from {where}")
-        fields = encode_fields(values, what=f"update from {where}", limit=self.rt.settings.max_payload_bytes)
         children = outcome.children
         specs = child_specs(children, ctx.idempotency_key, limit=self.rt.settings.max_payload_bytes) if children else []
+        spec: dict[str, Any] | None = None
+        if children:
+            spec = {"into": children.into, "collect": children.collect_failures, "specs": specs}
+        elif outcome.map:
+            spec, specs = self._map_spec(wf, outcome.map, merged, where)
+            if not specs:  # a Map over an empty list: nothing to wait for, its result is an empty list
+                outcome = dataclasses.replace(outcome, update={**outcome.update, outcome.map.into: []}, map=None)
+                merged, spec = wf.merge(state, outcome.update, where=where), None
+        values = wf.json_fields(merged, outcome.update.keys(), what=f"update from {where}")
+        fields = encode_fields(values, what=f"update from {where}", limit=self.rt.settings.max_payload_bytes)
         end_ms = now_ms()
+        unset_parts = {"wake": not outcome.wake, "wait": outcome.wait is None, "children": spec is None}
         record = StepRecord(
             step=d.step,
             visit=d.visit,
@@ -84,10 +94,8 @@ class Outcomes:
             cost=ctx.cost,
             wake=outcome.wake or None,
             wait=outcome.wait,
-            children={"into": children.into, "collect": children.collect_failures, "specs": specs}
-            if children
-            else None,
-        ).model_dump_json(exclude={name for name in ("wake", "wait", "children") if not getattr(outcome, name)})
+            children=spec,
+        ).model_dump_json(exclude={name for name, unset in unset_parts.items() if unset})
         self.rt.faults.hit("before_commit", d.step)
         # Chain (take the next step at once, without a trip through the queue) at most
         # MAX_CHAINED_STEPS times in a row: a chained step goes ahead of the runs waiting in the
@@ -97,7 +105,7 @@ class Outcomes:
             outcome.next_step is not None
             and not outcome.wake
             and outcome.wait is None
-            and children is None
+            and spec is None
             and self.chained < MAX_CHAINED_STEPS
             and self.rt.may_chain()
         )
@@ -118,10 +126,13 @@ class Outcomes:
             entry_id="" if self.superseded else self.entry_id,
             wake=outcome.wake,
             wait=json.dumps(outcome.wait) if outcome.wait else "",
+            # a child run's spec is in the record; a map item's goes to Redis as well (started later)
             children=json.dumps(
-                {"into": children.into, "collect": children.collect_failures, "runs": [c["run"] for c in specs]}
+                spec
+                if outcome.map
+                else {"into": spec["into"], "collect": spec["collect"], "runs": [c["run"] for c in specs]}
             )
-            if children
+            if spec
             else "",
         )
         try:
@@ -135,8 +146,10 @@ class Outcomes:
             await self.fail(CommitRefused(f"the commit of {where} was refused: {result.detail[0]}"), step=None)
             return
         self.rt.faults.hit("after_persist_before_ack", d.step)
-        if specs and result.code in ("OK", "REPLAY"):
-            await self._start_children(specs)
+        if spec and result.code in ("OK", "REPLAY"):
+            await self._start_children(specs[: spec.get("window", len(specs))])
+        if result.code in ("OK", "REPLAY") and result.detail and result.detail[0] == "":
+            await self._report_item()  # a map item's run completed
         if result.code not in ("OK", "REPLAY"):  # REPLAY: resent after a lost reply
             self._ack(result)  # an applied commit acked its entry itself
         elif result.detail:
@@ -148,6 +161,41 @@ class Outcomes:
                     run=d.run, wf=d.wf, step=committed.next_step, visit=committed.visit
                 )
                 self.rt.start_chained(self.queue, committed.entry_id, successor, chained, chain_token, self.chained + 1)
+
+    def _map_spec(
+        self, wf: Workflow[Any], mapped: Map, merged: Any, where: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A Map's items, read from the state this step leaves, as commit.lua takes them."""
+        raw = merged.model_dump(mode="json", include={mapped.over}).get(mapped.over)
+        if not isinstance(raw, list):
+            raise StepResultError(
+                f"{where} returned Map(over={mapped.over!r}), whose value is {type(raw).__name__}: expected a list"
+            )
+        limit = self.rt.settings.max_map_items
+        if len(raw) > limit:
+            raise StepResultError(
+                f"{where} returned Map(over={mapped.over!r}) over {len(raw)} items: at most {limit} "
+                "(setting max_map_items, ORCHESTRATOR_MAX_MAP_ITEMS)"
+            )
+        flow = wf.item_flow(mapped.each)
+        specs = map_specs(flow, raw, self.ctx.idempotency_key, limit=self.rt.settings.max_payload_bytes)
+        window = min(len(specs), mapped.parallelism or len(specs))
+        spec = {"into": mapped.into, "collect": mapped.collect_failures, "map": True, "window": window, "specs": specs}
+        return spec, specs
+
+    async def _report_item(self) -> None:
+        """Hand a finished map item's result to its parent at once (the supervisor would relay
+        it within a tick; the next item of a limited map starts only then). Best effort: the
+        relay and the sweep do it when this does not get through."""
+        if ITEM_MARK not in self.dispatch.wf:
+            return
+        self.rt.faults.hit("before_fan_in", self.dispatch.step)
+        try:
+            await asyncio.to_thread(report, self.rt.sync_redis, self.rt.store, self.dispatch.run)
+        except REDIS_FAILURES as exc:
+            log.warning(
+                "map item result not handed on; the supervisor relays it", extra={**self.log_fields, "error": str(exc)}
+            )
 
     async def _start_children(self, specs: list[dict[str, Any]]) -> None:
         """Submit the children the commit parked this run for (each idempotent by its run id);
@@ -196,6 +244,8 @@ class Outcomes:
             return
         if written is not None:
             self._ack(written)
+            if written.code == "FAILED":
+                await self._report_item()  # a map item's run failed
 
     async def release(self, reason: str) -> None:
         call = self.rt.store.release(

@@ -93,6 +93,7 @@ class Worker:
                 raise DefinitionError(f"workflow {wf.name!r} is given twice")
             wf.first_step  # noqa: B018 - raises DefinitionError for a workflow without steps
             self.workflows[wf.name] = wf
+            self.workflows.update((item.name, item) for item in wf.items.values())  # its map items' runs
         self.id = worker_id or new_worker_id()
         self.keys = Keys(self.settings.namespace, self.settings.partitions)
         self.store = Store(self.keys)

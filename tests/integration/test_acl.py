@@ -62,6 +62,7 @@ ROLE_SCRIPTS: dict[str, list[str]] = {
     "worker": words(
         "layout claim commit fail release alive own_pending redispatch stash ack reap_consumer heartbeat due promote"
         " submit cancel"  # the child runs of a step that returned StartChildren (cancelled if it was)
+        " child_done"  # a finished map item's value, handed to its parent at once (children.report)
     ),
     # supervisor.py, retention.py (purge)
     "supervisor": words(
@@ -98,7 +99,8 @@ DIRECT: dict[str, set[str]] = {
     "worker": CONNECTION
     | PROBE
     | SCRIPTING
-    | {"xreadgroup", "xgroup|create", "sadd", "hincrby", "hset", "zrem", "del", "hdel", "xrange", "xack", "xdel"},
+    | {"xreadgroup", "xgroup|create", "sadd", "hincrby", "hset", "zrem", "del", "hdel", "xrange", "xack", "xdel"}
+    | {"hmget", "hgetall"},  # children.report of a finished map item: its parent, its state; the next items
     # supervisor.py: queues, clock, groups, consumers, pending entries, HGET of run records, ZMSCORE
     # of the fleet, XACK/XDEL of dropped entries (store.ack), HINCRBY counters; the scrape; retention
     "supervisor": CONNECTION | PROBE | SCRIPTING | SCRAPE | PURGE_PAGES | SUPERVISING,
@@ -107,7 +109,8 @@ DIRECT: dict[str, set[str]] = {
     # every client call first compares the namespace's partition count (HMGET of its config)
     "client": CONNECTION | PROBE | SCRIPTING | {"sadd", "hget", "hgetall", "hmget", "lrange", "smembers", "zrevrange"},
     # get() before cancel and retry; a cancelled parent's children (children.cancel_children)
-    "operator": CONNECTION | PROBE | SCRIPTING | PURGE_PAGES | {"hgetall", "hmget"},
+    # a retried parent's children that failed or were cancelled (HGET of each: children.unfinished_children)
+    "operator": CONNECTION | PROBE | SCRIPTING | PURGE_PAGES | {"hgetall", "hmget", "hget"},
     # runs list, status, history, stats, top, runs purge --dry-run; runs why (XRANGE: the entries
     # queued ahead of a run's own)
     "reader": CONNECTION | PROBE | SCRAPE | PURGE_PAGES | {"lrange", "xrange"},

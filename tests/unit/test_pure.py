@@ -278,6 +278,8 @@ def test_public_api_is_pinned() -> None:
         "End",
         "Goto",
         "InvalidTransition",
+        "ItemResult",
+        "Map",
         "NonRetryableError",
         "OrchestratorError",
         "PayloadTooLarge",
