@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +40,7 @@ from orchestrator.errors import (
 )
 from orchestrator.keys import RUN_ID_PATTERN, Keys
 from orchestrator.layout import check_layout
+from orchestrator.output import OutputEvent, follow_output, read_output
 from orchestrator.retention import Purged, purge_finished
 from orchestrator.runs import STATUSES, TERMINAL, RunHistory, RunInfo, SignalSent, group_attempts
 from orchestrator.settings import Settings
@@ -250,6 +252,12 @@ class Client:
         """The run's history events from index ``start`` on (cheap to poll for new ones)."""
         raw: list[str] = self.redis.lrange(self.keys.run(run_id).history, start, -1)  # type: ignore[assignment]
         return [HistoryEvent.model_validate_json(item) for item in raw]
+
+    @_tree_errors
+    def output(self, run_id: str, after: str = "0-0", count: int = 1000) -> list[OutputEvent]:
+        """The run's live output (``ctx.emit``) after the entry id ``after``, oldest first: at most
+        ``count`` entries; pass the last one's ``id`` to read on. Not durable (see ``output.py``)."""
+        return read_output(self.redis, self.keys, run_id, _entry_id(after), count)
 
     @_tree_errors
     def list_runs(self, status: str | None = None, limit: int = 50) -> list[RunInfo]:
@@ -499,19 +507,27 @@ class Run(Generic[S]):
         """Send the signal ``name`` to this run (see :meth:`Client.signal`)."""
         return self.client.signal(self.run_id, name, payload, signal_id=signal_id, workflow=self.workflow)
 
-    def follow(self, timeout_s: float = 60.0, poll_s: float = 0.2) -> Iterator[HistoryEvent]:
-        """Yield the run's history events as they happen, from the first, until it finishes.
+    def follow(
+        self, timeout_s: float = 60.0, poll_s: float = 0.2, *, output: bool = False, after: str = "0-0"
+    ) -> Iterator[HistoryEvent | OutputEvent]:
+        """Yield the run's history events as they happen, from the first, until it finishes;
+        with ``output``, also its live output (``ctx.emit``) after the entry id ``after``, in
+        time order with the events (for tokens alone, :meth:`follow_output` reads without polling).
 
         Raises :class:`~orchestrator.errors.WaitTimeout` after ``timeout_s``; the run goes on.
         """
         from orchestrator.errors import WaitTimeout
 
         deadline = time.monotonic() + timeout_s
-        seen = 0
+        seen, last = 0, _entry_id(after)
         while True:
             events = self.client.events(self.run_id, seen)
             seen += len(events)
-            yield from events
+            emitted = self.client.output(self.run_id, last) if output else []
+            last = emitted[-1].id if emitted else last
+            # in the same ms an emit goes first: a step emits before the commit that logs its event
+            both: list[HistoryEvent | OutputEvent] = [*events, *emitted]
+            yield from sorted(both, key=lambda item: (item.at, isinstance(item, HistoryEvent)))
             if any(ev.type in TERMINAL_EVENTS for ev in events):
                 return
             if time.monotonic() >= deadline:
@@ -519,6 +535,23 @@ class Run(Generic[S]):
                     f"run {self.run_id!r} did not finish within {timeout_s} s; it goes on", run_id=self.run_id
                 )
             time.sleep(poll_s)
+
+    def output(self, after: str = "0-0", count: int = 1000) -> list[OutputEvent]:
+        """This run's live output so far (see :meth:`Client.output`)."""
+        return self.client.output(self.run_id, after, count)
+
+    def follow_output(
+        self, after: str = "0-0", timeout_s: float = 3600.0, block_ms: int = 1000
+    ) -> Iterator[OutputEvent]:
+        """Yield what the run's steps emit (``ctx.emit``) as it is written, after the entry id
+        ``after`` (all of it from ``0-0``), until the run has finished and everything it emitted
+        was yielded. A client that reconnects passes the last ``id`` it saw and misses nothing
+        that is still kept (``max_output_entries`` per run). Each wait is one blocking read
+        (XREAD BLOCK ``block_ms``), no polling. Raises :class:`~orchestrator.errors.WaitTimeout`
+        after ``timeout_s``; the run goes on."""
+        yield from follow_output(
+            self.client.redis, self.client.keys, self.run_id, _entry_id(after), timeout_s, block_ms
+        )
 
     @_tree_errors
     def wait(self, timeout_s: float = 60.0, poll_s: float = 0.25) -> S:
@@ -558,3 +591,10 @@ class Run(Generic[S]):
                 )
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(poll_s, delay * 2)
+
+
+def _entry_id(after: str) -> str:
+    """``after`` checked as a stream entry id (``<ms>-<seq>``, or ``<ms>``)."""
+    if not isinstance(after, str) or not re.match(r"^\d{1,20}(-\d{1,20})?$", after):
+        raise ValidationError(f"after={after!r} is invalid: expected an output entry id such as '1733580000000-0'")
+    return after

@@ -16,11 +16,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.codec import abbreviate, dumps
 from orchestrator.errors import OrchestratorError, ValidationError
 from orchestrator.keys import idempotency_key
+
+if TYPE_CHECKING:
+    from orchestrator.output import Emitter
 
 STEP_LOG = logging.getLogger("orchestrator.step")
 # a cost unit ends up in a Redis hash field joined with '|' and as a Prometheus label value
@@ -52,6 +55,7 @@ class StepContext:
         max_payload_bytes: int,
         save_stash: Callable[[str], bool],
         save_stash_async: Callable[[str], Awaitable[bool]],
+        emitter: Emitter | None = None,
     ) -> None:
         self.run_id = run_id
         self.workflow = workflow
@@ -66,6 +70,7 @@ class StepContext:
         self._limit = max_payload_bytes
         self._save_stash = save_stash
         self._save_stash_async = save_stash_async
+        self._emitter = emitter
         self._lost = False  # set once, by the heartbeat thread or the event loop; read by the step
         self.last_progress = time.monotonic()
 
@@ -119,6 +124,25 @@ class StepContext:
             self.mark_lost()
             self._raise_if_lost()
         self.snapshot = snapshot
+
+    def emit(self, data: Any) -> bool:
+        """Show ``data`` (JSON-serializable) to clients following the run's live output now,
+        e.g. an LLM's tokens as they arrive (``Run.follow_output``, ``orchestrator history RUN
+        -f``). Not state and not durable: it never changes the run's state, an attempt that
+        crashes keeps what it emitted and the next attempt emits again. One Redis round trip;
+        in an async step prefer ``await ctx.aemit(...)``. Returns False when Redis did not take it
+        (logged; the step goes on). Raises :class:`ValidationError` when ``data`` is not JSON.
+        """
+        raw = self._encode_output(data)
+        return self._emitter.send(raw) if self._emitter else False
+
+    async def aemit(self, data: Any) -> bool:
+        """``emit`` for async steps: does not block the event loop."""
+        raw = self._encode_output(data)
+        return await self._emitter.asend(raw) if self._emitter else False
+
+    def _encode_output(self, data: Any) -> str:
+        return dumps(data, what=f"output of step {self.step!r} (run {self.run_id!r})", limit=self._limit)
 
     def record_cost(self, **amounts: float | Decimal) -> None:
         """Attach costs to this step's result (e.g. ``tokens=1200, usd=0.004``); summed per unit as floats.

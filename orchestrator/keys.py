@@ -53,6 +53,9 @@ Key                                Type    Holds                                
                                            ``from`` (the step record that holds
                                            their inputs), ``step``/``visit`` of
                                            the wait, ``settled``
+``<ns>:run:{T}:R:output``          stream  live step output (``ctx.emit``): step,  the worker running  MAXLEN ~
+                                           visit, attempt, fence, data (JSON); not a step (no fence    ``max_output_
+                                           state, not durable (output.py)          check)               entries``; as the run
 ``<ns>:finished:{T}``              stream  run ids of linked runs (children, and   the scripts that     XDEL once relayed
                                            parents of children) that finished in   finish a run;        (consumer group
                                            this partition, for the supervisor to   the supervisor       ``parents``)
@@ -197,6 +200,7 @@ class RunKeys:
     history: str
     signals: str
     children: str
+    output: str
 
     @classmethod
     def under(cls, base: str) -> RunKeys:

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     max_map_items: int = Field(
         default=1000, ge=1, le=100_000, description="items one Map may run (each is a run of its own)"
     )
+    max_output_entries: int = Field(
+        default=1000, ge=1, le=1_000_000, description="live output entries (ctx.emit) kept per run, the newest"
+    )
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics here; unset = off")
     metrics_host: str = Field(default="127.0.0.1", description="address /metrics binds to (0.0.0.0 for all)")
     data_dir: Path = Field(default=Path(".orchestrator"), description="embedded Redis data folder")

@@ -532,6 +532,7 @@ class Store:
                 rk.signals,
                 rk.children,
                 self.finished_index(run_id, index),
+                rk.output,
             ],
             [run_id, cutoff_ms, ",".join(statuses), ",".join(FINISHED_IN[index])],
         )

@@ -382,3 +382,31 @@ def summarize(ctx: StepContext, state: Survey) -> dict[str, str]:
 
 
 ALL.append(survey)
+
+
+class Talk(BaseModel):
+    """State of ``talker``: the words its steps emit one by one (live output), and the sentence."""
+
+    words: list[str] = []
+    said: str = ""
+
+
+talker = Workflow("talker", state=Talk)
+
+
+@talker.step
+def speak(ctx: StepContext, state: Talk) -> dict[str, str]:
+    record_execution(ctx)
+    for word in state.words:
+        ctx.emit({"token": word})
+        point("mid_step", ctx.step)  # a kill here leaves some of the words emitted
+    return {"said": " ".join(state.words)}
+
+
+@talker.step
+async def shout(ctx: StepContext, state: Talk) -> None:
+    for word in state.words:
+        await ctx.aemit(word.upper())
+
+
+ALL.append(talker)

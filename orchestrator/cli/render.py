@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from orchestrator.codec import HistoryEvent
+from orchestrator.output import OutputEvent
 from orchestrator.runs import TERMINAL, RunHistory, RunInfo
 from orchestrator.why import stamp
 
@@ -121,8 +123,17 @@ def runs_table(runs: list[RunInfo]) -> str:
     return "\n".join([header, *rows])
 
 
-def live_line(ev: HistoryEvent, t0: int) -> str:
-    """One line per history event as it happens, timed from ``t0`` (server ms)."""
+def output_line(ev: OutputEvent, t0: int) -> str:
+    """One line per live output entry, under the events: its id (to resume with --after) and data."""
+    at = f"+{(ev.at - t0) / 1000:5.1f}s"
+    data = ev.data if isinstance(ev.data, str) else json.dumps(ev.data)
+    return f"  {at}  {ev.step:<17} > {data}  [{ev.id}]"
+
+
+def live_line(ev: HistoryEvent | OutputEvent, t0: int) -> str:
+    """One line per history event (or live output entry) as it happens, timed from ``t0`` (server ms)."""
+    if isinstance(ev, OutputEvent):
+        return output_line(ev, t0)
     at = f"+{(ev.at - t0) / 1000:5.1f}s"
     step = f"{ev.step:<17}" if ev.step else " " * 17
     where = f" on {ev.worker}" if ev.worker else ""

@@ -15,6 +15,7 @@ import click
 from orchestrator.cli import cli
 from orchestrator.cli.common import CliState, load_workflows, output_option, pass_state
 from orchestrator.cli.render import history_text, live_line, runs_table, status_text
+from orchestrator.output import OutputEvent
 from orchestrator.retention import Purged
 from orchestrator.runs import STATUSES
 
@@ -108,21 +109,30 @@ def status(state: CliState, run_id: str, output: str) -> None:
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--follow", "-f", is_flag=True, help="print events as they happen until the run finishes")
+@click.option(
+    "--follow", "-f", is_flag=True, help="print events and live step output as they happen until the run finishes"
+)
+@click.option("--after", default="0-0", show_default=True, help="with --follow: live output after this entry id")
 @click.option("--timeout-s", type=float, default=3600.0, show_default=True, help="how long --follow waits")
 @output_option
 @pass_state
-def history(state: CliState, run_id: str, follow: bool, timeout_s: float, output: str) -> None:
+def history(state: CliState, run_id: str, follow: bool, after: str, timeout_s: float, output: str) -> None:
     """Show a run's timeline: every attempt of every step, its outcome, worker and duration.
 
-    With --follow, print each event as it happens (JSON lines with -o json) until the run ends.
+    With --follow, print each event and what steps emit (ctx.emit; JSON lines with -o json,
+    output as {"type": "output", "id": ...}) as it happens until the run ends; --after ID
+    resumes the output after an entry id seen before.
     """
     client = state.client()
     if follow:
         t0 = 0
-        for ev in client.run(run_id).follow(timeout_s=timeout_s):
+        for ev in client.run(run_id).follow(timeout_s=timeout_s, output=True, after=after):
             t0 = t0 or ev.at
-            state.echo(ev.model_dump_json(exclude_none=True) if output == "json" else live_line(ev, t0))
+            if output == "json":
+                extra = {"type": "output"} if isinstance(ev, OutputEvent) else {}
+                state.echo(json.dumps(extra | ev.model_dump(mode="json", exclude_none=True)))
+            else:
+                state.echo(live_line(ev, t0))
         return
     hist = client.history(run_id)
     state.emit_json(hist.model_dump(mode="json")) if output == "json" else state.echo(history_text(hist))

@@ -47,6 +47,7 @@ def install_signals(first: Any, second: Any) -> None:
 @click.option("--max-run-steps", type=int, default=None, help="steps a run may commit before it fails [10000]; 0 = any")
 @click.option("--max-payload-bytes", type=int, default=None, help="limit of each update and stash [1048576]")
 @click.option("--max-map-items", type=int, default=None, help="items one Map may run [1000]")
+@click.option("--max-output-entries", type=int, default=None, help="live output entries kept per run [1000]")
 @click.option("--promote-interval-s", type=float, default=None, help="how often due retries are enqueued [0.2]")
 @click.option("--worker-id", default=None, help="consumer name [host-pid-random]")
 @click.option("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port [off]")

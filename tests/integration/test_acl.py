@@ -100,20 +100,26 @@ DIRECT: dict[str, set[str]] = {
     | PROBE
     | SCRIPTING
     | {"xreadgroup", "xgroup|create", "sadd", "hincrby", "hset", "zrem", "del", "hdel", "xrange", "xack", "xdel"}
-    | {"hmget", "hgetall"},  # children.report of a finished map item: its parent, its state; the next items
+    | {"hmget", "hgetall"}  # children.report of a finished map item: its parent, its state; the next items
+    | {"xadd"},  # ctx.emit: the run's live output (output.Emitter)
     # supervisor.py: queues, clock, groups, consumers, pending entries, HGET of run records, ZMSCORE
     # of the fleet, XACK/XDEL of dropped entries (store.ack), HINCRBY counters; the scrape; retention
     "supervisor": CONNECTION | PROBE | SCRIPTING | SCRAPE | PURGE_PAGES | SUPERVISING,
     # client.py: SADD queues at submit; get/state/results/stats (HGETALL), wait (HGET), events
     # (LRANGE), list_runs (SMEMBERS, ZREVRANGE)
     # every client call first compares the namespace's partition count (HMGET of its config)
-    "client": CONNECTION | PROBE | SCRIPTING | {"sadd", "hget", "hgetall", "hmget", "lrange", "smembers", "zrevrange"},
+    # output (XRANGE) and follow_output (XREAD BLOCK): a run's live output
+    "client": CONNECTION
+    | PROBE
+    | SCRIPTING
+    | {"sadd", "hget", "hgetall", "hmget", "lrange", "smembers", "zrevrange", "xrange", "xread"},
     # get() before cancel and retry; a cancelled parent's children (children.cancel_children)
     # a retried parent's children that failed or were cancelled (HGET of each: children.unfinished_children)
     "operator": CONNECTION | PROBE | SCRIPTING | PURGE_PAGES | {"hgetall", "hmget", "hget"},
     # runs list, status, history, stats, top, runs purge --dry-run; runs why (XRANGE: the entries
     # queued ahead of a run's own)
-    "reader": CONNECTION | PROBE | SCRAPE | PURGE_PAGES | {"lrange", "xrange"},
+    # history -f: the live output (XRANGE); Run.follow_output (XREAD BLOCK)
+    "reader": CONNECTION | PROBE | SCRAPE | PURGE_PAGES | {"lrange", "xrange", "xread"},
     # KEDA's redis-streams scaler (go-redis): XPENDING (pending trigger); INFO (server version,
     # every poll), XINFO GROUPS and XLEN when the group is missing (lag trigger)
     "keda": CONNECTION | {"info", "xinfo|groups", "xlen", "xpending"},
