@@ -399,6 +399,21 @@ class Workflow(Generic[S]):
             raise DefinitionError(f"{where}: deadline_s={deadline_s} is over a year ({MAX_SLEEP_S:.0f} s)")
         self.steps.append(StepDef(name, fn, is_async, retry, timeout_s, heartbeat_timeout_s, deadline_s))
 
+    @overload
+    def item(self, fn: F, /) -> F: ...
+
+    @overload
+    def item(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        retry: Retry | None = None,
+        timeout_s: float | None = None,
+        heartbeat_timeout_s: float | None = None,
+    ) -> Callable[[F], F]: ...
+
     def item(
         self,
         fn: F | None = None,
@@ -408,7 +423,7 @@ class Workflow(Generic[S]):
         retry: Retry | None = None,
         timeout_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
-    ) -> Any:
+    ) -> F | Callable[[F], F]:
         """Register an item function for :class:`Map`: ``(ctx, item) -> value``, sync or async,
         run once per element of the mapped list. It is not a step of the chain: a step reaches
         it by returning ``Map(each=name, over=..., into=...)``. Its value (JSON-serializable, a

@@ -37,6 +37,11 @@ I13 child runs: a parent's children are exactly those it listed (no other run ca
     parent finished after every child (its ``children_done`` no earlier than any child's end)
     and its next step saw one outcome per child; every child of a cancelled parent is finished
     (none left running); a child never finished is I1 (children are checked as runs too)
+I14 map items: a map's items are exactly the runs it listed (none started twice), each
+    committed once (I2, as runs); a completed map fanned in once (one ``children_done``, no
+    earlier than any item's end) and its next step saw the items' values in item order; never
+    more than the map's ``parallelism`` items were started and unfinished at once; a map that
+    failed (an item failed: the others are cancelled) or was cancelled leaves no item running
 
 Under lost writes (Redis restored from an older copy) the ledger lives on another server and
 keeps the executions of the forgotten timeline. The invariants above still hold as stated:
@@ -56,7 +61,7 @@ from typing import Any
 
 import redis
 
-from orchestrator.chaos.flows import MAX_KIDS, approvals, parents, signal_token
+from orchestrator.chaos.flows import MAX_ITEMS, MAX_KIDS, PARENTS, approvals, mappers, signal_token
 from orchestrator.chaos.ledger import Execution, Ledger
 from orchestrator.client import Client
 from orchestrator.codec import HistoryEvent, StepRecord
@@ -117,6 +122,8 @@ class Report:
     wait_timeouts: int = 0  # runs whose wait timed out (I12)
     signal_sends: int = 0  # signals the driver sent, resends included (set by the driver)
     children: int = 0  # child runs the parents started (I13)
+    map_items: int = 0  # items the maps listed (I14)
+    maps_settled: int = 0  # maps that fanned in (I14)
     parents_cancelled: int = 0  # parents the driver cancelled while their children ran (I13)
     faults: Counter[str] = field(default_factory=Counter)
     detection_ms: list[int] = field(default_factory=list)
@@ -147,6 +154,9 @@ class Report:
             "children": self.children,
             "parents_cancelled": self.parents_cancelled,
             "child_violations": self.count("I13"),
+            "map_items": self.map_items,
+            "maps_settled": self.maps_settled,
+            "map_violations": self.count("I14"),
             "sleeps": self.sleeps,
             "fencing_checked": self.fencing_checked,
             "vanished": self.vanished,
@@ -227,7 +237,7 @@ class Checker:
         report = report or Report()
         self.restored = bool(restores_ms)
         facts = load(self.client, submitted)
-        kids = children_of(self.client, [rid for rid in facts if rid.startswith(parents.name)])
+        kids = children_of(self.client, [rid for rid in facts if rid.startswith(PARENTS)])
         started = load(self.client, [kid for listed in kids.values() for kid in listed])
         facts.update({kid: found for kid, found in started.items() if found.info is not None})
         executions = self.ledger.executions()
@@ -242,6 +252,7 @@ class Checker:
         self._wake_ups(report, facts, executions)
         self._signals(report, facts, executions)
         self._children(report, facts, kids, executions)
+        self._maps(report, facts, {p: listed for p, listed in kids.items() if p.startswith(mappers.name)}, executions)
         self._counters(report, facts)
         self._latencies(report, facts, kills, sorted(restores_ms))
         self._pending(report)
@@ -414,35 +425,47 @@ class Checker:
         self, report: Report, facts: dict[str, RunFacts], kids: dict[str, list[str]], executions: list[Execution]
     ) -> None:
         """I13: each parent's children are exactly the ones it listed, finished before it
-        completed (all of them, when it was cancelled), and its next step saw one outcome each."""
+        completed (all of them, when it was cancelled; a map's, when it failed), and its next
+        step saw one outcome each."""
         extra = self._unlisted(kids)
         for parent, listed in kids.items():
             info = facts[parent].info
-            report.children += len(listed)
+            is_map = parent.startswith(mappers.name)
+            if is_map:
+                report.map_items += len(listed)
+            else:
+                report.children += len(listed)
             for kid in extra.get(parent, []):
                 self._fail(report, "I13", parent, f"{kid} exists but the parent did not list it: a second child")
-            ends = []
-            for kid in listed:
-                child = facts[kid].info if kid in facts else None
-                if child is None:
-                    # never started: fine only for a parent that ended without it (cancelled or
-                    # failed before its children were submitted)
-                    if info is None or info.status == "completed":
-                        self._fail(report, "I13", parent, f"child {kid} was never started")
-                    continue
-                if child.parent != parent:
-                    self._fail(report, "I13", parent, f"child {kid} names another parent: {child.parent}")
-                    continue
-                if info is not None and info.status == "cancelled" and child.status not in TERMINAL:
-                    self._fail(report, "I13", parent, f"cancelled, but its child {kid} is still {child.status}")
-                ends.append(child.finished_ms or 0)
-            if info is not None and info.status == "cancelled":
+            ends = [self._child(report, parent, info, facts.get(kid), kid, is_map) for kid in listed]
+            if info is not None and info.status == "cancelled" and not is_map:
                 report.parents_cancelled += 1
             if info is not None and info.status == "completed":
                 settled = [ev.at for ev in facts[parent].events if ev.type == "children_done"]
                 if not settled or min(settled) < max(ends, default=0):
                     self._fail(report, "I13", parent, f"completed before its children ended ({settled} < {ends})")
         self._tallies(report, facts, kids, executions)
+
+    def _child(
+        self, report: Report, parent: str, info: RunInfo | None, found: RunFacts | None, kid: str, is_map: bool
+    ) -> int:
+        """I13 for one listed child: started unless its parent ended first, naming its parent,
+        finished when its parent was cancelled (a map's, also when it failed); its end (ms)."""
+        child = found.info if found else None
+        if child is None:
+            # never started: fine only for a parent that ended without it (cancelled or failed
+            # before its children were submitted; a map's items past its window)
+            if info is None or info.status == "completed":
+                self._fail(report, "I13", parent, f"child {kid} was never started")
+            return 0
+        if child.parent != parent:
+            self._fail(report, "I13", parent, f"child {kid} names another parent: {child.parent}")
+            return 0
+        if info is not None and info.status == "cancelled" and child.status not in TERMINAL:
+            self._fail(report, "I13", parent, f"cancelled, but its child {kid} is still {child.status}")
+        if info is not None and info.status == "failed" and is_map and child.status not in TERMINAL:
+            self._fail(report, "I14", parent, f"failed, but its item {kid} is still {child.status}")
+        return child.finished_ms or 0
 
     def _tallies(
         self, report: Report, facts: dict[str, RunFacts], kids: dict[str, list[str]], executions: list[Execution]
@@ -464,6 +487,48 @@ class Checker:
                 f"{ex.key} (fence {ex.fence}) saw {ex.saw} outcomes for {len(kids[ex.run])} children; {trail}",
             )
 
+    def _maps(
+        self, report: Report, facts: dict[str, RunFacts], maps: dict[str, list[str]], executions: list[Execution]
+    ) -> None:
+        """I14: a completed map fanned in once, its next step saw its items' values in item
+        order, and no more than its parallelism of items were started and unfinished at once."""
+        for parent, listed in maps.items():
+            info, events = facts[parent].info, facts[parent].events
+            if info is not None and info.status == "completed":
+                report.maps_settled += 1
+                if sum(ev.type == "children_done" for ev in events) != 1:
+                    self._fail(report, "I14", parent, "completed, but did not fan in exactly once")
+            if self.restored:  # a restore from an older copy can forget which items ended when
+                continue
+            window = int(self.client.redis.hget(self.client.keys.run(parent).children, "window") or len(listed))
+            spans = [
+                (facts[kid].info.created_ms, facts[kid].info.finished_ms or 2**62)  # type: ignore[union-attr]
+                for kid in listed
+                if kid in facts and facts[kid].info is not None
+            ]
+            edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+            running = most = 0
+            for _, step in edges:  # an end before a start at the same ms: a slot handed on
+                running += step
+                most = max(most, running)
+            if most > window:
+                self._fail(report, "I14", parent, f"{most} items ran at once, parallelism {window}")
+        for ex in executions:
+            if ex.step != "total" or ex.run not in maps:
+                continue
+            committed = facts[ex.run].results.get(f"{ex.run}:scatter")
+            if committed is None or (self.restored and ex.fence != self._fence(facts, ex.run, "total")):
+                continue
+            expected = [item["v"] * 10 for item in committed.update.get("items", [])]
+            if ex.saw != expected:
+                self._fail(report, "I14", ex.run, f"{ex.key} saw {ex.saw}, expected {expected} (item order)")
+
+    @staticmethod
+    def _fence(facts: dict[str, RunFacts], run_id: str, step: str) -> int | None:
+        """The fence of the persisted record of ``step`` of ``run_id`` (None: none persisted)."""
+        record = facts[run_id].results.get(f"{run_id}:{step}")
+        return record.fence if record else None
+
     def _unlisted(self, kids: dict[str, list[str]]) -> dict[str, list[str]]:
         """Runs with a child id of a parent's step that the parent did not list (the ids are
         the step's idempotency key and the child's place: one past the list would be a second
@@ -471,8 +536,9 @@ class Checker:
         pipe = self.client.redis.pipeline(transaction=False)
         probes = []
         for parent in kids:
-            for i in range(MAX_KIDS + 1):
-                kid = f"{parent}:spawn/{i}"
+            is_map = parent.startswith(mappers.name)
+            for i in range((MAX_ITEMS if is_map else MAX_KIDS) + 1):
+                kid = f"{parent}:scatter:{i}" if is_map else f"{parent}:spawn/{i}"
                 if kid not in kids[parent]:
                     probes.append((parent, kid))
                     pipe.exists(self.client.keys.run(kid).run)

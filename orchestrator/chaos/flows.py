@@ -1,12 +1,13 @@
 """The synthetic workflow mix that ``orchestrator chaos`` runs: every step records itself in the ledger.
 
-Seven shapes cover the step path: a chain (each step must see the state its predecessor
+Eight shapes cover the step path: a chain (each step must see the state its predecessor
 committed), a stashing step (resumes from its checkpoint), a side effect sent to the ledger's
 two fake receivers (one dedupes by idempotency key, one keeps the highest fencing token), an
 agent-style loop (``Goto``, so idempotency keys carry visit numbers), a nap (``Sleep``
 until a time its first step picks, which the step after it must not start before), and an
-approval (``WaitFor`` a signal the driver sends, and sends again, under one signal id), and a
-parent (``StartChildren`` of 1-3 two-step children; the driver cancels some parents).
+approval (``WaitFor`` a signal the driver sends, and sends again, under one signal id), a
+parent (``StartChildren`` of 1-3 two-step children; the driver cancels some parents), and a
+map (``Map`` over 2-6 items, 1-3 at a time; the driver cancels some of those too).
 Steps sleep a little, heartbeat, and fail transiently now and then, so kills land in every
 phase of the step path and the retry path runs too. They all use the ``chaos`` queue.
 """
@@ -28,7 +29,7 @@ from orchestrator.children import ChildResult
 from orchestrator.context import StepContext
 from orchestrator.faults import point
 from orchestrator.retry import Retry
-from orchestrator.workflow import Child, Goto, Sleep, StartChildren, WaitFor, Workflow
+from orchestrator.workflow import Child, Goto, Map, Sleep, StartChildren, WaitFor, Workflow
 
 QUEUE = "chaos"
 CHAIN_STEPS = 8
@@ -260,7 +261,52 @@ def tally(ctx: StepContext, state: ParentState) -> None:
     _work(ctx, state)
 
 
-ALL: list[Workflow[Any]] = [chain, stashing, effects, loop, naps, approvals, kids, parents]
+class Probe(Knobs):
+    """One map item: a value to work on, and the knobs of its run's steps."""
+
+    v: int = 0
+
+
+class MapState(Knobs):
+    items: list[Probe] = []  # what ``scatter`` maps over (it picks them: a re-execution may pick others)
+    found: list[int] = []  # the items' values, in item order
+
+
+mappers = Workflow("chaos_map", state=MapState, queue=QUEUE)
+MAX_ITEMS = 6
+MAX_PARALLELISM = 3
+
+
+@mappers.step(retry=RETRY)
+def scatter(ctx: StepContext, state: MapState) -> Map:
+    """Maps ``probe`` over 2-6 new items, 1-3 at a time; without collect_failures, so an item
+    quarantined fails its run at once and the items still running are cancelled."""
+    ledger.current().record(ctx)
+    _work(ctx, state)
+    knobs = {"work_s": state.work_s, "fail_rate": state.fail_rate}
+    items = [Probe(v=random.randint(0, 9999), **knobs) for _ in range(random.randint(2, MAX_ITEMS))]
+    parallelism = random.randint(1, MAX_PARALLELISM)
+    return Map(each=probe, over="items", into="found", parallelism=parallelism, update={"items": items})
+
+
+@mappers.item(retry=RETRY)
+def probe(ctx: StepContext, item: dict[str, Any]) -> int:
+    """``saw``: its item's value; returns ten times it (the fan-in must hand these on in order)."""
+    probe_item = Probe.model_validate(item)
+    ledger.current().record(ctx, saw=probe_item.v)
+    _work(ctx, probe_item)
+    return probe_item.v * 10
+
+
+@mappers.step(retry=RETRY)
+def total(ctx: StepContext, state: MapState) -> None:
+    """``saw``: the values it got (I14: its items' values times ten, in item order)."""
+    ledger.current().record(ctx, saw=state.found)
+    _work(ctx, state)
+
+
+ALL: list[Workflow[Any]] = [chain, stashing, effects, loop, naps, approvals, kids, parents, mappers]
+PARENTS = (parents.name, mappers.name)  # runs that wait for runs of their own (children, map items)
 MIX = {
     chain.name: 0.25,
     stashing.name: 0.2,
@@ -269,4 +315,5 @@ MIX = {
     naps.name: 0.1,
     approvals.name: 0.1,
     parents.name: 0.05,
+    mappers.name: 0.05,
 }

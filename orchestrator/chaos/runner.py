@@ -46,6 +46,7 @@ CRASH_POINTS = (
     "before_commit",
     "after_persist_before_ack",
     "before_children",  # a parent's commit durable, its children not submitted: hit far less often
+    "before_fan_in",  # a map item's run finished, its value not handed on: the supervisor's relay must
 )
 HOLD_SHARE, HOLD_S = 0.5, (1.0, 6.0)  # with lost writes: effect runs whose send step works this long
 # runs submitted with a deadline (deadline_s): some finish in time, the others fail at it (I11)
@@ -165,7 +166,8 @@ class ChaosRun:
         env = {}
         if self.rng.random() < self.config.crash_point_share:
             point = self.rng.choice(CRASH_POINTS)
-            nth = self.rng.randint(1, 3) if point == "before_children" else self.rng.randint(3, 40)
+            rare = point in ("before_children", "before_fan_in")
+            nth = self.rng.randint(1, 3) if rare else self.rng.randint(3, 40)
             env["ORCHESTRATOR_FAULTS"] = f"{point}=kill#{nth}"
             self.armed.add(name)
         self.procs.start(
@@ -240,12 +242,12 @@ class ChaosRun:
         if run_id not in self.inputs:
             self.submitted.append(run_id)
             self.inputs[run_id] = (name, knobs)
-            if name == flows.parents.name and self.rng.random() < CANCEL_SHARE:
+            if name in flows.PARENTS and self.rng.random() < CANCEL_SHARE:
                 self.cancel_at[run_id] = time.monotonic() + self.rng.uniform(*CANCEL_AFTER_S)
         self.open_runs.add(run_id)
 
     def _cancel_due(self) -> None:
-        """Cancel the parents due for it: their children must not be left running (I13)."""
+        """Cancel the parents due for it: their children and map items must not be left running (I13)."""
         now = time.monotonic()
         for run_id, at in list(self.cancel_at.items()):
             if now >= at:
@@ -515,7 +517,7 @@ class ChaosRun:
         self.echo(f"drain timed out after {cfg.drain_timeout_s:g} s; checking what is there")
 
     def _parents(self) -> list[str]:
-        return [rid for rid in self.submitted if rid.startswith(flows.parents.name)]
+        return [rid for rid in self.submitted if rid.startswith(flows.PARENTS)]
 
     def _pending(self) -> int:
         pipe = self.client.redis.pipeline(transaction=False)

@@ -30,6 +30,7 @@ INVARIANTS = {
     "I11": "no run expired before its deadline",
     "I12": "no signal lost or applied twice, no wait timed out early",
     "I13": "children: none started twice, all done before their parent, none left by a cancelled parent",
+    "I14": "map items: each once, fanned in once in item order, parallelism kept, none left by a failed map",
 }
 
 
@@ -62,6 +63,8 @@ def render(report: Report, header: str) -> str:
         f"waits timed out {report.wait_timeouts}, lost or applied twice {data['signals_lost_or_doubled']}",
         f"children    started {report.children}, parents cancelled while they ran {report.parents_cancelled}, "
         f"violations {data['child_violations']}",
+        f"maps        items {report.map_items}, maps fanned in {report.maps_settled}, "
+        f"violations {data['map_violations']}",
         "faults      " + (", ".join(f"{k} {v}" for k, v in sorted(report.faults.items())) or "none"),
         f"detection   kill -> re-dispatch  p50 {_ms(det['p50'])}  p99 {_ms(det['p99'])}  max {_ms(det['max'])}"
         f"  (n={det['n']})",

@@ -36,8 +36,10 @@ def test_a_clean_workload_passes(client: Client, ledger: Ledger, finished: list[
     assert report.ok, report.violations
     kids = int(client.redis.hget(client.keys.run(f"{flows.parents.name}-1").children, "n"))
     assert report.children == kids and report.to_dict()["child_violations"] == 0
-    assert report.runs["completed"] == 8 + kids
-    assert report.committed_steps == 8 + 1 + 3 + 6 + 2 + 2 + 2 + 2 + 2 * kids
+    items = int(client.redis.hget(client.keys.run(f"{flows.mappers.name}-1").children, "n"))
+    assert report.map_items == items and report.maps_settled == 1 and report.to_dict()["map_violations"] == 0
+    assert report.runs["completed"] == 9 + kids + items
+    assert report.committed_steps == 8 + 1 + 3 + 6 + 2 + 2 + 2 + 2 + 2 * kids + 2 + items
     assert report.sleeps == 1 and report.to_dict()["early_wake_ups"] == 0
     assert (report.signalled, report.wait_timeouts, report.to_dict()["signals_lost_or_doubled"]) == (1, 0, 0)
     assert report.effects_applied == 1
@@ -114,6 +116,31 @@ def test_each_kind_of_damage_is_caught(client: Client, ledger: Ledger, finished:
     client.redis.lset(history, at, json.dumps({**settled, "at": 1}))
     assert check(client, ledger, finished) == {"I13"}
     client.redis.lset(history, at, json.dumps(settled))
+    # a map: the step after it saw its values out of order; it fanned in twice; its items ran
+    # more at once than its parallelism
+    mapped = f"{flows.mappers.name}-1"
+    total = {"key": f"{mapped}:total", "run": mapped, "step": "total", "attempt": 9, "worker": "w"}
+    values = [int(v) for v in json.loads(client.redis.hget(client.keys.run(mapped).state, "found"))]
+    fence = client.results(mapped)[f"{mapped}:total"].fence
+    client.redis.rpush(ledger.keys.executions, json.dumps({**total, "fence": fence, "saw": [*values[::-1], 0]}))
+    assert check(client, ledger, finished) == {"I14"}
+    client.redis.rpop(ledger.keys.executions)
+    history = client.keys.run(mapped).history
+    client.redis.rpush(history, json.dumps({"type": "children_done", "at": 2**42, "step": "total"}))
+    assert check(client, ledger, finished) == {"I14"}
+    client.redis.rpop(history)
+    items = int(client.redis.hget(client.keys.run(mapped).children, "n"))
+    item_runs = [client.keys.run(f"{mapped}:scatter:{i}").run for i in range(items)]
+    created = [client.redis.hget(key, "created_ms") for key in item_runs]
+    window = client.redis.hget(client.keys.run(mapped).children, "window")
+    client.redis.hset(client.keys.run(mapped).children, "window", 1)
+    for key in item_runs:
+        client.redis.hset(key, "created_ms", 1)  # all started at once
+    assert check(client, ledger, finished) == {"I14"}
+    client.redis.hset(client.keys.run(mapped).children, "window", window)
+    for key, ms in zip(item_runs, created, strict=True):
+        client.redis.hset(key, "created_ms", ms)
+    assert check(client, ledger, finished) == set()
     # a run that got its signal and also timed out (I6 as well: no counter counted that timeout)
     history = client.keys.run(approval).history
     client.redis.rpush(history, json.dumps({"type": "timed_out", "at": 1, "step": "proceed", "signal": "go"}))
