@@ -141,16 +141,20 @@ def result_of(client: redis.Redis, keys: Keys, run_id: str) -> tuple[str, str, s
     return status, head[:-1] + f',"error":{failure},"state":{{' + fields + "}}", ""
 
 
-def report(client: redis.Redis, store: Store, child: str) -> Outcome | None:
+def report(client: redis.Redis, store: Store, child: str, *, unless_recorded: bool = False) -> Outcome | None:
     """Hand a finished child's outcome to its parent (``child_done.lua``) and act on the answer:
     start the map items it says to start, cancel the items still running when a failed item
     failed the parent. None when ``child`` is not a child, still runs, or is gone. Called by
     the worker that finished a map item, by the supervisor's relay and by its sweep: each
-    answer is acted on by whoever got it, and the sweep repairs what a caller that died left."""
+    answer is acted on by whoever got it, and the sweep repairs what a caller that died left.
+    ``unless_recorded`` (the relay): a child whose result its parent holds already (the worker
+    that finished a map item reported it) is left at that, for two reads instead of six."""
     rk = store.keys.run(child)
     parent, queue, index = _strings(client.hmget(rk.run, "parent", "parent_queue", "parent_index"))
     if not parent or not queue or not index:
         return None
+    if unless_recorded and client.hexists(store.keys.run(parent).children, f"r:{index}"):
+        return Outcome("DUP", ())
     found = result_of(client, store.keys, child)
     if found is None:
         return None
@@ -251,10 +255,14 @@ def check_parent(client: redis.Redis, store: Store, parent: str) -> dict[str, in
         calls = submit_calls(store, specs, parent, queue)
         scripts.execute(client, [calls[i] for i in missing if i < len(calls)])
         counts["children_submitted"] = len(missing)
-    for i in range(started):
-        if f"r:{i}" not in info:
-            counts["children_checked"] += 1
-            report(client, store, info[f"c:{i}"])
+    unrecorded = [i for i in range(started) if f"r:{i}" not in info]
+    for i in unrecorded:
+        counts["children_checked"] += 1
+        report(client, store, info[f"c:{i}"])
+    if not unrecorded and started == n and "settled" not in info:
+        # every result is in, yet the parent waits: they came while it had failed (its deadline)
+        # and a retry parked it again; any child's report settles it (child_done.lua)
+        report(client, store, info["c:0"])
     return counts
 
 
@@ -297,7 +305,7 @@ def relay(
     counts = {"children_reported": 0, "children_cancelled": 0}
     for stream, entry_id, fields in notices:
         run_id = fields.get("run", "")
-        counts["children_reported"] += bool(run_id) and report(client, store, run_id) is not None
+        counts["children_reported"] += bool(run_id) and report(client, store, run_id, unless_recorded=True) is not None
         # a parent that ended (cancelled, or failed: a map's failed item, its deadline) leaves
         # no child running
         if run_id and client.hget(store.keys.run(run_id).run, "status") in ("cancelled", "failed"):

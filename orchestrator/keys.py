@@ -46,13 +46,16 @@ Key                                Type    Holds                                
                                            an unfinished step                      only); commit
 ``<ns>:run:{T}:R:history``         list    JSON events: submitted, ok, error,      the run scripts      as the run
                                            crashed, fenced, retried, repaired ...
-``<ns>:run:{T}:R:children``        hash    the child runs a step started: ``n``,   commit (a            as the run
-                                           ``c:<i>`` each child's run id, ``r:<i>`` StartChildren);
-                                           its result, ``s:<i>`` its status,       child_done;
-                                           ``done``, ``into``, ``collect``,        retry_run
-                                           ``from`` (the step record that holds
-                                           their inputs), ``step``/``visit`` of
-                                           the wait, ``settled``
+``<ns>:run:{T}:R:children``        hash    the child runs (or map items) a step    commit (a            as the run
+                                           started: ``n``, ``c:<i>`` each one's    StartChildren or a
+                                           run id, ``r:<i>`` its result, ``s:<i>`` Map); child_done;
+                                           its status, ``done``, ``into``,         retry_run
+                                           ``collect``, ``from`` (the step record
+                                           that holds their inputs), ``step``/
+                                           ``visit`` of the wait, ``settled``; a
+                                           map's ``map``, ``window``, ``started``
+                                           (items handed out) and ``p:<i>`` (the
+                                           submit of an item past the window)
 ``<ns>:run:{T}:R:output``          stream  live step output (``ctx.emit``): step,  the worker running  MAXLEN ~
                                            visit, attempt, fence, data (JSON); not a step (no fence    ``max_output_
                                            state, not durable (output.py)          check)               entries``; as the run

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 
+from orchestrator.children import check_parent
 from orchestrator.codec import Dispatch
 from orchestrator.keys import GROUP
 from orchestrator.settings import Settings
@@ -158,3 +159,21 @@ def test_a_malformed_map_is_refused_before_anything_is_written(ops: Ops) -> None
         out = ops.commit(eid, d, children=json.dumps(bad))
         assert out.code == "INVALID" and "StartChildren" in out.detail[0]
     assert ops.run()["status"] == "running" and not ops.r.exists(ops.rk.children)
+
+
+def test_a_map_retried_with_every_result_in_is_settled_by_the_sweeps_look(ops: Ops) -> None:
+    """Items that completed after their map had failed (its deadline, say) are kept; a retry
+    then parks the map with nothing left to run, and the sweep's look settles it."""
+    parked(ops, window=4)
+    ops.r.hset(ops.rk.run, "status", "failed")  # as expire.lua leaves it
+    for i in range(4):
+        assert done(ops, i).code == "RECORDED"
+    for i, item in enumerate(ITEMS):  # the items' runs, as they would be: completed
+        ops.r.hset(ops.keys.run(item).run, mapping={"status": "completed", "wf": "wf..it", "parent": "r1"})
+        ops.r.hset(ops.keys.run(item).run, mapping={"parent_queue": "q", "parent_index": i})
+        ops.r.hset(ops.keys.run(item).state, mapping={"result": json.dumps({"v": i}), "index": i})
+    retried = Outcome.parse(ops.x(ops.store.retry(run_id="r1", queue="q", reason="again", request_id="t"))[0])
+    assert retried.detail == ("children", "b", 1) and ops.run()["status"] == "waiting"
+    check_parent(ops.r, ops.store, "r1")
+    assert ops.run()["status"] == "running" and [d.step for _, d in ops.read()] == ["b"]
+    assert json.loads(ops.r.hget(ops.rk.state, "found")) == [{"v": i} for i in range(4)]
