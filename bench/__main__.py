@@ -3,8 +3,8 @@
 ``python -m bench [--quick] [--redis-server BIN] [--only throughput,growth,recovery,compound,backlog] [--out DIR]``
 
 Runs the benchmarks one after another with their default sizes (``--quick``: the smoke
-sizes); the issue-11 benchmarks (``stepcost``, ``liveness``, ``agent``, ``shards``) and issue 12's ``parked``
-run only when named in ``--only``.
+sizes); the issue-11 benchmarks (``stepcost``, ``liveness``, ``agent``, ``shards``), issue 12's ``parked``
+and issue 13's ``fanout`` run only when named in ``--only``.
 It writes ``<out>/<name>.json`` for each, plus ``<out>/report.md`` (every table, the
 targets, the machine and the load average before and after) and ``<out>/all.json``.
 """
@@ -23,7 +23,8 @@ from typing import Any
 from bench.common import RESULTS, cpu_share, cpu_ticks, loadavg, run_main, write_json
 
 BENCHMARKS = ("throughput", "growth", "recovery", "compound", "backlog")
-OPTIONAL = ("stepcost", "liveness", "agent", "shards", "parked")  # run when named in --only (liveness alone ~4 min)
+# run when named in --only (liveness alone ~4 min)
+OPTIONAL = ("stepcost", "liveness", "agent", "shards", "parked", "fanout")
 
 
 def module(name: str) -> ModuleType:

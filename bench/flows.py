@@ -18,7 +18,8 @@ loop) and ``payload`` (growth: each step returns an update of a given size), ``h
 one step that awaits for an hour) and ``agent`` (the agent-shaped capacity benchmark: ``BENCH_STEPS``
 steps that each await ``BENCH_AWAIT_S`` seconds, a model call in flight), ``sleeper`` and
 ``approver`` (the parked-runs benchmark: a step that sleeps for an hour, or waits for the signal
-``approval`` with an hour's timeout, then a no-op step).
+``approval`` with an hour's timeout, then a no-op step), ``fanout`` (the fan-out benchmark: a step
+that maps ``items`` with a no-op item or one that awaits ``BENCH_ITEM_S`` seconds, then a no-op step).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from bench.marks import step_body
-from orchestrator import Goto, Sleep, StepContext, WaitFor, Workflow
+from orchestrator import Goto, Map, Sleep, StepContext, WaitFor, Workflow
 
 STEPS = 10
 STEPS_ENV = "BENCH_STEPS"
@@ -229,3 +230,42 @@ approver: Workflow[Awaiting] = Workflow("approver", state=Awaiting)
 approver.signal("approval", Approval)
 approver.step(name="ask")(asking)
 approver.step(name="approved")(answered)
+
+
+ITEM_S_ENV = "BENCH_ITEM_S"
+ITEM_S = 1.0
+
+
+class Fan(BaseModel):
+    """State of a ``fanout`` run: the list mapped (item indexes), the values that come back in
+    item order, which item function runs them and how many may run at once (None: all)."""
+
+    items: list[int] = []
+    values: list[int] = []
+    each: str = "noop_item"
+    parallelism: int | None = None
+
+
+fanout: Workflow[Fan] = Workflow("fanout", state=Fan)
+
+
+@fanout.step(name="spread")
+def spread(ctx: StepContext, state: Fan) -> Map:
+    """Fan out: one run per element of ``items``, at most ``parallelism`` at a time."""
+    return Map(each=state.each, over="items", into="values", parallelism=state.parallelism)
+
+
+@fanout.item()
+def noop_item(ctx: StepContext, item: int) -> int:
+    """An item that does nothing but hand its index back (plain function, like the no-op steps)."""
+    return item
+
+
+@fanout.item()
+async def llm_item(ctx: StepContext, item: int) -> int:
+    """An item that awaits ``BENCH_ITEM_S`` seconds (simulated LLM latency), then hands its index back."""
+    await asyncio.sleep(float(os.environ.get(ITEM_S_ENV, ITEM_S)))
+    return item
+
+
+fanout.step(name="gather")(nothing)  # fan-in: the step after the map, its values in `values`
