@@ -56,11 +56,21 @@ class Waiting(BaseModel):
 
 
 class ChildWait(BaseModel):
-    """A run waiting for the child runs a step started."""
+    """A run waiting for the child runs (or the map items) a step started."""
 
     total: int
     done: int
     children: list[str]
+    map: bool = False  # map items (Map), not child runs (StartChildren)
+    started: int = 0  # how many have been started (a map starts ``parallelism`` at a time)
+    parallelism: int = 0
+
+    def describe(self) -> str:
+        """``child runs (1 of 3 done)``, or ``map items (3 of 10 done, 2 running, 2 at a time)``."""
+        if not self.map:
+            return f"child runs ({self.done} of {self.total} done)"
+        limit = f", {self.parallelism} at a time" if self.parallelism < self.total else ""
+        return f"map items ({self.done} of {self.total} done, {self.started - self.done} running{limit})"
 
 
 def child_wait(children: Mapping[str, str]) -> ChildWait | None:
@@ -68,7 +78,14 @@ def child_wait(children: Mapping[str, str]) -> ChildWait | None:
         return None
     total = int(children["n"])
     ids = [children.get(f"c:{i}", "") for i in range(total)]
-    return ChildWait(total=total, done=int(children.get("done", 0)), children=ids)
+    return ChildWait(
+        total=total,
+        done=int(children.get("done", 0)),
+        children=ids,
+        map=children.get("map") == "1",
+        started=int(children.get("started", total)),
+        parallelism=int(children.get("window", total)),
+    )
 
 
 def pending_signals(signals: Mapping[str, str]) -> list[PendingSignal]:

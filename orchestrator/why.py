@@ -119,7 +119,7 @@ def _answer(
     if info.status == "waiting" and info.children is not None:
         kids = info.children
         text = (
-            f"waiting for child runs ({kids.done} of {kids.total} done), then {where}: "
+            f"waiting for {kids.describe()}, then {where}: "
             + ", ".join(kids.children[:10])
             + (f" and {kids.total - 10} more" if kids.total > 10 else "")
             + "."

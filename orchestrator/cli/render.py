@@ -59,7 +59,7 @@ def _status(info: RunInfo) -> str:
     if info.status == "waiting" and info.waiting:
         return f"waiting for signal {info.waiting.signal} since {stamp(info.waiting.since_ms)}, then step {info.step}"
     if info.status == "waiting" and info.children:
-        return f"waiting for child runs ({info.children.done} of {info.children.total} done), then step {info.step}"
+        return f"waiting for {info.children.describe()}, then step {info.step}"
     return info.status
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from orchestrator import Client, RunFailed, Settings
 from orchestrator.chaos.ledger import Ledger
+from orchestrator.cli.render import status_text
 from orchestrator.connection import connect
 from orchestrator.embedded import RedisServer
 from tests.conftest import fast_settings
@@ -174,3 +175,15 @@ def test_the_readme_map_example_runs_as_written(
     with supervisor_thread(settings), worker_thread([module.research], settings):
         final = client.submit(module.research, {"competitors": ["Acme", "Globex"]}, run_id="r").wait(timeout_s=30)
     assert final.report == "Acme: 4 letters; Globex: 6 letters"
+
+
+def test_status_and_why_say_how_far_a_map_is(client: Client, settings: Settings, ledger: Ledger) -> None:
+    with worker_thread([survey], settings.model_copy(update={"concurrency": 2})):
+        client.submit(survey, Survey(topics=["a:slow1.5", "b:slow1.5", "c", "d"], parallelism=2), run_id="s")
+        wait_until(lambda: client.get("s").status == "waiting", what="the map started")
+        info = client.get("s")
+        assert info.children is not None and (info.children.map, info.children.started) == (True, 2)
+        assert "waiting for map items (0 of 4 done, 2 running, 2 at a time), then step summarize" in status_text(info)
+        why = client.why("s")
+        assert why.waiting_for == "children" and "map items (0 of 4 done" in why.text and "s:plan:0" in why.text
+        client.run("s", survey).wait(timeout_s=30)

@@ -6,6 +6,7 @@ what it emitted and the next attempt emits again."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import types
@@ -149,7 +150,13 @@ def test_an_emit_redis_refuses_is_dropped_with_a_warning_and_the_step_goes_on(
     client: Client, settings: Settings, ledger: Ledger, caplog: pytest.LogCaptureFixture
 ) -> None:
     client.redis.set(client.keys.run("d").output, "not a stream")  # every XADD to it is refused
-    with worker_thread([talker], settings):
-        final = client.submit(talker, Talk(words=["x"]), run_id="d").wait(timeout_s=30)
+    logger = logging.getLogger("orchestrator.output")  # directly: another test's setup may stop propagation
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger=logger.name)
+    try:
+        with worker_thread([talker], settings):
+            final = client.submit(talker, Talk(words=["x"]), run_id="d").wait(timeout_s=30)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert final.said == "x" and ledger.execution_counts()["d:speak"] == 1
     assert any(r.getMessage() == "emitted output dropped" for r in caplog.records)
