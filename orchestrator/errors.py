@@ -101,3 +101,14 @@ class WaitTimeout(OrchestratorError, TimeoutError):
 
 class NonRetryableError(Exception):
     """Raise from a step to fail the step at once, whatever its retry policy says."""
+
+
+class RetryAfter(Exception):
+    """Raise from a step when the other side said when to come back (an HTTP 429 or 503 with
+    ``Retry-After``): the retry waits at least ``seconds``, however short the step's backoff.
+    Any exception with a numeric ``retry_after`` attribute (seconds) is honoured the same way.
+    It counts as a failed attempt against the step's ``max_attempts``."""
+
+    def __init__(self, seconds: float, message: str = "") -> None:
+        super().__init__(message or f"retry after {seconds} s")
+        self.retry_after = seconds

@@ -6,6 +6,7 @@ either a delay or "give up".
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -60,8 +61,22 @@ class Retry:
     def decide(self, exc: BaseException, failures: int, rng: random.Random | None = None) -> float | None:
         """Seconds to wait before retrying, or ``None`` when the step should fail the run.
 
-        ``failures`` includes the failure being decided on.
+        ``failures`` includes the failure being decided on. An exception that carries
+        ``retry_after`` (seconds, e.g. :class:`~orchestrator.errors.RetryAfter` from a 429's
+        ``Retry-After``) makes the wait at least that long, never shorter (at most a day).
         """
         if not self.is_retryable(exc) or failures >= self.max_attempts:
             return None
-        return self.delay_s(failures, rng)
+        return max(self.delay_s(failures, rng), retry_after_s(exc))
+
+
+MAX_RETRY_AFTER_S = 86400.0
+
+
+def retry_after_s(exc: BaseException) -> float:
+    """The ``retry_after`` an exception carries, in seconds (0 without one or when it is not a
+    finite number >= 0; capped at a day)."""
+    value = getattr(exc, "retry_after", None)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return 0.0
+    return min(float(value), MAX_RETRY_AFTER_S)

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from redis.crc import key_slot
 
 import orchestrator
-from orchestrator import End, Goto, NonRetryableError, Retry, Settings, Workflow, scripts
+from orchestrator import End, Goto, NonRetryableError, Retry, RetryAfter, Settings, Workflow, scripts
 from orchestrator.codec import Dispatch, dumps
 from orchestrator.connection import parse_sentinel_url, redact_url
 from orchestrator.errors import ConfigError, DefinitionError, PayloadTooLarge, StepResultError, ValidationError
@@ -44,6 +44,21 @@ def test_decide_stops_at_max_attempts_and_on_non_retryable_errors() -> None:
     assert policy.decide(KeyError("x"), 1) is None
     assert policy.decide(NonRetryableError("x"), 1) is None
     assert policy.decide(StepResultError("x"), 1) is None
+
+
+def test_a_retry_after_is_honoured_never_shortened_and_bad_values_are_ignored() -> None:
+    policy = Retry(max_attempts=5, backoff_s=0.1, jitter=0)
+    assert policy.decide(RetryAfter(30), 1) == 30  # the provider's word beats a short backoff
+    assert policy.decide(RetryAfter(0.01), 3) == pytest.approx(0.4)  # a longer backoff stays
+    assert policy.decide(RetryAfter(10), 5) is None  # and it still counts as an attempt
+
+    class Provider429(Exception):
+        retry_after = 7  # any exception that carries the attribute (seconds)
+
+    assert policy.decide(Provider429(), 1) == 7
+    for bad in (float("nan"), -1, True, "5"):
+        assert policy.decide(RetryAfter(bad), 1) == pytest.approx(0.1)  # type: ignore[arg-type]
+    assert policy.decide(RetryAfter(10**9), 1) == 86400  # at most a day
 
 
 @pytest.mark.parametrize(
@@ -286,6 +301,7 @@ def test_public_api_is_pinned() -> None:
         "RedisRefused",
         "RedisUnavailable",
         "Retry",
+        "RetryAfter",
         "Run",
         "RunCancelled",
         "RunConflict",
