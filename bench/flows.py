@@ -269,3 +269,35 @@ async def llm_item(ctx: StepContext, item: int) -> int:
 
 
 fanout.step(name="gather")(nothing)  # fan-in: the step after the map, its values in `values`
+
+
+RATE_ENV, PER_S_ENV, BURST_ENV = "BENCH_RATE", "BENCH_PER_S", "BENCH_BURST"
+LIMIT = "bench_api"  # the rate limit of ``limited``'s one step
+
+
+class Started(BaseModel):
+    """State of a ``limited`` run: when its step's code started (ms since the epoch, the worker's clock)."""
+
+    started_ms: float | None = None
+
+
+async def started(ctx: StepContext, state: Started) -> dict[str, float]:
+    """Note the moment user code runs, after the admission (``async``: no thread hop before it)."""
+    import time  # here, so that nothing above the workflows appended last changes
+
+    return {"started_ms": time.time() * 1000}
+
+
+def make_limited(rate: float, per_s: float = 1.0, burst: float = 1.0) -> Workflow[Started]:
+    """The rate-limit benchmark's workflow: one step under ``rate`` starts per ``per_s`` seconds,
+    ``burst`` at once, fleet-wide (built by a function so the benchmark sets the limit; the workers
+    get it through ``BENCH_RATE``, ``BENCH_PER_S`` and ``BENCH_BURST``)."""
+    flow: Workflow[Started] = Workflow("limited", state=Started)
+    flow.rate_limit(LIMIT, rate, per_s=per_s, burst=burst)
+    flow.step(name="call", rate_limit=LIMIT)(started)
+    return flow
+
+
+limited = make_limited(
+    float(os.environ.get(RATE_ENV, 50)), float(os.environ.get(PER_S_ENV, 1)), float(os.environ.get(BURST_ENV, 1))
+)

@@ -24,6 +24,7 @@ from orchestrator.keys import idempotency_key
 
 if TYPE_CHECKING:
     from orchestrator.output import Emitter
+    from orchestrator.ratelimit import Spender
 
 STEP_LOG = logging.getLogger("orchestrator.step")
 # a cost unit ends up in a Redis hash field joined with '|' and as a Prometheus label value
@@ -56,6 +57,7 @@ class StepContext:
         save_stash: Callable[[str], bool],
         save_stash_async: Callable[[str], Awaitable[bool]],
         emitter: Emitter | None = None,
+        spender: Spender | None = None,
     ) -> None:
         self.run_id = run_id
         self.workflow = workflow
@@ -71,6 +73,7 @@ class StepContext:
         self._save_stash = save_stash
         self._save_stash_async = save_stash_async
         self._emitter = emitter
+        self._spender = spender
         self._lost = False  # set once, by the heartbeat thread or the event loop; read by the step
         self.last_progress = time.monotonic()
 
@@ -140,6 +143,21 @@ class StepContext:
         """``emit`` for async steps: does not block the event loop."""
         raw = self._encode_output(data)
         return await self._emitter.asend(raw) if self._emitter else False
+
+    def spend(self, limit: str, units: float) -> None:
+        """Charge ``units`` this step used (e.g. the tokens a model call took) to the rate limit
+        ``limit`` its workflow declared (usually with ``cost=0``): later steps under it start
+        that much later, fleet-wide. One Redis round trip; ``await ctx.aspend(...)`` in an async
+        step. Raises :class:`ValidationError` for an undeclared limit or a bad amount."""
+        if self._spender is None:
+            raise ValidationError(f"ctx.spend({limit!r}, ...): this context has no rate limits (a test's?)")
+        self._spender.spend(limit, units)
+
+    async def aspend(self, limit: str, units: float) -> None:
+        """``spend`` for async steps: does not block the event loop."""
+        if self._spender is None:
+            raise ValidationError(f"ctx.aspend({limit!r}, ...): this context has no rate limits (a test's?)")
+        await self._spender.aspend(limit, units)
 
     def _encode_output(self, data: Any) -> str:
         return dumps(data, what=f"output of step {self.step!r} (run {self.run_id!r})", limit=self._limit)

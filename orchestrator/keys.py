@@ -111,6 +111,15 @@ Key                                Type    Holds                                
 ``<ns>:fleet:{<ns>}:queues``       set     queue names in use                      submit, heartbeat    forever
 ``<ns>:fleet:{<ns>}:config``       hash    ``partitions``: the namespace's count   layout (first        forever
                                                                                    process to use it)
+``<ns>:rate:{<ns>:rate:K}``        hash    rate limit ``K``: ``tat`` (GCRA's       rate (every admit    forever (a few
+                                           theoretical arrival time, server ms);   and spend); limits   fields)
+                                           ``rate``, ``per_ms``, ``burst`` when    set
+                                           set at run time (they win over code)
+``<ns>:rate:{<ns>:rate:K}:reserved``
+                                   zset    run id -> the ms from which its step    rate                 until used, or an
+                                           may start (it was told to wait)                              hour
+``<ns>:fleet:{<ns>}:rate_limits``  set     names of the rate limits in use         worker start,        forever
+                                                                                   limits set
 ``<ns>:stats:{T}``                 hash    a partition's counters (crashes,        the scripts          forever
                                            fenced, redispatched, repaired, ...);
                                            readers add up all (steps_ok,
@@ -345,6 +354,17 @@ class Keys:
     @property
     def all_stats_detail(self) -> list[str]:
         return [self.stats_detail, *(p.stats_detail for p in self.parts)]
+
+    def rate_limit(self, name: str) -> tuple[str, str]:
+        """The keys of rate limit ``name``: its hash (``tat``; ``rate``, ``per_ms``, ``burst`` set at
+        run time) and its reservations, in a slot of their own (one limit is one slot)."""
+        base = f"{self.namespace}:rate:{{{self.namespace}:rate:{name}}}"
+        return base, f"{base}:reserved"
+
+    @property
+    def rate_limits(self) -> str:
+        """The names of the rate limits the fleet knows (workers add theirs, ``limits set`` too)."""
+        return self._fleet("rate_limits")
 
     @property
     def rejected(self) -> str:

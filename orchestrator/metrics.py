@@ -75,6 +75,12 @@ class WorkerMetrics:
             ["workflow", "step"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "orchestrator_step_rate_limited",
+            "Step starts a rate limit deferred (given back to wait for their reserved moment, no code run).",
+            ["workflow", "step", "limit"],
+            registry=r,
+        )
         self.in_flight = Gauge("orchestrator_steps_in_flight", "Steps this worker is running now.", registry=r)
         self.concurrency = Gauge("orchestrator_worker_concurrency", "Steps this worker may run at once.", registry=r)
         self.run_duration = Histogram(

@@ -18,6 +18,7 @@ from typing import Any
 from orchestrator import scripts
 from orchestrator.codec import Dispatch
 from orchestrator.keys import GROUP, Keys, PartitionKeys, QueueKeys, RunKeys, idempotency_key
+from orchestrator.ratelimit import RateLimit
 from orchestrator.scripts import Call
 
 Reply = list[Any]
@@ -333,6 +334,23 @@ class Store:
         return scripts.load("release").call(
             [rk.run, rk.history, qk.stream, qk.queued, pk.active, pk.stats],
             [run_id, token, event],
+        )
+
+    def defer(self, *, run_id: str, queue: str, token: str, wait_ms: int, limit: str) -> Call:
+        """Give a claimed step back until ``wait_ms`` from now (``defer.lua``): its rate limit
+        ``limit`` said wait; no user code ran."""
+        rk, qk, pk = self._at(run_id, queue)
+        return scripts.load("defer").call(
+            [rk.run, rk.history, qk.delayed, qk.queued, pk.active, pk.stats],
+            [run_id, token, wait_ms, limit],
+        )
+
+    def rate(self, *, limit: RateLimit, mode: str, run_id: str = "", cost: float = 1.0) -> Call:
+        """Admit a step under ``limit`` (``mode`` 'admit': now, or after a reserved wait) or
+        charge units a step used (``mode`` 'spend'), on the limit's own slot (``rate.lua``)."""
+        state, reserved = self.keys.rate_limit(limit.name)
+        return scripts.load("rate").call(
+            [state, reserved], [mode, run_id, repr(float(cost)), repr(limit.rate), limit.per_ms, repr(limit.burst)]
         )
 
     def alive(self, *, partition: int, worker: str, lease_ms: int, cancels_seen: str) -> Call:

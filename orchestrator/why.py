@@ -19,7 +19,9 @@ from orchestrator.keys import GROUP, Keys
 from orchestrator.runs import TERMINAL, RunInfo
 from orchestrator.runs import Waiting as SignalWait
 
-Waiting = Literal["queue", "worker", "claim", "recovery", "sleep", "signal", "children", "backoff", "repair", "nothing"]
+Waiting = Literal[
+    "queue", "worker", "claim", "recovery", "sleep", "signal", "children", "rate_limit", "backoff", "repair", "nothing"
+]
 Answer = tuple[Waiting, str, dict[str, Any]]  # what it waits for, the paragraph, the figures
 LOOK_BACK = 50  # history events read for the last error or cancel reason
 MAX_AHEAD = 10_000  # queued entries counted ahead of the run's own, at most
@@ -125,6 +127,13 @@ def _answer(
             + "."
         )
         return "children", text, kids.model_dump()
+    limited = next((e for e in reversed(events) if e.type in ("rate_limited", "error", "timeout")), None)
+    if info.status == "retrying" and info.due_ms is not None and limited is not None and limited.type == "rate_limited":
+        text = (
+            f"waiting for its rate limit ({limited.detail}): its start is reserved for {stamp(info.due_ms)} "
+            f"(in {span(info.due_ms - now)}), then {where}; it holds no worker slot meanwhile."
+        )
+        return "rate_limit", text, {"due_ms": info.due_ms}
     if info.status == "retrying" and info.due_ms is not None:
         error = next((e for e in reversed(events) if e.type in ("error", "timeout") and e.error), None)
         cause = f" after {error.error.type}: {error.error.message}" if error and error.error else ""

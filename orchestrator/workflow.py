@@ -35,6 +35,7 @@ from orchestrator.codec import (
 )
 from orchestrator.errors import DefinitionError, StepResultError, ValidationError
 from orchestrator.keys import ITEM_MARK, QUEUE_PATTERN
+from orchestrator.ratelimit import RateLimit
 from orchestrator.retry import Retry
 
 if TYPE_CHECKING:
@@ -220,6 +221,7 @@ class StepDef:
     timeout_s: float | None
     heartbeat_timeout_s: float | None
     deadline_s: float | None = None
+    rate_limit: RateLimit | None = None  # admitted under it before it runs (orchestrator.ratelimit)
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,7 @@ class Workflow(Generic[S]):
     steps: list[StepDef] = field(default_factory=list)
     signals: dict[str, SignalDef] = field(default_factory=dict)
     items: dict[str, Workflow[ItemState]] = field(default_factory=dict)  # a map's item workflows, by item name
+    rate_limits: dict[str, RateLimit] = field(default_factory=dict)  # declared with rate_limit(), by name
 
     def __post_init__(self) -> None:
         if not re.match(WORKFLOW_NAME, self.name) or (ITEM_MARK in self.name and self.state is not ItemState):
@@ -340,6 +343,7 @@ class Workflow(Generic[S]):
         timeout_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
         deadline_s: float | None = None,
+        rate_limit: str | RateLimit | None = None,
     ) -> Callable[[F], F]: ...
 
     def step(
@@ -352,6 +356,7 @@ class Workflow(Generic[S]):
         timeout_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
         deadline_s: float | None = None,
+        rate_limit: str | RateLimit | None = None,
     ) -> F | Callable[[F], F]:
         """Register a step; usable as ``@flow.step`` or ``@flow.step(retry=...)``.
 
@@ -362,11 +367,15 @@ class Workflow(Generic[S]):
         queued: the wait in the queue, every attempt and every backoff. When it passes before the
         step commits, the run fails with ``StepDeadlineExceeded`` (a running attempt is stopped
         at its worker's next heartbeat, a retry that would start after it is not scheduled).
-        Runs keep the deadlines of the definition they were submitted with.
+        Runs keep the deadlines of the definition they were submitted with. ``rate_limit`` (a
+        name declared with :meth:`rate_limit`, or a :class:`~orchestrator.ratelimit.RateLimit`)
+        admits each start of the step under that fleet-wide limit: one that may not start yet
+        waits, holding no worker slot, until its reserved moment.
         """
 
         def register(func: F) -> F:
-            self._add(func, name or func.__name__, retry or Retry(), timeout_s, heartbeat_timeout_s, deadline_s)
+            limit = self._limit(rate_limit, name or func.__name__)
+            self._add(func, name or func.__name__, retry or Retry(), timeout_s, heartbeat_timeout_s, deadline_s, limit)
             return func
 
         return register(fn) if fn is not None else register
@@ -379,6 +388,7 @@ class Workflow(Generic[S]):
         timeout_s: float | None,
         heartbeat_timeout_s: float | None,
         deadline_s: float | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         where = f"step {name!r} of workflow {self.name!r}"
         if not re.match(STEP_NAME, name):
@@ -397,7 +407,35 @@ class Workflow(Generic[S]):
         is_async = inspect.iscoroutinefunction(fn)
         if deadline_s is not None and deadline_s > MAX_SLEEP_S:
             raise DefinitionError(f"{where}: deadline_s={deadline_s} is over a year ({MAX_SLEEP_S:.0f} s)")
-        self.steps.append(StepDef(name, fn, is_async, retry, timeout_s, heartbeat_timeout_s, deadline_s))
+        self.steps.append(StepDef(name, fn, is_async, retry, timeout_s, heartbeat_timeout_s, deadline_s, rate_limit))
+
+    def rate_limit(
+        self, name: str, rate: float, *, per_s: float = 60.0, burst: float = 1.0, cost: float = 1.0
+    ) -> RateLimit:
+        """Declare the fleet-wide rate limit ``name``: at most ``rate`` units per ``per_s`` seconds,
+        ``burst`` at once; a step start takes ``cost`` units (0: the steps report what they used
+        with ``ctx.spend(name, units)``, e.g. tokens). Steps name it with ``rate_limit=name``;
+        ``orchestrator limits set`` changes it at run time for the whole fleet."""
+        if name in self.rate_limits:
+            raise DefinitionError(f"rate limit {name!r} of workflow {self.name!r} is declared twice")
+        limit = RateLimit(name, rate, per_s=per_s, burst=burst, cost=cost)
+        self.rate_limits[name] = limit
+        return limit
+
+    def _limit(self, limit: str | RateLimit | None, step: str) -> RateLimit | None:
+        """The rate limit a step (or item) named, declared on this workflow."""
+        if limit is None or isinstance(limit, RateLimit):
+            if limit is not None:
+                self.rate_limits.setdefault(limit.name, limit)
+            return limit
+        found = self.rate_limits.get(limit)
+        if found is None:
+            known = ", ".join(sorted(self.rate_limits)) or "none"
+            raise DefinitionError(
+                f"step {step!r} of workflow {self.name!r}: rate_limit={limit!r} is not declared (declared: {known}); "
+                f"declare it first with flow.rate_limit({limit!r}, rate, per_s=...)"
+            )
+        return found
 
     @overload
     def item(self, fn: F, /) -> F: ...
@@ -412,6 +450,7 @@ class Workflow(Generic[S]):
         retry: Retry | None = None,
         timeout_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
+        rate_limit: str | RateLimit | None = None,
     ) -> Callable[[F], F]: ...
 
     def item(
@@ -423,13 +462,14 @@ class Workflow(Generic[S]):
         retry: Retry | None = None,
         timeout_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
+        rate_limit: str | RateLimit | None = None,
     ) -> F | Callable[[F], F]:
         """Register an item function for :class:`Map`: ``(ctx, item) -> value``, sync or async,
         run once per element of the mapped list. It is not a step of the chain: a step reaches
         it by returning ``Map(each=name, over=..., into=...)``. Its value (JSON-serializable, a
         pydantic model included) goes into the mapped step's ``into`` list; ``ctx.idempotency_key``
-        is the item's own key. ``retry``, ``timeout_s`` and ``heartbeat_timeout_s`` are per item,
-        as for a step. Items run on this workflow's queue.
+        is the item's own key. ``retry``, ``timeout_s``, ``heartbeat_timeout_s`` and ``rate_limit``
+        are per item, as for a step. Items run on this workflow's queue.
         """
 
         def register(func: F) -> F:
@@ -442,8 +482,9 @@ class Workflow(Generic[S]):
             flow_name = f"{self.name}{ITEM_MARK}{item_name}"
             if len(flow_name) > 100:
                 raise DefinitionError(f"{where}: workflow and item names together are over 98 characters")
-            flow = Workflow(flow_name, state=ItemState, queue=self.queue)
-            flow._add(_item_step(func), item_name, retry or Retry(), timeout_s, heartbeat_timeout_s)
+            limit = self._limit(rate_limit, item_name)
+            flow = Workflow(flow_name, state=ItemState, queue=self.queue, rate_limits=dict(self.rate_limits))
+            flow._add(_item_step(func), item_name, retry or Retry(), timeout_s, heartbeat_timeout_s, None, limit)
             self.items[item_name] = flow
             return func
 

@@ -410,3 +410,31 @@ async def shout(ctx: StepContext, state: Talk) -> None:
 
 
 ALL.append(talker)
+
+
+class Paced(BaseModel):
+    """State of ``paced``: its steps start under fleet-wide rate limits."""
+
+    tokens: int = 0  # what ``chat`` reports it used
+
+
+paced = Workflow("paced", state=Paced)
+paced.rate_limit("test_api", 5, per_s=1.0)  # 5 calls a second, one at a time
+paced.rate_limit("test_tokens", 100, per_s=1.0, burst=100, cost=0)  # 100 tokens a second, reported
+
+
+@paced.step(rate_limit="test_api")
+def call_api(ctx: StepContext, state: Paced) -> None:
+    """``saw``: when its code started (ms), to count the starts in any window."""
+    record_execution(ctx, saw=int(time.time() * 1000))
+
+
+@paced.step(rate_limit="test_tokens")
+def chat(ctx: StepContext, state: Paced) -> dict[str, int]:
+    record_execution(ctx, saw=int(time.time() * 1000))
+    if state.tokens:
+        ctx.spend("test_tokens", state.tokens)
+    return {"tokens": state.tokens}
+
+
+ALL.append(paced)

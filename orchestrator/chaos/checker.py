@@ -85,6 +85,7 @@ COUNTER_EVENTS = {
     "signals": "signal",
     "signals_delivered": "signalled",
     "wait_timeouts": "timed_out",
+    "rate_limited": "rate_limited",
 }
 
 
@@ -122,6 +123,7 @@ class Report:
     wait_timeouts: int = 0  # runs whose wait timed out (I12)
     signal_sends: int = 0  # signals the driver sent, resends included (set by the driver)
     children: int = 0  # child runs the parents started (I13)
+    rate_deferred: int = 0  # starts a rate limit gave back to wait for their reserved moment
     map_items: int = 0  # items the maps listed (I14)
     maps_settled: int = 0  # maps that fanned in (I14)
     parents_cancelled: int = 0  # parents the driver cancelled while their children ran (I13)
@@ -154,6 +156,7 @@ class Report:
             "children": self.children,
             "parents_cancelled": self.parents_cancelled,
             "child_violations": self.count("I13"),
+            "rate_deferred": self.rate_deferred,
             "map_items": self.map_items,
             "maps_settled": self.maps_settled,
             "map_violations": self.count("I14"),
@@ -254,6 +257,7 @@ class Checker:
         self._children(report, facts, kids, executions)
         self._maps(report, facts, {p: listed for p, listed in kids.items() if p.startswith(mappers.name)}, executions)
         self._counters(report, facts)
+        report.rate_deferred = sum(ev.type == "rate_limited" for run in facts.values() for ev in run.events)
         self._latencies(report, facts, kills, sorted(restores_ms))
         self._pending(report)
         return report

@@ -74,4 +74,4 @@ def _fail(state: CliState, exc: OrchestratorError | redis.RedisError | redis.exc
     sys.exit(2 if isinstance(error, ConfigError) else 1)
 
 
-from orchestrator.cli import chaos, demo, fleet, keda, migrate, runs, serve, server  # noqa: E402, F401 - registers the commands
+from orchestrator.cli import chaos, demo, fleet, keda, limits, migrate, runs, serve, server  # noqa: E402, F401 - registers the commands

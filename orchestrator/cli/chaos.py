@@ -64,7 +64,7 @@ def render(report: Report, header: str) -> str:
         f"children    started {report.children}, parents cancelled while they ran {report.parents_cancelled}, "
         f"violations {data['child_violations']}",
         f"maps        items {report.map_items}, maps fanned in {report.maps_settled}, "
-        f"violations {data['map_violations']}",
+        f"violations {data['map_violations']}; rate-limited starts deferred {report.rate_deferred}",
         "faults      " + (", ".join(f"{k} {v}" for k, v in sorted(report.faults.items())) or "none"),
         f"detection   kill -> re-dispatch  p50 {_ms(det['p50'])}  p99 {_ms(det['p99'])}  max {_ms(det['max'])}"
         f"  (n={det['n']})",

@@ -16,8 +16,9 @@ from typing import Any
 from orchestrator import scripts
 from orchestrator.codec import Dispatch, loads
 from orchestrator.context import ClaimLost, StepContext
-from orchestrator.errors import DefinitionError, OrchestratorError
+from orchestrator.errors import DefinitionError, OrchestratorError, ValidationError
 from orchestrator.output import Emitter
+from orchestrator.ratelimit import RateLimit, Spender
 from orchestrator.store import Claimed
 from orchestrator.worker.heartbeat import InFlight
 from orchestrator.worker.outcomes import Outcomes
@@ -169,6 +170,8 @@ class StepExecution(Outcomes):
     async def _run_step(self, step: StepDef, state: Any) -> None:
         try:
             self.rt.faults.hit("after_claim", step.name)
+            if step.rate_limit is not None and not await self._admitted(step.rate_limit):
+                return
             returned = await invoke(step, self.ctx, state, self.abort, self.rt)
             self.item.heartbeat_timeout_s = None  # done running: only the commit is left
             await self.commit(step, self.ctx, state, returned)
@@ -184,6 +187,32 @@ class StepExecution(Outcomes):
             await self.release(str(exc) or "released")
         except Exception as exc:
             await self.fail(exc, step=step)
+
+    async def _admitted(self, limit: RateLimit) -> bool:
+        """Admit this start under its step's rate limit, or give the step back until its reserved
+        moment (no user code runs; the worker slot is free at once). False when given back."""
+        admit = self.rt.store.rate(limit=limit, mode="admit", run_id=self.dispatch.run, cost=limit.cost)
+        reply = await self._send(admit, "admission", quiet=True)  # resent while its fate is unknown
+        if reply is None:
+            return False  # no answer: the entry stays pending for the worker's audit, as for an outcome
+        if reply.code == "OK":
+            return True
+        if reply.code != "WAIT":
+            raise ValidationError(f"rate limit {limit.name!r} cannot admit the step: {reply.code} {reply.detail}")
+        wait_ms = int(reply.detail[0])
+        call = self.rt.store.defer(
+            run_id=self.dispatch.run, queue=self.queue, token=self.token, wait_ms=wait_ms, limit=limit.name
+        )
+        written = await self._send(call, "deferral", {"rate_limit": limit.name, "wait_ms": wait_ms}, quiet=True)
+        if written is not None:
+            self.rt.count("rate_limited")
+            self.rt.metrics.rate_limited.labels(self.dispatch.wf, self.dispatch.step, limit.name).inc()
+            log.debug(
+                "step waits for its rate limit",
+                extra={**self.log_fields, "rate_limit": limit.name, "wait_ms": wait_ms, "outcome": written.code},
+            )
+            self._ack(written)
+        return False
 
     def _context(self) -> StepContext:
         rt, d = self.rt, self.dispatch
@@ -218,6 +247,7 @@ class StepExecution(Outcomes):
             max_payload_bytes=rt.settings.max_payload_bytes,
             save_stash=save,
             save_stash_async=save_async,
+            spender=Spender(rt.sync_redis, rt.batcher, rt.store, self.workflow.rate_limits if self.workflow else {}),
             emitter=Emitter(
                 rt.sync_redis,
                 rt.batcher,

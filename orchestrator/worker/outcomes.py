@@ -33,7 +33,7 @@ from orchestrator.workflow import Map, StepDef, Workflow
 log = logging.getLogger("orchestrator.worker")
 
 RESEND_FOR_S = 30.0  # beyond redis-py's own retries (~3 s): how long an outcome is resent
-APPLIED = frozenset({"OK", "REPLAY", "RETRY", "FAILED", "RELEASED", "TERMINAL", "MISSING"})
+APPLIED = frozenset({"OK", "REPLAY", "RETRY", "FAILED", "RELEASED", "DEFERRED", "TERMINAL", "MISSING"})
 # steps a worker takes in a row from its own commits before the next goes through the queue
 MAX_CHAINED_STEPS = 16
 

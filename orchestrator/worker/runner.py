@@ -263,6 +263,9 @@ class Worker:
                 await check_layout_async(client, self.store)  # another partition count: refused
                 await ensure_groups(client, list(self._streams))
                 await client.sadd(self.keys.queues, *self.queues)
+                limits = {name for wf in self.workflows.values() for name in wf.rate_limits}
+                if limits:  # so that `orchestrator limits list` knows them
+                    await client.sadd(self.keys.rate_limits, *sorted(limits))
                 await self._announce_steps(client)
             except REDIS_FAILURES as exc:
                 await self._pause(outage.failed(exc))

@@ -63,6 +63,7 @@ ROLE_SCRIPTS: dict[str, list[str]] = {
         "layout claim commit fail release alive own_pending redispatch stash ack reap_consumer heartbeat due promote"
         " submit cancel"  # the child runs of a step that returned StartChildren (cancelled if it was)
         " child_done"  # a finished map item's value, handed to its parent at once (children.report)
+        " rate defer"  # a rate-limited step admitted, or given back until its reserved moment; ctx.spend
     ),
     # supervisor.py, retention.py (purge)
     "supervisor": words(
@@ -114,8 +115,13 @@ DIRECT: dict[str, set[str]] = {
     | SCRIPTING
     | {"sadd", "hget", "hgetall", "hmget", "lrange", "smembers", "zrevrange", "xrange", "xread"},
     # get() before cancel and retry; a cancelled parent's children (children.cancel_children)
-    # a retried parent's children that failed or were cancelled (HGET of each: children.unfinished_children)
-    "operator": CONNECTION | PROBE | SCRIPTING | PURGE_PAGES | {"hgetall", "hmget", "hget"},
+    # a retried parent's children that failed or were cancelled (HGET of each: children.unfinished_children);
+    # limits set / clear (HSET, HDEL of the limit's hash, SADD of its name; then it lists it: ZCARD)
+    "operator": CONNECTION
+    | PROBE
+    | SCRIPTING
+    | PURGE_PAGES
+    | {"hgetall", "hmget", "hget", "hset", "hdel", "sadd", "zcard"},
     # runs list, status, history, stats, top, runs purge --dry-run; runs why (XRANGE: the entries
     # queued ahead of a run's own)
     # history -f: the live output (XRANGE); Run.follow_output (XREAD BLOCK)
