@@ -49,6 +49,8 @@ FLEET_COUNTERS = (
     ("orchestrator_fleet_signals_delivered_total", "signals_delivered", "Signals delivered to a waiting run."),
     ("orchestrator_fleet_wait_timeouts_total", "wait_timeouts", "Waits for a signal that ended at their timeout."),
     ("orchestrator_fleet_child_runs_total", "children_started", "Child runs started by steps (StartChildren)."),
+    ("orchestrator_fleet_map_items_total", "map_items", "Map items listed by steps that returned Map (each a run)."),
+    ("orchestrator_fleet_rate_limited_total", "rate_limited", "Step starts a rate limit deferred to their moment."),
 )
 
 
