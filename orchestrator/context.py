@@ -137,12 +137,12 @@ class StepContext:
         (logged; the step goes on). Raises :class:`ValidationError` when ``data`` is not JSON.
         """
         raw = self._encode_output(data)
-        return self._emitter.send(raw) if self._emitter else False
+        return self._emitter.send(self, raw) if self._emitter else False
 
     async def aemit(self, data: Any) -> bool:
         """``emit`` for async steps: does not block the event loop."""
         raw = self._encode_output(data)
-        return await self._emitter.asend(raw) if self._emitter else False
+        return await self._emitter.asend(self, raw) if self._emitter else False
 
     def spend(self, limit: str, units: float) -> None:
         """Charge ``units`` this step used (e.g. the tokens a model call took) to the rate limit
@@ -151,13 +151,13 @@ class StepContext:
         step. Raises :class:`ValidationError` for an undeclared limit or a bad amount."""
         if self._spender is None:
             raise ValidationError(f"ctx.spend({limit!r}, ...): this context has no rate limits (a test's?)")
-        self._spender.spend(limit, units)
+        self._spender.spend(self.workflow, limit, units)
 
     async def aspend(self, limit: str, units: float) -> None:
         """``spend`` for async steps: does not block the event loop."""
         if self._spender is None:
             raise ValidationError(f"ctx.aspend({limit!r}, ...): this context has no rate limits (a test's?)")
-        await self._spender.aspend(limit, units)
+        await self._spender.aspend(self.workflow, limit, units)
 
     def _encode_output(self, data: Any) -> str:
         return dumps(data, what=f"output of step {self.step!r} (run {self.run_id!r})", limit=self._limit)

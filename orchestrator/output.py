@@ -27,12 +27,13 @@ from orchestrator import scripts
 from orchestrator.codec import loads
 from orchestrator.connection import REDIS_FAILURES
 from orchestrator.keys import Keys
+from orchestrator.runs import TERMINAL
 
 if TYPE_CHECKING:
+    from orchestrator.context import StepContext
     from orchestrator.worker.batcher import Batcher
 
 log = logging.getLogger("orchestrator.output")
-FINISHED = ("completed", "failed", "cancelled")
 
 
 class OutputEvent(BaseModel):
@@ -60,37 +61,37 @@ class OutputEvent(BaseModel):
 
 
 class Emitter:
-    """Appends one attempt's emits to its run's output stream (the worker gives one to each
-    step context): from a sync step's thread with the worker's blocking client, from an async
-    step through the worker's batcher, never blocking the event loop."""
+    """Appends emits to their runs' output streams, one per worker (shared by its step
+    contexts): from a sync step's thread with the worker's blocking client, from an async step
+    through the worker's batcher, never blocking the event loop."""
 
-    def __init__(
-        self, sync_redis: redis.Redis, batcher: Batcher, stream: str, max_entries: int, fields: dict[str, str]
-    ) -> None:
+    def __init__(self, sync_redis: redis.Redis, batcher: Batcher, keys: Keys, max_entries: int) -> None:
         self._redis = sync_redis
         self._batcher = batcher
-        self._stream = stream
+        self._keys = keys
         self._max = max_entries
-        self._fields = fields  # step, visit, attempt, fence
 
-    def _call(self, raw: str) -> scripts.Call:
-        flat = [part for pair in self._fields.items() for part in pair]
-        return scripts.command("XADD", self._stream, "MAXLEN", "~", self._max, "*", *flat, "data", raw)
+    def _call(self, ctx: StepContext, raw: str) -> scripts.Call:
+        stream = self._keys.run(ctx.run_id).output
+        return scripts.command(
+            "XADD", stream, "MAXLEN", "~", self._max, "*", "step", ctx.step, "visit", ctx.visit,
+            "attempt", ctx.attempt, "fence", ctx.fencing_token, "data", raw,
+        )  # fmt: skip
 
-    def send(self, raw: str) -> bool:
+    def send(self, ctx: StepContext, raw: str) -> bool:
         try:
-            scripts.execute(self._redis, [self._call(raw)])
+            scripts.execute(self._redis, [self._call(ctx, raw)])
             return True
         except (*REDIS_FAILURES, redis.ResponseError) as exc:
-            log.warning("emitted output dropped", extra={"stream": self._stream, "error": str(exc)})
+            log.warning("emitted output dropped", extra={"run_id": ctx.run_id, "error": str(exc)})
             return False
 
-    async def asend(self, raw: str) -> bool:
+    async def asend(self, ctx: StepContext, raw: str) -> bool:
         try:
-            await self._batcher.call(self._call(raw))
+            await self._batcher.call(self._call(ctx, raw))
             return True
         except (*REDIS_FAILURES, redis.ResponseError) as exc:
-            log.warning("emitted output dropped", extra={"stream": self._stream, "error": str(exc)})
+            log.warning("emitted output dropped", extra={"run_id": ctx.run_id, "error": str(exc)})
             return False
 
 
@@ -116,7 +117,7 @@ def follow_output(
         status = client.hget(rk.run, "status")
         if status is None:
             raise RunNotFound(f"no run {run_id!r}", run_id=run_id)
-        finished = status in FINISHED  # read before the entries: what it emitted is there by now
+        finished = status in TERMINAL  # read before the entries: what it emitted is there by now
         left_ms = int((deadline - time.monotonic()) * 1000)
         block = None if finished else max(1, min(block_ms, left_ms))
         replies: Any = client.xread({rk.output: last}, count=1000, block=block)

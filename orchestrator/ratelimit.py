@@ -70,31 +70,32 @@ def _number(value: object) -> bool:
 
 class Spender:
     """What ``ctx.spend`` charges: units a step used (tokens) against a rate limit its workflow
-    declared, from a sync step's thread with the worker's blocking client, or through the
-    worker's batcher from an async step."""
+    declared, one per worker (shared by its step contexts), from a sync step's thread with the
+    worker's blocking client, or through the worker's batcher from an async step."""
 
     def __init__(
-        self, sync_redis: redis.Redis, batcher: Batcher, store: Store, limits: Mapping[str, RateLimit]
+        self, sync_redis: redis.Redis, batcher: Batcher, store: Store, limits: Mapping[str, Mapping[str, RateLimit]]
     ) -> None:
         self._redis = sync_redis
         self._batcher = batcher
         self._store = store
-        self._limits = limits
+        self._limits = limits  # workflow name -> its declared limits
 
-    def _call(self, name: str, units: float) -> scripts.Call:
-        limit = self._limits.get(name)
+    def _call(self, workflow: str, name: str, units: float) -> scripts.Call:
+        declared = self._limits.get(workflow, {})
+        limit = declared.get(name)
         if limit is None:
-            known = ", ".join(sorted(self._limits)) or "none"
+            known = ", ".join(sorted(declared)) or "none"
             raise ValidationError(f"ctx.spend({name!r}, ...): no rate limit {name!r} is declared (declared: {known})")
         if not _number(units) or units < 0:
             raise ValidationError(f"ctx.spend({name!r}, {units!r}): expected a finite number of units >= 0")
         return self._store.rate(limit=limit, mode="spend", cost=float(units))
 
-    def spend(self, name: str, units: float) -> None:
-        scripts.execute(self._redis, [self._call(name, units)])
+    def spend(self, workflow: str, name: str, units: float) -> None:
+        scripts.execute(self._redis, [self._call(workflow, name, units)])
 
-    async def aspend(self, name: str, units: float) -> None:
-        await self._batcher.call(self._call(name, units))
+    async def aspend(self, workflow: str, name: str, units: float) -> None:
+        await self._batcher.call(self._call(workflow, name, units))
 
 
 class LimitState(BaseModel):

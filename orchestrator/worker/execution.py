@@ -17,8 +17,7 @@ from orchestrator import scripts
 from orchestrator.codec import Dispatch, loads
 from orchestrator.context import ClaimLost, StepContext
 from orchestrator.errors import DefinitionError, OrchestratorError, ValidationError
-from orchestrator.output import Emitter
-from orchestrator.ratelimit import RateLimit, Spender
+from orchestrator.ratelimit import RateLimit
 from orchestrator.store import Claimed
 from orchestrator.worker.heartbeat import InFlight
 from orchestrator.worker.outcomes import Outcomes
@@ -247,15 +246,8 @@ class StepExecution(Outcomes):
             max_payload_bytes=rt.settings.max_payload_bytes,
             save_stash=save,
             save_stash_async=save_async,
-            spender=Spender(rt.sync_redis, rt.batcher, rt.store, self.workflow.rate_limits if self.workflow else {}),
-            emitter=Emitter(
-                rt.sync_redis,
-                rt.batcher,
-                rt.store.keys.run(d.run).output,
-                rt.settings.max_output_entries,
-                {"step": d.step, "visit": str(d.visit), "attempt": str(self.claimed.attempt)}
-                | {"fence": str(self.claimed.fence)},
-            ),
+            spender=rt.spender,
+            emitter=rt.emitter,
         )
         return ctx
 

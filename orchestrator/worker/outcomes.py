@@ -73,7 +73,8 @@ class Outcomes:
         if children:
             spec = {"into": children.into, "collect": children.collect_failures, "specs": specs}
         elif outcome.map:
-            spec, specs = self._map_spec(wf, outcome.map, merged, where)
+            spec = self._map_spec(wf, outcome.map, merged, where)
+            specs = spec["specs"]
             if not specs:  # a Map over an empty list: nothing to wait for, its result is an empty list
                 outcome = dataclasses.replace(outcome, update={**outcome.update, outcome.map.into: []}, map=None)
                 merged, spec = wf.merge(state, outcome.update, where=where), None
@@ -162,9 +163,7 @@ class Outcomes:
                 )
                 self.rt.start_chained(self.queue, committed.entry_id, successor, chained, chain_token, self.chained + 1)
 
-    def _map_spec(
-        self, wf: Workflow[Any], mapped: Map, merged: Any, where: str
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def _map_spec(self, wf: Workflow[Any], mapped: Map, merged: Any, where: str) -> dict[str, Any]:
         """A Map's items, read from the state this step leaves, as commit.lua takes them."""
         raw = merged.model_dump(mode="json", include={mapped.over}).get(mapped.over)
         if not isinstance(raw, list):
@@ -180,8 +179,7 @@ class Outcomes:
         flow = wf.item_flow(mapped.each)
         specs = map_specs(flow, raw, self.ctx.idempotency_key, limit=self.rt.settings.max_payload_bytes)
         window = min(len(specs), mapped.parallelism or len(specs))
-        spec = {"into": mapped.into, "collect": mapped.collect_failures, "map": True, "window": window, "specs": specs}
-        return spec, specs
+        return {"into": mapped.into, "collect": mapped.collect_failures, "map": True, "window": window, "specs": specs}
 
     async def _report_item(self) -> None:
         """Hand a finished map item's result to its parent at once (the supervisor would relay

@@ -45,6 +45,8 @@ from orchestrator.keys import GROUP, Keys
 from orchestrator.layout import check_layout_async
 from orchestrator.metrics import MetricsServer, WorkerMetrics, step_positions, zero_fields
 from orchestrator.outage import Outage
+from orchestrator.output import Emitter
+from orchestrator.ratelimit import Spender
 from orchestrator.settings import Settings
 from orchestrator.store import Claimed, Store, new_claim_token
 from orchestrator.worker.audit import PendingAudit
@@ -219,6 +221,8 @@ class Worker:
             may_chain=self._may_chain,
             start_chained=self._start_chained,
             stopping_now=lambda: self._immediate,
+            emitter=Emitter(sync_redis, batcher, self.keys, self.settings.max_output_entries),
+            spender=Spender(sync_redis, batcher, self.store, {n: wf.rate_limits for n, wf in self.workflows.items()}),
         )
         self.metrics.info.info({"version": __version__, "worker": self.id})
         heartbeat = self._heartbeat_thread = self._heartbeat(sync_redis)

@@ -13,6 +13,8 @@ import redis
 from orchestrator.codec import Dispatch
 from orchestrator.faults import Faults
 from orchestrator.metrics import WorkerMetrics
+from orchestrator.output import Emitter
+from orchestrator.ratelimit import Spender
 from orchestrator.settings import Settings
 from orchestrator.store import Claimed, Store
 from orchestrator.worker.batcher import Batcher
@@ -56,6 +58,8 @@ class Runtime:
     # run a step the commit claimed: (queue, entry id, dispatch, claim, claim token, steps chained in a row)
     start_chained: Callable[[str, str, Dispatch, Claimed, str, int], None]
     stopping_now: Callable[[], bool]  # an immediate stop: stop resending outcomes
+    emitter: Emitter  # ctx.emit: the runs' live output
+    spender: Spender  # ctx.spend: units charged to rate limits
     counts: Counter[str] = field(default_factory=Counter)
     acks: dict[str, list[str]] = field(default_factory=dict)
 
