@@ -15,9 +15,11 @@ import pytest
 
 from orchestrator import Client, RunFailed, Settings
 from orchestrator.chaos.ledger import Ledger
+from orchestrator.children import map_specs
 from orchestrator.cli.render import status_text
 from orchestrator.connection import connect
 from orchestrator.embedded import RedisServer
+from orchestrator.keys import idempotency_key
 from tests.conftest import fast_settings
 from tests.harness import start_worker, supervisor_thread, worker_thread
 from tests.helpers import wait_until
@@ -187,3 +189,12 @@ def test_status_and_why_say_how_far_a_map_is(client: Client, settings: Settings,
         why = client.why("s")
         assert why.waiting_for == "children" and "map items (0 of 4 done" in why.text and "s:plan:0" in why.text
         client.run("s", survey).wait(timeout_s=30)
+
+
+def test_item_ids_carry_the_visit_when_a_loop_comes_back_to_the_mapping_step() -> None:
+    """README: ``<run id>:<step>:<index>``, ``<run id>:<step>:<visit>:<index>`` after a loop."""
+    flow = survey.item_flow("study")
+    first = map_specs(flow, ["a", "b"], idempotency_key("r", "plan", 1), limit=1 << 20)
+    again = map_specs(flow, ["a"], idempotency_key("r", "plan", 2), limit=1 << 20)
+    assert [s["run"] for s in first] == ["r:plan:0", "r:plan:1"] and again[0]["run"] == "r:plan:2:0"
+    assert idempotency_key("r:plan:2:0", "study", 1, flow.name) == "r:plan:2:0"  # the item's ctx key is its id

@@ -19,7 +19,7 @@ from orchestrator.chaos.ledger import Ledger
 from orchestrator.connection import connect
 from orchestrator.context import StepContext
 from orchestrator.embedded import RedisServer
-from orchestrator.errors import RunNotFound
+from orchestrator.errors import RunNotFound, WaitTimeout
 from orchestrator.output import OutputEvent
 from tests.conftest import fast_settings
 from tests.harness import process_env, run_cli, start_worker, supervisor_thread, worker_thread
@@ -160,3 +160,14 @@ def test_an_emit_redis_refuses_is_dropped_with_a_warning_and_the_step_goes_on(
         logger.removeHandler(caplog.handler)
     assert final.said == "x" and ledger.execution_counts()["d:speak"] == 1
     assert any(r.getMessage() == "emitted output dropped" for r in caplog.records)
+
+
+def test_a_follower_waits_with_blocking_reads_not_polling(client: Client, settings: Settings) -> None:
+    """README: ``follow_output`` is a blocking read, no polling: a follower of a run that emits
+    nothing for 2 s sends about one read per ``block_ms`` (1 s), not one per few ms."""
+    client.submit(talker, Talk(words=["x"]), run_id="quiet")  # no worker: it stays queued, emits nothing
+    client.redis.config_resetstat()
+    with pytest.raises(WaitTimeout):
+        list(client.run("quiet").follow_output(timeout_s=2.0, block_ms=1000))
+    calls = {k: v["calls"] for k, v in client.redis.info("commandstats").items()}
+    assert 1 <= calls.get("cmdstat_xread", 0) <= 4 and calls.get("cmdstat_hget", 0) <= 4

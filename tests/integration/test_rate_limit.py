@@ -141,6 +141,8 @@ def test_why_says_a_run_waits_for_its_rate_limit(client: Client, settings: Setti
         wait_until(lambda: client.get("w").status == "retrying", what="the start deferred")
     why = client.why("w")
     assert why.waiting_for == "rate_limit" and "rate limit test_api" in why.text and "no worker slot" in why.text
+    (limit,) = read_limits(client.redis, client.keys, ["test_api"])  # what `orchestrator limits list` shows
+    assert limit.waiting == 1 and limit.booked_ahead_ms > 0
 
 
 def test_spend_pushes_later_starts_back(client: Client, settings: Settings, ledger: Ledger) -> None:
