@@ -15,8 +15,9 @@ by test steps through :func:`point`), ``after_stash`` (a stash is durable), ``be
 (the step returned, nothing persisted), ``after_persist_before_ack`` (the outcome is durable;
 a commit acked its entry with it, a failure's entry is not acked yet), ``before_children`` (a
 commit that parked its run for child runs is durable, the children are not submitted yet),
-``before_fan_in`` (a map item's run finished, its result not handed to its parent yet). In the
-supervisor: ``before_redispatch``.
+``before_fan_in`` (a map item's run finished, its result not handed to its parent yet),
+``after_permit`` (a concurrency permit taken, user code not started), ``before_permit_release``
+(the outcome is durable, the permit not given back). In the supervisor: ``before_redispatch``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ POINTS = frozenset(
         "after_persist_before_ack",
         "before_children",
         "before_fan_in",
+        "after_permit",
+        "before_permit_release",
         "before_redispatch",
     }
 )

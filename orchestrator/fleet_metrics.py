@@ -20,6 +20,7 @@ from orchestrator.connection import REDIS_FAILURES
 from orchestrator.counters import add_up, with_derived
 from orchestrator.figures import RUN_STATUSES, Detail, apportion, compound, known_workflows, parse_detail
 from orchestrator.keys import GROUP, Keys
+from orchestrator.permits import read_permits
 
 log = logging.getLogger("orchestrator.metrics")
 
@@ -51,6 +52,7 @@ FLEET_COUNTERS = (
     ("orchestrator_fleet_child_runs_total", "children_started", "Child runs started by steps (StartChildren)."),
     ("orchestrator_fleet_map_items_total", "map_items", "Map items listed by steps that returned Map (each a run)."),
     ("orchestrator_fleet_rate_limited_total", "rate_limited", "Step starts a rate limit deferred to their moment."),
+    ("orchestrator_fleet_permit_waits_total", "permit_waits", "Step starts that waited in line for a permit."),
 )
 
 
@@ -117,7 +119,8 @@ class FleetCollector(Collector):
         for key in (*self.keys.all_stats, *self.keys.all_stats_detail):
             pipe.hgetall(key)
         pipe.smembers(self.keys.queues)
-        *hashes, queues = pipe.execute()
+        pipe.smembers(self.keys.permits)
+        *hashes, queues, permits = pipe.execute()
         sec, usec = self.client.time()  # a keyless command: a cluster's pipelines refuse it
         n = len(self.keys.all_stats)
         raw_detail = add_up(hashes[n:])
@@ -129,6 +132,31 @@ class FleetCollector(Collector):
         yield from self._compound(detail)
         yield from self._queues(sorted(queues), now_ms)
         yield from self._runs(sorted(queues), known, now_ms)
+        yield from self._permits(sorted(permits))
+
+    def _permits(self, names: list[str]) -> Iterator[Metric]:
+        """Each concurrency limit's permits in use, steps waiting in line, and limit now."""
+        found = read_permits(self.client, self.keys, names) if names else []
+        gauges = (
+            (
+                "orchestrator_fleet_permits_in_use",
+                "Permits of a concurrency limit held now (leases not ended).",
+                "in_use",
+            ),
+            (
+                "orchestrator_fleet_permits_waiting",
+                "Steps waiting in line for a permit of a concurrency limit.",
+                "waiting",
+            ),
+            (
+                "orchestrator_fleet_permits_limit",
+                "Permits a concurrency limit allows at once (set or code).",
+                "effective",
+            ),
+        )
+        for name, text, field in gauges:
+            family = GaugeMetricFamily(name, text, labels=["limit"])
+            yield _filled(family, {(p.name,): float(getattr(p, field) or 0) for p in found})
 
     def _counters(self, stats: dict[str, str], detail: Detail, known: dict[str, list[str]]) -> Iterator[Metric]:
         yield _filled(

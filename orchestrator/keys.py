@@ -120,6 +120,23 @@ Key                                Type    Holds                                
                                            may start (it was told to wait)                              hour
 ``<ns>:fleet:{<ns>}:rate_limits``  set     names of the rate limits in use         worker start,        forever
                                                                                    limits set
+``<ns>:permit:{<ns>:permit:K}``    hash    concurrency limit ``K``: ``limit`` when permit, limits set   forever (holders'
+                                           set at run time (wins over code);                            and waiters'
+                                           ``o:R``/``f:R`` token and fence of the                       fields leave
+                                           claim holding R's permit; ``q:R`` the                        with them)
+                                           queue of waiting run R
+``<ns>:permit:{<ns>:permit:K}:holders``
+                                   zset    run id -> lease end ms (renewed by its  permit (acquire,     until released
+                                           worker's heartbeat)                     release, renew,      or the lease
+                                                                                   sweep)               ends
+``<ns>:permit:{<ns>:permit:K}:waiting``
+                                   zset    run id -> ms it first asked (the FIFO   permit               until it gets a
+                                           line for free permits)                                       permit, ends, or
+                                                                                                        stops asking
+``<ns>:permit:{<ns>:permit:K}:seen``
+                                   zset    waiting run id -> ms it last asked      permit               as waiting
+``<ns>:fleet:{<ns>}:permits``      set     names of the concurrency limits in use  worker start,        forever
+                                                                                   limits set
 ``<ns>:stats:{T}``                 hash    a partition's counters (crashes,        the scripts          forever
                                            fenced, redispatched, repaired, ...);
                                            readers add up all (steps_ok,
@@ -246,6 +263,20 @@ class PartitionKeys:
 
 
 @dataclass(frozen=True)
+class PermitKeys:
+    """The keys of one concurrency limit, in a slot of their own (``permit.lua``)."""
+
+    holders: str
+    waiting: str
+    seen: str
+    info: str
+
+    @property
+    def all(self) -> list[str]:
+        return [self.holders, self.waiting, self.seen, self.info]
+
+
+@dataclass(frozen=True)
 class LedgerKeys:
     """What the chaos and test workflows record about themselves: not orchestrator state, the
     outside observer the invariant checker compares the orchestrator's own records with."""
@@ -255,6 +286,8 @@ class LedgerKeys:
     requests: str
     items: str
     fenced: str
+    holding: str  # hash: execution -> its pid, while it holds a concurrency permit
+    most_holding: str  # hash: concurrency limit -> the most live holders an entering execution saw
 
 
 @dataclass(frozen=True)
@@ -366,6 +399,17 @@ class Keys:
         """The names of the rate limits the fleet knows (workers add theirs, ``limits set`` too)."""
         return self._fleet("rate_limits")
 
+    def permit(self, name: str) -> PermitKeys:
+        """The keys of concurrency limit ``name``: holders, waiting line, last asks, and its hash
+        (run-time limit, holders' tokens and fences, waiters' queues), in their own slot."""
+        base = f"{self.namespace}:permit:{{{self.namespace}:permit:{name}}}"
+        return PermitKeys(f"{base}:holders", f"{base}:waiting", f"{base}:seen", base)
+
+    @property
+    def permits(self) -> str:
+        """The names of the concurrency limits the fleet knows (workers add theirs, ``limits set`` too)."""
+        return self._fleet("permits")
+
     @property
     def rejected(self) -> str:
         return f"{self.namespace}:rejected:{{{self.namespace}}}"
@@ -386,6 +430,8 @@ class Keys:
             requests=f"{base}:requests",
             items=f"{base}:items",
             fenced=f"{base}:fenced",
+            holding=f"{base}:holding",
+            most_holding=f"{base}:most_holding",
         )
 
 

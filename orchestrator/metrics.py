@@ -81,6 +81,19 @@ class WorkerMetrics:
             ["workflow", "step", "limit"],
             registry=r,
         )
+        self.permit_waits = Counter(
+            "orchestrator_step_permit_waits",
+            "Step starts that found no permit of their concurrency limit free (given back to wait, no code run).",
+            ["workflow", "step", "limit"],
+            registry=r,
+        )
+        self.permit_wait = Histogram(
+            "orchestrator_permit_wait_seconds",
+            "From a step's first ask for a permit of its concurrency limit to getting one (Redis clock).",
+            ["limit"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge("orchestrator_steps_in_flight", "Steps this worker is running now.", registry=r)
         self.concurrency = Gauge("orchestrator_worker_concurrency", "Steps this worker may run at once.", registry=r)
         self.run_duration = Histogram(

@@ -119,6 +119,7 @@ class RunInfo(BaseModel):
     updated_ms: int
     finished_ms: int | None = None
     due_ms: int | None = None
+    permit: str | None = None  # the concurrency limit whose permit the run waits for (in line)
     deadline_ms: int | None = None
     step_deadline_ms: int | None = None  # when the current step's deadline_s passes (it is queued)
     worker: str | None = None
@@ -165,6 +166,7 @@ class RunInfo(BaseModel):
             updated_ms=num("updated_ms"),
             finished_ms=opt("finished_ms"),
             due_ms=opt("due_ms") if h.get("status") in ("retrying", "sleeping") else None,
+            permit=h.get("wait_permit") or None if h.get("status") == "retrying" else None,
             deadline_ms=opt("deadline_ms"),
             step_deadline_ms=num("queued_ms") + num(f"sd:{h['step']}")
             if num("queued_ms") and num(f"sd:{h['step']}") and h.get("status") in ("pending", "running", "retrying")

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     max_output_entries: int = Field(
         default=1000, ge=1, le=1_000_000, description="live output entries (ctx.emit) kept per run, the newest"
     )
+    permit_poll_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="a step waiting for a concurrency permit asks again this often (it is woken sooner when one frees)",
+    )
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics here; unset = off")
     metrics_host: str = Field(default="127.0.0.1", description="address /metrics binds to (0.0.0.0 for all)")
     data_dir: Path = Field(default=Path(".orchestrator"), description="embedded Redis data folder")

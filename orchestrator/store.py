@@ -336,14 +336,22 @@ class Store:
             [run_id, token, event],
         )
 
-    def defer(self, *, run_id: str, queue: str, token: str, wait_ms: int, limit: str) -> Call:
+    def defer(
+        self, *, run_id: str, queue: str, token: str, wait_ms: int, limit: str, kind: str = "rate", detail: str = ""
+    ) -> Call:
         """Give a claimed step back until ``wait_ms`` from now (``defer.lua``): its rate limit
-        ``limit`` said wait; no user code ran."""
+        ``limit`` said wait (``kind`` 'rate'), or its concurrency limit has no permit for it yet
+        ('permit': woken earlier when one is free); no user code ran."""
         rk, qk, pk = self._at(run_id, queue)
         return scripts.load("defer").call(
             [rk.run, rk.history, qk.delayed, qk.queued, pk.active, pk.stats],
-            [run_id, token, wait_ms, limit],
+            [run_id, token, wait_ms, limit, kind, detail or f"rate limit {limit}: starts in {wait_ms} ms"],
         )
+
+    def permit(self, name: str, limit: int | str, mode: str, *args: str | int) -> Call:
+        """A call of ``permit.lua`` on concurrency limit ``name`` (``limit``: the code's), in its
+        own slot: ``mode`` acquire, release, renew, sweep or forget, with that mode's arguments."""
+        return scripts.load("permit").call(self.keys.permit(name).all, [mode, limit, *args])
 
     def rate(self, *, limit: RateLimit, mode: str, run_id: str = "", cost: float = 1.0) -> Call:
         """Admit a step under ``limit`` (``mode`` 'admit': now, or after a reserved wait) or
@@ -422,11 +430,14 @@ class Store:
         """Run ids whose retry is due (the delayed set's members are run ids)."""
         return scripts.load("due").call([self.keys.queue(queue, partition).delayed], [limit])
 
-    def promote(self, *, queue: str, run_id: str) -> Call:
+    def promote(self, *, queue: str, run_id: str, permit: str | None = None) -> Call:
+        """Queue ``run_id``'s step when its delayed time is due; with ``permit`` (a concurrency
+        limit's name), now if the run waits for a permit of it (a wake: reply 'GONE' when the
+        run ended)."""
         rk, qk, pk = self._at(run_id, queue)
         return scripts.load("promote").call(
             [qk.delayed, qk.stream, rk.run, pk.stats, qk.queued, pk.active, rk.history, rk.state, pk.deadlines],
-            [run_id],
+            [run_id] if permit is None else [run_id, permit],
         )
 
     def passed(self, *, queue: str, partition: int, cursor: str, limit: int, deleted_seen: str = "") -> Call:

@@ -40,6 +40,7 @@ from orchestrator.keys import GROUP, Keys
 from orchestrator.layout import check_layout
 from orchestrator.metrics import FleetCollector, MetricsServer, SupervisorMetrics
 from orchestrator.outage import Outage
+from orchestrator.permits import STALE_POLLS, wake_sync
 from orchestrator.retention import purge_finished
 from orchestrator.settings import Settings
 from orchestrator.store import FINISHED_IN, Outcome, Store
@@ -173,6 +174,7 @@ class Supervisor:
             self._per_lane(done, lane, lambda ln: self.reclaim(ln, pending[ln]))
             self._per_lane(done, lane, lambda ln: {"promoted": self.promote(ln, due[ln])})
         self._add(done, {"expired": self.expire()})
+        self._add(done, {"permit_waiters_woken": self.sweep_permits()})
         parts = range(self.keys.partitions)
         self._add(done, relay(self.redis, self.store, parts, self.id, groups=self._finished_groups, reclaim=sweep))
         self._add(done, {"trimmed": self.trim(lanes)})
@@ -335,6 +337,23 @@ class Supervisor:
             raise run_ids
         calls = [self.store.promote(queue=queue, run_id=run_id) for run_id in run_ids]
         return sum(1 for reply in scripts.execute(self.redis, calls) if reply)
+
+    def sweep_permits(self) -> int:
+        """End the permits whose lease ended (their worker died) and drop the waiters that stopped
+        asking, for every concurrency limit; wake the waiters that fit now (a wake the releasing
+        worker did not make, or a permit a dead worker held). Returns how many were woken."""
+        names = sorted(str(name) for name in self.redis.smembers(self.keys.permits))
+        if not names:
+            return 0
+        stale_ms = int(self.settings.permit_poll_s * 1000 * STALE_POLLS)
+        calls = [self.store.permit(name, "", "sweep", stale_ms) for name in names]
+        woken = 0
+        for name, reply in zip(names, scripts.execute(self.redis, calls, raise_on_error=False), strict=True):
+            if isinstance(reply, list) and reply and reply[0] != "INVALID":
+                woken += wake_sync(self.redis, self.store, name, "", reply[1:])
+            elif reply:
+                log.warning("permit sweep failed", extra={"concurrency_limit": name, "reply": str(reply)})
+        return woken
 
     def expire(self) -> int:
         """Fail the runs whose deadline has passed (at most ``SCAN_LIMIT`` per partition and

@@ -20,7 +20,18 @@ from orchestrator.runs import TERMINAL, RunInfo
 from orchestrator.runs import Waiting as SignalWait
 
 Waiting = Literal[
-    "queue", "worker", "claim", "recovery", "sleep", "signal", "children", "rate_limit", "backoff", "repair", "nothing"
+    "queue",
+    "worker",
+    "claim",
+    "recovery",
+    "sleep",
+    "signal",
+    "children",
+    "permit",
+    "rate_limit",
+    "backoff",
+    "repair",
+    "nothing",
 ]
 Answer = tuple[Waiting, str, dict[str, Any]]  # what it waits for, the paragraph, the figures
 LOOK_BACK = 50  # history events read for the last error or cancel reason
@@ -127,7 +138,14 @@ def _answer(
             + "."
         )
         return "children", text, kids.model_dump()
-    limited = next((e for e in reversed(events) if e.type in ("rate_limited", "error", "timeout")), None)
+    limited = next((e for e in reversed(events) if e.type in ("rate_limited", "permit_wait", "error", "timeout")), None)
+    if info.status == "retrying" and info.due_ms is not None and limited is not None and limited.type == "permit_wait":
+        text = (
+            f"waiting in line for a permit of its concurrency limit ({limited.detail}): it is woken as soon as "
+            f"one is free for it (it asks again by {stamp(info.due_ms)} in any case), then {where}; it holds "
+            "no worker slot meanwhile."
+        )
+        return "permit", text, {"due_ms": info.due_ms}
     if info.status == "retrying" and info.due_ms is not None and limited is not None and limited.type == "rate_limited":
         text = (
             f"waiting for its rate limit ({limited.detail}): its start is reserved for {stamp(info.due_ms)} "

@@ -35,6 +35,7 @@ from orchestrator.codec import (
 )
 from orchestrator.errors import DefinitionError, StepResultError, ValidationError
 from orchestrator.keys import ITEM_MARK, QUEUE_PATTERN
+from orchestrator.permits import ConcurrencyLimit
 from orchestrator.ratelimit import RateLimit
 from orchestrator.retry import Retry
 
@@ -222,6 +223,7 @@ class StepDef:
     heartbeat_timeout_s: float | None
     deadline_s: float | None = None
     rate_limit: RateLimit | None = None  # admitted under it before it runs (orchestrator.ratelimit)
+    concurrency: ConcurrencyLimit | None = None  # holds a permit of it while it runs (orchestrator.permits)
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,7 @@ class Workflow(Generic[S]):
     signals: dict[str, SignalDef] = field(default_factory=dict)
     items: dict[str, Workflow[ItemState]] = field(default_factory=dict)  # a map's item workflows, by item name
     rate_limits: dict[str, RateLimit] = field(default_factory=dict)  # declared with rate_limit(), by name
+    concurrency_limits: dict[str, ConcurrencyLimit] = field(default_factory=dict)  # concurrency_limit(), by name
 
     def __post_init__(self) -> None:
         if not re.match(WORKFLOW_NAME, self.name) or (ITEM_MARK in self.name and self.state is not ItemState):
@@ -344,6 +347,7 @@ class Workflow(Generic[S]):
         heartbeat_timeout_s: float | None = None,
         deadline_s: float | None = None,
         rate_limit: str | RateLimit | None = None,
+        concurrency: str | ConcurrencyLimit | None = None,
     ) -> Callable[[F], F]: ...
 
     def step(
@@ -357,6 +361,7 @@ class Workflow(Generic[S]):
         heartbeat_timeout_s: float | None = None,
         deadline_s: float | None = None,
         rate_limit: str | RateLimit | None = None,
+        concurrency: str | ConcurrencyLimit | None = None,
     ) -> F | Callable[[F], F]:
         """Register a step; usable as ``@flow.step`` or ``@flow.step(retry=...)``.
 
@@ -370,12 +375,16 @@ class Workflow(Generic[S]):
         Runs keep the deadlines of the definition they were submitted with. ``rate_limit`` (a
         name declared with :meth:`rate_limit`, or a :class:`~orchestrator.ratelimit.RateLimit`)
         admits each start of the step under that fleet-wide limit: one that may not start yet
-        waits, holding no worker slot, until its reserved moment.
+        waits, holding no worker slot, until its reserved moment. ``concurrency`` (a name declared
+        with :meth:`concurrency_limit`, or a :class:`~orchestrator.permits.ConcurrencyLimit`)
+        makes each attempt hold a permit of that fleet-wide limit while it runs: one that finds
+        none free waits in line, holding no worker slot, until one is free for it.
         """
 
         def register(func: F) -> F:
-            limit = self._limit(rate_limit, name or func.__name__)
-            self._add(func, name or func.__name__, retry or Retry(), timeout_s, heartbeat_timeout_s, deadline_s, limit)
+            step_name = name or func.__name__
+            limits = self._limit(rate_limit, step_name), self._permit(concurrency, step_name)
+            self._add(func, step_name, retry or Retry(), timeout_s, heartbeat_timeout_s, deadline_s, *limits)
             return func
 
         return register(fn) if fn is not None else register
@@ -389,6 +398,7 @@ class Workflow(Generic[S]):
         heartbeat_timeout_s: float | None,
         deadline_s: float | None = None,
         rate_limit: RateLimit | None = None,
+        concurrency: ConcurrencyLimit | None = None,
     ) -> None:
         where = f"step {name!r} of workflow {self.name!r}"
         if not re.match(STEP_NAME, name):
@@ -407,7 +417,9 @@ class Workflow(Generic[S]):
         is_async = inspect.iscoroutinefunction(fn)
         if deadline_s is not None and deadline_s > MAX_SLEEP_S:
             raise DefinitionError(f"{where}: deadline_s={deadline_s} is over a year ({MAX_SLEEP_S:.0f} s)")
-        self.steps.append(StepDef(name, fn, is_async, retry, timeout_s, heartbeat_timeout_s, deadline_s, rate_limit))
+        self.steps.append(
+            StepDef(name, fn, is_async, retry, timeout_s, heartbeat_timeout_s, deadline_s, rate_limit, concurrency)
+        )
 
     def rate_limit(
         self, name: str, rate: float, *, per_s: float = 60.0, burst: float = 1.0, cost: float = 1.0
@@ -437,6 +449,31 @@ class Workflow(Generic[S]):
             )
         return found
 
+    def concurrency_limit(self, name: str, limit: int) -> ConcurrencyLimit:
+        """Declare the fleet-wide concurrency limit ``name``: at most ``limit`` steps (and map
+        items) that name it run at once, across every worker. Steps name it with
+        ``concurrency=name``; ``orchestrator limits set NAME N`` changes it at run time."""
+        if name in self.concurrency_limits:
+            raise DefinitionError(f"concurrency limit {name!r} of workflow {self.name!r} is declared twice")
+        declared = ConcurrencyLimit(name, limit)
+        self.concurrency_limits[name] = declared
+        return declared
+
+    def _permit(self, limit: str | ConcurrencyLimit | None, step: str) -> ConcurrencyLimit | None:
+        """The concurrency limit a step (or item) named, declared on this workflow."""
+        if limit is None or isinstance(limit, ConcurrencyLimit):
+            if limit is not None:
+                self.concurrency_limits.setdefault(limit.name, limit)
+            return limit
+        found = self.concurrency_limits.get(limit)
+        if found is None:
+            known = ", ".join(sorted(self.concurrency_limits)) or "none"
+            raise DefinitionError(
+                f"step {step!r} of workflow {self.name!r}: concurrency={limit!r} is not declared (declared: {known}); "
+                f"declare it first with flow.concurrency_limit({limit!r}, limit)"
+            )
+        return found
+
     @overload
     def item(self, fn: F, /) -> F: ...
 
@@ -451,6 +488,7 @@ class Workflow(Generic[S]):
         timeout_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
         rate_limit: str | RateLimit | None = None,
+        concurrency: str | ConcurrencyLimit | None = None,
     ) -> Callable[[F], F]: ...
 
     def item(
@@ -463,13 +501,15 @@ class Workflow(Generic[S]):
         timeout_s: float | None = None,
         heartbeat_timeout_s: float | None = None,
         rate_limit: str | RateLimit | None = None,
+        concurrency: str | ConcurrencyLimit | None = None,
     ) -> F | Callable[[F], F]:
         """Register an item function for :class:`Map`: ``(ctx, item) -> value``, sync or async,
         run once per element of the mapped list. It is not a step of the chain: a step reaches
         it by returning ``Map(each=name, over=..., into=...)``. Its value (JSON-serializable, a
         pydantic model included) goes into the mapped step's ``into`` list; ``ctx.idempotency_key``
-        is the item's own key. ``retry``, ``timeout_s``, ``heartbeat_timeout_s`` and ``rate_limit``
-        are per item, as for a step. Items run on this workflow's queue.
+        is the item's own key. ``retry``, ``timeout_s``, ``heartbeat_timeout_s``, ``rate_limit`` and
+        ``concurrency`` are per item, as for a step (a concurrency limit counts items across every
+        map and worker, on top of each map's ``parallelism``). Items run on this workflow's queue.
         """
 
         def register(func: F) -> F:
@@ -482,9 +522,15 @@ class Workflow(Generic[S]):
             flow_name = f"{self.name}{ITEM_MARK}{item_name}"
             if len(flow_name) > 100:
                 raise DefinitionError(f"{where}: workflow and item names together are over 98 characters")
-            limit = self._limit(rate_limit, item_name)
-            flow = Workflow(flow_name, state=ItemState, queue=self.queue, rate_limits=dict(self.rate_limits))
-            flow._add(_item_step(func), item_name, retry or Retry(), timeout_s, heartbeat_timeout_s, None, limit)
+            limits = self._limit(rate_limit, item_name), self._permit(concurrency, item_name)
+            flow = Workflow(
+                flow_name,
+                state=ItemState,
+                queue=self.queue,
+                rate_limits=dict(self.rate_limits),
+                concurrency_limits=dict(self.concurrency_limits),
+            )
+            flow._add(_item_step(func), item_name, retry or Retry(), timeout_s, heartbeat_timeout_s, None, *limits)
             self.items[item_name] = flow
             return func
 

@@ -438,3 +438,42 @@ def chat(ctx: StepContext, state: Paced) -> dict[str, int]:
 
 
 ALL.append(paced)
+
+
+class Gated(BaseModel):
+    """State of ``gated``: its step and its map's items hold permits of ``test_gate``."""
+
+    hold_s: float = 0.3  # how long each holds its permit
+    items: list[int] = []  # what ``fan`` maps over
+    done: list[int] = []
+
+
+gated = Workflow("gated", state=Gated)
+gated.concurrency_limit("test_gate", 2)  # two at once, fleet-wide
+
+
+@gated.step(concurrency="test_gate")
+def gate(ctx: StepContext, state: Gated) -> None:
+    """``saw``: when its code started (ms); holds its permit ``hold_s`` (the ledger counts holders)."""
+    record_execution(ctx, saw=int(time.time() * 1000))
+    ledger.current().hold(ctx, "test_gate", state.hold_s)
+
+
+@gated.step
+def fan(ctx: StepContext, state: Gated) -> Map | None:
+    return Map(gate_item, over="items", into="done", parallelism=10) if state.items else None
+
+
+@gated.step
+def finish(ctx: StepContext, state: Gated) -> None:
+    """The step after the map (a Map needs one to go on to)."""
+
+
+@gated.item(concurrency="test_gate")
+def gate_item(ctx: StepContext, item: int) -> int:
+    record_execution(ctx, saw=int(time.time() * 1000))
+    ledger.current().hold(ctx, "test_gate", 0.2)
+    return item
+
+
+ALL.append(gated)

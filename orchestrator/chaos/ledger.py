@@ -18,9 +18,11 @@ are not subject to the faults it observes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,9 @@ from orchestrator.connection import connect
 from orchestrator.context import StepContext
 from orchestrator.keys import Keys, LedgerKeys
 from orchestrator.settings import Settings
+
+HOLD_TICK_S = 0.05  # how often a holder stamps its entry
+FRESH_S = 1.0  # a holder whose stamp is older has stopped
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,31 @@ class Ledger:
         kept = pipe.execute()[1]
         return kept is not None and int(kept) == fencing_token
 
+    def hold(self, ctx: StepContext, limit: str, seconds: float) -> None:
+        """Work ``seconds`` as a holder of a permit of concurrency limit ``limit``, heartbeating,
+        and keep the most holders seen at once: each holder stamps its entry every
+        :data:`HOLD_TICK_S` and counts the entries stamped within :data:`FRESH_S` (one killed,
+        or stopped because its claim or permit was lost, stops stamping; a permit it held
+        returns only after a lease, longer than that)."""
+        me = f"{limit}|{ctx.idempotency_key}|{ctx.fencing_token}"
+        deadline = time.monotonic() + seconds
+        try:
+            while True:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.hset(self.keys.holding, me, repr(time.time()))
+                pipe.hgetall(self.keys.holding)
+                stamps: dict[str, str] = pipe.execute()[1]
+                fresh = time.time() - FRESH_S
+                live = sum(1 for k, v in stamps.items() if k.startswith(f"{limit}|") and float(v) > fresh)
+                self.redis.zadd(self.keys.most_holding, {limit: live}, gt=True)
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(min(HOLD_TICK_S, max(0.0, deadline - time.monotonic())))
+                ctx.heartbeat()  # raises when the attempt must stop (its claim or permit lost)
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.hdel(self.keys.holding, me)
+
     def item_done(self, run_id: str, item: str) -> None:
         self.redis.hincrby(self.keys.items, f"{run_id}:{item}", 1)
 
@@ -115,6 +145,11 @@ class Ledger:
         the zset's float scores hold them exactly)."""
         raw: list[tuple[str, float]] = self.redis.zrange(self.fenced, 0, -1, withscores=True)  # type: ignore[assignment]
         return {key: int(score) for key, score in raw}
+
+    def most_holding(self) -> dict[str, int]:
+        """The most holders of each concurrency limit seen at once (by :meth:`hold`)."""
+        raw: list[tuple[str, float]] = self.redis.zrange(self.keys.most_holding, 0, -1, withscores=True)  # type: ignore[assignment]
+        return {name: int(score) for name, score in raw}
 
     def items(self) -> dict[str, int]:
         raw: dict[str, str] = self.redis.hgetall(self.keys.items)  # type: ignore[assignment]

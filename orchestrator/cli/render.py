@@ -39,7 +39,9 @@ def status_text(info: RunInfo) -> str:
         lines.append(f"worker    {info.worker}")
     if info.parent:
         lines.append(f"parent    {info.parent}")
-    if info.due_ms and info.status == "retrying":
+    if info.permit:
+        lines.append(f"permit    waiting in line for concurrency limit {info.permit} (no worker slot held)")
+    elif info.due_ms and info.status == "retrying":
         lines.append(f"retry at  {stamp(info.due_ms)}")
     lines.append(f"progress  {info.steps_done} steps committed, {seconds(info.work_ms)} of step work persisted")
     if info.crashes or info.errors or info.fenced:

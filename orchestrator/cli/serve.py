@@ -49,6 +49,7 @@ def install_signals(first: Any, second: Any) -> None:
 @click.option("--max-map-items", type=int, default=None, help="items one Map may run [1000]")
 @click.option("--max-output-entries", type=int, default=None, help="live output entries kept per run [1000]")
 @click.option("--promote-interval-s", type=float, default=None, help="how often due retries are enqueued [0.2]")
+@click.option("--permit-poll-s", type=float, default=None, help="a step waiting for a permit asks again [30]")
 @click.option("--worker-id", default=None, help="consumer name [host-pid-random]")
 @click.option("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port [off]")
 @click.option("--metrics-host", default=None, help="address /metrics binds to [127.0.0.1]")

@@ -6,11 +6,19 @@
 -- KEYS[1] delayed  KEYS[2] stream  KEYS[3] run  KEYS[4] stats  KEYS[5] queued  KEYS[6] active
 -- KEYS[7] history  KEYS[8] state  KEYS[9] deadlines
 -- ARGV[1] run id (the delayed set's member)
+-- ARGV[2] (optional) a concurrency limit's name: wake the run before its due time if it waits
+--   for a permit of that limit (permit.lua named it as one that fits now); never a run that
+--   sleeps, backs off or waits for anything else
 -- Returns the new entry id, or '' when it is not due, another process promoted it, or the run
--- moved on.
+-- moved on; 'GONE' (a wake only) when the run ended or is missing: the waker takes it out of
+-- the limit's line.
 local now = now_ms()
 local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not due or tonumber(due) > now then return '' end
+if ARGV[2] then
+  local w = redis.call('HMGET', KEYS[3], 'status', 'wait_permit')
+  if not w[1] or TERMINAL[w[1]] then return 'GONE' end
+  if not due or w[1] ~= 'retrying' or w[2] ~= ARGV[2] then return '' end
+elseif not due or tonumber(due) > now then return '' end
 redis.call('ZREM', KEYS[1], ARGV[1])
 local r = redis.call('HMGET', KEYS[3], 'status', 'step', 'visit', 'wf', 'wait_signal', 'wait_into', 'wait_on_timeout')
 if r[1] ~= 'retrying' and r[1] ~= 'sleeping' and r[1] ~= 'waiting' then return '' end
@@ -29,6 +37,7 @@ if r[1] == 'waiting' then
 end
 local id = redis.call('XADD', KEYS[2], '*', 'run', ARGV[1], 'wf', r[4], 'step', r[2], 'visit', r[3])
 redis.call('HSET', KEYS[3], 'dispatch', id, 'status', 'running', 'updated_ms', now)
+redis.call('HDEL', KEYS[3], 'wait_permit')  -- a wake for a permit it no longer waits for finds nothing
 if r[1] ~= 'retrying' then step_queued(KEYS[9], KEYS[3], ARGV[1], r[2], now) end  -- a retry keeps its step's
 index_queued(KEYS[6], KEYS[5], ARGV[1], id)
 count(KEYS[4], 'promoted')

@@ -15,8 +15,10 @@ from typing import Any
 
 from orchestrator import scripts
 from orchestrator.codec import Dispatch, loads
+from orchestrator.connection import REDIS_FAILURES
 from orchestrator.context import ClaimLost, StepContext
 from orchestrator.errors import DefinitionError, OrchestratorError, ValidationError
+from orchestrator.permits import STALE_POLLS, ConcurrencyLimit, forget_gone, wake_calls
 from orchestrator.ratelimit import RateLimit
 from orchestrator.store import Claimed
 from orchestrator.worker.heartbeat import InFlight
@@ -168,14 +170,11 @@ class StepExecution(Outcomes):
 
     async def _run_step(self, step: StepDef, state: Any) -> None:
         try:
-            self.rt.faults.hit("after_claim", step.name)
-            if step.rate_limit is not None and not await self._admitted(step.rate_limit):
-                return
-            returned = await invoke(step, self.ctx, state, self.abort, self.rt)
-            self.item.heartbeat_timeout_s = None  # done running: only the commit is left
-            await self.commit(step, self.ctx, state, returned)
+            await self._attempt(step, state)
         except Shutdown:
+            # its code may still run on an abandoned thread: its permit lapses with its lease
             log.info("step abandoned at shutdown; the supervisor will re-dispatch it", extra=self.log_fields)
+            return
         except Superseded:
             log.warning(
                 "attempt stopped: this worker claimed the same entry again (Redis lost writes); "
@@ -186,6 +185,67 @@ class StepExecution(Outcomes):
             await self.release(str(exc) or "released")
         except Exception as exc:
             await self.fail(exc, step=step)
+        if self.item.permit is not None:  # the outcome is written (or left to the supervisor)
+            await self._release_permit(self.item.permit)
+
+    async def _attempt(self, step: StepDef, state: Any) -> None:
+        """Admit, run and commit the step (an outcome other than the commit is raised)."""
+        self.rt.faults.hit("after_claim", step.name)
+        if step.concurrency is not None and not await self._permitted(step.concurrency):
+            return
+        if step.rate_limit is not None and not await self._admitted(step.rate_limit):
+            return
+        returned = await invoke(step, self.ctx, state, self.abort, self.rt)
+        self.item.heartbeat_timeout_s = None  # done running: only the commit is left
+        await self.commit(step, self.ctx, state, returned)
+
+    async def _permitted(self, limit: ConcurrencyLimit) -> bool:
+        """Take a permit of the step's concurrency limit, or give the step back to wait in the
+        limit's line (no user code runs; the worker slot is free at once). False when given back."""
+        rt, d = self.rt, self.dispatch
+        stale_ms = int(rt.settings.permit_poll_s * 1000 * STALE_POLLS)
+        acquire = rt.store.permit(
+            limit.name, limit.limit, "acquire", d.run, self.token, self.claimed.fence, rt.settings.lease_ms,
+            self.queue, stale_ms,
+        )  # fmt: skip
+        reply = await self._send(acquire, "permit", quiet=True)
+        if reply is None:
+            return False  # no answer: the entry stays pending for the worker's audit, as for an outcome
+        if reply.code == "OK":
+            self.item.permit = limit
+            rt.metrics.permit_wait.labels(limit.name).observe(int(reply.detail[0]) / 1000)
+            rt.faults.hit("after_permit", d.step)
+            return True
+        if reply.code == "FENCED":
+            raise ClaimLost("a newer claim of the run holds its permit")
+        if reply.code != "WAIT":
+            raise ValidationError(f"concurrency limit {limit.name!r} refused the step: {reply.code} {reply.detail}")
+        ahead, held, allowed = (int(x) for x in reply.detail[:3])
+        said = f"concurrency limit {limit.name}: {held} of {allowed} permits in use, {ahead} waiting ahead"
+        await self._defer(limit.name, int(rt.settings.permit_poll_s * 1000), "permit", said)
+        return False
+
+    async def _release_permit(self, limit: ConcurrencyLimit) -> None:
+        """Give the permit back and wake the waiters it lets in (a failure here only delays
+        them: the lease ends and the supervisor's sweep wakes them)."""
+        rt = self.rt
+        rt.faults.hit("before_permit_release", self.dispatch.step)
+        self.item.permit = None
+        try:
+            release = rt.store.permit(limit.name, limit.limit, "release", self.dispatch.run, self.token)
+            reply = await rt.batcher.call(release)
+            calls = wake_calls(rt.store, limit.name, reply[1:])
+            if calls:
+                replies = await rt.batcher.call_many([call for _, call in calls])
+                woken = list(zip((run_id for run_id, _ in calls), replies, strict=True))
+                forget = forget_gone(rt.store, limit.name, limit.limit, woken)
+                if forget:
+                    await rt.batcher.call_many(forget)
+        except REDIS_FAILURES as exc:
+            log.warning(
+                "permit release failed; it returns when its lease ends",
+                extra={**self.log_fields, "concurrency_limit": limit.name, "error": str(exc)},
+            )
 
     async def _admitted(self, limit: RateLimit) -> bool:
         """Admit this start under its step's rate limit, or give the step back until its reserved
@@ -198,20 +258,28 @@ class StepExecution(Outcomes):
             return True
         if reply.code != "WAIT":
             raise ValidationError(f"rate limit {limit.name!r} cannot admit the step: {reply.code} {reply.detail}")
-        wait_ms = int(reply.detail[0])
-        call = self.rt.store.defer(
-            run_id=self.dispatch.run, queue=self.queue, token=self.token, wait_ms=wait_ms, limit=limit.name
-        )
-        written = await self._send(call, "deferral", {"rate_limit": limit.name, "wait_ms": wait_ms}, quiet=True)
-        if written is not None:
-            self.rt.count("rate_limited")
-            self.rt.metrics.rate_limited.labels(self.dispatch.wf, self.dispatch.step, limit.name).inc()
-            log.debug(
-                "step waits for its rate limit",
-                extra={**self.log_fields, "rate_limit": limit.name, "wait_ms": wait_ms, "outcome": written.code},
-            )
-            self._ack(written)
+        await self._defer(limit.name, int(reply.detail[0]), "rate")
         return False
+
+    async def _defer(self, limit: str, wait_ms: int, kind: str, detail: str = "") -> None:
+        """Give the step back to wait ``wait_ms`` for its rate limit (``kind`` 'rate') or for a
+        permit of its concurrency limit ('permit')."""
+        rt, d = self.rt, self.dispatch
+        call = rt.store.defer(
+            run_id=d.run, queue=self.queue, token=self.token, wait_ms=wait_ms, limit=limit, kind=kind, detail=detail
+        )
+        fields = {"limit": limit, "kind": kind, "wait_ms": wait_ms}
+        written = await self._send(call, "deferral", fields, quiet=True)
+        if written is None:
+            return
+        if kind == "rate":
+            rt.count("rate_limited")
+            rt.metrics.rate_limited.labels(d.wf, d.step, limit).inc()
+        else:
+            rt.count("permit_waits")
+            rt.metrics.permit_waits.labels(d.wf, d.step, limit).inc()
+        log.debug("step waits for its limit", extra={**self.log_fields, **fields, "outcome": written.code})
+        self._ack(written)
 
     def _context(self) -> StepContext:
         rt, d = self.rt, self.dispatch

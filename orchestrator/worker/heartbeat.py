@@ -7,9 +7,10 @@ which moves the worker's deadline on (every claim the worker holds in that parti
 until then: liveness costs a call per partition, not per claim) and returns the runs cancelled
 since the last beat, whose running steps are stopped. A step that has not called
 ``ctx.heartbeat()`` within its ``heartbeat_timeout_s`` (stalled) is stopped and fails as a
-timeout. When a beat finds the worker's deadline had passed (Redis unreachable for a lease, the
-process frozen), the supervisor may have handed its steps to others: every step it holds in that
-partition is stopped and given back.
+timeout. The same round trip renews the concurrency permits the worker's steps hold: one
+``permit.lua`` call per limit they hold. When a beat finds the worker's deadline had passed
+(Redis unreachable for a lease, the process frozen), the supervisor may have handed its steps
+to others: every step it holds in that partition is stopped and given back.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from orchestrator import scripts
 from orchestrator.connection import REDIS_FAILURES
 from orchestrator.context import StepContext
 from orchestrator.faults import Faults
+from orchestrator.permits import ConcurrencyLimit
 from orchestrator.store import Store
 
 log = logging.getLogger("orchestrator.worker")
@@ -44,6 +46,7 @@ class InFlight:
     ctx: StepContext
     heartbeat_timeout_s: float | None
     started: float = field(default_factory=time.monotonic)
+    permit: ConcurrencyLimit | None = None  # the concurrency permit it holds while its code runs
     on_lost: Callable[[str], None] = lambda reason: None
 
     def stalled(self, now: float) -> bool:
@@ -156,14 +159,18 @@ class Heartbeat(threading.Thread):
             self._store.alive(partition=p, worker=self._worker_id, lease_ms=self._lease_ms, cancels_seen=seen)
             for p, seen in enumerate(self._cancels_seen)
         ]
+        calls += self._renewals(items)
         try:
             replies: list[Any] = scripts.execute(self._client, calls, raise_on_error=False)
         except REDIS_FAILURES as exc:
             self._report_failure(exc)
+            self._stop_unsure_holders(items)
             return
         self._failing_since = None
         self.beats += 1
-        lapsed, cancelled = self._read_partitions(replies[1:], sent)
+        parts = len(self._cancels_seen)
+        lapsed, cancelled = self._read_partitions(replies[1 : 1 + parts], sent)
+        permits_lost = {str(run_id) for reply in replies[1 + parts :] if isinstance(reply, list) for run_id in reply}
         keys = self._store.keys
         for item in items:
             if item.ctx.cancelled:
@@ -172,6 +179,32 @@ class Heartbeat(threading.Thread):
                 item.on_lost("run cancelled")
             elif lapsed and keys.partition_of(item.run_id) in lapsed:
                 item.on_lost("claims lapsed")
+            elif item.permit is not None and item.run_id in permits_lost:
+                item.on_lost("permit lost")
+        self._stop_unsure_holders(items)
+
+    def _stop_unsure_holders(self, items: list[InFlight]) -> None:
+        """Stop the steps that hold a concurrency permit once no beat has renewed it for most of
+        a lease (Redis out of reach): the permit may be free again on the server, so the step
+        must not run on beside the one that takes it (a sync step's thread cannot be stopped:
+        its worker stops waiting for it and writes nothing it returns)."""
+        if self.live():
+            return
+        for item in items:
+            if item.permit is not None and not item.ctx.cancelled:
+                item.on_lost("permit lease may have ended")
+
+    def _renewals(self, items: list[InFlight]) -> list[scripts.Call]:
+        """One ``permit.lua`` renew per concurrency limit the steps hold: their permits' leases
+        move on with the worker's own (a refused renewal is a permit its claim no longer owns)."""
+        held: dict[str, tuple[ConcurrencyLimit, list[str]]] = {}
+        for item in items:
+            if item.permit is not None:
+                held.setdefault(item.permit.name, (item.permit, []))[1].extend((item.run_id, item.token))
+        return [
+            self._store.permit(limit.name, limit.limit, "renew", self._lease_ms, *pairs)
+            for limit, pairs in held.values()
+        ]
 
     def _read_partitions(self, replies: list[Any], sent: float) -> tuple[set[int], set[str]]:
         """The partitions where this worker's deadline had passed, and the runs cancelled since

@@ -46,6 +46,7 @@ from orchestrator.layout import check_layout_async
 from orchestrator.metrics import MetricsServer, WorkerMetrics, step_positions, zero_fields
 from orchestrator.outage import Outage
 from orchestrator.output import Emitter
+from orchestrator.permits import announce_permits
 from orchestrator.ratelimit import Spender
 from orchestrator.settings import Settings
 from orchestrator.store import Claimed, Store, new_claim_token
@@ -270,6 +271,7 @@ class Worker:
                 limits = {name for wf in self.workflows.values() for name in wf.rate_limits}
                 if limits:  # so that `orchestrator limits list` knows them
                     await client.sadd(self.keys.rate_limits, *sorted(limits))
+                await announce_permits(client, self.keys, self.workflows.values())
                 await self._announce_steps(client)
             except REDIS_FAILURES as exc:
                 await self._pause(outage.failed(exc))
