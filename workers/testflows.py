@@ -465,7 +465,7 @@ def fan(ctx: StepContext, state: Gated) -> Map | None:
 
 
 @gated.step
-def finish(ctx: StepContext, state: Gated) -> None:
+def gated_done(ctx: StepContext, state: Gated) -> None:
     """The step after the map (a Map needs one to go on to)."""
 
 

@@ -146,18 +146,18 @@ def test_holders_never_exceed_the_limit_and_waiting_steps_hold_no_slot(
     client: Client, settings: Settings, ledger: Ledger
 ) -> None:
     runs = [client.submit(gated, Gated(hold_s=0.3), run_id=f"g{i}") for i in range(8)]
-    with worker_thread([gated], settings.model_copy(update={"concurrency": 4})):
-        with worker_thread([gated], settings.model_copy(update={"concurrency": 4})):
-            wait_until(lambda: any(client.get(r.run_id).permit for r in runs), what="a step in line")
-            waiting = [r.run_id for r in runs if client.get(r.run_id).permit]
-            assert all(client.get(rid).worker is None for rid in waiting)  # no claim: no slot, no lease
-            why = client.why(waiting[0])
-            assert why.waiting_for == "permit" and "concurrency limit test_gate" in why.text
-            assert "no worker slot" in why.text and "permit    waiting in line" in status_text(client.get(waiting[0]))
-            (state,) = read_permits(client.redis, client.keys, ["test_gate"])
-            assert state.code_limit == 2 and state.in_use <= 2
-            for run in runs:
-                run.wait(timeout_s=30)
+    four = settings.model_copy(update={"concurrency": 4})
+    with worker_thread([gated], four), worker_thread([gated], four):
+        wait_until(lambda: any(client.get(r.run_id).permit for r in runs), what="a step in line")
+        waiting = [r.run_id for r in runs if client.get(r.run_id).permit]
+        assert all(client.get(rid).worker is None for rid in waiting)  # no claim: no slot, no lease
+        why = client.why(waiting[0])
+        assert why.waiting_for == "permit" and "concurrency limit test_gate" in why.text
+        assert "no worker slot" in why.text and "permit    waiting in line" in status_text(client.get(waiting[0]))
+        (state,) = read_permits(client.redis, client.keys, ["test_gate"])
+        assert state.code_limit == 2 and state.in_use <= 2
+        for run in runs:
+            run.wait(timeout_s=30)
     assert _most(ledger) == 2  # the limit, used and never exceeded
     waited = [e for r in runs for e in client.events(r.run_id) if e.type == "permit_wait"]
     assert waited and all("concurrency limit test_gate" in (e.detail or "") for e in waited)
@@ -218,9 +218,7 @@ def test_a_killed_holders_permit_returns_within_its_lease(fresh_server: RedisSer
     client.close()
 
 
-def test_limits_set_changes_a_concurrency_limit_fleet_wide(
-    settings: Settings, client: Client, ledger: Ledger
-) -> None:
+def test_limits_set_changes_a_concurrency_limit_fleet_wide(settings: Settings, client: Client, ledger: Ledger) -> None:
     env = process_env(settings)
     done = run_cli("limits", "set", "test_gate", "1", env=env)
     assert done.returncode == 0, done.stderr
