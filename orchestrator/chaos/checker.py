@@ -42,6 +42,12 @@ I14 map items: a map's items are exactly the runs it listed (none started twice)
     earlier than any item's end) and its next step saw the items' values in item order; never
     more than the map's ``parallelism`` items were started and unfinished at once; a map that
     failed (an item failed: the others are cancelled) or was cancelled leaves no item running
+I15 concurrency limit: never more steps held a permit of the chaos limit at once than it allows,
+    counted by the holders themselves in the ledger (each stamps its entry while it works; a
+    killed one stops, and its permit returns only after a lease); at rest no permit is held
+    (every lease a killed worker left ended) and no unfinished run waits in line. Under lost
+    writes the bound is not checked: a restore forgets holders, and until they end that many
+    more may hold permits (docs/design.md)
 
 Under lost writes (Redis restored from an older copy) the ledger lives on another server and
 keeps the executions of the forgotten timeline. The invariants above still hold as stated:
@@ -54,6 +60,7 @@ by the driver with the same id and input, and then must finish like any other (I
 from __future__ import annotations
 
 import statistics
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,7 +68,7 @@ from typing import Any
 
 import redis
 
-from orchestrator.chaos.flows import MAX_ITEMS, MAX_KIDS, PARENTS, approvals, mappers, signal_token
+from orchestrator.chaos.flows import MAX_ITEMS, MAX_KIDS, PARENTS, PERMIT, PERMITS, approvals, mappers, signal_token
 from orchestrator.chaos.ledger import Execution, Ledger
 from orchestrator.client import Client
 from orchestrator.codec import HistoryEvent, StepRecord
@@ -124,6 +131,8 @@ class Report:
     signal_sends: int = 0  # signals the driver sent, resends included (set by the driver)
     children: int = 0  # child runs the parents started (I13)
     rate_deferred: int = 0  # starts a rate limit gave back to wait for their reserved moment
+    permit_waits: int = 0  # starts that waited in line for a permit (I15)
+    most_holding: int = 0  # the most permit holders the ledger saw at once (I15)
     map_items: int = 0  # items the maps listed (I14)
     maps_settled: int = 0  # maps that fanned in (I14)
     parents_cancelled: int = 0  # parents the driver cancelled while their children ran (I13)
@@ -160,6 +169,9 @@ class Report:
             "map_items": self.map_items,
             "maps_settled": self.maps_settled,
             "map_violations": self.count("I14"),
+            "permit_waits": self.permit_waits,
+            "most_holding": self.most_holding,
+            "permit_violations": self.count("I15"),
             "sleeps": self.sleeps,
             "fencing_checked": self.fencing_checked,
             "vanished": self.vanished,
@@ -258,6 +270,7 @@ class Checker:
         self._maps(report, facts, {p: listed for p, listed in kids.items() if p.startswith(mappers.name)}, executions)
         self._counters(report, facts)
         report.rate_deferred = sum(ev.type == "rate_limited" for run in facts.values() for ev in run.events)
+        self._permits(report, facts)
         self._latencies(report, facts, kills, sorted(restores_ms))
         self._pending(report)
         return report
@@ -597,6 +610,31 @@ class Checker:
                         f"{ev.step} ran again {recovery} ms after its worker "
                         f"{ev.worker} was killed (bound {self.recovery_bound_ms} ms)",
                     )
+
+    def _permits(self, report: Report, facts: dict[str, RunFacts]) -> None:
+        """I15: the holders the ledger saw at once stayed within the limit; at rest (within a
+        lease and a sweep) no permit is held and no unfinished run waits in line."""
+        report.permit_waits = sum(ev.type == "permit_wait" for run in facts.values() for ev in run.events)
+        report.most_holding = self.ledger.most_holding().get(PERMIT, 0)
+        if report.most_holding > PERMITS and not self.restored:
+            most = report.most_holding
+            self._fail(report, "I15", "-", f"{most} steps held a {PERMIT} permit at once, limit {PERMITS}")
+        keys = self.client.keys.permit(PERMIT)
+        deadline = time.monotonic() + self.client.settings.lease_s + 2
+        while True:
+            sec, usec = self.client.redis.time()
+            now_ms = int(sec) * 1000 + int(usec) // 1000
+            held: list[str] = self.client.redis.zrangebyscore(keys.holders, f"({now_ms}", "+inf")  # type: ignore[assignment]
+            if not held or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        for run_id in held:
+            self._fail(report, "I15", run_id, "holds a permit at rest (its lease was renewed by nobody running)")
+        waiting: list[str] = self.client.redis.zrange(keys.waiting, 0, -1)  # type: ignore[assignment]
+        for run_id in waiting:
+            info = facts[run_id].info if run_id in facts else None
+            if info is not None and info.status not in TERMINAL:
+                self._fail(report, "I15", run_id, f"still waits in line for a permit at rest ({info.status})")
 
     def _pending(self, report: Report) -> None:
         """I4 at rest: once every run is done, nothing may be left pending in any queue."""

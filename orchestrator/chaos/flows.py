@@ -84,9 +84,30 @@ def _chain_step(index: int) -> Any:
 # starts are deferred (given back to wait for their reserved moment) while workers are killed
 chain.rate_limit("chaos_api", 10, per_s=1.0, burst=3)
 RATE_LIMITED_STEP = "c3"
+# another chain step and every map item hold a permit of one fleet-wide concurrency limit while
+# they work (the ledger counts the holders alive at once: I15)
+PERMIT, PERMITS = "chaos_llm", 3
+PERMIT_STEP = "c5"
+chain.concurrency_limit(PERMIT, PERMITS)
+
+
+def _held_step(index: int) -> Any:
+    def step(ctx: StepContext, state: ChainState) -> dict[str, int]:
+        ledger.current().record(ctx, saw=state.i)
+        ledger.current().hold(ctx, PERMIT, state.work_s * random.uniform(0.5, 1.5))
+        _work(ctx, Knobs(work_s=0.0, fail_rate=state.fail_rate))
+        return {"i": state.i + 1}
+
+    step.__name__ = f"c{index}"
+    return step
+
+
 for _index in range(CHAIN_STEPS):
-    limited = f"c{_index}" == RATE_LIMITED_STEP
-    chain.step(_chain_step(_index), retry=RETRY, rate_limit="chaos_api" if limited else None)
+    name = f"c{_index}"
+    if name == PERMIT_STEP:
+        chain.step(_held_step(_index), retry=RETRY, concurrency=PERMIT)
+    else:
+        chain.step(_chain_step(_index), retry=RETRY, rate_limit="chaos_api" if name == RATE_LIMITED_STEP else None)
 
 
 class StashState(Knobs):
@@ -278,6 +299,7 @@ class MapState(Knobs):
 
 
 mappers = Workflow("chaos_map", state=MapState, queue=QUEUE)
+mappers.concurrency_limit(PERMIT, PERMITS)
 MAX_ITEMS = 6
 MAX_PARALLELISM = 3
 
@@ -294,12 +316,14 @@ def scatter(ctx: StepContext, state: MapState) -> Map:
     return Map(each=probe, over="items", into="found", parallelism=parallelism, update={"items": items})
 
 
-@mappers.item(retry=RETRY)
+@mappers.item(retry=RETRY, concurrency=PERMIT)
 def probe(ctx: StepContext, item: dict[str, Any]) -> int:
-    """``saw``: its item's value; returns ten times it (the fan-in must hand these on in order)."""
+    """``saw``: its item's value; returns ten times it (the fan-in must hand these on in order).
+    Works holding a permit of the chaos concurrency limit (shared with the chain's PERMIT_STEP)."""
     probe_item = Probe.model_validate(item)
     ledger.current().record(ctx, saw=probe_item.v)
-    _work(ctx, probe_item)
+    ledger.current().hold(ctx, PERMIT, probe_item.work_s * random.uniform(0.5, 1.5))
+    _work(ctx, Knobs(work_s=0.0, fail_rate=probe_item.fail_rate))
     return probe_item.v * 10
 
 

@@ -47,6 +47,8 @@ CRASH_POINTS = (
     "after_persist_before_ack",
     "before_children",  # a parent's commit durable, its children not submitted: hit far less often
     "before_fan_in",  # a map item's run finished, its value not handed on: the supervisor's relay must
+    "after_permit",  # a concurrency permit taken, no code run: its lease must return it
+    "before_permit_release",  # the outcome durable, the permit not given back: its lease must return it
 )
 HOLD_SHARE, HOLD_S = 0.5, (1.0, 6.0)  # with lost writes: effect runs whose send step works this long
 # runs submitted with a deadline (deadline_s): some finish in time, the others fail at it (I11)
@@ -166,7 +168,7 @@ class ChaosRun:
         env = {}
         if self.rng.random() < self.config.crash_point_share:
             point = self.rng.choice(CRASH_POINTS)
-            rare = point in ("before_children", "before_fan_in")
+            rare = point in ("before_children", "before_fan_in", "after_permit", "before_permit_release")
             nth = self.rng.randint(1, 3) if rare else self.rng.randint(3, 40)
             env["ORCHESTRATOR_FAULTS"] = f"{point}=kill#{nth}"
             self.armed.add(name)

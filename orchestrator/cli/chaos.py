@@ -11,6 +11,7 @@ import click
 
 from orchestrator.chaos.checker import Report
 from orchestrator.chaos.cluster import LoopbackCluster
+from orchestrator.chaos.flows import PERMITS
 from orchestrator.chaos.runner import RESTORED, ChaosConfig, ChaosRun
 from orchestrator.cli import cli
 from orchestrator.cli.common import CliState, emit_json, output_option, pass_state
@@ -31,6 +32,7 @@ INVARIANTS = {
     "I12": "no signal lost or applied twice, no wait timed out early",
     "I13": "children: none started twice, all done before their parent, none left by a cancelled parent",
     "I14": "map items: each once, fanned in once in item order, parallelism kept, none left by a failed map",
+    "I15": "concurrency limit: never more holders alive than it allows, no permit held or run in line at rest",
 }
 
 
@@ -65,6 +67,8 @@ def render(report: Report, header: str) -> str:
         f"violations {data['child_violations']}",
         f"maps        items {report.map_items}, maps fanned in {report.maps_settled}, "
         f"violations {data['map_violations']}; rate-limited starts deferred {report.rate_deferred}",
+        f"permits     most held at once {report.most_holding} (limit {PERMITS}), starts that waited in line "
+        f"{report.permit_waits}, violations {data['permit_violations']}",
         "faults      " + (", ".join(f"{k} {v}" for k, v in sorted(report.faults.items())) or "none"),
         f"detection   kill -> re-dispatch  p50 {_ms(det['p50'])}  p99 {_ms(det['p99'])}  max {_ms(det['max'])}"
         f"  (n={det['n']})",

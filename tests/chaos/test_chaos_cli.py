@@ -95,6 +95,8 @@ def test_the_report_shows_fencing_vanished_runs_and_restores() -> None:
     assert "  I12 ok     no signal lost or applied twice, no wait timed out early" in text
     assert "  I13 ok     children: none started twice, all done before their parent, none left by a cancelled" in text
     assert "  I14 ok     map items: each once, fanned in once in item order, parallelism kept" in text
+    assert "  I15 ok     concurrency limit: never more holders alive than it allows" in text
+    assert "permits     most held at once 0 (limit 3), starts that waited in line 0, violations 0" in text
     assert "children    started 0, parents cancelled while they ran 0, violations 0" in text
     assert "signals     sent 0 (resends included), delivered 0, waits timed out 0, lost or applied twice 0" in text
     data = report.to_dict()

@@ -141,6 +141,15 @@ def test_each_kind_of_damage_is_caught(client: Client, ledger: Ledger, finished:
     for key, ms in zip(item_runs, created, strict=True):
         client.redis.hset(key, "created_ms", ms)
     assert check(client, ledger, finished) == set()
+    # more permit holders alive at once than the limit; a permit still held at rest
+    seen = ledger.most_holding().get(flows.PERMIT, 0)
+    client.redis.zadd(ledger.keys.most_holding, {flows.PERMIT: flows.PERMITS + 1})
+    assert check(client, ledger, finished) == {"I15"}
+    client.redis.zadd(ledger.keys.most_holding, {flows.PERMIT: seen})
+    holders = client.keys.permit(flows.PERMIT).holders
+    client.redis.zadd(holders, {chain_run: 2**42})  # renewed by nobody, yet its lease never ends
+    assert check(client, ledger, finished) == {"I15"}
+    client.redis.zrem(holders, chain_run)
     # a run that got its signal and also timed out (I6 as well: no counter counted that timeout)
     history = client.keys.run(approval).history
     client.redis.rpush(history, json.dumps({"type": "timed_out", "at": 1, "step": "proceed", "signal": "go"}))

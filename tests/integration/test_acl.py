@@ -64,11 +64,13 @@ ROLE_SCRIPTS: dict[str, list[str]] = {
         " submit cancel"  # the child runs of a step that returned StartChildren (cancelled if it was)
         " child_done"  # a finished map item's value, handed to its parent at once (children.report)
         " rate defer"  # a rate-limited step admitted, or given back until its reserved moment; ctx.spend
+        " permit"  # a concurrency permit taken, renewed at each beat, given back (the waiters woken: promote)
     ),
     # supervisor.py, retention.py (purge)
     "supervisor": words(
         "layout reap_consumer dead_pending redispatch due promote passed sweep trim purge leader resign reap_workers"
         " stale expire child_done submit cancel"  # children.py: relay, check_parent (children not started), cascade
+        " permit"  # the concurrency limits' sweep (lapsed holders, waiters that fit woken: promote)
     ),
     # Client.submit (the first records the namespace's partition count), Client.signal
     "client": ["layout", "submit", "signal"],
@@ -116,12 +118,13 @@ DIRECT: dict[str, set[str]] = {
     | {"sadd", "hget", "hgetall", "hmget", "lrange", "smembers", "zrevrange", "xrange", "xread"},
     # get() before cancel and retry; a cancelled parent's children (children.cancel_children)
     # a retried parent's children that failed or were cancelled (HGET of each: children.unfinished_children);
-    # limits set / clear (HSET, HDEL of the limit's hash, SADD of its name; then it lists it: ZCARD)
+    # limits set / clear (HSET, HDEL of the limit's hash, SADD of its name; then it lists it: ZCARD,
+    # and a concurrency limit's holders: ZCOUNT)
     "operator": CONNECTION
     | PROBE
     | SCRIPTING
     | PURGE_PAGES
-    | {"hgetall", "hmget", "hget", "hset", "hdel", "sadd", "zcard"},
+    | {"hgetall", "hmget", "hget", "hset", "hdel", "sadd", "zcard", "zcount"},
     # runs list, status, history, stats, top, runs purge --dry-run; runs why (XRANGE: the entries
     # queued ahead of a run's own)
     # history -f: the live output (XRANGE); Run.follow_output (XREAD BLOCK)

@@ -8,7 +8,9 @@ its lease, and ``orchestrator limits`` changes the limit at run time."""
 from __future__ import annotations
 
 import json
+import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +242,70 @@ def test_limits_set_changes_a_concurrency_limit_fleet_wide(settings: Settings, c
     assert neither.returncode != 0 and "give a CONCURRENCY" in neither.stderr
     bad = run_cli("limits", "set", "test_gate", "0", env=env)
     assert bad.returncode != 0 and "limit=0 must be a whole number of permits >= 1" in bad.stderr
+
+
+def test_a_holder_whose_permit_was_taken_over_is_stopped_at_the_next_beat(
+    client: Client, settings: Settings, ledger: Ledger
+) -> None:
+    info = client.keys.permit("test_gate").info
+    with worker_thread([gated], settings):
+        run = client.submit(gated, Gated(hold_s=3), run_id="t")
+        wait_until(lambda: client.redis.hget(info, "o:t"), what="the permit held")
+        client.redis.hset(info, "o:t", "another-claim")  # what a newer claim of the run does
+        final = run.wait(timeout_s=30)  # the stopped attempt is given back; the next one finishes
+    assert final.hold_s == 3
+    released = [e for e in client.events("t") if e.type == "released"]
+    assert released and "permit lost" in (released[0].detail or "")
+    assert len([ex for ex in ledger.executions() if ex.step == "gate"]) == 2
+    assert not [e for e in client.events("t") if e.type in ("error", "crashed")]  # given back: no error
+
+
+def test_a_waiting_step_asks_again_every_permit_poll_s_when_no_wake_comes(
+    client: Client, settings: Settings, ledger: Ledger
+) -> None:
+    keys = client.keys.permit("test_gate")
+    client.redis.hset(keys.info, "limit", 1)
+    client.redis.zadd(keys.holders, {"someone": 2**42})  # a holder that gives back without waking
+    with worker_thread([gated], settings.model_copy(update={"permit_poll_s": 0.5})) as worker:
+        run = client.submit(gated, Gated(hold_s=0.01), run_id="p")  # no supervisor: no sweep
+        wait_until(lambda: client.get("p").permit, what="the step in line")
+        client.redis.zrem(keys.holders, "someone")
+        run.wait(timeout_s=10)
+        waits = worker.metrics.permit_wait.labels("test_gate")._sum.get()  # type: ignore[attr-defined]
+    assert waits > 0  # the wait time histogram saw the wait
+
+
+def test_stop_unsure_holders_stops_only_permit_holders_once_the_beats_stopped_reaching_redis() -> None:
+    from orchestrator.worker.heartbeat import Heartbeat, InFlight
+
+    stopped: list[str] = []
+
+    def item(run_id: str, permit: ConcurrencyLimit | None) -> InFlight:
+        ctx: Any = type("Ctx", (), {"cancelled": False})()
+        return InFlight("t-" + run_id, "q", "1-0", run_id, 1, ctx, None, permit=permit, on_lost=stopped.append)
+
+    beat = Heartbeat.__new__(Heartbeat)
+    beat._live_until = time.monotonic() + 60  # the last beat reached every partition
+    items = [item("a", ConcurrencyLimit("k", 1)), item("b", None)]
+    beat._stop_unsure_holders(items)
+    assert stopped == []
+    beat._live_until = 0.0  # most of a lease without a beat that reached Redis
+    beat._stop_unsure_holders(items)
+    assert stopped == ["permit lease may have ended"]  # a's only: b holds no permit
+
+
+def test_the_readme_concurrency_example_runs_as_written(
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Concurrency limits") :]
+    start = section.index("```python") + len("```python")
+    code = section[start : section.index("```\n", start)]
+    module = types.ModuleType("readme_permits")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, "README.md (concurrency limits)", "exec"), module.__dict__)
+    with worker_thread([module.study], settings.model_copy(update={"concurrency": 16})):
+        final = client.submit(module.study, {"rivals": [f"r{i}" for i in range(12)]}, run_id="s").wait(timeout_s=30)
+    assert final.notes[-1] == "12 rivals read" and final.notes[0] == "notes on r0"
+    (state,) = read_permits(client.redis, client.keys, ["llm"])
+    assert (state.code_limit, state.in_use) == (8, 0)
