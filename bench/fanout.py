@@ -78,7 +78,7 @@ from bench.common import (
     redis_cpu_s,
     run_main,
 )
-from bench.flows import ITEM_S_ENV, STEPS, STEPS_ENV, Fan, fanout, make_noop
+from bench.flows import ITEM_S_ENV, PERMITS_ENV, STEPS, STEPS_ENV, Fan, fanout, make_noop
 from bench.procs import POLL_S, Fleet, child_env, wait_registered, wait_until, worker_args
 from orchestrator import Client, Settings
 from orchestrator.children import children_of
@@ -343,10 +343,19 @@ def fan(client: Client, admin: redis.Redis, keys: Keys, fleet: Fleet, options: O
     return out
 
 
-def slow(client: Client, admin: redis.Redis, keys: Keys, fleet: Fleet, options: Options) -> dict[str, Any]:
-    """The slow map: ``--slow-items`` items that each await ``--item-s``, ``--parallelism`` at a time."""
-    state = Fan(items=list(range(options.slow_items)), each="llm_item", parallelism=options.parallelism)
-    out = mapped(client, admin, keys, fleet, "slow", state)
+def slow(
+    client: Client, admin: redis.Redis, keys: Keys, fleet: Fleet, options: Options, *, limited: bool = False
+) -> dict[str, Any]:
+    """The slow map: ``--slow-items`` items that each await ``--item-s``, ``--parallelism`` at a
+    time: the map's own ``parallelism``, or (``limited``) every item at once under a fleet-wide
+    concurrency limit of that many permits (the items that find none free wait in line)."""
+    each, parallelism = ("gated_item", None) if limited else ("llm_item", options.parallelism)
+    state = Fan(items=list(range(options.slow_items)), each=each, parallelism=parallelism)
+    label = "limited" if limited else "slow"
+    out = mapped(client, admin, keys, fleet, label, state)
+    if limited:  # every item is started at once: only the ones holding a permit may run
+        waits = histories(admin, keys, children_of(admin, keys, label))
+        out["permit_waits"] = sum(e["type"] == "permit_wait" for events in waits.values() for e in events)
     rounds = math.ceil(options.slow_items / options.parallelism)
     ideal_s = rounds * options.item_s
     out |= {
@@ -356,11 +365,13 @@ def slow(client: Client, admin: redis.Redis, keys: Keys, fleet: Fleet, options: 
         "ideal_s": ideal_s,
         "ratio_to_ideal": ratio(out["wall_s"], ideal_s),
         "overhead_per_round_ms": (out["wall_s"] - ideal_s) / rounds * 1000,
+        # under a concurrency limit every item is started at once: only the running ones count
         "parallelism_held": out["most_running"] <= options.parallelism
-        and out["most_started_uncommitted"] <= options.parallelism,
+        and (limited or out["most_started_uncommitted"] <= options.parallelism),
+        "limited_by": "concurrency limit" if limited else "parallelism",
     }
     print(
-        f"  slow map: {out['items']} items of {options.item_s:g} s, {options.parallelism} at a time, in "
+        f"  {label} map: {out['items']} items of {options.item_s:g} s, {options.parallelism} at a time, in "
         f"{out['wall_s']:.2f} s (ideal {ideal_s:.2f} s, {fmt_ratio(out['ratio_to_ideal'])}); most running at once "
         f"{out['most_running']}, most started and uncommitted {out['most_started_uncommitted']}",
         flush=True,
@@ -399,7 +410,7 @@ def measure(server: Server, options: Options) -> dict[str, Any]:
     admin = server.admin
     settings = Settings(redis_url=server.url, namespace=f"fan-{uuid.uuid4().hex[:10]}")
     keys = Keys(settings.namespace, settings.partitions)
-    extra = {STEPS_ENV: str(options.steps), ITEM_S_ENV: repr(options.item_s)}
+    extra = {STEPS_ENV: str(options.steps), ITEM_S_ENV: repr(options.item_s), PERMITS_ENV: str(options.parallelism)}
     if max(options.items, options.slow_items) > DEFAULTS["max_map_items"].default:
         extra["ORCHESTRATOR_MAX_MAP_ITEMS"] = str(max(options.items, options.slow_items))
     env = child_env(settings, server.url, extra)
@@ -425,6 +436,7 @@ def measure(server: Server, options: Options) -> dict[str, Any]:
         for phase in (*out["chains"], *out["maps"]):
             background(phase, out["idle"])
         out["slow"] = slow(client, admin, keys, fleet, options)
+        out["limited"] = slow(client, admin, keys, fleet, options, limited=True)
         out["counters"] = client.stats()
     return out
 
@@ -471,6 +483,23 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         "submit_to_first_item_start_ms": both("submit_to_first_item_start_ms")[0],
         "fan_in_ms": both("fan_in_ms")[0],
         "last_commit_to_children_done_ms": both("last_commit_to_children_done_ms")[0],
+        "limited": {
+            key: res["limited"][key]
+            for key in (
+                "items",
+                "committed",
+                "item_s",
+                "parallelism",
+                "rounds",
+                "wall_s",
+                "ideal_s",
+                "ratio_to_ideal",
+                "overhead_per_round_ms",
+                "most_running",
+                "parallelism_held",
+                "permit_waits",
+            )
+        },
         "slow": {
             key: s[key]
             for key in (
@@ -542,27 +571,28 @@ def latency_table(maps: list[dict[str, Any]]) -> str:
     return markdown(["ms", *(m["label"] for m in maps)], rows, right=tuple(range(1, len(maps) + 1)))
 
 
-def slow_table(s: dict[str, Any]) -> str:
-    limit = s["parallelism"]
-
-    def check(value: int) -> str:
+def slow_table(*maps: dict[str, Any]) -> str:
+    def check(value: int, limit: int, checked: bool = True) -> str:
+        if not checked:
+            return f"{value} (all started; not a limit)"
         return str(value) if value <= limit else f"**{value}: VIOLATION, over {limit}**"
 
     rows = [
         [
             f"{s['items']:,} x {s['item_s']:g} s",
-            str(limit),
+            f"{s['parallelism']} ({'Map parallelism' if s['limited_by'] == 'parallelism' else 'concurrency limit'})",
             f"{s['wall_s']:.2f}",
             f"{s['ideal_s']:.2f}",
             fmt_ratio(s["ratio_to_ideal"]),
             fmt(s["overhead_per_round_ms"]),
-            check(s["most_running"]),
-            check(s["most_started_uncommitted"]),
+            check(s["most_running"], s["parallelism"]),
+            check(s["most_started_uncommitted"], s["parallelism"], s["limited_by"] == "parallelism"),
         ]
+        for s in maps
     ]
     headers = [
         "items",
-        "parallelism",
+        "at once (by)",
         "wall s",
         "ideal s",
         "measured / ideal",
@@ -620,7 +650,10 @@ def tables(res: dict[str, Any], summary: dict[str, Any], options: Options) -> st
         f"`parallelism={options.parallelism}`, same fleet; ideal = ceil({options.slow_items} / {options.parallelism}) "
         f"x {options.item_s:g} s. Most running at once: a sweep of the items' attempts (`start_ms`..`end_ms`, "
         "user code); most started and uncommitted: of the items' `submitted`..`ok` `at` (Redis clock). Both must "
-        f"be <= {options.parallelism}"
+        f"be <= {options.parallelism}. The second row maps the same items all at once under a fleet-wide concurrency "
+        f"limit of {options.parallelism} permits (`@item(concurrency=...)`): the items that find no permit free wait "
+        f"in line holding no worker slot ({res['limited'].get('permit_waits', 0)} waits) and are woken as permits "
+        "are given back; only the running ones are bounded"
     )
     return "\n\n".join(
         [
@@ -632,7 +665,7 @@ def tables(res: dict[str, Any], summary: dict[str, Any], options: Options) -> st
             "each command it runs)",
             calls_table(res),
             slow_head,
-            slow_table(res["slow"]),
+            slow_table(res["slow"], res["limited"]),
         ]
     )
 
@@ -657,6 +690,7 @@ def run(options: Options) -> dict[str, Any]:
             *(f"chains-{k + 1}, map-{k + 1}" for k in range(options.repeat)),
             "chains",
             "slow",
+            "limited",
         ],
     }
     return {
@@ -670,9 +704,10 @@ def run(options: Options) -> dict[str, Any]:
             "chains": [without_calls(p) for p in res["chains"]],
             "maps": [without_calls(p) for p in res["maps"]],
             "slow": without_calls(res["slow"]),
+            "limited": without_calls(res["limited"]),
         },
         "calls": {p["label"]: p["calls"] for p in (*res["chains"], *res["maps"])}
-        | {"idle": res["idle"]["calls"], "slow": res["slow"]["calls"]},
+        | {"idle": res["idle"]["calls"], "slow": res["slow"]["calls"], "limited": res["limited"]["calls"]},
         "counters": res["counters"],
     }
 

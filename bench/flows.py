@@ -268,6 +268,18 @@ async def llm_item(ctx: StepContext, item: int) -> int:
     return item
 
 
+PERMITS_ENV = "BENCH_PERMITS"  # the concurrency limit of ``gated_item`` (in the worker processes)
+LLM_LIMIT = "bench_llm"
+fanout.concurrency_limit(LLM_LIMIT, int(os.environ.get(PERMITS_ENV, "8")))
+
+
+@fanout.item(concurrency=LLM_LIMIT)
+async def gated_item(ctx: StepContext, item: int) -> int:
+    """``llm_item`` under the fleet-wide concurrency limit ``bench_llm`` (``BENCH_PERMITS`` at once)."""
+    await asyncio.sleep(float(os.environ.get(ITEM_S_ENV, ITEM_S)))
+    return item
+
+
 fanout.step(name="gather")(nothing)  # fan-in: the step after the map, its values in `values`
 
 

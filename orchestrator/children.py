@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from orchestrator import scripts
 from orchestrator.codec import loads
 from orchestrator.keys import ITEM_MARK, RUN_ID_PATTERN, Keys
+from orchestrator.priority import split
 from orchestrator.runs import TERMINAL
 from orchestrator.store import Outcome, Store
 from orchestrator.workflow import StartChildren, Workflow
@@ -101,12 +102,14 @@ def submit_calls(
     store: Store, specs: Sequence[dict[str, Any]], parent: str, queue: str, first: int = 0
 ) -> list[scripts.Call]:
     """The submits of a parent's children (each idempotent: one already there is kept);
-    ``specs[0]`` is child ``first``."""
+    ``specs[0]`` is child ``first``. A child on its parent's queue (every map item) runs at its
+    parent's priority, in its parent's lane (``queue``); one on another queue at normal priority."""
+    base, _ = split(queue)
     return [
         store.submit(
             run_id=spec["run"],
             workflow=spec["wf"],
-            queue=spec["queue"],
+            queue=queue if spec["queue"] == base else spec["queue"],
             first_step=spec["first"],
             input_sha=spec["sha"],
             event=json.dumps({"detail": f"workflow {spec['wf']}, child {i} of run {parent}"}),

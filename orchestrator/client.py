@@ -41,6 +41,7 @@ from orchestrator.errors import (
 from orchestrator.keys import RUN_ID_PATTERN, Keys
 from orchestrator.layout import check_layout
 from orchestrator.output import OutputEvent, follow_output, read_output
+from orchestrator.priority import Priority, lane
 from orchestrator.retention import Purged, purge_finished
 from orchestrator.runs import STATUSES, TERMINAL, RunHistory, RunInfo, SignalSent, group_attempts
 from orchestrator.settings import Settings
@@ -146,18 +147,28 @@ class Client:
 
     @_tree_errors
     def submit(
-        self, workflow: Workflow[S], input: Any = None, *, run_id: str | None = None, deadline_s: float | None = None
+        self,
+        workflow: Workflow[S],
+        input: Any = None,
+        *,
+        run_id: str | None = None,
+        deadline_s: float | None = None,
+        priority: Priority = "normal",
     ) -> Run[S]:
         """Start a run of ``workflow`` with ``input``, or return the existing run with this id.
 
         ``deadline_s``: the run fails with ``DeadlineExceeded`` if it has not finished that long
         after this submit (on the Redis clock; a running step is stopped at its next heartbeat,
         a sleeping or backing-off run at once). Kept from the first submit of a run id.
+        ``priority`` (``high``, ``normal``, ``low``): workers start higher levels first, each level
+        its share (orchestrator.priority); the run's map items and its children on its queue
+        run at its level. Kept from the first submit of a run id.
         Raises :class:`ValidationError` (naming the field) for invalid input, run id or
         deadline, and :class:`RunConflict` when the id belongs to a run of another workflow or
         input.
         """
         deadline_ms = deadline_to_ms(deadline_s)
+        queue = lane(workflow.queue, priority)
         self._check_layout(record=True)  # the namespace's first submit records its partition count
         run_id = run_id or uuid.uuid4().hex
         if not RUN_ID_PATTERN.match(run_id):
@@ -168,7 +179,7 @@ class Client:
         call = self.store.submit(
             run_id=run_id,
             workflow=workflow.name,
-            queue=workflow.queue,
+            queue=queue,
             first_step=workflow.first_step,
             input_sha=digest,
             event=dumps({"detail": f"workflow {workflow.name}"}, what="event"),
@@ -177,9 +188,7 @@ class Client:
             deadline_ms=deadline_ms,
             step_deadlines=workflow.step_deadlines_ms(),
         )
-        created, *rest = scripts.execute(self.redis, [call, scripts.command("SADD", self.keys.queues, workflow.queue)])[
-            0
-        ]
+        created, *rest = scripts.execute(self.redis, [call, scripts.command("SADD", self.keys.queues, queue)])[0]
         if not created:
             existing_wf, existing_digest, _status = rest
             if existing_wf != workflow.name or existing_digest != digest:

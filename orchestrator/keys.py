@@ -1,6 +1,7 @@
 """Every Redis key, stream and group name: the data model in one place.
 
-``<ns>`` is ``Settings.namespace`` (default ``orch``), ``R`` a run id, ``Q`` a queue name, ``T``
+``<ns>`` is ``Settings.namespace`` (default ``orch``), ``R`` a run id, ``Q`` a queue name (a
+priority's lane is a queue of its own, ``<queue>..high`` or ``<queue>..low``: orchestrator.priority), ``T``
 a partition's hash tag. Lua scripts get every key they touch as ``KEYS`` from
 :mod:`orchestrator.store`, which builds them here; no script builds a key name.
 

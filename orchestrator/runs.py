@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from orchestrator.codec import ErrorInfo, HistoryEvent, loads
 from orchestrator.keys import idempotency_key
+from orchestrator.priority import split
 
 Status = Literal["pending", "running", "retrying", "sleeping", "waiting", "completed", "failed", "cancelled"]
 STATUSES: tuple[str, ...] = (
@@ -120,6 +121,7 @@ class RunInfo(BaseModel):
     finished_ms: int | None = None
     due_ms: int | None = None
     permit: str | None = None  # the concurrency limit whose permit the run waits for (in line)
+    priority: str = "normal"  # its level (its queue is the level's lane: orchestrator.priority)
     deadline_ms: int | None = None
     step_deadline_ms: int | None = None  # when the current step's deadline_s passes (it is queued)
     worker: str | None = None
@@ -167,6 +169,7 @@ class RunInfo(BaseModel):
             finished_ms=opt("finished_ms"),
             due_ms=opt("due_ms") if h.get("status") in ("retrying", "sleeping") else None,
             permit=h.get("wait_permit") or None if h.get("status") == "retrying" else None,
+            priority=split(h.get("queue", ""))[1],
             deadline_ms=opt("deadline_ms"),
             step_deadline_ms=num("queued_ms") + num(f"sd:{h['step']}")
             if num("queued_ms") and num(f"sd:{h['step']}") and h.get("status") in ("pending", "running", "retrying")

@@ -36,6 +36,7 @@ from orchestrator.codec import (
 from orchestrator.errors import DefinitionError, StepResultError, ValidationError
 from orchestrator.keys import ITEM_MARK, QUEUE_PATTERN
 from orchestrator.permits import ConcurrencyLimit
+from orchestrator.priority import LANE_MARK
 from orchestrator.ratelimit import RateLimit
 from orchestrator.retry import Retry
 
@@ -272,9 +273,10 @@ class Workflow(Generic[S]):
                 f"workflow name {self.name!r} is invalid: expected 1-100 characters of A-Z a-z 0-9 _ . - "
                 f"without {ITEM_MARK!r} (kept for map items)"
             )
-        if not QUEUE_PATTERN.match(self.queue):
+        if not QUEUE_PATTERN.match(self.queue) or LANE_MARK in self.queue:
             raise DefinitionError(
-                f"queue {self.queue!r} of workflow {self.name!r} is invalid: expected 1-100 of A-Z a-z 0-9 _ . : -"
+                f"queue {self.queue!r} of workflow {self.name!r} is invalid: expected 1-100 of A-Z a-z 0-9 _ . : - "
+                f"without {LANE_MARK!r} (kept for priority lanes)"
             )
         if not (isinstance(self.state, type) and issubclass(self.state, BaseModel)):
             raise DefinitionError(f"state of workflow {self.name!r} must be a pydantic BaseModel subclass")

@@ -18,6 +18,7 @@ import os
 import random
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from orchestrator.connection import check_topology, close, connect, redis_failur
 from orchestrator.embedded import RedisServer
 from orchestrator.errors import InvalidTransition, OrchestratorError, RedisUnavailable, RunNotFound
 from orchestrator.keys import GROUP
+from orchestrator.priority import PRIORITIES, Priority, lane
 from orchestrator.processes import ProcessGroup
 from orchestrator.settings import Settings
 
@@ -54,6 +56,15 @@ HOLD_SHARE, HOLD_S = 0.5, (1.0, 6.0)  # with lost writes: effect runs whose send
 # runs submitted with a deadline (deadline_s): some finish in time, the others fail at it (I11)
 DEADLINE_SHARE, DEADLINE_S = 0.1, (0.5, 6.0)
 CANCEL_SHARE, CANCEL_AFTER_S = 0.3, (0.2, 1.5)  # parents cancelled this long after their submit
+PRIORITY_MIX: tuple[Priority, ...] = ("high", "normal", "normal", "normal", "low")  # 20% high, 20% low
+
+
+def priority_of(run_id: str) -> Priority:
+    """A run's priority, the same at every (re)submit of its id: every level is in the mix, so a
+    run that starved (a low one under the high ones) would be left unfinished (I1)."""
+    return PRIORITY_MIX[zlib.crc32(run_id.encode()) % len(PRIORITY_MIX)]
+
+
 RESTORED = "restore from an older copy"  # the fault's name in the report
 
 
@@ -237,7 +248,9 @@ class ChaosRun:
     def _submit(self, run_id: str, name: str, knobs: dict[str, float]) -> None:
         workflow = next(wf for wf in flows.ALL if wf.name == name)
         try:
-            self.client.submit(workflow, knobs, run_id=run_id, deadline_s=self.deadlines.get(run_id))
+            self.client.submit(
+                workflow, knobs, run_id=run_id, deadline_s=self.deadlines.get(run_id), priority=priority_of(run_id)
+            )
         except (redis.RedisError, OSError, RedisUnavailable):
             self.unsure.append((run_id, name, knobs))  # resubmitted later: same id, same run
             return
@@ -522,10 +535,13 @@ class ChaosRun:
         return [rid for rid in self.submitted if rid.startswith(flows.PARENTS)]
 
     def _pending(self) -> int:
+        """Entries pending in the chaos queue's lanes (one not read yet has no group: none)."""
         pipe = self.client.redis.pipeline(transaction=False)
-        for stream in self.client.keys.streams(flows.QUEUE):
-            pipe.xpending(stream, GROUP)
-        return sum(int(summary["pending"]) for summary in pipe.execute())
+        for level in PRIORITIES:
+            for stream in self.client.keys.streams(lane(flows.QUEUE, level)):
+                pipe.xpending(stream, GROUP)
+        replies = pipe.execute(raise_on_error=False)
+        return sum(int(summary["pending"]) for summary in replies if isinstance(summary, dict))
 
     def _check(self) -> Report:
         report = Report()

@@ -26,7 +26,8 @@ def seconds(ms: int | None) -> str:
 def status_text(info: RunInfo) -> str:
     lines = [
         f"run       {info.run_id}",
-        f"workflow  {info.workflow}  (queue {info.queue})",
+        f"workflow  {info.workflow}  (queue {info.queue}"
+        + (f", priority {info.priority})" if info.priority != "normal" else ")"),
         f"status    {_status(info)}",
     ]
     if info.waiting and info.waiting.timeout_ms:

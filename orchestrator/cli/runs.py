@@ -16,6 +16,7 @@ from orchestrator.cli import cli
 from orchestrator.cli.common import CliState, load_workflows, output_option, pass_state
 from orchestrator.cli.render import history_text, live_line, runs_table, status_text
 from orchestrator.output import OutputEvent
+from orchestrator.priority import PRIORITIES, Priority
 from orchestrator.retention import Purged
 from orchestrator.runs import STATUSES
 
@@ -64,6 +65,13 @@ def json_file_option(what: str) -> Callable[[F], F]:
     metavar="SECONDS",
     help="fail the run (DeadlineExceeded) if it has not finished this long after the submit",
 )
+@click.option(
+    "--priority",
+    type=click.Choice(PRIORITIES),
+    default="normal",
+    show_default=True,
+    help="workers start higher levels first, each level its share (4:2:1)",
+)
 @output_option
 @pass_state
 def submit(
@@ -74,12 +82,13 @@ def submit(
     run_id: str | None,
     wait_s: float | None,
     deadline_s: float | None,
+    priority: Priority,
     output: str,
 ) -> None:
     """Start a run of WORKFLOW (module:attribute) with INPUT (JSON; '-' reads stdin)."""
     (flow,) = load_workflows((workflow,))
     client = state.client(start_embedded=True)
-    run = client.submit(flow, read_input(input, file), run_id=run_id, deadline_s=deadline_s)
+    run = client.submit(flow, read_input(input, file), run_id=run_id, deadline_s=deadline_s, priority=priority)
     result: dict[str, Any] = {"run_id": run.run_id, "created": run.created}
     if output == "text":
         state.echo(f"{'submitted' if run.created else 'already exists'}: {run.run_id}")

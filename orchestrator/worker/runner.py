@@ -17,7 +17,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, cast
 
 import redis
@@ -47,6 +47,7 @@ from orchestrator.metrics import MetricsServer, WorkerMetrics, step_positions, z
 from orchestrator.outage import Outage
 from orchestrator.output import Emitter
 from orchestrator.permits import announce_permits
+from orchestrator.priority import Picker, lanes_of, split
 from orchestrator.ratelimit import Spender
 from orchestrator.settings import Settings
 from orchestrator.store import Claimed, Store, new_claim_token
@@ -101,8 +102,11 @@ class Worker:
         self.keys = Keys(self.settings.namespace, self.settings.partitions)
         self.store = Store(self.keys)
         self.queues = sorted({wf.queue for wf in workflows})
-        # every queue's stream in every partition -> (queue, partition)
-        self._streams = {self.keys.queue(q, p).stream: (q, p) for q in self.queues for p in range(self.keys.partitions)}
+        self.lanes = list(self.queues)  # the queues and the priority lanes of them in use (priority.py)
+        # every lane's stream in every partition -> (lane, partition); lanes are added as they come in use
+        self._streams: dict[str, tuple[str, int]] = {}
+        self._add_lanes(self.queues)
+        self._picker = Picker()  # which read entries start first (priorities)
         self._faults = Faults(self.settings.faults)
         self._table = InFlightTable()
         self._executions: dict[str, StepExecution] = {}  # by claim token
@@ -266,8 +270,9 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 await check_layout_async(client, self.store)  # another partition count: refused
-                await ensure_groups(client, list(self._streams))
                 await client.sadd(self.keys.queues, *self.queues)
+                self._add_lanes(str(q) for q in await client.smembers(self.keys.queues))
+                await ensure_groups(client, list(self._streams))
                 limits = {name for wf in self.workflows.values() for name in wf.rate_limits}
                 if limits:  # so that `orchestrator limits list` knows them
                     await client.sadd(self.keys.rate_limits, *sorted(limits))
@@ -392,16 +397,25 @@ class Worker:
         execution = self._execution(queue, entry_id, dispatch, claimed, token, chained)
         self._track(execution, execution.hand_back("worker stopping"))
 
-    def _read_groups(self, client: aredis.Redis) -> list[list[str]]:
-        """The streams each XREADGROUP reads: every stream at once on one server; on a Redis
-        Cluster, where one call's keys must share a hash slot, one call per partition (its
-        queues' streams share the partition's tag), each blocking on its own connection."""
+    def _add_lanes(self, in_use: Iterable[str]) -> None:
+        """Serve the priority lanes of this worker's queues that are ``in_use`` (the namespace's
+        queues set) from now on (the readers create their groups)."""
+        for queue in lanes_of(self.queues, sorted(in_use)):
+            if queue not in self.lanes:
+                self.lanes.append(queue)
+            for p in range(self.keys.partitions):
+                self._streams.setdefault(self.keys.queue(queue, p).stream, (queue, p))
+
+    def _read_partitions(self, client: aredis.Redis) -> list[int | None]:
+        """What each reader reads: every stream at once on one server (None); on a Redis Cluster,
+        where one call's keys must share a hash slot, one reader per partition (its lanes'
+        streams share the partition's tag), each blocking on its own connection."""
         if not is_cluster(client):
-            return [list(self._streams)]
-        by_partition: dict[int, list[str]] = {}
-        for stream, (_queue, partition) in self._streams.items():
-            by_partition.setdefault(partition, []).append(stream)
-        return list(by_partition.values())
+            return [None]
+        return list(range(self.keys.partitions))
+
+    def _streams_of(self, partition: int | None) -> list[str]:
+        return [s for s, (_, p) in self._streams.items() if partition is None or p == partition]
 
     def _read_count(self) -> int:
         """The COUNT of each read (COUNT applies per stream): the free slots shared out over
@@ -411,9 +425,12 @@ class Worker:
         return max(1, self._free_slots() // len(self._streams))
 
     async def _claim_waiting(self) -> None:
-        """Claim as many waiting entries as there are open slots, oldest first."""
+        """Claim as many waiting entries as there are open slots: by priority (``Picker``: the
+        highest level first, each level its share), oldest first within a level."""
         take = min(self._open_slots(), len(self._waiting))
-        batch = [self._waiting.popleft() for _ in range(take)]
+        left = list(self._waiting)
+        batch = self._picker.pick(left, take, lambda item: split(item[0])[1])
+        self._waiting = deque(left)
         await self._claim([(queue, eid, d, new_claim_token(self.id)) for queue, eid, d, _ in batch])
 
     async def _hand_back_waiting(self) -> None:
@@ -434,13 +451,19 @@ class Worker:
 
     async def _fetch_loop(self, client: aredis.Redis) -> None:
         """Read every stream until a stop: one reader, or one per partition on a cluster."""
-        await asyncio.gather(*(self._reader(client, streams) for streams in self._read_groups(client)))
+        await asyncio.gather(*(self._reader(client, partition) for partition in self._read_partitions(client)))
 
-    async def _reader(self, client: aredis.Redis, streams: list[str]) -> None:
+    async def _reader(self, client: aredis.Redis, partition: int | None) -> None:
         assert self._stopping is not None
         outage = Outage(log, "reading the queues", self.settings.plain_url(), fields={"worker": self.id})
+        streams = self._streams_of(partition)
         offsets: dict[Any, Any] = dict.fromkeys(streams, ">")
         while not self._stopping.is_set():
+            if len(self._streams_of(partition)) != len(streams):  # a priority lane came in use
+                streams = self._streams_of(partition)
+                await ensure_groups(client, [s for s in streams if s not in offsets])
+                offsets = dict.fromkeys(streams, ">")
+                continue
             if self._waiting and self._open_slots() > 0:
                 await self._claim_waiting()
                 continue
@@ -499,11 +522,10 @@ class Worker:
                 dispatch = parse_entry(self.rt, self.keys, lane, entry_id, fields)  # None: set aside
                 if dispatch is not None:
                     batch.append((queue, entry_id, dispatch, new_claim_token(self.id)))
-        fits = max(0, self._free_slots())
         read_at = time.monotonic()
-        self._waiting.extend((queue, eid, d, read_at) for queue, eid, d, _ in batch[fits:])
-        if batch[:fits]:
-            await self._claim(batch[:fits])
+        self._waiting.extend((queue, eid, d, read_at) for queue, eid, d, _ in batch)
+        if self._waiting and self._open_slots() > 0:
+            await self._claim_waiting()
 
     async def _claim(self, batch: list[tuple[str, str, Dispatch, str]]) -> None:
         """Claim a batch in one pipeline; a claim whose reply is lost is sent again, same token.
@@ -685,9 +707,10 @@ class Worker:
         while True:
             await asyncio.sleep(delay_s)
             try:
-                await promote_due(self.rt.batcher, self.store, self.queues)
+                await promote_due(self.rt.batcher, self.store, self.lanes)
                 if time.monotonic() >= next_audit:
                     next_audit = time.monotonic() + self.settings.lease_s
+                    self._add_lanes(await self.rt.batcher.call(scripts.command("SMEMBERS", self.keys.queues)))
                     await self._give_back_waiting(older_than_s=self.settings.lease_s)
                     await audit.run(self._known_entries())
             except REDIS_FAILURES as exc:

@@ -71,3 +71,14 @@ def test_the_sweep_counts_overlaps_and_not_touching_intervals() -> None:
     assert most_at_once([(0, 10), (10, 20), (20, 30)]) == 1  # one ends the ms the next starts
     assert most_at_once([(0, 10), (5, 15), (9, 12), (14, 20)]) == 3
     assert most_at_once([]) == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_concurrency_limit_holds_the_same_map_started_all_at_once(fanout: dict[str, Any]) -> None:
+    limited = fanout["summary"]["limited"]
+    assert limited["committed"] == SLOW_ITEMS and limited["parallelism"] == PARALLELISM
+    assert 2 <= limited["most_running"] <= PARALLELISM and limited["parallelism_held"]
+    assert limited["permit_waits"] >= SLOW_ITEMS - PARALLELISM  # the others waited in line
+    assert limited["wall_s"] < 30  # woken as permits were given back, not at their poll (permit_poll_s: 30 s)
+    assert limited["wall_s"] >= limited["ideal_s"] == pytest.approx(math.ceil(SLOW_ITEMS / PARALLELISM) * ITEM_S)
+    assert "concurrency limit" in fanout["markdown"]
