@@ -104,7 +104,8 @@ DIRECT: dict[str, set[str]] = {
     | SCRIPTING
     | {"xreadgroup", "xgroup|create", "sadd", "hincrby", "hset", "zrem", "del", "hdel", "xrange", "xack", "xdel"}
     | {"hmget", "hgetall"}  # children.report of a finished map item: its parent, its state; the next items
-    | {"xadd"},  # ctx.emit: the run's live output (output.Emitter)
+    | {"xadd"}  # ctx.emit: the run's live output (output.Emitter)
+    | {"smembers"},  # the queues set: the priority lanes of its queues in use (at start, every lease)
     # supervisor.py: queues, clock, groups, consumers, pending entries, HGET of run records, ZMSCORE
     # of the fleet, XACK/XDEL of dropped entries (store.ack), HINCRBY counters; the scrape; retention
     "supervisor": CONNECTION | PROBE | SCRIPTING | SCRAPE | PURGE_PAGES | SUPERVISING,
