@@ -34,7 +34,7 @@ from orchestrator.keys import Keys, LedgerKeys
 from orchestrator.settings import Settings
 
 HOLD_TICK_S = 0.05  # how often a holder stamps its entry
-FRESH_S = 1.0  # a holder whose stamp is older has stopped
+FRESH_S = 1.0  # a holder whose stamp is older has stopped (at most half a permit's lease: below)
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ class Execution:
 class Ledger:
     """Read and write access to one namespace's ledger."""
 
-    def __init__(self, client: redis.Redis, namespace: str) -> None:
+    def __init__(self, client: redis.Redis, namespace: str, *, fresh_s: float = FRESH_S) -> None:
+        self.fresh_s = fresh_s  # a holder whose stamp is older has stopped (killed, or told to stop)
         self.redis = client
         self.keys: LedgerKeys = Keys(namespace).ledger
         self.fenced = self.keys.fenced
@@ -93,10 +94,11 @@ class Ledger:
     def hold(self, ctx: StepContext, limit: str, seconds: float) -> None:
         """Work ``seconds`` as a holder of a permit of concurrency limit ``limit``, heartbeating,
         and keep the most holders seen at once: each holder stamps its entry every
-        :data:`HOLD_TICK_S` and counts the entries stamped within :data:`FRESH_S` (one killed,
-        or stopped because its claim or permit was lost, stops stamping; a permit it held
-        returns only after a lease, longer than that)."""
-        me = f"{limit}|{ctx.idempotency_key}|{ctx.fencing_token}"
+        :data:`HOLD_TICK_S` and counts the runs with an entry stamped within ``fresh_s`` (one
+        killed, or stopped because its claim or permit was lost, stops stamping; a permit it held
+        returns only after a lease, longer than that). A permit is a run's: a new attempt of a
+        run whose worker died takes its permit over, so the two attempts count once."""
+        me = f"{limit}|{ctx.run_id}|{ctx.fencing_token}"
         deadline = time.monotonic() + seconds
         try:
             while True:
@@ -104,8 +106,9 @@ class Ledger:
                 pipe.hset(self.keys.holding, me, repr(time.time()))
                 pipe.hgetall(self.keys.holding)
                 stamps: dict[str, str] = pipe.execute()[1]
-                fresh = time.time() - FRESH_S
-                live = sum(1 for k, v in stamps.items() if k.startswith(f"{limit}|") and float(v) > fresh)
+                fresh = time.time() - self.fresh_s
+                mine = (k.split("|") for k, v in stamps.items() if float(v) > fresh)
+                live = len({run for name, run, _ in mine if name == limit})
                 self.redis.zadd(self.keys.most_holding, {limit: live}, gt=True)
                 if time.monotonic() >= deadline:
                     return
@@ -172,5 +175,6 @@ def current() -> Ledger:
             if not target:
                 raise RuntimeError("the ledger needs ORCHESTRATOR_REDIS_URL or REDIS_URL in the environment")
             probe = Keys(settings.namespace).cluster_probe
-            _local[key] = Ledger(connect(target, probe=probe), settings.namespace)
+            fresh_s = min(FRESH_S, settings.lease_s / 2)  # a dead holder's stamp ends before its permit
+            _local[key] = Ledger(connect(target, probe=probe), settings.namespace, fresh_s=fresh_s)
         return _local[key]
