@@ -86,6 +86,9 @@ from orchestrator.keys import Keys
 
 DEFAULTS = Settings.model_fields
 IDLE_S = 1.0  # the fleet's background, measured alone before the phases
+# the figures of a slow map the summary keeps
+SLOW_KEYS = ("items", "committed", "item_s", "parallelism", "rounds", "wall_s", "ideal_s", "ratio_to_ideal")
+SLOW_KEYS += ("overhead_per_round_ms", "most_running", "parallelism_held")
 TIMEOUT_S = 120.0
 
 
@@ -483,40 +486,8 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         "submit_to_first_item_start_ms": both("submit_to_first_item_start_ms")[0],
         "fan_in_ms": both("fan_in_ms")[0],
         "last_commit_to_children_done_ms": both("last_commit_to_children_done_ms")[0],
-        "limited": {
-            key: res["limited"][key]
-            for key in (
-                "items",
-                "committed",
-                "item_s",
-                "parallelism",
-                "rounds",
-                "wall_s",
-                "ideal_s",
-                "ratio_to_ideal",
-                "overhead_per_round_ms",
-                "most_running",
-                "parallelism_held",
-                "permit_waits",
-            )
-        },
-        "slow": {
-            key: s[key]
-            for key in (
-                "items",
-                "committed",
-                "item_s",
-                "parallelism",
-                "rounds",
-                "wall_s",
-                "ideal_s",
-                "ratio_to_ideal",
-                "overhead_per_round_ms",
-                "most_running",
-                "most_started_uncommitted",
-                "parallelism_held",
-            )
-        },
+        "slow": {key: s[key] for key in (*SLOW_KEYS, "most_started_uncommitted")},
+        "limited": {key: res["limited"][key] for key in (*SLOW_KEYS, "permit_waits")},
     }
 
 

@@ -249,6 +249,26 @@ def defined(name: str) -> Workflow[Any] | None:
     return _DEFINED.get(name)
 
 
+L = TypeVar("L", RateLimit, ConcurrencyLimit)
+
+
+def _declared(given: str | L | None, declared: dict[str, L], where: str, declare: str) -> L | None:
+    """The limit a step names: one given as an object (added to ``declared``), or a name that
+    must be declared already (``where``: what the error names; ``declare``: how to declare it)."""
+    if given is None:
+        return None
+    if not isinstance(given, str):  # a limit object: the step uses it; the first of a name is declared
+        declared.setdefault(given.name, given)
+        return given
+    found = declared.get(given)
+    if found is None:
+        known = ", ".join(sorted(declared)) or "none"
+        raise DefinitionError(
+            f"{where}={given!r} is not declared (declared: {known}); declare it first with flow.{declare.format(given)}"
+        )
+    return found
+
+
 @dataclass
 class Workflow(Generic[S]):
     """A named sequence of steps over a state model.
@@ -438,18 +458,8 @@ class Workflow(Generic[S]):
 
     def _limit(self, limit: str | RateLimit | None, step: str) -> RateLimit | None:
         """The rate limit a step (or item) named, declared on this workflow."""
-        if limit is None or isinstance(limit, RateLimit):
-            if limit is not None:
-                self.rate_limits.setdefault(limit.name, limit)
-            return limit
-        found = self.rate_limits.get(limit)
-        if found is None:
-            known = ", ".join(sorted(self.rate_limits)) or "none"
-            raise DefinitionError(
-                f"step {step!r} of workflow {self.name!r}: rate_limit={limit!r} is not declared (declared: {known}); "
-                f"declare it first with flow.rate_limit({limit!r}, rate, per_s=...)"
-            )
-        return found
+        where = f"step {step!r} of workflow {self.name!r}: rate_limit"
+        return _declared(limit, self.rate_limits, where, "rate_limit({!r}, rate, per_s=...)")
 
     def concurrency_limit(self, name: str, limit: int) -> ConcurrencyLimit:
         """Declare the fleet-wide concurrency limit ``name``: at most ``limit`` steps (and map
@@ -463,18 +473,8 @@ class Workflow(Generic[S]):
 
     def _permit(self, limit: str | ConcurrencyLimit | None, step: str) -> ConcurrencyLimit | None:
         """The concurrency limit a step (or item) named, declared on this workflow."""
-        if limit is None or isinstance(limit, ConcurrencyLimit):
-            if limit is not None:
-                self.concurrency_limits.setdefault(limit.name, limit)
-            return limit
-        found = self.concurrency_limits.get(limit)
-        if found is None:
-            known = ", ".join(sorted(self.concurrency_limits)) or "none"
-            raise DefinitionError(
-                f"step {step!r} of workflow {self.name!r}: concurrency={limit!r} is not declared (declared: {known}); "
-                f"declare it first with flow.concurrency_limit({limit!r}, limit)"
-            )
-        return found
+        where = f"step {step!r} of workflow {self.name!r}: concurrency"
+        return _declared(limit, self.concurrency_limits, where, "concurrency_limit({!r}, limit)")
 
     @overload
     def item(self, fn: F, /) -> F: ...

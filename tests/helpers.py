@@ -1,9 +1,13 @@
-"""Test helpers: polling instead of sleeping, and a step that runs until its claim is lost."""
+"""Test helpers: polling instead of sleeping, a step that runs until its claim is lost, and the
+README's examples as modules."""
 
 from __future__ import annotations
 
+import sys
 import time
+import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from orchestrator import ClaimLost, StepContext
@@ -33,3 +37,18 @@ def heartbeat_until_lost(ctx: StepContext, lost: list[str], seconds: float = 10.
     except ClaimLost:
         lost.append("claim lost")
         raise
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example(heading: str, *, block: int = 0, into: types.ModuleType | None = None) -> types.ModuleType:
+    """Run the ``block``-th ```python block under README heading ``heading`` verbatim, as the
+    module an app would keep it in (pydantic resolves its models there), or in ``into``."""
+    section = README.read_text().split(f"\n{heading}\n", 1)[1]
+    code = section.split("```python\n")[block + 1].split("```\n", 1)[0]
+    if into is None:
+        into = types.ModuleType("readme_" + "".join(c if c.isalnum() else "_" for c in heading.strip("# ").lower()))
+        sys.modules[into.__name__] = into
+    exec(compile(code, f"README.md ({heading})", "exec"), into.__dict__)
+    return into

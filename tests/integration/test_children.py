@@ -7,8 +7,6 @@ parent's commit and the children's submit, and Redis restarted from its AOF, los
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from orchestrator.embedded import RedisServer
 from orchestrator.store import Outcome
 from tests.conftest import fast_settings
 from tests.harness import start_worker, supervisor_thread, worker_thread
-from tests.helpers import wait_until
+from tests.helpers import readme_example, wait_until
 from workers import testflows
 from workers.testflows import Family, kid, parenting
 
@@ -138,16 +136,8 @@ def test_a_worker_killed_before_it_started_the_children_and_redis_restarted_lose
     client.close()
 
 
-def test_the_readme_children_example_runs_as_written(
-    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Child workflows") :]
-    start = section.index("```python") + len("```python")
-    code = section[start : section.index("```\n", start)]
-    module = types.ModuleType("readme_children")
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(code, "README.md (children)", "exec"), module.__dict__)
+def test_the_readme_children_example_runs_as_written(client: Client, settings: Settings) -> None:
+    module = readme_example("### Child workflows")
     with supervisor_thread(settings), worker_thread([module.survey, module.review], settings):
         final = client.submit(module.survey, {"companies": ["Acme", "Globex"]}, run_id="s").wait(timeout_s=30)
     assert final.report == "Acme: reviewed; Globex: reviewed"

@@ -7,8 +7,6 @@ between an item's commit and its fan-in, cost only the unfinished items."""
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from orchestrator.embedded import RedisServer
 from orchestrator.keys import idempotency_key
 from tests.conftest import fast_settings
 from tests.harness import start_worker, supervisor_thread, worker_thread
-from tests.helpers import wait_until
+from tests.helpers import readme_example, wait_until
 from workers import testflows
 from workers.testflows import Survey, survey
 
@@ -164,16 +162,8 @@ def test_a_worker_killed_between_an_item_commit_and_its_fan_in_loses_nothing(
     client.close()
 
 
-def test_the_readme_map_example_runs_as_written(
-    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Fan-out and fan-in") :]
-    start = section.index("```python") + len("```python")
-    code = section[start : section.index("```\n", start)]
-    module = types.ModuleType("readme_map")
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(code, "README.md (map)", "exec"), module.__dict__)
+def test_the_readme_map_example_runs_as_written(client: Client, settings: Settings) -> None:
+    module = readme_example("### Fan-out and fan-in")
     with supervisor_thread(settings), worker_thread([module.research], settings):
         final = client.submit(module.research, {"competitors": ["Acme", "Globex"]}, run_id="r").wait(timeout_s=30)
     assert final.report == "Acme: 4 letters; Globex: 6 letters"

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
-import types
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from orchestrator.errors import RunNotFound, WaitTimeout
 from orchestrator.output import OutputEvent
 from tests.conftest import fast_settings
 from tests.harness import process_env, run_cli, start_worker, supervisor_thread, worker_thread
-from tests.helpers import wait_until
+from tests.helpers import readme_example, wait_until
 from workers.testflows import Talk, talker
 
 WORDS = ["the", "quick", "brown", "fox"]
@@ -128,16 +126,8 @@ def test_an_attempt_killed_mid_step_keeps_what_it_emitted_and_the_next_emits_aga
     client.close()
 
 
-def test_the_readme_output_example_runs_as_written(
-    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Live step output") :]
-    start = section.index("```python") + len("```python")
-    code = section[start : section.index("```\n", start)]
-    module = types.ModuleType("readme_output")
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(code, "README.md (output)", "exec"), module.__dict__)
+def test_the_readme_output_example_runs_as_written(client: Client, settings: Settings) -> None:
+    module = readme_example("### Live step output")
     run = client.submit(module.chat, {"question": "why?"}, run_id="q")
     with worker_thread([module.chat], settings):
         tokens = [e.data["token"] for e in run.follow_output(timeout_s=30)]

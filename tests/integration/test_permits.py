@@ -8,9 +8,7 @@ its lease, and ``orchestrator limits`` changes the limit at run time."""
 from __future__ import annotations
 
 import json
-import sys
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from orchestrator.store import Outcome
 from orchestrator.workflow import Workflow
 from tests.conftest import fast_settings
 from tests.harness import process_env, run_cli, start_worker, supervisor_thread, worker_thread
-from tests.helpers import wait_until
+from tests.helpers import readme_example, wait_until
 from tests.ops import Ops
 from workers.testflows import Gated, gated
 
@@ -294,16 +292,8 @@ def test_stop_unsure_holders_stops_only_permit_holders_once_the_beats_stopped_re
     assert stopped == ["permit lease may have ended"]  # a's only: b holds no permit
 
 
-def test_the_readme_concurrency_example_runs_as_written(
-    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Concurrency limits") :]
-    start = section.index("```python") + len("```python")
-    code = section[start : section.index("```\n", start)]
-    module = types.ModuleType("readme_permits")
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(code, "README.md (concurrency limits)", "exec"), module.__dict__)
+def test_the_readme_concurrency_example_runs_as_written(client: Client, settings: Settings) -> None:
+    module = readme_example("### Concurrency limits")
     with worker_thread([module.study], settings.model_copy(update={"concurrency": 16})):
         final = client.submit(module.study, {"rivals": [f"r{i}" for i in range(12)]}, run_id="s").wait(timeout_s=30)
     assert final.notes[-1] == "12 rivals read" and final.notes[0] == "notes on r0"

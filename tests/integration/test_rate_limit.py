@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 import time
-import types
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +22,7 @@ from orchestrator.ratelimit import RateLimit, read_limits
 from orchestrator.store import Outcome, Store
 from orchestrator.workflow import Workflow
 from tests.harness import process_env, run_cli, worker_thread
-from tests.helpers import wait_until
+from tests.helpers import readme_example, wait_until
 from tests.ops import Ops
 from workers.testflows import Paced, paced
 
@@ -164,16 +161,8 @@ def test_limits_set_changes_a_limit_fleet_wide_and_clear_gives_it_back(settings:
     assert "as the workflows define it" in run_cli("limits", "clear", "test_api", env=env).stdout
 
 
-def test_the_readme_rate_limit_example_runs_as_written(
-    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Rate limits") :]
-    start = section.index("```python") + len("```python")
-    code = section[start : section.index("```\n", start)]
-    module = types.ModuleType("readme_rate")
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(code, "README.md (rate limits)", "exec"), module.__dict__)
+def test_the_readme_rate_limit_example_runs_as_written(client: Client, settings: Settings) -> None:
+    module = readme_example("### Rate limits")
     with worker_thread([module.ask], settings):
         final = client.submit(module.ask, {"text": "hi"}, run_id="a").wait(timeout_s=30)
     assert final.answer == "ECHO: HI"

@@ -7,8 +7,6 @@ undeclared signals, finished and unknown runs get clear errors that name what is
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -32,7 +30,7 @@ from orchestrator.connection import connect
 from orchestrator.embedded import RedisServer
 from tests.conftest import fast_settings
 from tests.harness import process_env, run_cli, start_worker, supervisor_thread, worker_thread
-from tests.helpers import wait_until
+from tests.helpers import readme_example, wait_until
 from workers.testflows import Approval, Purchase, approving
 
 ANN = {"approved": True, "by": "ann"}
@@ -205,16 +203,8 @@ def test_the_cli_sends_a_signal_checked_against_the_workflow(client: Client, set
     assert ghost.returncode == 1 and "no run 'ghost'" in ghost.stderr
 
 
-def test_the_readme_signal_example_runs_as_written(
-    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Waiting for a signal: human in the loop") :]
-    start = section.index("```python") + len("```python")
-    code = section[start : section.index("```\n", start)]
-    module = types.ModuleType("readme_signals")  # a module, as the example lives in an app's module:
-    monkeypatch.setitem(sys.modules, module.__name__, module)  # pydantic resolves Approval there
-    exec(compile(code, "README.md (signals)", "exec"), module.__dict__)
+def test_the_readme_signal_example_runs_as_written(client: Client, settings: Settings) -> None:
+    module = readme_example("### Waiting for a signal: human in the loop")
     purchases = module.purchases
     with worker_thread([purchases], settings):
         run = client.submit(purchases, {"item": "laptop"}, run_id="buy")
