@@ -13,7 +13,7 @@ from orchestrator.cli.common import CliState, pass_state
 
 @cli.command()
 @click.option("--kill/--no-kill", default=True, show_default=True, help="kill -9 a worker in the middle of a step")
-@click.option("--competitors", type=click.IntRange(2, 7), default=4, show_default=True)
+@click.option("--competitors", type=click.IntRange(3, 7), default=4, show_default=True)
 @click.option(
     "--demo-dir",
     type=click.Path(path_type=Path),

@@ -146,7 +146,7 @@ def live_line(ev: HistoryEvent | OutputEvent, t0: int) -> str:
         "ok": f"done{took}{where}",
         "error": f"failed{took}{where}: {ev.error.message if ev.error else ''}",
         "timeout": f"timed out{took}{where}",
-        "crashed": f"attempt {ev.attempt} lost: {ev.worker} died mid-step; resuming from its last stash",
+        "crashed": f"attempt {ev.attempt} lost: {ev.worker} died mid-step; resuming from what was persisted",
         "redispatched": "supervisor: lease expired, step handed to another worker",
         "fenced": f"late result of a replaced attempt refused{where}",
         "released": f"handed back at shutdown{where}",

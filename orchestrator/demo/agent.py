@@ -1,5 +1,6 @@
-"""The article's agent: find competitors, research each (stashing as it goes), synthesize, ask a
-person to approve (when the input asks for it), book a meeting.
+"""The article's agent: find competitors, research them in parallel (a map, one item per
+competitor, at most two calling the model at once fleet-wide), synthesize, ask a person to
+approve (when the input asks for it), book a meeting.
 
 The "LLM" is simulated (seeded latency and transient failures, no network) so the demo runs
 anywhere. Every simulated call and the meeting booking are written to a small SQLite file
@@ -15,10 +16,12 @@ import random
 import sqlite3
 import time
 from contextlib import closing
+from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel
 
-from orchestrator import End, Retry, StepContext, WaitFor, Workflow
+from orchestrator import End, Map, Retry, StepContext, WaitFor, Workflow
 
 COMPANIES = ["Initech", "Globex", "Umbrella", "Hooli", "Vandelay", "Soylent", "Wonka", "Cyberdyne"]
 SCHEMA = """
@@ -45,7 +48,7 @@ class Research(BaseModel):
     how_many: int = 4
     needs_approval: bool = False  # wait for a person's approval before booking the meeting
     competitors: list[str] = []
-    findings: dict[str, str] = {}
+    findings: list[str] = []  # one per competitor, in the same order
     summary: str = ""
     approval: Approval | None = None
     meeting: str = ""
@@ -71,6 +74,32 @@ def ask_llm(ctx: StepContext, item: str, seconds: float) -> None:
         db.execute("update llm_calls set seconds = ? where rowid = ?", (time.time() - started, row))
 
 
+class Call(NamedTuple):
+    """One row of the call log; ``seconds`` is None for a call that never finished (its
+    process was killed in the middle of it)."""
+
+    rowid: int
+    run: str
+    step: str
+    item: str
+    attempt: int
+    fence: int
+    started: float
+    seconds: float | None
+
+
+def read_calls(world: Path, run_id: str, after_rowid: int = 0) -> list[Call]:
+    """The model calls of ``run_id`` and of its map items (run ids ``run_id:...``) logged in
+    ``world`` after the row ``after_rowid``, oldest first."""
+    with closing(sqlite3.connect(world, timeout=10)) as db:
+        rows = db.execute(
+            "select rowid, run, step, item, attempt, fence, started, seconds from llm_calls "
+            "where rowid > ? and (run = ? or substr(run, 1, ?) = ?) order by rowid",
+            (after_rowid, run_id, len(run_id) + 1, f"{run_id}:"),
+        ).fetchall()
+    return [Call(*row) for row in rows]
+
+
 def _rng(ctx: StepContext, salt: str = "") -> random.Random:
     return random.Random(f"{ctx.run_id}:{ctx.step}:{ctx.attempt}:{salt}")
 
@@ -78,6 +107,8 @@ def _rng(ctx: StepContext, salt: str = "") -> random.Random:
 research = Workflow("research", state=Research)
 research.signal("approval", Approval)
 APPROVAL_TIMEOUT_S = 3600.0
+LLM = "llm"  # the simulated model's fleet-wide concurrency limit: two calls at once
+research.concurrency_limit(LLM, 2)
 
 
 @research.step(retry=Retry(max_attempts=5, backoff_s=0.5, jitter=0.2))
@@ -90,19 +121,20 @@ def find_competitors(ctx: StepContext, state: Research) -> dict[str, list[str]]:
     return {"competitors": random.Random(state.company).sample(pool, min(state.how_many, len(pool)))}
 
 
-@research.step(retry=Retry(max_attempts=5, backoff_s=0.5))
-def study(ctx: StepContext, state: Research) -> dict[str, dict[str, str]]:
-    """One slow model call per competitor; each finding is stashed, so a crash keeps them."""
-    findings = dict(ctx.snapshot or {})
-    for name in state.competitors:
-        if name in findings:
-            continue  # researched by an earlier attempt that crashed: not paid for twice
-        ask_llm(ctx, name, 1.2)
-        findings[name] = (
-            f"{name}: {_rng(ctx, name).choice(['cheaper', 'faster', 'bigger', 'newer'])} than {state.company}"
-        )
-        ctx.stash(findings)
-    return {"findings": findings}
+@research.step()
+def study(ctx: StepContext, state: Research) -> Map:
+    """Research every competitor at once, each a map item (a run of its own), so a crash costs
+    only the items that had not committed. The model's concurrency limit, not the map, decides
+    how many call it at a time."""
+    return Map(study_one, over="competitors", into="findings", parallelism=None)
+
+
+@research.item(retry=Retry(max_attempts=5, backoff_s=0.5), concurrency=LLM)
+def study_one(ctx: StepContext, company: str) -> str:
+    """One slow model call about one competitor. It holds one of the fleet's ``llm`` permits
+    while it runs; items that find none free wait in line without a worker slot."""
+    ask_llm(ctx, company, 1.2)
+    return f"{company}: {_rng(ctx).choice(['cheaper', 'faster', 'bigger', 'newer'])}"
 
 
 @research.step(retry=Retry(max_attempts=5, backoff_s=0.5))
@@ -111,7 +143,7 @@ async def synthesize(ctx: StepContext, state: Research) -> dict[str, str]:
     import asyncio
 
     await asyncio.to_thread(ask_llm, ctx, "summary", 0.8)
-    lines = "; ".join(state.findings[c] for c in state.competitors)
+    lines = "; ".join(f"{finding} than {state.company}" for finding in state.findings)
     return {"summary": f"{state.company} competes with {len(state.competitors)} companies. {lines}"}
 
 

@@ -95,5 +95,5 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'dispatch', id, 'updated_ms', n
 index_queued(KEYS[7], KEYS[6], ARGV[1], id)
 step_queued(KEYS[11], KEYS[1], ARGV[1], r[3], now)
 redis.call('RPUSH', KEYS[4], event({type = 'children_done', at = now, step = r[3], visit = tonumber(r[4]),
-  detail = n .. ' child runs finished'}))
+  detail = n .. (map and ' map items finished' or ' child runs finished')}))
 return {'DONE', r[3], tonumber(r[4])}

@@ -18,6 +18,7 @@ from orchestrator.cli.render import status_text
 from orchestrator.errors import DefinitionError, ValidationError
 from orchestrator.priority import PRIORITIES, Picker, lane, split
 from tests.harness import process_env, run_cli, worker_thread
+from tests.helpers import readme_example
 from workers.testflows import Survey, survey
 
 
@@ -143,3 +144,16 @@ def test_keda_takes_a_lanes_streams(settings: Settings) -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert sum(line.endswith(':default..high" workers 0 MKSTREAM') for line in lines) == 16  # every partition
+
+
+def test_the_readme_priority_example_runs_as_written(client: Client, settings: Settings) -> None:
+    module = readme_example("### Concurrency limits")
+    module.client = client
+    readme_example("### Priorities", into=module)
+    with worker_thread([module.study], settings.model_copy(update={"concurrency": 1})) as worker:
+        final = module.mine.wait(timeout_s=30)
+        for run in module.nightly:
+            run.wait(timeout_s=60)
+    assert final.notes[-1] == "2 rivals read" and client.get(module.mine.run_id).priority == "high"
+    assert {client.get(run.run_id).priority for run in module.nightly} == {"low"}
+    assert "default..high" in worker.lanes and "default..low" in worker.lanes
