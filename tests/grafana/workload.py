@@ -113,6 +113,7 @@ class RecoveryState(BaseModel):
 
 def recovery_workflow() -> Workflow[RecoveryState]:
     wf = Workflow(RECOVERY, state=RecoveryState, queue=RECOVERY_QUEUE)
+    wf.concurrency_limit("recovery_llm", 1)  # so the limits' metrics have samples
 
     @wf.step(retry=Retry(max_attempts=5, backoff_s=0.01, jitter=0.0))
     def gather(ctx: StepContext, state: RecoveryState) -> dict[str, Any]:
@@ -128,7 +129,7 @@ def recovery_workflow() -> Workflow[RecoveryState]:
         time.sleep(0.05)  # so the work that resuming saves has a duration
         return {"found": 2}
 
-    @wf.step(retry=Retry(max_attempts=5, backoff_s=0.01, jitter=0.0), timeout_s=0.25)
+    @wf.step(retry=Retry(max_attempts=5, backoff_s=0.01, jitter=0.0), timeout_s=0.25, concurrency="recovery_llm")
     def summarize(ctx: StepContext, state: RecoveryState) -> None:
         if ctx.attempt == 1:
             time.sleep(0.5)  # longer than timeout_s: this attempt times out
