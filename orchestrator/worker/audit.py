@@ -34,7 +34,7 @@ class PendingAudit:
         self._batcher = batcher
         self._store = store
         self._worker = worker
-        self._lanes = dict(lanes)  # stream -> (queue, partition)
+        self._lanes = lanes  # stream -> (queue, partition): the worker's own, which gains the priority lanes in use
         self._lease_ms = lease_ms
         self._suspects: set[tuple[str, str]] = set()
 

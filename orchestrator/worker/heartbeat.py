@@ -98,7 +98,7 @@ class Heartbeat(threading.Thread):
         self._client = client
         self._store = store
         self._worker_id = worker_id
-        self._queues = list(queues)
+        self._queues = queues  # the worker's lanes: it adds the priority lanes that come in use
         self._info = dict(info)
         self._table = table
         self._interval_s = interval_s
@@ -152,7 +152,7 @@ class Heartbeat(threading.Thread):
                 item.on_lost("stalled")
         calls = [
             self._store.heartbeat(
-                worker=self._worker_id, ttl_ms=self._lease_ms * 10, queues=self._queues, info=self._info
+                worker=self._worker_id, ttl_ms=self._lease_ms * 10, queues=tuple(self._queues), info=self._info
             )
         ]
         calls += [

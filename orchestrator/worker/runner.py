@@ -330,7 +330,7 @@ class Worker:
             client=sync_redis,
             store=self.store,
             worker_id=self.id,
-            queues=self.queues,
+            queues=self.lanes,  # announced at every beat: a queues set lost with Redis' data comes back
             info=info,
             table=self._table,
             interval_s=self.settings.heartbeat_interval_s,

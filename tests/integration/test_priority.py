@@ -16,10 +16,11 @@ from orchestrator import Client, Settings, StepContext, Workflow
 from orchestrator.chaos.ledger import Ledger
 from orchestrator.cli.render import status_text
 from orchestrator.errors import DefinitionError, ValidationError
+from orchestrator.keys import GROUP
 from orchestrator.priority import PRIORITIES, Picker, lane, split
 from tests.conftest import ON_CLUSTER
 from tests.harness import process_env, run_cli, worker_thread
-from tests.helpers import readme_example
+from tests.helpers import readme_example, wait_until
 from workers.testflows import Survey, survey
 
 
@@ -161,3 +162,30 @@ def test_the_readme_priority_example_runs_as_written(client: Client, settings: S
     assert final.notes[-1] == "2 rivals read" and client.get(module.mine.run_id).priority == "high"
     assert {client.get(run.run_id).priority for run in module.nightly} == {"low"}
     assert "default..high" in worker.lanes and "default..low" in worker.lanes
+
+
+def test_an_entry_of_a_lane_a_live_worker_lost_track_of_is_given_back_by_its_own_audit(
+    client: Client, settings: Settings
+) -> None:
+    """A lane that came in use after the worker started is audited too: an entry delivered to the
+    worker's consumer that it never saw (a reply lost with its connection, Redis restored from an
+    older copy) is given back by the worker itself (no supervisor here), then runs."""
+    stream = client.keys.queue_of("default..high", "lost-hi").stream
+    with worker_thread([jobs], settings, worker_id="w-lane") as worker:
+        client.submit(jobs, Job(), run_id="warm").wait(timeout_s=10)  # the worker runs, reading no lane yet
+        client.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        run = client.submit(jobs, Job(), run_id="lost-hi", priority="high")
+        assert client.redis.xreadgroup(GROUP, "w-lane", {stream: ">"})  # delivered to the worker, unseen
+        run.wait(timeout_s=20)
+        assert "default..high" in worker.lanes
+    given_back = [e for e in client.events("lost-hi") if e.type == "redispatched"]
+    assert len(given_back) == 1 and "given up by w-lane" in (given_back[0].detail or "")
+
+
+def test_the_heartbeat_announces_the_lanes_so_a_queues_set_lost_with_redis_data_comes_back(
+    client: Client, settings: Settings
+) -> None:
+    with worker_thread([jobs], settings):
+        client.submit(jobs, Job(), run_id="hi", priority="low").wait(timeout_s=10)
+        client.redis.srem(client.keys.queues, "default..low")  # Redis restored from an older copy
+        wait_until(lambda: client.redis.sismember(client.keys.queues, "default..low"), what="the lane announced")
