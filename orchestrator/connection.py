@@ -66,6 +66,12 @@ _PASSING = (
 )
 
 
+def server_ms(client: redis.Redis) -> int:
+    """The Redis server's clock in ms (TIME: a keyless command, so never in a cluster's pipeline)."""
+    sec, usec = client.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
 def outcome_unknown_or_passing(exc: BaseException) -> bool:
     """True when resending the same call is the right answer to ``exc``.
 

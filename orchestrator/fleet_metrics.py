@@ -16,7 +16,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from orchestrator.connection import REDIS_FAILURES
+from orchestrator.connection import REDIS_FAILURES, server_ms
 from orchestrator.counters import add_up, with_derived
 from orchestrator.figures import RUN_STATUSES, Detail, apportion, compound, known_workflows, parse_detail
 from orchestrator.keys import GROUP, Keys
@@ -121,13 +121,12 @@ class FleetCollector(Collector):
         pipe.smembers(self.keys.queues)
         pipe.smembers(self.keys.permits)
         *hashes, queues, permits = pipe.execute()
-        sec, usec = self.client.time()  # a keyless command: a cluster's pipelines refuse it
+        now_ms = server_ms(self.client)
         n = len(self.keys.all_stats)
         raw_detail = add_up(hashes[n:])
         stats = with_derived(add_up(hashes[:n]), raw_detail)
         detail = parse_detail(raw_detail)
         known = known_workflows(detail)
-        now_ms = int(sec) * 1000 + int(usec) // 1000
         yield from self._counters(stats, detail, known)
         yield from self._compound(detail)
         yield from self._queues(sorted(queues), now_ms)

@@ -22,6 +22,7 @@ import redis.asyncio as aredis
 from pydantic import BaseModel
 
 from orchestrator import scripts
+from orchestrator.connection import server_ms
 from orchestrator.errors import DefinitionError
 from orchestrator.keys import Keys
 from orchestrator.ratelimit import LIMIT_NAME
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
     from orchestrator.workflow import Workflow
 
 STALE_POLLS = 4  # a waiter that has not asked for this many polls has left the line
+
+
+def stale_ms(permit_poll_s: float) -> int:
+    """How long a waiter may go without asking before it leaves the line (``permit.lua``)."""
+    return int(permit_poll_s * 1000 * STALE_POLLS)
 
 
 @dataclass(frozen=True)
@@ -118,8 +124,7 @@ def read_permits(client: redis.Redis, keys: Keys, names: Sequence[str] | None = 
     """The concurrency limits ``names`` (default: every one the fleet knows), as Redis holds them now."""
     if names is None:
         names = sorted(str(n) for n in client.smembers(keys.permits))
-    sec, usec = client.time()
-    now = int(sec) * 1000 + int(usec) // 1000
+    now = server_ms(client)
     pipe = client.pipeline(transaction=False)
     for name in names:
         pk = keys.permit(name)

@@ -61,11 +61,13 @@ class Picker:
         """Take up to ``slots`` entries out of ``waiting`` (oldest first), in the order to start them."""
         chosen: list[T] = []
         rank: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
+        levels = [level(item) for item in waiting]  # once: a pick pops from both lists
         while waiting and len(chosen) < slots:
             preferred: str = SHARES[self.picks % len(SHARES)]
             self.picks += 1
-            levels = [level(item) for item in waiting]
             if preferred not in levels:
                 preferred = min(levels, key=lambda lv: rank.get(lv, 1))
-            chosen.append(waiting.pop(levels.index(preferred)))
+            at = levels.index(preferred)
+            levels.pop(at)
+            chosen.append(waiting.pop(at))
         return chosen

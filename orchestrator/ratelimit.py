@@ -21,6 +21,7 @@ import redis
 from pydantic import BaseModel
 
 from orchestrator import scripts
+from orchestrator.connection import server_ms
 from orchestrator.errors import DefinitionError, ValidationError
 from orchestrator.keys import Keys
 
@@ -130,8 +131,7 @@ def read_limits(client: redis.Redis, keys: Keys, names: Sequence[str] | None = N
     """The limits ``names`` (default: every one the fleet knows), as Redis holds them now."""
     if names is None:
         names = sorted(str(n) for n in client.smembers(keys.rate_limits))
-    sec, usec = client.time()
-    now = int(sec) * 1000 + int(usec) // 1000
+    now = server_ms(client)
     pipe = client.pipeline(transaction=False)
     for name in names:
         state, reserved = keys.rate_limit(name)

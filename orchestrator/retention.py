@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import redis
 
 from orchestrator import scripts
+from orchestrator.connection import server_ms
 from orchestrator.store import Store
 
 PAGE = 500
@@ -45,8 +46,7 @@ def purge_finished(
 
     With ``dry_run`` nothing is deleted; the runs that would be are counted.
     """
-    sec, usec = client.time()
-    cutoff_ms = sec * 1000 + usec // 1000 - age_ms
+    cutoff_ms = server_ms(client) - age_ms
     result = Purged()
     deadline = None if budget_s is None else time.monotonic() + budget_s
     for part in store.keys.parts:

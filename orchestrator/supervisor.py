@@ -40,7 +40,7 @@ from orchestrator.keys import GROUP, Keys
 from orchestrator.layout import check_layout
 from orchestrator.metrics import FleetCollector, MetricsServer, SupervisorMetrics
 from orchestrator.outage import Outage
-from orchestrator.permits import STALE_POLLS, wake_sync
+from orchestrator.permits import stale_ms, wake_sync
 from orchestrator.retention import purge_finished
 from orchestrator.settings import Settings
 from orchestrator.store import FINISHED_IN, Outcome, Store
@@ -345,8 +345,7 @@ class Supervisor:
         names = sorted(str(name) for name in self.redis.smembers(self.keys.permits))
         if not names:
             return 0
-        stale_ms = int(self.settings.permit_poll_s * 1000 * STALE_POLLS)
-        calls = [self.store.permit(name, "", "sweep", stale_ms) for name in names]
+        calls = [self.store.permit(name, "", "sweep", stale_ms(self.settings.permit_poll_s)) for name in names]
         woken = 0
         for name, reply in zip(names, scripts.execute(self.redis, calls, raise_on_error=False), strict=True):
             if isinstance(reply, list) and reply and reply[0] != "INVALID":

@@ -15,6 +15,7 @@ import redis
 from pydantic import BaseModel
 
 from orchestrator.codec import HistoryEvent
+from orchestrator.connection import server_ms
 from orchestrator.keys import GROUP, Keys
 from orchestrator.runs import TERMINAL, RunInfo
 from orchestrator.runs import Waiting as SignalWait
@@ -71,7 +72,7 @@ def span(ms: int) -> str:
 def explain(client: redis.Redis, keys: Keys, run_id: str, reclaim_interval_s: float) -> Why | None:
     """Why run ``run_id`` is where it is; None when there is no such run."""
     rk = keys.run(run_id)
-    seconds, micros = client.time()  # a keyless command: a cluster's pipelines refuse it
+    now = server_ms(client)
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(rk.run)
     pipe.lrange(rk.history, -LOOK_BACK, -1)
@@ -80,7 +81,6 @@ def explain(client: redis.Redis, keys: Keys, run_id: str, reclaim_interval_s: fl
     record, raw_events, signals, children = pipe.execute()
     if not record:
         return None
-    now = int(seconds) * 1000 + int(micros) // 1000
     events = [HistoryEvent.model_validate_json(e) for e in raw_events]
     info = RunInfo.from_hash(run_id, record, signals, children)
     waiting_for, text, details = _answer(client, keys, info, record, events, now, reclaim_interval_s)

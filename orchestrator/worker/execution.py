@@ -18,7 +18,7 @@ from orchestrator.codec import Dispatch, loads
 from orchestrator.connection import REDIS_FAILURES
 from orchestrator.context import ClaimLost, StepContext
 from orchestrator.errors import DefinitionError, OrchestratorError, ValidationError
-from orchestrator.permits import STALE_POLLS, ConcurrencyLimit, forget_gone, wake_calls
+from orchestrator.permits import ConcurrencyLimit, forget_gone, stale_ms, wake_calls
 from orchestrator.ratelimit import RateLimit
 from orchestrator.store import Claimed
 from orchestrator.worker.heartbeat import InFlight
@@ -203,10 +203,9 @@ class StepExecution(Outcomes):
         """Take a permit of the step's concurrency limit, or give the step back to wait in the
         limit's line (no user code runs; the worker slot is free at once). False when given back."""
         rt, d = self.rt, self.dispatch
-        stale_ms = int(rt.settings.permit_poll_s * 1000 * STALE_POLLS)
         acquire = rt.store.permit(
             limit.name, limit.limit, "acquire", d.run, self.token, self.claimed.fence, rt.settings.lease_ms,
-            self.queue, stale_ms,
+            self.queue, stale_ms(rt.settings.permit_poll_s),
         )  # fmt: skip
         reply = await self._send(acquire, "permit", quiet=True)
         if reply is None:

@@ -456,10 +456,11 @@ class Worker:
     async def _reader(self, client: aredis.Redis, partition: int | None) -> None:
         assert self._stopping is not None
         outage = Outage(log, "reading the queues", self.settings.plain_url(), fields={"worker": self.id})
-        streams = self._streams_of(partition)
-        offsets: dict[Any, Any] = dict.fromkeys(streams, ">")
+        served = len(self._streams)
+        offsets: dict[Any, Any] = dict.fromkeys(self._streams_of(partition), ">")
         while not self._stopping.is_set():
-            if len(self._streams_of(partition)) != len(streams):  # a priority lane came in use
+            if len(self._streams) != served:  # a priority lane came in use (streams are only added)
+                served = len(self._streams)
                 streams = self._streams_of(partition)
                 await ensure_groups(client, [s for s in streams if s not in offsets])
                 offsets = dict.fromkeys(streams, ">")
@@ -486,7 +487,7 @@ class Worker:
                     continue
                 # the stream or its group vanished (Redis lost its data, an operator's DEL): make it again
                 log.warning("a queue's consumer group is gone; creating it again", extra={"error": str(exc)})
-                await ensure_groups(client, streams)
+                await ensure_groups(client, list(offsets))
                 continue
             except REDIS_FAILURES as exc:
                 await self._pause(outage.failed(exc))
