@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from pydantic import BaseModel
@@ -29,6 +29,9 @@ from orchestrator.priority import split
 from orchestrator.runs import TERMINAL
 from orchestrator.store import Outcome, Store
 from orchestrator.workflow import StartChildren, Workflow
+
+if TYPE_CHECKING:
+    from orchestrator.bridge.callback import Callbacks
 
 log = logging.getLogger("orchestrator.children")
 GROUP = "parents"  # the consumer group of the supervisors on each partition's finished stream
@@ -278,10 +281,12 @@ def relay(
     groups: set[str],
     reclaim: bool = False,
 ) -> dict[str, int]:
-    """Relay the ``finished`` notices of ``partitions``: each child's outcome to its parent, and
-    a cancelled parent's cancel to its children. A notice is acked and deleted once relayed; with
-    ``reclaim``, notices another supervisor left pending for a minute (it died) are taken over.
-    One round trip reads every partition; ``groups`` remembers the streams whose group exists."""
+    """Relay the ``finished`` notices of ``partitions``: each child's outcome to its parent, a
+    cancelled parent's cancel to its children, and a run's ``on_finish`` callback to its RQ queue
+    (orchestrator.bridge.callback). A notice is acked and deleted once relayed; with ``reclaim``,
+    notices another supervisor left pending for a minute (it died; a callback Redis refused) are
+    taken over. One round trip reads every partition; ``groups`` remembers the streams whose group
+    exists."""
     streams = [store.keys.part(p).finished for p in partitions]
     for stream in streams:
         if stream not in groups:
@@ -305,14 +310,35 @@ def relay(
             notices += [(stream, entry_id, fields) for entry_id, fields in batch]
         for claimed in stale:
             notices += [(stream, entry_id, fields) for entry_id, fields in (claimed[1] if claimed else [])]
-    counts = {"children_reported": 0, "children_cancelled": 0}
-    for stream, entry_id, fields in notices:
-        run_id = fields.get("run", "")
-        counts["children_reported"] += bool(run_id) and report(client, store, run_id, unless_recorded=True) is not None
-        # a parent that ended (cancelled, or failed: a map's failed item, its deadline) leaves
-        # no child running
-        if run_id and client.hget(store.keys.run(run_id).run, "status") in ("cancelled", "failed"):
-            counts["children_cancelled"] += cancel_children(client, store, run_id)
-        client.xack(stream, GROUP, entry_id)
-        client.xdel(stream, entry_id)
+    from orchestrator.bridge.callback import Callbacks  # here: the bridge imports the client, which imports us
+
+    counts = {"children_reported": 0, "children_cancelled": 0, "callbacks_enqueued": 0}
+    callbacks = Callbacks(client, store.keys.namespace)  # connects to RQ at its first callback
+    try:
+        for stream, entry_id, fields in notices:
+            run_id = fields.get("run", "")
+            if run_id and not _relay_run(client, store, run_id, counts, callbacks):
+                continue  # its callback is not enqueued yet: the notice stays pending, taken over later
+            client.xack(stream, GROUP, entry_id)
+            client.xdel(stream, entry_id)
+    finally:
+        callbacks.close()
     return counts
+
+
+def _relay_run(client: redis.Redis, store: Store, run_id: str, counts: dict[str, int], callbacks: Callbacks) -> bool:
+    """Relay the notice of ``run_id``; False when it must stay pending: the run's callback could
+    not be enqueued (``Callbacks``: it is enqueued once per finish, however often it is sent)."""
+    counts["children_reported"] += report(client, store, run_id, unless_recorded=True) is not None
+    rk = store.keys.run(run_id)
+    status, on_finish, finished_ms, error = _strings(
+        client.hmget(rk.run, "status", "on_finish", "finished_ms", "error")
+    )
+    # a parent that ended (cancelled, or failed: a map's failed item, its deadline) leaves no child running
+    if status in ("cancelled", "failed"):
+        counts["children_cancelled"] += cancel_children(client, store, run_id)
+    if not on_finish or status not in TERMINAL:  # no callback; or the run was retried: its next finish says so
+        return True
+    sent = callbacks.send(run_id, status, on_finish, finished_ms or "", error)
+    counts["callbacks_enqueued"] += sent == "ENQUEUED"
+    return sent != "FAILED"

@@ -17,8 +17,8 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 import pydantic
 import redis
@@ -48,6 +48,9 @@ from orchestrator.settings import Settings
 from orchestrator.store import FINISHED_IN, Outcome, Store
 from orchestrator.why import Why, explain
 from orchestrator.workflow import FreeState, Workflow, defined
+
+if TYPE_CHECKING:
+    from orchestrator.bridge.callback import OnFinish
 
 S = TypeVar("S", bound=BaseModel)
 P = ParamSpec("P")
@@ -154,6 +157,7 @@ class Client:
         run_id: str | None = None,
         deadline_s: float | None = None,
         priority: Priority = "normal",
+        on_finish: OnFinish | Mapping[str, object] | None = None,
     ) -> Run[S]:
         """Start a run of ``workflow`` with ``input``, or return the existing run with this id.
 
@@ -163,11 +167,20 @@ class Client:
         ``priority`` (``high``, ``normal``, ``low``): workers start higher levels first, each level
         its share (orchestrator.priority); the run's map items and its children on its queue
         run at its level. Kept from the first submit of a run id.
-        Raises :class:`ValidationError` (naming the field) for invalid input, run id or
-        deadline, and :class:`RunConflict` when the id belongs to a run of another workflow or
-        input.
+        ``on_finish`` (an ``orchestrator.bridge.callback.OnFinish``, or a dict of its fields):
+        an RQ job to enqueue once the run finishes, whatever its status (the supervisor's relay
+        does). Kept from the first submit of a run id; refused on a Redis Cluster (RQ does not
+        support it).
+        Raises :class:`ValidationError` (naming the field) for invalid input, run id, deadline
+        or callback, and :class:`RunConflict` when the id belongs to a run of another workflow
+        or input.
         """
         deadline_ms = deadline_to_ms(deadline_s)
+        callback = None
+        if on_finish is not None:
+            from orchestrator.bridge.callback import stored  # here: the bridge imports this module
+
+            callback = stored(on_finish, self.redis)
         queue = lane(workflow.queue, priority)
         self._check_layout(record=True)  # the namespace's first submit records its partition count
         run_id = run_id or uuid.uuid4().hex
@@ -187,6 +200,7 @@ class Client:
             state=fields,
             deadline_ms=deadline_ms,
             step_deadlines=workflow.step_deadlines_ms(),
+            on_finish=callback,
         )
         created, *rest = scripts.execute(self.redis, [call, scripts.command("SADD", self.keys.queues, queue)])[0]
         if not created:

@@ -165,6 +165,9 @@ class HistoryEvent(Wire):
     until_ms: int | None = None  # "sleeping": when the run wakes; "waiting": when its wait times out (Redis clock)
     signal: str | None = None  # "signal", "signalled", "waiting", "timed_out": the signal's name
     signal_id: str | None = None  # "signal", "signalled": the id the sender gave it
+    executor: str | None = None  # "rq": an attempt run by an RQ work-horse (orchestrator.bridge)
+    rq_job: str | None = None  # ... its RQ job id
+    rq_worker: str | None = None  # ... the RQ worker whose work-horse ran it
 
 
 # -- encoding -----------------------------------------------------------------------------

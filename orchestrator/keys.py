@@ -37,7 +37,8 @@ Key                                Type    Holds                                
                                            ``wait_into``, ``wait_on_timeout``,
                                            ``wait_ms``; step deadlines
                                            ``sd:<step>`` (ms), ``sd``, and
-                                           ``queued_ms``
+                                           ``queued_ms``; ``on_finish``: an RQ
+                                           callback (JSON, bridge/callback.py)
 ``<ns>:run:{T}:R:state``           hash    current state: top-level field -> JSON  submit, commit       as the run
                                            (input, then each committed update)
 ``<ns>:run:{T}:R:results``         hash    idempotency key -> step record (the     commit (only if      as the run
@@ -60,10 +61,15 @@ Key                                Type    Holds                                
 ``<ns>:run:{T}:R:output``          stream  live step output (``ctx.emit``): step,  the worker running  MAXLEN ~
                                            visit, attempt, fence, data (JSON); not a step (no fence    ``max_output_
                                            state, not durable (output.py)          check)               entries``; as the run
+``<ns>:run:{T}:R:rq:J``            string  an RQ work-horse running RQ job ``J``   the work-horse       PX 3 x its beat
+                                           of a bridged step (bridge/horse.py):    (SET, no script:     while it runs;
+                                           JSON pid, host, RQ worker, then its     only its own job's   ``result_ttl_s``
+                                           ``outcome`` once written                key)                 with the outcome
 ``<ns>:finished:{T}``              stream  run ids of linked runs (children, and   the scripts that     XDEL once relayed
-                                           parents of children) that finished in   finish a run;        (consumer group
-                                           this partition, for the supervisor to   the supervisor       ``parents``)
-                                           relay (child_done.lua, cancels)         reads
+                                           parents of children) and of runs with   finish a run;        (consumer group
+                                           an ``on_finish`` that finished in this  the supervisor       ``parents``)
+                                           partition, for the supervisor to relay  reads
+                                           (child_done.lua, cancels, RQ callbacks)
 ``<ns>:run:{T}:R:signals``         hash    signals sent to the run: ``#`` count,   signal; commit (a    as the run (at most
                                            ``s:<id>`` record (name, digest, time), WaitFor takes one    ``max_signals_per_
                                            ``b:<id>`` payload and ``q:<name>`` ids sent before), promote run`` records)
@@ -311,6 +317,11 @@ class Keys:
     def run(self, run_id: str) -> RunKeys:
         base = f"{self.namespace}:run:{{{self.tag(self.partition_of(run_id))}}}:{run_id}"
         return RunKeys.under(base)
+
+    def horse(self, run_id: str, job_id: str) -> str:
+        """The beat, then the outcome, of the RQ work-horse that runs RQ job ``job_id`` of a
+        bridged step of ``run_id`` (orchestrator.bridge); expires on its own."""
+        return f"{self.run(run_id).run}:rq:{job_id}"
 
     def queue(self, name: str, partition: int) -> QueueKeys:
         tag = f"{{{self.tag(partition)}}}:{name}"

@@ -51,8 +51,9 @@ class WorkerMetrics:
         self.attempts = Counter(
             "orchestrator_step_attempts",
             "Step attempts this worker finished, by outcome: ok, "
-            "error, timeout, crashed (a previous attempt found dead), fenced, duplicate, released.",
-            ["workflow", "step", "outcome"],
+            "error, timeout, crashed (a previous attempt found dead), fenced, duplicate, released; executor: "
+            "worker (ran in the worker) or rq (ran in an RQ work-horse, orchestrator.bridge).",
+            ["workflow", "step", "outcome", "executor"],
             registry=r,
         )
         self.duration = Histogram(
@@ -123,13 +124,14 @@ class WorkerMetrics:
         )
         self.info = Info("orchestrator_worker", "This worker: version and id.", registry=r)
 
-    def announce(self, steps: dict[str, list[str]]) -> None:
+    def announce(self, steps: dict[str, dict[str, str]]) -> None:
         """Create the per-step series at 0: a series born at its first increment hides that
-        increment from rate() (a counter's first sample has nothing to compare with)."""
-        for workflow, names in steps.items():
-            for step in names:
+        increment from rate() (a counter's first sample has nothing to compare with).
+        ``steps``: workflow -> step -> executor."""
+        for workflow, executors in steps.items():
+            for step, executor in executors.items():
                 for outcome in ("ok", "error"):
-                    self.attempts.labels(workflow, step, outcome)
+                    self.attempts.labels(workflow, step, outcome, executor)
                 self.duration.labels(workflow, step)
                 self.retries.labels(workflow, step)
                 self.stash_writes.labels(workflow, step)

@@ -145,10 +145,12 @@ class Store:
         deadline_ms: int | None = None,
         step_deadlines: Mapping[str, int] | None = None,
         parent: tuple[str, str, int] | None = None,
+        on_finish: str | None = None,
     ) -> Call:
         """``deadline_ms``: how long the run may take, from its creation (server clock);
         ``step_deadlines``: each step's ``deadline_s`` in ms, by name (``Workflow.step_deadlines_ms``);
-        ``parent``: a child run's parent (run id, queue, the child's index)."""
+        ``parent``: a child run's parent (run id, queue, the child's index); ``on_finish``: the
+        run's RQ callback, JSON (``OnFinish.to_json``)."""
         rk, qk, pk = self._run(run_id), self.keys.queue_of(queue, run_id), self.keys.part_of(run_id)
         return scripts.load("submit").call(
             [rk.run, rk.state, rk.history, qk.stream, qk.queued, pk.stats_detail, pk.deadlines],
@@ -163,6 +165,7 @@ class Store:
                 "" if deadline_ms is None else deadline_ms,
                 json.dumps(dict(step_deadlines)) if step_deadlines else "",
                 "|".join(map(str, parent)) if parent else "",
+                on_finish or "",
                 *_pairs(state),
             ],
         )
@@ -408,9 +411,12 @@ class Store:
             [worker, ttl_ms, ",".join(queues), *_pairs(info)],
         )
 
-    def redispatch(self, *, queue: str, entry_id: str, consumer: str, dispatch: Dispatch, giver: str = "") -> Call:
+    def redispatch(
+        self, *, queue: str, entry_id: str, consumer: str, dispatch: Dispatch, giver: str = "", why: str = ""
+    ) -> Call:
         """Re-enqueue an entry whose claim is not live. ``giver``: the worker giving up an entry
-        of its own that it is not running ('' from the supervisor)."""
+        of its own that it is not running ('' from the supervisor); ``why``: the event's words
+        for it, when not the usual ones."""
         rk, qk, pk = self._at(dispatch.run, queue)
         return scripts.load("redispatch").call(
             [rk.run, pk.alive, rk.results, qk.stream, rk.history, pk.stats, qk.queued, pk.active],
@@ -423,6 +429,7 @@ class Store:
                 idempotency_key(dispatch.run, dispatch.step, dispatch.visit, dispatch.wf),
                 consumer,
                 giver,
+                why,
             ],
         )
 

@@ -9,14 +9,15 @@ the reads; the answer then describes the moment of the first one, as any status 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis
 from pydantic import BaseModel
 
+from orchestrator.bridge.executor import SERIALIZER, job_id
 from orchestrator.codec import HistoryEvent
 from orchestrator.connection import server_ms
-from orchestrator.keys import GROUP, Keys
+from orchestrator.keys import GROUP, Keys, idempotency_key
 from orchestrator.runs import TERMINAL, RunInfo
 from orchestrator.runs import Waiting as SignalWait
 
@@ -222,7 +223,8 @@ def _claimed(
             f"running {where} (attempt {info.attempt}) on worker {worker} (alive, {beat}) since "
             f"{stamp(since)} ({span(now - since)})."
         )
-        return "worker", text, details
+        on_rq, rq_details = _on_rq(client, keys, info, record)
+        return "worker", text + on_rq, {**details, **rq_details}
     lapsed = f"at {stamp(deadline)}" if deadline is not None else "(its worker left the fleet)"
     expected = max(now, deadline or now) + int(reclaim_interval_s * 1000)
     text = (
@@ -230,6 +232,33 @@ def _claimed(
         f"supervisor re-dispatches the step, expected by {stamp(expected)}; the next attempt counts a crash."
     )
     return "recovery", text, {**details, "expected_ms": expected}
+
+
+def _on_rq(client: redis.Redis, keys: Keys, info: RunInfo, record: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """Where a claimed step that runs on RQ (orchestrator.bridge) is in RQ: its job of this
+    claim, and the RQ workers listening on its queue when it waits there ('' for other steps,
+    and when RQ's keys cannot be read: a reader's ACL may cover only ours)."""
+    rq_job = job_id(keys.namespace, idempotency_key(info.run_id, info.step, info.visit, info.workflow),
+                    int(record.get("claim_fence") or 0))  # fmt: skip
+    try:
+        status, rq_worker, queue = cast(
+            list[str | None], client.hmget(f"rq:job:{rq_job}", "status", "worker_name", "origin")
+        )
+        if status is None:
+            return "", {}
+        details = {"rq_job": rq_job, "rq_status": status, "rq_queue": queue, "rq_worker": rq_worker or None}
+        if status == "started":
+            return f" Its code runs on RQ: job {rq_job} on RQ worker {rq_worker} (queue {queue}).", details
+        members = list(cast(set[str], client.smembers(f"rq:workers:{queue}")))
+        live = client.exists(*members) if members else 0
+        listening = f"{live} RQ worker(s) listen on it" if live else (
+            f"no RQ worker listens on it: start one (rq worker {queue} -S {SERIALIZER})"
+        )  # fmt: skip
+        return f" Its code waits on RQ: job {rq_job} is {status} on RQ queue {queue}; {listening}.", {
+            **details, "rq_workers": live,
+        }  # fmt: skip
+    except redis.RedisError:
+        return "", {}
 
 
 def _queued(client: redis.Redis, keys: Keys, info: RunInfo, dispatch: str, now: int, where: str) -> Answer:

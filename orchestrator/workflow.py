@@ -8,6 +8,7 @@ against the workflow's pydantic state model before it is persisted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import math
@@ -22,6 +23,7 @@ import pydantic
 import pydantic_core
 from pydantic import BaseModel, ConfigDict
 
+from orchestrator.bridge.executor import RQ
 from orchestrator.codec import (
     STEP_NAME,
     WORKFLOW_NAME,
@@ -225,6 +227,12 @@ class StepDef:
     deadline_s: float | None = None
     rate_limit: RateLimit | None = None  # admitted under it before it runs (orchestrator.ratelimit)
     concurrency: ConcurrencyLimit | None = None  # holds a permit of it while it runs (orchestrator.permits)
+    executor: RQ | None = None  # runs on an RQ fleet (orchestrator.bridge) instead of in the worker
+
+    @property
+    def runs_on(self) -> str:
+        """The metrics' ``executor`` label: ``worker`` or ``rq``."""
+        return "worker" if self.executor is None else "rq"
 
 
 @dataclass(frozen=True)
@@ -370,6 +378,7 @@ class Workflow(Generic[S]):
         deadline_s: float | None = None,
         rate_limit: str | RateLimit | None = None,
         concurrency: str | ConcurrencyLimit | None = None,
+        executor: RQ | None = None,
     ) -> Callable[[F], F]: ...
 
     def step(
@@ -384,6 +393,7 @@ class Workflow(Generic[S]):
         deadline_s: float | None = None,
         rate_limit: str | RateLimit | None = None,
         concurrency: str | ConcurrencyLimit | None = None,
+        executor: RQ | None = None,
     ) -> F | Callable[[F], F]:
         """Register a step; usable as ``@flow.step`` or ``@flow.step(retry=...)``.
 
@@ -400,13 +410,18 @@ class Workflow(Generic[S]):
         waits, holding no worker slot, until its reserved moment. ``concurrency`` (a name declared
         with :meth:`concurrency_limit`, or a :class:`~orchestrator.permits.ConcurrencyLimit`)
         makes each attempt hold a permit of that fleet-wide limit while it runs: one that finds
-        none free waits in line, holding no worker slot, until one is free for it.
+        none free waits in line, holding no worker slot, until one is free for it. ``executor``
+        (an :class:`~orchestrator.bridge.RQ`) runs the step's code in a work-horse of an RQ
+        worker that listens on that RQ queue; the worker keeps the claim and watches the job
+        (orchestrator.bridge: ``RQ(timeout_s=...)`` is the hard limit, ``timeout_s`` does not apply).
         """
 
         def register(func: F) -> F:
             step_name = name or func.__name__
             limits = self._limit(rate_limit, step_name), self._permit(concurrency, step_name)
             self._add(func, step_name, retry or Retry(), timeout_s, heartbeat_timeout_s, deadline_s, *limits)
+            if executor is not None:
+                self._bridge(step_name, executor)
             return func
 
         return register(fn) if fn is not None else register
@@ -442,6 +457,15 @@ class Workflow(Generic[S]):
         self.steps.append(
             StepDef(name, fn, is_async, retry, timeout_s, heartbeat_timeout_s, deadline_s, rate_limit, concurrency)
         )
+
+    def _bridge(self, step: str, executor: RQ) -> None:
+        """Hand the step ``step`` (just added) to ``executor``."""
+        where = f"step {step!r} of workflow {self.name!r}: executor"
+        if not isinstance(executor, RQ):
+            raise DefinitionError(f"{where}={executor!r} is invalid: expected RQ(queue, timeout_s=...)")
+        if ITEM_MARK in self.name:
+            raise DefinitionError(f"{where}: map items cannot run on RQ yet; a step can")
+        self.steps[-1] = dataclasses.replace(self.steps[-1], executor=executor)
 
     def rate_limit(
         self, name: str, rate: float, *, per_s: float = 60.0, burst: float = 1.0, cost: float = 1.0

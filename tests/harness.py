@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from orchestrator import Settings, Supervisor, Worker, Workflow
+from orchestrator.bridge.executor import SERIALIZER
 from orchestrator.connection import connect
 from orchestrator.embedded import bundled_server
 from orchestrator.keys import Keys
@@ -178,3 +179,35 @@ def start_supervisor(
 ) -> Proc:
     env = process_env(settings, ORCHESTRATOR_FAULTS=faults)
     return Proc(["supervisor"], env, tmp / f"{name}.log", launcher)
+
+
+def start_rq_worker(
+    settings: Settings,
+    tmp: Path,
+    queue: str | Sequence[str],
+    *,
+    name: str = "rq",
+    simple: bool = False,
+    faults: str = "",
+    pythonpath: Path | None = None,
+) -> Proc:
+    """A real ``rq worker`` on the test's Redis, started as docs/from-rq.md says (the JSON
+    serializer bridged steps need), with this repository importable (``workers.rqflows``).
+    ``simple``: RQ's ``SimpleWorker`` (no work-horse: jobs run in the worker process)."""
+    env = process_env(settings, ORCHESTRATOR_FAULTS=faults)
+    if pythonpath is not None:  # where the app's workflow module is
+        env["PYTHONPATH"] = f"{pythonpath}{os.pathsep}{env['PYTHONPATH']}"
+    args = [
+        "worker",
+        *([queue] if isinstance(queue, str) else queue),
+        "--url",
+        settings.plain_url(),
+        "-S",
+        SERIALIZER,
+        "--job-monitoring-interval",
+        "1",
+    ]
+    args += ["--name", f"{name}-{os.getpid()}-{threading.get_ident() % 10_000}-{len(os.listdir(tmp))}"]
+    if simple:
+        args += ["-w", "rq.worker.SimpleWorker"]
+    return Proc(args, env, tmp / f"{name}.log", launcher=(sys.executable, "-m", "rq.cli"))

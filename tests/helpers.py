@@ -42,11 +42,16 @@ def heartbeat_until_lost(ctx: StepContext, lost: list[str], seconds: float = 10.
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def readme_code(heading: str, *, block: int = 0) -> str:
+    """The ``block``-th ```python block under README heading ``heading``, verbatim."""
+    section = README.read_text().split(f"\n{heading}\n", 1)[1]
+    return section.split("```python\n")[block + 1].split("```\n", 1)[0]
+
+
 def readme_example(heading: str, *, block: int = 0, into: types.ModuleType | None = None) -> types.ModuleType:
     """Run the ``block``-th ```python block under README heading ``heading`` verbatim, as the
     module an app would keep it in (pydantic resolves its models there), or in ``into``."""
-    section = README.read_text().split(f"\n{heading}\n", 1)[1]
-    code = section.split("```python\n")[block + 1].split("```\n", 1)[0]
+    code = readme_code(heading, block=block)
     if into is None:
         into = types.ModuleType("readme_" + "".join(c if c.isalnum() else "_" for c in heading.strip("# ").lower()))
         sys.modules[into.__name__] = into

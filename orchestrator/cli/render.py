@@ -81,7 +81,7 @@ def _ends(info: RunInfo) -> list[str]:
 
 
 OUTCOME_NOTE = {
-    "crashed": "worker died; the next attempt resumes from the last persisted step",
+    "crashed": "attempt lost (its worker or RQ work-horse died); the next resumes from the last persisted step",
     "fenced": "late result of a replaced attempt, refused",
     "released": "given back at shutdown",
     "timeout": "timed out",
@@ -100,6 +100,8 @@ def _event_line(ev: HistoryEvent) -> str:
     if ev.signal:
         note = f"signal {ev.signal}" + (f" ({ev.signal_id})" if ev.signal_id else "")
         note += f", times out {stamp(ev.until_ms)}" if ev.until_ms else ""
+    if ev.rq_job:
+        note = f"{note} [RQ job {ev.rq_job} on {ev.rq_worker or '?'}]".lstrip()
     worker = ev.worker or ""
     return f"{clock(ev.at)}  {ev.type:<12} {where:<22} {attempt:<6} {duration:>9}  {worker:<24} {note}".rstrip()
 
@@ -140,13 +142,16 @@ def live_line(ev: HistoryEvent | OutputEvent, t0: int) -> str:
     at = f"+{(ev.at - t0) / 1000:5.1f}s"
     step = f"{ev.step:<17}" if ev.step else " " * 17
     where = f" on {ev.worker}" if ev.worker else ""
+    if ev.rq_job:
+        where = f" on RQ worker {ev.rq_worker or '?'} (job {ev.rq_job}, for {ev.worker})"
     took = f" ({seconds(ev.end_ms - ev.start_ms)})" if ev.start_ms is not None and ev.end_ms is not None else ""
     text = {
         "submitted": "run submitted",
         "ok": f"done{took}{where}",
         "error": f"failed{took}{where}: {ev.error.message if ev.error else ''}",
         "timeout": f"timed out{took}{where}",
-        "crashed": f"attempt {ev.attempt} lost: {ev.worker} died mid-step; resuming from what was persisted",
+        "crashed": f"attempt {ev.attempt} lost: {ev.worker} (or its RQ work-horse) died mid-step; resuming from "
+        "what was persisted",
         "redispatched": "supervisor: lease expired, step handed to another worker",
         "fenced": f"late result of a replaced attempt refused{where}",
         "released": f"handed back at shutdown{where}",

@@ -72,6 +72,12 @@ def json_file_option(what: str) -> Callable[[F], F]:
     show_default=True,
     help="workers start higher levels first, each level its share (4:2:1)",
 )
+@click.option(
+    "--on-finish",
+    default=None,
+    metavar="QUEUE:MODULE.FUNC",
+    help="when the run finishes, enqueue an RQ job FUNC(run_id, status, error) on the RQ queue QUEUE",
+)
 @output_option
 @pass_state
 def submit(
@@ -83,12 +89,21 @@ def submit(
     wait_s: float | None,
     deadline_s: float | None,
     priority: Priority,
+    on_finish: str | None,
     output: str,
 ) -> None:
     """Start a run of WORKFLOW (module:attribute) with INPUT (JSON; '-' reads stdin)."""
     (flow,) = load_workflows((workflow,))
+    callback = None
+    if on_finish is not None:
+        queue, colon, func = on_finish.rpartition(":")  # a queue name may hold ':', a function path not
+        if not colon:
+            raise click.BadParameter(f"{on_finish!r}: expected QUEUE:module.function", param_hint="--on-finish")
+        callback = {"queue": queue, "func": func}
     client = state.client(start_embedded=True)
-    run = client.submit(flow, read_input(input, file), run_id=run_id, deadline_s=deadline_s, priority=priority)
+    run = client.submit(
+        flow, read_input(input, file), run_id=run_id, deadline_s=deadline_s, priority=priority, on_finish=callback
+    )
     result: dict[str, Any] = {"run_id": run.run_id, "created": run.created}
     if output == "text":
         state.echo(f"{'submitted' if run.created else 'already exists'}: {run.run_id}")

@@ -13,6 +13,8 @@
 -- ARGV[8] the worker giving up the entry ('' from the supervisor): a claim of its own is not
 -- live (it does not run the step). A re-dispatched claim's worker is named '' in the run (and
 -- kept as `dead_worker`, for the crash event the next claim writes).
+-- ARGV[9] why, for the event ('' or absent: the supervisor's or the worker's usual words; a
+-- worker whose RQ work-horse died says so: orchestrator/bridge/watch.py)
 -- Returns {'REDISPATCHED', new entry id} | {'ALIVE'} | {'DROPPED', reason} | {'GONE'}
 local function drop(reason)
   if redis.call('XACK', KEYS[4], ARGV[1], ARGV[2]) == 0 then return {'GONE'} end
@@ -42,6 +44,7 @@ index_queued(KEYS[8], KEYS[7], ARGV[3], id)
 local what = held and ('step held on entry ' .. ARGV[2]) or ('entry ' .. ARGV[2])
 local why = ARGV[8] == '' and (what .. ' of ' .. ARGV[7] .. ', whose heartbeat stopped')
   or (what .. ' given up by ' .. ARGV[8] .. ', which was not running it')
+if ARGV[9] and ARGV[9] ~= '' then why = what .. ' given up by ' .. ARGV[8] .. ': ' .. ARGV[9] end
 redis.call('RPUSH', KEYS[5], event({type = 'redispatched', at = now, step = r[2], visit = tonumber(r[3]),
   detail = why}))
 count(KEYS[6], 'redispatched')

@@ -9,7 +9,10 @@
 -- ARGV[9] step deadlines: a JSON object, step name -> ms ('' = none; see step_due in _prelude.lua)
 -- ARGV[10] the parent of a child run: its run id, queue and the child's index, '|'-separated
 -- ('' = none); the run says when it finishes (announce() in _prelude.lua)
--- ARGV[11..] state field, JSON value pairs
+-- ARGV[11] the run's on_finish callback (JSON: RQ queue, function, timeout; '' = none): the run says
+-- when it finishes, and the supervisor's relay enqueues it (orchestrator/bridge/callback.py); like
+-- every field, the first submit's is kept (a resubmit of the id writes nothing)
+-- ARGV[12..] state field, JSON value pairs
 -- Returns {1, entry id} when this request created the run (also when it is resent after a
 -- lost reply), {0, workflow, input digest, status} when the id belongs to an existing run.
 local existing = redis.call('HMGET', KEYS[1], 'wf', 'input_sha', 'status', 'submit_req', 'dispatch')
@@ -39,7 +42,8 @@ redis.call('HSET', KEYS[1],
   'attempt', 0, 'errors', 0, 'crashes', 0, 'fence', 0, 'seq', 0, 'work_ms', 0, 'fenced', 0,
   'claim', '', 'claim_fence', 0, 'done_claim', '', 'dispatch', id, 'input_sha', ARGV[5],
   'created_ms', now, 'updated_ms', now, 'v:' .. ARGV[4], 1, 'submit_req', ARGV[7])
-if #ARGV >= 11 then redis.call('HSET', KEYS[2], unpack(ARGV, 11, #ARGV)) end
+if #ARGV >= 12 then redis.call('HSET', KEYS[2], unpack(ARGV, 12, #ARGV)) end
+if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'on_finish', ARGV[11], 'notify', 1) end
 if ARGV[10] ~= '' then
   local parent, queue, index = string.match(ARGV[10], '^([^|]+)|([^|]+)|(%d+)$')
   if parent then

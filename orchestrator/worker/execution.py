@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from orchestrator import scripts
+from orchestrator.bridge.watch import run_on_rq
 from orchestrator.codec import Dispatch, loads
 from orchestrator.connection import REDIS_FAILURES
 from orchestrator.context import ClaimLost, StepContext
@@ -96,6 +97,7 @@ class StepExecution(Outcomes):
         self.abort: asyncio.Future[None] = rt.loop.create_future()
         self.finished = False
         self.superseded = False
+        self.event_extra: dict[str, Any] = {}
         self.start_ms = now_ms()
         self.log_fields = {
             "run_id": dispatch.run,
@@ -194,6 +196,9 @@ class StepExecution(Outcomes):
         if step.concurrency is not None and not await self._permitted(step.concurrency):
             return
         if step.rate_limit is not None and not await self._admitted(step.rate_limit):
+            return
+        if step.executor is not None:
+            await run_on_rq(self, step, step.executor)  # the RQ work-horse writes the outcome
             return
         returned = await invoke(step, self.ctx, state, self.abort, self.rt)
         self.item.heartbeat_timeout_s = None  # done running: only the commit is left

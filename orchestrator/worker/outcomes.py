@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 from typing import Any
@@ -20,15 +19,16 @@ from typing import Any
 import redis
 
 from orchestrator import scripts
-from orchestrator.children import cancel_call, child_specs, map_specs, report, submit_calls
-from orchestrator.codec import Dispatch, ErrorInfo, StepRecord, dumps, encode_fields
+from orchestrator.children import cancel_call, report, submit_calls
+from orchestrator.codec import Dispatch, ErrorInfo
 from orchestrator.connection import REDIS_FAILURES, outcome_unknown_or_passing
 from orchestrator.context import StepContext
-from orchestrator.errors import StepResultError, ValidationError
+from orchestrator.errors import ValidationError
 from orchestrator.keys import ITEM_MARK
 from orchestrator.store import Claimed, Committed, Outcome, new_claim_token
+from orchestrator.worker.plan import Attempt, plan_commit
 from orchestrator.worker.runtime import Runtime, StepTimeout, now_ms
-from orchestrator.workflow import Map, StepDef, Workflow
+from orchestrator.workflow import StepDef, Workflow
 
 log = logging.getLogger("orchestrator.worker")
 
@@ -58,6 +58,8 @@ class Outcomes:
     start_ms: int
     log_fields: dict[str, Any]
     superseded: bool
+    step: StepDef | Exception
+    event_extra: dict[str, Any]  # what this attempt's events say besides (a bridged step's RQ job)
 
     # -- commit ---------------------------------------------------------------------------
 
@@ -65,38 +67,12 @@ class Outcomes:
         wf, d = self.workflow, self.dispatch
         assert wf is not None
         where = f"step {d.step!r} of workflow {wf.name!r}"
-        outcome = wf.interpret(step, returned)
-        merged = wf.merge(state, outcome.update, where=where)
-        children = outcome.children
-        specs = child_specs(children, ctx.idempotency_key, limit=self.rt.settings.max_payload_bytes) if children else []
-        spec: dict[str, Any] | None = None
-        if children:
-            spec = {"into": children.into, "collect": children.collect_failures, "specs": specs}
-        elif outcome.map:
-            spec = self._map_spec(wf, outcome.map, merged, where)
-            specs = spec["specs"]
-            if not specs:  # a Map over an empty list: nothing to wait for, its result is an empty list
-                outcome = dataclasses.replace(outcome, update={**outcome.update, outcome.map.into: []}, map=None)
-                merged, spec = wf.merge(state, outcome.update, where=where), None
-        values = wf.json_fields(merged, outcome.update.keys(), what=f"update from {where}")
-        fields = encode_fields(values, what=f"update from {where}", limit=self.rt.settings.max_payload_bytes)
-        end_ms = now_ms()
-        unset_parts = {"wake": not outcome.wake, "wait": outcome.wait is None, "children": spec is None}
-        record = StepRecord(
-            step=d.step,
-            visit=d.visit,
-            attempt=self.claimed.attempt,
-            fence=self.claimed.fence,
-            worker=self.rt.worker_id,
-            start_ms=self.start_ms,
-            end_ms=end_ms,
-            update=values,
-            next=outcome.next_step,
-            cost=ctx.cost,
-            wake=outcome.wake or None,
-            wait=outcome.wait,
-            children=spec,
-        ).model_dump_json(exclude={name for name, unset in unset_parts.items() if unset})
+        settings = self.rt.settings
+        plan = plan_commit(
+            wf, step, state, returned, ctx, self._attempt_of(), end_ms=now_ms(),
+            max_payload_bytes=settings.max_payload_bytes, max_map_items=settings.max_map_items,
+        )  # fmt: skip
+        outcome, spec, fields = plan.outcome, plan.spec, plan.fields
         self.rt.faults.hit("before_commit", d.step)
         # Chain (take the next step at once, without a trip through the queue) at most
         # MAX_CHAINED_STEPS times in a row: a chained step goes ahead of the runs waiting in the
@@ -111,31 +87,11 @@ class Outcomes:
             and self.rt.may_chain()
         )
         chain_token = new_claim_token(self.rt.worker_id) if chain else ""
-        call = self.rt.store.commit(
-            dispatch=d,
-            queue=self.queue,
-            token=self.token,
-            record=record,
-            event=self._event(),
-            next_step=outcome.next_step,
-            duration_ms=end_ms - self.start_ms,
-            cost=ctx.cost,
-            state=fields,
-            max_steps=self.rt.settings.max_run_steps,
-            chain_to=self.rt.worker_id if chain else None,
-            chain_token=chain_token,
-            entry_id="" if self.superseded else self.entry_id,
-            wake=outcome.wake,
-            wait=json.dumps(outcome.wait) if outcome.wait else "",
-            # a child run's spec is in the record; a map item's goes to Redis as well (started later)
-            children=json.dumps(
-                spec
-                if outcome.map
-                else {"into": spec["into"], "collect": spec["collect"], "runs": [c["run"] for c in specs]}
-            )
-            if spec
-            else "",
-        )
+        call = plan.call(
+            self.rt.store, d, queue=self.queue, token=self.token, event=self._event(),
+            max_steps=self.rt.settings.max_run_steps, entry_id="" if self.superseded else self.entry_id,
+            chain_to=self.rt.worker_id if chain else None, chain_token=chain_token,
+        )  # fmt: skip
         try:
             result = await self._send(call, "commit")
         except redis.ResponseError as exc:  # a script error: it would fail the same way again
@@ -148,7 +104,7 @@ class Outcomes:
             return
         self.rt.faults.hit("after_persist_before_ack", d.step)
         if spec and result.code in ("OK", "REPLAY"):
-            await self._start_children(specs[: spec.get("window", len(specs))])
+            await self._start_children(plan.first_children)
         if result.code in ("OK", "REPLAY") and result.detail and result.detail[0] == "":
             await self._report_item()  # a map item's run completed
         if result.code not in ("OK", "REPLAY"):  # REPLAY: resent after a lost reply
@@ -162,24 +118,6 @@ class Outcomes:
                     run=d.run, wf=d.wf, step=committed.next_step, visit=committed.visit
                 )
                 self.rt.start_chained(self.queue, committed.entry_id, successor, chained, chain_token, self.chained + 1)
-
-    def _map_spec(self, wf: Workflow[Any], mapped: Map, merged: Any, where: str) -> dict[str, Any]:
-        """A Map's items, read from the state this step leaves, as commit.lua takes them."""
-        raw = merged.model_dump(mode="json", include={mapped.over}).get(mapped.over)
-        if not isinstance(raw, list):
-            raise StepResultError(
-                f"{where} returned Map(over={mapped.over!r}), whose value is {type(raw).__name__}: expected a list"
-            )
-        limit = self.rt.settings.max_map_items
-        if len(raw) > limit:
-            raise StepResultError(
-                f"{where} returned Map(over={mapped.over!r}) over {len(raw)} items: at most {limit} "
-                "(setting max_map_items, ORCHESTRATOR_MAX_MAP_ITEMS)"
-            )
-        flow = wf.item_flow(mapped.each)
-        specs = map_specs(flow, raw, self.ctx.idempotency_key, limit=self.rt.settings.max_payload_bytes)
-        window = min(len(specs), mapped.parallelism or len(specs))
-        return {"into": mapped.into, "collect": mapped.collect_failures, "map": True, "window": window, "specs": specs}
 
     async def _report_item(self) -> None:
         """Hand a finished map item's result to its parent at once (the supervisor would relay
@@ -302,23 +240,17 @@ class Outcomes:
 
     # -- reporting ------------------------------------------------------------------------
 
+    def _attempt_of(self) -> Attempt:
+        return Attempt(self.dispatch, self.claimed.attempt, self.claimed.fence, self.rt.worker_id, self.start_ms)
+
     def _event(self, **extra: Any) -> str:
-        body = {
-            "step": self.dispatch.step,
-            "visit": self.dispatch.visit,
-            "attempt": self.claimed.attempt,
-            "fence": self.claimed.fence,
-            "worker": self.rt.worker_id,
-            "start_ms": self.start_ms,
-            "end_ms": now_ms(),
-            **extra,
-        }
-        return dumps(body, what="history event")
+        return self._attempt_of().event(now_ms(), **self.event_extra, **extra)
 
     def _observe(self, outcome: str, *, ran: bool = True) -> None:
         """This attempt's outcome in the worker's metrics (and how long it ran user code)."""
         d, m = self.dispatch, self.rt.metrics
-        m.attempts.labels(d.wf, d.step, outcome).inc()
+        executor = self.step.runs_on if isinstance(self.step, StepDef) else "worker"
+        m.attempts.labels(d.wf, d.step, outcome, executor).inc()
         if ran:
             m.duration.labels(d.wf, d.step).observe(max(0, now_ms() - self.start_ms) / 1000)
 

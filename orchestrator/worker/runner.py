@@ -27,6 +27,7 @@ import redis.asyncio.cluster as acluster
 from orchestrator import faults as fault_points
 from orchestrator import scripts
 from orchestrator._version import __version__
+from orchestrator.bridge.connection import rq_client
 from orchestrator.codec import Dispatch
 from orchestrator.connection import (
     REDIS_FAILURES,
@@ -210,6 +211,8 @@ class Worker:
     async def _serve(self, async_redis: aredis.Redis, sync_redis: redis.Redis) -> None:
         """Start up, serve until shutdown, then stop in the order :meth:`run_async` says."""
         assert self._loop is not None and self._slot_freed is not None
+        bridged = any(step.executor for wf in self.workflows.values() for step in wf.steps)
+        rq_redis = rq_client(sync_redis) if bridged else None  # refuses a Redis Cluster, saying why
         batcher = Batcher(async_redis)
         self.rt = Runtime(
             self.id,
@@ -228,6 +231,7 @@ class Worker:
             stopping_now=lambda: self._immediate,
             emitter=Emitter(sync_redis, batcher, self.keys, self.settings.max_output_entries),
             spender=Spender(sync_redis, batcher, self.store, {n: wf.rate_limits for n, wf in self.workflows.items()}),
+            rq_redis=rq_redis,
         )
         self.metrics.info.info({"version": __version__, "worker": self.id})
         heartbeat = self._heartbeat_thread = self._heartbeat(sync_redis)
@@ -300,7 +304,7 @@ class Worker:
         if positions:
             calls.append(scripts.command("HSET", self.keys.stats_detail, *positions))
         await scripts.execute_async(client, calls)
-        self.metrics.announce(steps)
+        self.metrics.announce({name: {s.name: s.runs_on for s in wf.steps} for name, wf in self.workflows.items()})
         self.metrics.concurrency.set(self.settings.concurrency)
 
     def _serve_metrics(self) -> MetricsServer | None:
@@ -596,7 +600,7 @@ class Worker:
         metrics.queue_wait.labels(dispatch.wf, queue).observe(max(0, wait_ms) / 1000)
         if claimed.crashed_now:
             self.rt.count("crashes")
-            metrics.attempts.labels(dispatch.wf, dispatch.step, "crashed").inc()
+            metrics.attempts.labels(dispatch.wf, dispatch.step, "crashed", self._runs_on(dispatch)).inc()
             metrics.saved_steps.labels(dispatch.wf).inc(claimed.steps_done)
             metrics.saved_seconds.labels(dispatch.wf).inc(claimed.work_ms / 1000)
             log.warning(
@@ -637,13 +641,19 @@ class Worker:
         token = execution.token
         task.add_done_callback(lambda t: self._finished(t, token))
 
+    def _runs_on(self, dispatch: Dispatch) -> str:
+        """The executor label of a dispatched step (``worker`` for one this worker does not know)."""
+        wf = self.workflows.get(dispatch.wf)
+        step = next((s for s in wf.steps if s.name == dispatch.step), None) if wf else None
+        return step.runs_on if step else "worker"
+
     def _skip(self, queue: str, entry_id: str, dispatch: Dispatch, claimed: Claimed, fields: dict[str, str]) -> None:
         assert self.rt is not None
         counter = {"DUP": "duplicates", "QUARANTINED": "quarantined", "BUSY": "busy"}.get(claimed.code)
         if counter:
             self.rt.count(counter)
         if claimed.code == "DUP":
-            self.rt.metrics.attempts.labels(dispatch.wf, dispatch.step, "duplicate").inc()
+            self.rt.metrics.attempts.labels(dispatch.wf, dispatch.step, "duplicate", self._runs_on(dispatch)).inc()
         level = logging.WARNING if claimed.code in ("QUARANTINED", "MISSING", "WRONG_WF") else logging.INFO
         log.log(level, f"entry not run: {claimed.code.lower()}", extra={**fields, "detail": claimed.detail})
         if claimed.code == "LAPSED":  # this worker's deadline had passed: claim again after a beat

@@ -60,6 +60,7 @@ class Runtime:
     stopping_now: Callable[[], bool]  # an immediate stop: stop resending outcomes
     emitter: Emitter  # ctx.emit: the runs' live output
     spender: Spender  # ctx.spend: units charged to rate limits
+    rq_redis: redis.Redis | None = None  # RQ's kind of client, for bridged steps (orchestrator.bridge)
     counts: Counter[str] = field(default_factory=Counter)
     acks: dict[str, list[str]] = field(default_factory=dict)
 

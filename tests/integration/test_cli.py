@@ -218,7 +218,7 @@ def test_the_demo_kills_a_worker_and_the_run_still_completes(settings: Settings,
     assert "permit_wait concurrency limit llm: 2 of 2 permits in use, 0 waiting ahead" in out
     kill = re.search(r"\+\s*([0-9.]+)s  study_one\[(\d)\]\s+\*\*\* kill -9 (worker-\d) \(pid \d+\) in the middle", out)
     assert kill, out
-    assert f"attempt 1 lost: {kill[3]} died mid-step" in out
+    assert f"attempt 1 lost: {kill[3]} (or its RQ work-horse) died mid-step" in out
     calls = read_calls(tmp_path / "demo" / "world.sqlite3", RUN_ID)
     with demo_client(settings, out) as client:
         items = check_demo_map(client, calls, 3)

@@ -238,3 +238,14 @@ def test_migrate_says_there_is_nothing_to_migrate_on_a_cluster(cluster: Loopback
     result = run_cli("migrate", env=env_for(cluster.url, "mig"), cwd=tmp_path)
     assert result.returncode == 2 and "nothing to migrate on a Redis Cluster" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_worker_with_steps_on_rq_is_refused_on_a_cluster_saying_why(cluster: LoopbackCluster, tmp_path: Path) -> None:
+    """RQ keeps a job in keys of several hash slots: a worker serving a step with
+    executor=RQ(...) stops at start with the reason (exit 2, a configuration error), and so does
+    a callback enqueue or a start from RQ code (tests/integration/test_rq_callback.py)."""
+    settings = Settings(redis_url=cluster.url, namespace="rq-refused")
+    worker = start_worker(settings, tmp_path, "workers.rqflows:ALL")
+    assert worker.wait() == 2
+    out = worker.output()
+    assert "RQ does not support Redis Cluster" in out and "Traceback" not in out, out[-3000:]

@@ -71,8 +71,9 @@ def serve_and_scrape(client: Client, settings: Settings, runs: int) -> tuple[str
 
 def test_worker_and_fleet_metrics_tell_the_same_story(client: Client, settings: Settings) -> None:
     w, f = serve_and_scrape(client, settings, runs=4)
-    assert value(w, "orchestrator_step_attempts_total", workflow="metered", step="first", outcome="ok") == 4
-    assert value(w, "orchestrator_step_attempts_total", workflow="metered", step="first", outcome="error") == 4
+    attempts = {"workflow": "metered", "step": "first", "executor": "worker"}
+    assert value(w, "orchestrator_step_attempts_total", **attempts, outcome="ok") == 4
+    assert value(w, "orchestrator_step_attempts_total", **attempts, outcome="error") == 4
     assert value(w, "orchestrator_step_retries_total", workflow="metered", step="first") == 4
     assert value(w, "orchestrator_stash_writes_total", workflow="metered", step="first") == 4
     assert value(w, "orchestrator_step_cost_total", workflow="metered", step="first", unit="tokens") == 400
