@@ -16,6 +16,8 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
-from orchestrator import Client, Settings
+from orchestrator import Client, Settings, Worker
 from orchestrator.bridge import RQ
 from orchestrator.bridge.executor import SERIALIZER, BridgedTask, job_id
 from orchestrator.bridge.watch import enqueue
@@ -52,6 +54,24 @@ def setup(fresh_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterato
     yield settings, client, Ledger(plain, settings.namespace)
     client.close()
     plain.close()
+
+
+@dataclass(frozen=True)
+class Fleet:
+    rq: Proc  # a real `rq worker` process
+    ours: Worker  # our worker, on a thread of this process
+
+
+@contextmanager
+def fleet(settings: Settings, tmp: Path, **rq_options: Any) -> Iterator[Fleet]:
+    """A real ``rq worker`` on the tool queue and one of ours serving ``bridged``; the RQ
+    worker is killed (-9) at the end: stopping one can stall a minute in RQ 3.0's pubsub."""
+    rq_worker = start_rq_worker(settings, tmp, rqflows.TOOLS, **rq_options)
+    try:
+        with worker_thread([rqflows.bridged], settings) as worker:
+            yield Fleet(rq_worker, worker)
+    finally:
+        rq_worker.kill()
 
 
 def tool_runs(ledger: Ledger, run_id: str) -> list[Any]:
@@ -100,28 +120,24 @@ def test_bridged_step_runs_in_an_rq_work_horse_between_steps_of_ours(
     setup: tuple[Settings, Client, Ledger], tmp_path: Path
 ) -> None:
     settings, client, ledger = setup
-    rq_worker = start_rq_worker(settings, tmp_path, rqflows.TOOLS)
-    try:
-        with worker_thread([rqflows.bridged], settings) as worker:
-            state = client.submit(rqflows.bridged, {"n": 1}, run_id="happy").wait(timeout_s=30)
+    with fleet(settings, tmp_path) as f:
+        state = client.submit(rqflows.bridged, {"n": 1}, run_id="happy").wait(timeout_s=30)
 
-            def attempts() -> dict[tuple[str, str, str], float]:
-                return {
-                    (s.labels["step"], s.labels["executor"], s.labels["outcome"]): s.value
-                    for metric in worker.metrics.registry.collect()
-                    if metric.name == "orchestrator_step_attempts"
-                    for s in metric.samples
-                    if s.name.endswith("_total")
-                }
+        def attempts() -> dict[tuple[str, str, str], float]:
+            return {
+                (s.labels["step"], s.labels["executor"], s.labels["outcome"]): s.value
+                for metric in f.ours.metrics.registry.collect()
+                if metric.name == "orchestrator_step_attempts"
+                for s in metric.samples
+                if s.name.endswith("_total")
+            }
 
-            # the run may complete before the watch's next look at the finished job
-            samples = wait_until(lambda: attempts() if attempts()[("tool", "rq", "ok")] else None, what="counted")
-    finally:
-        rq_worker.kill()
+        # the run may complete before the watch's next look at the finished job
+        samples = wait_until(lambda: attempts() if attempts()[("tool", "rq", "ok")] else None, what="counted")
     assert state.n == 21 and state.effect
     ours, horse, ours_again = state.pids
     assert ours == ours_again == os.getpid()  # the worker thread runs in this process
-    assert horse not in (os.getpid(), rq_worker.pid)  # a forked work-horse
+    assert horse not in (os.getpid(), f.rq.pid)  # a forked work-horse
     check_invariants(settings, client, ledger, "happy")
     ok = [e for e in events(client, "happy", "tool") if e.type == "ok"]
     assert len(ok) == 1
@@ -135,13 +151,9 @@ def test_bridged_step_runs_in_an_rq_work_horse_between_steps_of_ours(
 
 def test_simple_worker_runs_the_step_in_its_own_process(setup: tuple[Settings, Client, Ledger], tmp_path: Path) -> None:
     settings, client, ledger = setup
-    rq_worker = start_rq_worker(settings, tmp_path, rqflows.TOOLS, simple=True)
-    try:
-        with worker_thread([rqflows.bridged], settings):
-            state = client.submit(rqflows.bridged, {"n": 1}, run_id="simple").wait(timeout_s=30)
-    finally:
-        rq_worker.kill()
-    assert state.pids[1] == rq_worker.pid
+    with fleet(settings, tmp_path, simple=True) as f:
+        state = client.submit(rqflows.bridged, {"n": 1}, run_id="simple").wait(timeout_s=30)
+    assert state.pids[1] == f.rq.pid
     check_invariants(settings, client, ledger, "simple")
 
 
@@ -153,15 +165,11 @@ def test_step_past_its_rq_timeout_is_killed_and_retried(
     in C code would) is killed by the watch through RQ's stop command, a lease after its
     timeout instead of RQ's own minute. Either way the horse is gone and the step is retried."""
     settings, client, ledger = setup
-    rq_worker = start_rq_worker(settings, tmp_path, rqflows.TOOLS)
-    try:
-        with worker_thread([rqflows.bridged], settings):
-            run = client.submit(rqflows.bridged, {"n": 1, "hang_s": 60, "block_alarm": block_alarm}, run_id="hang")
-            hung = wait_for_tool(ledger, "hang")
-            state = run.wait(timeout_s=30)
-            assert horse_gone(hung.saw)
-    finally:
-        rq_worker.kill()
+    with fleet(settings, tmp_path):
+        run = client.submit(rqflows.bridged, {"n": 1, "hang_s": 60, "block_alarm": block_alarm}, run_id="hang")
+        hung = wait_for_tool(ledger, "hang")
+        state = run.wait(timeout_s=30)
+        assert horse_gone(hung.saw)
     assert [ex.attempt for ex in tool_runs(ledger, "hang")] == [1, 2]
     assert state.n == 21
     check_invariants(settings, client, ledger, "hang")
@@ -174,17 +182,13 @@ def test_kill_9_of_the_work_horse_mid_step_is_a_crash_resumed_from_its_stash(
     setup: tuple[Settings, Client, Ledger], tmp_path: Path
 ) -> None:
     settings, client, ledger = setup
-    rq_worker = start_rq_worker(settings, tmp_path, rqflows.TOOLS)
-    try:
-        with worker_thread([rqflows.bridged], settings):
-            run = client.submit(rqflows.bridged, {"n": 1, "work_s": 2.0}, run_id="horse")
-            first = wait_for_tool(ledger, "horse")
-            stash_key = Keys(settings.namespace, settings.partitions).run("horse").stash
-            wait_until(lambda: client.redis.hget(stash_key, "horse:tool"), what="a stash")
-            os.kill(first.saw, signal.SIGKILL)
-            run.wait(timeout_s=30)
-    finally:
-        rq_worker.kill()
+    with fleet(settings, tmp_path):
+        run = client.submit(rqflows.bridged, {"n": 1, "work_s": 2.0}, run_id="horse")
+        first = wait_for_tool(ledger, "horse")
+        stash_key = Keys(settings.namespace, settings.partitions).run("horse").stash
+        wait_until(lambda: client.redis.hget(stash_key, "horse:tool"), what="a stash")
+        os.kill(first.saw, signal.SIGKILL)
+        run.wait(timeout_s=30)
     runs = tool_runs(ledger, "horse")
     assert len(runs) == 2 and runs[1].saw != first.saw
     check_invariants(settings, client, ledger, "horse")
@@ -198,14 +202,10 @@ def test_kill_9_of_the_work_horse_after_its_commit_runs_nothing_again(
     """The horse dies after the commit is durable and before RQ hears of it: the watch finds
     the commit (the run's record) and the step is not run again."""
     settings, client, ledger = setup
-    rq_worker = start_rq_worker(settings, tmp_path, rqflows.TOOLS, faults="after_persist_before_ack=kill@tool")
-    try:
-        with worker_thread([rqflows.bridged], settings):
-            client.submit(rqflows.bridged, {"n": 1}, run_id="after").wait(timeout_s=30)
-            rq_redis = redis.Redis.from_url(settings.plain_url())
-            failed = wait_until(lambda: FailedJobRegistry(rqflows.TOOLS, connection=rq_redis).get_job_ids())
-    finally:
-        rq_worker.kill()
+    with fleet(settings, tmp_path, faults="after_persist_before_ack=kill@tool"):
+        client.submit(rqflows.bridged, {"n": 1}, run_id="after").wait(timeout_s=30)
+        rq_redis = redis.Redis.from_url(settings.plain_url())
+        failed = wait_until(lambda: FailedJobRegistry(rqflows.TOOLS, connection=rq_redis).get_job_ids())
     assert len(tool_runs(ledger, "after")) == 1
     check_invariants(settings, client, ledger, "after")
     assert "crashed" not in [e.type for e in events(client, "after", "tool")]
@@ -304,13 +304,9 @@ def test_a_step_that_keeps_killing_its_work_horse_is_quarantined(
     setup: tuple[Settings, Client, Ledger], tmp_path: Path
 ) -> None:
     settings, client, ledger = setup
-    rq_worker = start_rq_worker(settings, tmp_path, rqflows.TOOLS)
-    try:
-        with worker_thread([rqflows.bridged], settings):
-            client.submit(rqflows.bridged, {"die": True}, run_id="doomed")
-            info = wait_until(lambda: (i := client.get("doomed")).status == "failed" and i, timeout_s=30, what="fail")
-    finally:
-        rq_worker.kill()
+    with fleet(settings, tmp_path):
+        client.submit(rqflows.bridged, {"die": True}, run_id="doomed")
+        info = wait_until(lambda: (i := client.get("doomed")).status == "failed" and i, timeout_s=30, what="fail")
     assert info.error is not None and info.error.type == "Quarantined"
     assert len(tool_runs(ledger, "doomed")) == settings.max_crashes
     redispatched = [e for e in client.history("doomed").events if e.type == "redispatched"]
