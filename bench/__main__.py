@@ -3,8 +3,8 @@
 ``python -m bench [--quick] [--redis-server BIN] [--only throughput,growth,recovery,compound,backlog] [--out DIR]``
 
 Runs the benchmarks one after another with their default sizes (``--quick``: the smoke
-sizes); the issue-11 benchmarks (``stepcost``, ``liveness``, ``agent``, ``shards``), issue 12's ``parked``
-and issue 13's ``fanout`` and ``ratelimit`` run only when named in ``--only``.
+sizes); the issue-11 benchmarks (``stepcost``, ``liveness``, ``agent``, ``shards``), issue 12's ``parked``,
+issue 13's ``fanout`` and ``ratelimit`` and issue 14's ``rq_migration`` run only when named in ``--only``.
 It writes ``<out>/<name>.json`` for each, plus ``<out>/report.md`` (every table, the
 targets, the machine and the load average before and after) and ``<out>/all.json``.
 """
@@ -24,7 +24,7 @@ from bench.common import RESULTS, cpu_share, cpu_ticks, loadavg, run_main, write
 
 BENCHMARKS = ("throughput", "growth", "recovery", "compound", "backlog")
 # run when named in --only (liveness alone ~4 min)
-OPTIONAL = ("stepcost", "liveness", "agent", "shards", "parked", "fanout", "ratelimit")
+OPTIONAL = ("stepcost", "liveness", "agent", "shards", "parked", "fanout", "ratelimit", "rq_migration")
 
 
 def module(name: str) -> ModuleType:

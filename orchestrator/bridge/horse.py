@@ -79,7 +79,7 @@ class Horse:
 
     def _beat(self, extra: dict[str, Any] | None = None, ttl_ms: int | None = None) -> None:
         body = json.dumps({**self.seen, "beat_ms": now_ms(), **(extra or {})})
-        self.client.set(self.key, body, px=ttl_ms or 3 * self.task.lease_ms)
+        self.client.set(self.key, body, px=ttl_ms or self.task.lease_ms)  # 3 beats: gone a lease after the last
 
     def _keep_beating(self) -> None:
         interval = self.task.lease_ms / 3000

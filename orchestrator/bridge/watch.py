@@ -65,6 +65,8 @@ class Watch:
         self.horse_key = rt.store.keys.horse(ex.dispatch.run, self.job_id)
         self.fields = {**ex.log_fields, "rq_queue": executor.queue, "rq_job": self.job_id}
         ex.event_extra = {"executor": "rq", "rq_job": self.job_id}  # an outcome the worker writes says so too
+        self.alive_s = 0.0  # how long after RQ started the job its horse was last seen beating
+        self.stop_sent_at: float | None = None  # when the watch sent RQ's stop for a horse past its time
 
     async def run(self) -> None:
         await asyncio.to_thread(self._enqueue)
@@ -98,6 +100,8 @@ class Watch:
             self._task(),
             description=f"orchestrator {d.wf}.{d.step} of run {d.run} (attempt {self.ex.claimed.attempt})",
             meta={"run": d.run, "workflow": d.wf, "step": d.step, "fence": fence},
+            # a step whose last attempt crashed waited a lease already: it goes ahead of the jobs waiting
+            at_front=self.ex.claimed.crashed_now,
         )
         log.info("bridged step enqueued on RQ" if enqueued else "bridged step's RQ job was there", extra=self.fields)
 
@@ -108,7 +112,6 @@ class Watch:
         lease_s = ex.rt.settings.lease_s
         delay = POLL_MIN_S
         started_at: float | None = None
-        stop_sent_at: float | None = None
         horse_seen = False
         while True:
             read = await self._read()
@@ -120,31 +123,36 @@ class Watch:
                 self._written(horse)
                 return
             now = time.monotonic()
-            if horse is not None:
-                horse_seen = True
             if rq_worker:
                 self.fields["rq_worker"] = self.ex.event_extra["rq_worker"] = rq_worker
             if status == "started" and started_at is None:
                 started_at = now
             ran_s = 0.0 if started_at is None else now - started_at
+            if horse is not None:
+                horse_seen, self.alive_s = True, ran_s
             if status is None or status in ENDED:
-                await self._ended(status, ran_s)
+                await self._ended(status)
                 return
             if status == "started" and horse is None and (horse_seen or ran_s > lease_s):
-                await self._no_outcome(f"its RQ work-horse stopped beating (RQ worker {rq_worker or '?'})", ran_s)
+                await self._no_outcome(f"its RQ work-horse stopped beating (RQ worker {rq_worker or '?'})")
                 return
-            if ran_s > self.executor.timeout_s + max(1.0, lease_s) and stop_sent_at is None:
-                # the horse outlived RQ's alarm (a hang in C code, a blocked signal): kill it now
-                # rather than at RQ's own backstop (a minute later)
-                log.warning("bridged step past its RQ timeout; stopping its work-horse", extra=self.fields)
-                await asyncio.to_thread(self._stop_job)
-                stop_sent_at = now
-            if stop_sent_at is not None and now - stop_sent_at > 2 * lease_s:  # RQ did not act on it
-                raise StepTimeout(f"step {ex.dispatch.step!r} ran past its RQ job timeout and RQ did not stop it")
+            await self._overrun(ran_s, now)
             done, _ = await asyncio.wait({ex.abort}, timeout=delay)
             if done:
                 await self._aborted()
             delay = min(POLL_MAX_S, delay * 1.5)
+
+    async def _overrun(self, ran_s: float, now: float) -> None:
+        """A horse that outlived RQ's alarm (a hang in C code, a blocked signal) is sent RQ's
+        stop a lease past its time, not at RQ's own backstop a minute later; raises a timeout
+        when RQ does not act on it within two leases."""
+        lease_s = self.ex.rt.settings.lease_s
+        if ran_s > self.executor.timeout_s + max(1.0, lease_s) and self.stop_sent_at is None:
+            log.warning("bridged step past its RQ timeout; stopping its work-horse", extra=self.fields)
+            await asyncio.to_thread(self._stop_job)
+            self.stop_sent_at = now
+        if self.stop_sent_at is not None and now - self.stop_sent_at > 2 * lease_s:
+            raise StepTimeout(f"step {self.ex.dispatch.step!r} ran past its RQ job timeout and RQ did not stop it")
 
     async def _read(self) -> tuple[str | None, str, dict[str, Any] | None] | None:
         """RQ's status of the job, the RQ worker running it, the horse's beat (or outcome);
@@ -185,7 +193,7 @@ class Watch:
         if code not in ("OK", "REPLAY"):  # a commit acked its entry itself
             ex._ack(result)
 
-    async def _ended(self, status: str | None, ran_s: float) -> None:
+    async def _ended(self, status: str | None) -> None:
         """RQ's job ended (or vanished) without an outcome in the horse's key."""
         await asyncio.sleep(POLL_MIN_S)  # the horse writes its outcome before RQ files the job
         read = await self._read()
@@ -194,11 +202,11 @@ class Watch:
             self._written(horse)
             return
         if status is None:
-            await self._no_outcome("RQ lost its job", ran_s)
+            await self._no_outcome("RQ lost its job")
             return
         reason = await asyncio.to_thread(self._failure)
         if status in ("stopped", "canceled") or "terminated unexpectedly" in reason:
-            await self._no_outcome(f"its RQ job was {status}: {reason}".rstrip(": "), ran_s)
+            await self._no_outcome(f"its RQ job was {status}: {reason}".rstrip(": "))
             return
         if await self._settled():
             return
@@ -231,14 +239,15 @@ class Watch:
             return True  # the entry is the supervisor's (or the new claim's) now
         return False
 
-    async def _no_outcome(self, why: str, ran_s: float) -> None:
-        """The horse stopped without an outcome: a timeout when it had run its time, else a
+    async def _no_outcome(self, why: str) -> None:
+        """The horse stopped without an outcome: a timeout when it was stopped for its time (by
+        the watch, or by RQ after the horse had beaten for its whole ``timeout_s``), else a
         crash: the claim is given up, the next claim counts the crash (quarantine after
         ``max_crashes``) and runs the step again from its last stash."""
         ex, rt = self.ex, self.ex.rt
         if await self._settled():
             return
-        if ran_s >= self.executor.timeout_s:
+        if self.stop_sent_at is not None or self.alive_s >= self.executor.timeout_s:
             limit = self.executor.timeout_s
             raise StepTimeout(f"step {ex.dispatch.step!r} exceeded its RQ job timeout (timeout_s={limit}): {why}")
         call = rt.store.redispatch(
@@ -278,7 +287,14 @@ class Watch:
 
 
 def enqueue(
-    conn: redis.Redis, executor: RQ, rq_job_id: str, task: BridgedTask, *, description: str, meta: dict[str, Any]
+    conn: redis.Redis,
+    executor: RQ,
+    rq_job_id: str,
+    task: BridgedTask,
+    *,
+    description: str,
+    meta: dict[str, Any],
+    at_front: bool = False,
 ) -> bool:
     """Enqueue the RQ job of one claim unless it exists (a resend after a lost reply, or the
     worker's own retry): one claim, one job (RQ's ``unique=True`` checks and saves in one Lua
@@ -296,6 +312,7 @@ def enqueue(
             description=description,
             job_id=rq_job_id,
             meta={"orchestrator": meta},
+            at_front=at_front,
             unique=True,
         )
     except DuplicateJobError:
