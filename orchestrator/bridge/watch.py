@@ -247,7 +247,7 @@ class Watch:
         ex, rt = self.ex, self.ex.rt
         if await self._settled():
             return
-        if self.stop_sent_at is not None or self.alive_s >= self.executor.timeout_s:
+        if timed_out(self.alive_s, self.stop_sent_at is not None, self.executor.timeout_s):
             limit = self.executor.timeout_s
             raise StepTimeout(f"step {ex.dispatch.step!r} exceeded its RQ job timeout (timeout_s={limit}): {why}")
         call = rt.store.redispatch(
@@ -318,6 +318,14 @@ def enqueue(
     except DuplicateJobError:
         return False
     return True
+
+
+def timed_out(alive_s: float, stopped_for_time: bool, timeout_s: float) -> bool:
+    """Whether a horse that stopped without an outcome ran out of time (else it crashed): the
+    watch stopped it for its time, or it was still beating ``timeout_s`` after RQ started it.
+    How long after the start its end was *noticed* does not count: a horse killed a second
+    before its timeout and noticed a lease later crashed."""
+    return stopped_for_time or alive_s >= timeout_s
 
 
 def _serializer() -> Any:
