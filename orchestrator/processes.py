@@ -33,6 +33,15 @@ def die_with_parent() -> Callable[[], None] | None:
     return arm
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (an RQ worker's work-horse, say); none where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as found:
+            return [int(child) for child in found.read().split()]
+    except OSError:
+        return []
+
+
 class ProcessGroup:
     """Named child processes sharing one environment and one log folder."""
 
@@ -42,10 +51,13 @@ class ProcessGroup:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         logs.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, *args: str, env: dict[str, str] | None = None, module: str = "orchestrator"
+    ) -> subprocess.Popen[bytes]:
+        """``python -m <module> <args>`` (``orchestrator``, or ``rq.cli`` for an RQ worker)."""
         with open(self.logs / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
             proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator", *args],
+                [sys.executable, "-m", module, *args],
                 env={**self.env, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -275,7 +275,11 @@ def run_step(task: dict[str, Any]) -> str:
         raise ValidationError(f"RQ job argument is not a bridged step's task: {exc}") from exc
     job = rq.get_current_job()
     client = decoded_client(job.connection) if job is not None else _settings_client()
-    return Horse(bridged, client, job).run()
+    try:
+        return Horse(bridged, client, job).run()
+    finally:  # a SimpleWorker runs every job in one process: a pool per job must not pile up
+        client.close()
+        client.connection_pool.disconnect()
 
 
 def _settings_client() -> redis.Redis:

@@ -68,7 +68,17 @@ from typing import Any
 
 import redis
 
-from orchestrator.chaos.flows import MAX_ITEMS, MAX_KIDS, PARENTS, PERMIT, PERMITS, approvals, mappers, signal_token
+from orchestrator.chaos.flows import (
+    EFFECT_STEPS,
+    MAX_ITEMS,
+    MAX_KIDS,
+    PARENTS,
+    PERMIT,
+    PERMITS,
+    approvals,
+    mappers,
+    signal_token,
+)
 from orchestrator.chaos.ledger import Execution, Ledger
 from orchestrator.client import Client
 from orchestrator.codec import HistoryEvent, StepRecord
@@ -338,16 +348,18 @@ class Checker:
         requests = self.ledger.effect_requests()
         report.effects_applied = len(effects)
         report.effect_requests = sum(requests.values())
-        # a request's key must be the key of a step visit: committed, or the chaos send step of
-        # a run that never got there (failed before it committed)
+        # a request's key must be the key of a step visit: committed, or the step that sends of a
+        # run that never got there (failed before it committed)
         expected = {key for run in facts.values() for key in run.results}
-        expected |= {f"{rid}:send" for rid, run in facts.items() if run.info and run.info.workflow == "chaos_effect"}
+        senders = {rid: f"{rid}:{EFFECT_STEPS[run.info.workflow]}" for rid, run in facts.items()
+                   if run.info and run.info.workflow in EFFECT_STEPS}  # fmt: skip
+        expected |= set(senders.values())
         for key in requests:
             if key not in expected:
                 self._fail(report, "I3", key.split(":")[0], f"effect requested with unexpected key {key!r}")
-        for rid, run in facts.items():
-            done = run.info is not None and run.info.workflow == "chaos_effect" and run.info.status == "completed"
-            if done and f"{rid}:send" not in effects:
+        for rid, key in senders.items():
+            info = facts[rid].info
+            if info is not None and info.status == "completed" and key not in effects:
                 self._fail(report, "I3", rid, "completed, but its effect was never applied")
         report.items_redone = sum(max(0, n - 1) for n in self.ledger.items().values())
 

@@ -7,7 +7,9 @@ agent-style loop (``Goto``, so idempotency keys carry visit numbers), a nap (``S
 until a time its first step picks, which the step after it must not start before), and an
 approval (``WaitFor`` a signal the driver sends, and sends again, under one signal id), a
 parent (``StartChildren`` of 1-3 two-step children; the driver cancels some parents), and a
-map (``Map`` over 2-6 items, 1-3 at a time; the driver cancels some of those too).
+map (``Map`` over 2-6 items, 1-3 at a time; the driver cancels some of those too), and, when the
+run has RQ workers, a side effect sent from an RQ work-horse (``executor=RQ(...)``, whose RQ
+workers and work-horses the driver kills too).
 Steps sleep a little, heartbeat, and fail transiently now and then, so kills land in every
 phase of the step path and the retry path runs too. They all use the ``chaos`` queue.
 """
@@ -24,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from orchestrator.bridge.executor import RQ
 from orchestrator.chaos import ledger
 from orchestrator.children import ChildResult
 from orchestrator.context import StepContext
@@ -32,6 +35,7 @@ from orchestrator.retry import Retry
 from orchestrator.workflow import Child, Goto, Map, Sleep, StartChildren, WaitFor, Workflow
 
 QUEUE = "chaos"
+RQ_QUEUE = "chaos-tools"  # the RQ queue of the bridged step
 CHAIN_STEPS = 8
 RETRY = Retry(max_attempts=8, backoff_s=0.05, backoff_max_s=1.0)
 
@@ -334,7 +338,37 @@ def total(ctx: StepContext, state: MapState) -> None:
     _work(ctx, state)
 
 
+class ToolState(MailState):
+    pass
+
+
+tools = Workflow("chaos_tool", state=ToolState, queue=QUEUE)
+
+
+@tools.step(retry=RETRY)
+def draft(ctx: StepContext, state: ToolState) -> None:
+    ledger.current().record(ctx)
+    _work(ctx, state)
+
+
+@tools.step(executor=RQ(RQ_QUEUE, timeout_s=30), retry=RETRY)
+def deliver(ctx: StepContext, state: ToolState) -> dict[str, bool]:
+    """``send``'s side effect, from an RQ work-horse: the same two receivers, the same checks."""
+    ledger.current().record(ctx)
+    ledger.current().send_effect(ctx, f"tool mail to {state.to}")
+    ledger.current().send_fenced(ctx.idempotency_key, ctx.fencing_token)
+    _busy(ctx, state.hold_s)
+    _work(ctx, state)
+    return {"sent": True}
+
+
+@tools.step(retry=RETRY)
+def file(ctx: StepContext, state: ToolState) -> None:
+    ledger.current().record(ctx)
+
+
 ALL: list[Workflow[Any]] = [chain, stashing, effects, loop, naps, approvals, kids, parents, mappers]
+WITH_RQ: list[Workflow[Any]] = [*ALL, tools]  # what workers serve when the run has RQ workers
 PARENTS = (parents.name, mappers.name)  # runs that wait for runs of their own (children, map items)
 MIX = {
     chain.name: 0.25,
@@ -346,3 +380,5 @@ MIX = {
     parents.name: 0.05,
     mappers.name: 0.05,
 }
+RQ_SHARE = 0.1  # of the runs, when the run has RQ workers
+EFFECT_STEPS = {effects.name: "send", tools.name: "deliver"}  # the step of each workflow that sends an effect

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import time
 import uuid
 import zlib
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import redis
 
+from orchestrator.bridge.executor import SERIALIZER
 from orchestrator.chaos import flows
 from orchestrator.chaos.checker import Checker, Report, Violation, children_of
 from orchestrator.chaos.cluster import LoopbackCluster
@@ -32,12 +34,12 @@ from orchestrator.chaos.cluster_faults import FAILOVER, ClusterFaults
 from orchestrator.chaos.ledger import Ledger
 from orchestrator.chaos.rollback import Rollbacks
 from orchestrator.client import Client
-from orchestrator.connection import check_topology, close, connect, redis_failure
+from orchestrator.connection import check_topology, close, connect, is_cluster, redis_failure
 from orchestrator.embedded import RedisServer
 from orchestrator.errors import InvalidTransition, OrchestratorError, RedisUnavailable, RunNotFound
 from orchestrator.keys import GROUP
 from orchestrator.priority import PRIORITIES, Priority, lane
-from orchestrator.processes import ProcessGroup
+from orchestrator.processes import ProcessGroup, child_pids
 from orchestrator.settings import Settings
 
 Echo = Callable[[str], None]
@@ -66,6 +68,8 @@ def priority_of(run_id: str) -> Priority:
 
 
 RESTORED = "restore from an older copy"  # the fault's name in the report
+# what an RQ worker's log says when Redis went away under it (a restart we injected)
+REDIS_AWAY = ("Connection refused", "Connection closed by server", "loading the dataset", "Connection reset")
 
 
 @dataclass
@@ -83,6 +87,7 @@ class ChaosConfig:
     failovers: int = 1  # on a cluster the run started: kill -9 of a master, its replica promoted
     reshards: int = 1  # on a cluster the run started: a quarter of the partitions' slots moved
     supervisor_kills: int = 1
+    rq_workers: int = 1  # RQ workers running the bridged step (none on a Redis Cluster: RQ cannot)
     in_flight: int = 30
     work_s: float = 0.05
     fail_rate: float = 0.05
@@ -168,6 +173,8 @@ class ChaosRun:
         self.killed: set[str] = set()
         self.exited: set[str] = set()
         self.restarts: list[float] = []
+        self.rq_restarts: list[float] = []
+        self.rq = False  # RQ workers in the fleet (set at start: not on a Redis Cluster)
         self.clock_offset_ms = 0
         self.serial = 0
 
@@ -186,7 +193,7 @@ class ChaosRun:
         self.procs.start(
             name,
             "worker",
-            "orchestrator.chaos.flows:ALL",
+            "orchestrator.chaos.flows:WITH_RQ" if self.rq else "orchestrator.chaos.flows:ALL",
             "--concurrency",
             str(self.config.concurrency),
             "--worker-id",
@@ -194,22 +201,53 @@ class ChaosRun:
             env=env,
         )
 
-    def _workers(self) -> list[str]:
-        return [n for n in self.procs.procs if n.startswith("chaos-w") and self.procs.alive(n)]
+    def _start_rq_worker(self) -> None:
+        """A real ``rq worker`` for the bridged step, started as docs/from-rq.md says."""
+        self.serial += 1
+        name = f"chaos-rq{self.serial}"
+        args = ["worker", flows.RQ_QUEUE, "--url", self.settings.plain_url(), "-S", SERIALIZER]
+        args += ["--job-monitoring-interval", "1", "--name", f"{name}-{self.settings.namespace}"]
+        self.procs.start(name, *args, module="rq.cli")
+
+    def _workers(self, prefix: str = "chaos-w") -> list[str]:
+        return [n for n in self.procs.procs if n.startswith(prefix) and self.procs.alive(n)]
 
     def _server_ms(self) -> int:
         return int(time.time() * 1000) + self.clock_offset_ms
 
     def _kill_worker(self) -> None:
-        alive = self._workers()
+        alive = self._workers() + (self._workers("chaos-rq") if self.rq else [])
         if not alive:
             return
         name = self.rng.choice(alive)
+        if name.startswith("chaos-rq"):
+            self._kill_rq(name)
+            return
         if self.procs.kill(name) is not None:
             self.killed.add(name)
             self.injected.kills.append((name, self._server_ms()))
             self.injected.add("worker kill -9")
             self._restart_later()
+
+    def _kill_rq(self, name: str) -> None:
+        """kill -9 of an RQ work-horse alone (its RQ worker sees it die), or of the RQ worker and
+        its work-horse together (a lost machine: only the horse's beat stops)."""
+        proc = self.procs.procs[name]
+        horses = child_pids(proc.pid)
+        if horses and self.rng.random() < 0.5:
+            for pid in horses:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.injected.add("rq work-horse kill -9")
+            return
+        if self.procs.kill(name) is None:
+            return
+        for pid in horses:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.killed.add(name)
+        self.injected.add("rq worker + work-horse kill -9")
+        self.rq_restarts.append(time.monotonic() + self.rng.uniform(0.2, 1.0))
 
     def _restart_later(self) -> None:
         """A replacement worker comes up after a short while, like a restarted container."""
@@ -227,18 +265,35 @@ class ChaosRun:
             if name in self.armed and code == -9:
                 self.injected.add("crash point kill")
                 self.injected.kills.append((name, self._server_ms()))
+            elif name.startswith("chaos-rq") and self._rq_lost_redis(name):
+                self.injected.add("rq worker quit as Redis restarted (RQ's own)")
             else:
                 self.unexpected.append(Violation("I7", "-", f"{name} exited with code {code} on its own"))
             if name.startswith("chaos-w"):
                 self._restart_later()
+            elif name.startswith("chaos-rq"):
+                self.rq_restarts.append(time.monotonic())
+
+    def _rq_lost_redis(self, name: str) -> bool:
+        """RQ 3.0's worker quits when Redis goes away at the wrong moment (at its start, or in
+        the middle of its own bookkeeping of a job): RQ's process, running none of our code
+        (its work-horses run the bridged steps), so it is counted apart from I7 and restarted."""
+        log = (self.procs.logs / f"{name}.log").read_text(errors="replace").splitlines()[-80:]
+        return any(sign in line for line in log for sign in REDIS_AWAY)
 
     # -- load -----------------------------------------------------------------------------
 
     def _submit_one(self) -> None:
         name = self.rng.choices(list(flows.MIX), weights=list(flows.MIX.values()))[0]
+        if self.rq and self.rng.random() < flows.RQ_SHARE:
+            name = flows.tools.name
         run_id = f"{name}-{len(self.submitted) + len(self.unsure):05d}"
         knobs = {"work_s": self.config.work_s, "fail_rate": self.config.fail_rate}
-        if self.config.lost_writes and name == flows.effects.name and self.rng.random() < HOLD_SHARE:
+        if (
+            self.config.lost_writes
+            and name in (flows.effects.name, flows.tools.name)
+            and self.rng.random() < HOLD_SHARE
+        ):
             # a send that outlives a rollback: Redis forgets its claim while it still runs
             knobs["hold_s"] = self.rng.uniform(*HOLD_S)
         if self.rng.random() < DEADLINE_SHARE:
@@ -246,7 +301,7 @@ class ChaosRun:
         self._submit(run_id, name, knobs)
 
     def _submit(self, run_id: str, name: str, knobs: dict[str, float]) -> None:
-        workflow = next(wf for wf in flows.ALL if wf.name == name)
+        workflow = next(wf for wf in flows.WITH_RQ if wf.name == name)
         try:
             self.client.submit(
                 workflow, knobs, run_id=run_id, deadline_s=self.deadlines.get(run_id), priority=priority_of(run_id)
@@ -353,11 +408,15 @@ class ChaosRun:
         self.clock_offset_ms = sec * 1000 + usec // 1000 - int(time.time() * 1000)
         for i in range(cfg.supervisors):
             self.procs.start(f"chaos-s{i + 1}", "supervisor")
+        self.rq = cfg.rq_workers > 0 and not is_cluster(self.client.redis)
+        for _ in range(cfg.rq_workers if self.rq else 0):
+            self._start_rq_worker()
         for _ in range(cfg.workers):
             self._start_worker()
         self._wait_for_workers()
         self.echo(
-            f"namespace {self.settings.namespace}: {cfg.workers} workers, {cfg.supervisors} supervisors; "
+            f"namespace {self.settings.namespace}: {cfg.workers} workers, {cfg.supervisors} supervisors, "
+            f"{cfg.rq_workers if self.rq else 0} RQ workers; "
             f"injecting faults for {cfg.duration_s:g} s (seed {cfg.seed})"
         )
         try:
@@ -429,9 +488,7 @@ class ChaosRun:
 
     def _end_faults(self) -> None:
         """Start the workers still due for a restart; wait for a cluster fault under way."""
-        for _ in self.restarts:
-            self._start_worker()
-        self.restarts.clear()
+        self._replace_workers(float("inf"))
         if self.cluster_faults is not None:
             self._finish_cluster_faults(self.cluster_faults)
 
@@ -477,6 +534,9 @@ class ChaosRun:
         for due in [t for t in self.restarts if t <= now]:
             self.restarts.remove(due)
             self._start_worker()
+        for due in [t for t in self.rq_restarts if t <= now]:
+            self.rq_restarts.remove(due)
+            self._start_rq_worker()
 
     def _kill_supervisor(self) -> None:
         alive = [n for n in self.procs.procs if n.startswith("chaos-s") and self.procs.alive(n)]
@@ -525,9 +585,7 @@ class ChaosRun:
             except (redis.RedisError, OSError, RedisUnavailable):
                 pass
             self._watch_exits()
-            for _ in self.restarts:
-                self._start_worker()
-            self.restarts.clear()
+            self._replace_workers(float("inf"))
             time.sleep(0.25)
         self.echo(f"drain timed out after {cfg.drain_timeout_s:g} s; checking what is there")
 

@@ -131,6 +131,14 @@ def render(report: Report, header: str) -> str:
     help="with --cluster: moves of a quarter of the partitions' slots to another master",
 )
 @click.option("--supervisor-kills", type=int, default=1, show_default=True)
+@click.option(
+    "--rq-workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="RQ workers running a bridged step (executor=RQ), killed -9 with the workers (with or without "
+    "their work-horse); none on a Redis Cluster",
+)
 @click.option("--in-flight", type=int, default=30, show_default=True, help="runs kept in flight")
 @click.option("--work-s", type=float, default=0.05, show_default=True, help="how long each step works")
 @click.option("--fail-rate", type=float, default=0.05, show_default=True, help="transient errors per attempt")

@@ -46,6 +46,8 @@ def test_chaos_smoke_loses_nothing_and_does_nothing_twice(settings: Settings, tm
         fsync,
         "--seed",
         "7",
+        "--rq-workers",
+        "3",
         "-o",
         "json",
     )
@@ -54,7 +56,14 @@ def test_chaos_smoke_loses_nothing_and_does_nothing_twice(settings: Settings, tm
     assert report["ok"] and report["lost"] == 0 and report["overwritten_or_rerun_after_commit"] == 0
     assert report["duplicate_effects"] == 0 and report["violations"] == []
     faults = report["faults"]
-    assert faults["worker kill -9"] >= 4 and faults["redis kill -9 + restart"] == 1
+    kills = (
+        faults.get("worker kill -9", 0)
+        + faults.get("rq worker + work-horse kill -9", 0)
+        + faults.get("rq work-horse kill -9", 0)
+    )
+    assert kills >= 4 and faults["redis kill -9 + restart"] == 1  # a kill takes one of ours or an RQ worker
+    # an RQ worker or its work-horse got kill -9 (3 of the 5 candidates at each of ~8 kills)
+    assert kills > faults.get("worker kill -9", 0)
     assert report["runs"]["completed"] >= 50 and report["recovery_ms"]["n"] >= 1
 
 

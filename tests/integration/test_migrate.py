@@ -76,13 +76,13 @@ def test_a_namespace_written_by_the_old_release_migrates_and_finishes_with_nothi
     settings: Settings, r: redis.Redis, ledger: Ledger, legacy_code: Path, tmp_path: Path
 ) -> None:
     legacy = LegacyKeys(settings.namespace)
-    runs = {"done-a": 0.0, "mid-b": 0.15, "wait-c": 0.0, "wait-d": 0.0}
+    runs = {"done-a": 0.0, "mid-b": 0.4, "wait-c": 0.0, "wait-d": 0.0}
     legacy_submit(settings, legacy_code, {"done-a": 0.0})
     env = {**legacy_env(settings, legacy_code), "ORCHESTRATOR_CONCURRENCY": "1"}
     worker = Proc(["worker", "workers.testflows:chain"], env, tmp_path / "legacy-worker.log", cwd=legacy_code)
     try:
         wait_until(lambda: r.hget(legacy.run("done-a").run, "status") == "completed", timeout_s=30, what="done-a")
-        legacy_submit(settings, legacy_code, {"mid-b": 0.15})
+        legacy_submit(settings, legacy_code, {"mid-b": 0.4})
         wait_until(lambda: int(r.hget(legacy.run("mid-b").run, "seq") or 0) >= 3, timeout_s=30, what="mid-b under way")
         legacy_submit(settings, legacy_code, {"wait-c": 0.0, "wait-d": 0.0})
         refused = run_cli("migrate", env=process_env(settings))  # a live worker: refused
