@@ -32,6 +32,7 @@ class Job(BaseModel):
     block_alarm: bool = False  # ... with SIGALRM blocked, as a hang in C code would (RQ's alarm cannot end it)
     die: bool = False  # every attempt kills its own work-horse (kill -9) before it works
     pids: list[int] = []  # who ran each step: [prepare, tool, finish]
+    resumed_from: float = 0.0  # the work the committed tool attempt found stashed when it started
     effect: bool = False
 
 
@@ -58,13 +59,13 @@ def tool(ctx: StepContext, state: Job) -> dict[str, Any]:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         time.sleep(state.hang_s)  # RQ's alarm ends it, unless blocked
     point("mid_step", ctx.step)
-    done_s = float((ctx.snapshot or {}).get("done_s", 0.0))
+    done_s = resumed_from = float((ctx.snapshot or {}).get("done_s", 0.0))
     while done_s < state.work_s:
         time.sleep(0.05)
         done_s += 0.05
         ctx.stash({"done_s": done_s})
     sent = ledger.current().send_effect(ctx, f"tool {state.n}")
-    return {"n": state.n * 10, "pids": [*state.pids, os.getpid()], "effect": sent}
+    return {"n": state.n * 10, "pids": [*state.pids, os.getpid()], "effect": sent, "resumed_from": resumed_from}
 
 
 @bridged.step

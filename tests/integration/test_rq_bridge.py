@@ -188,12 +188,13 @@ def test_kill_9_of_the_work_horse_mid_step_is_a_crash_resumed_from_its_stash(
         stash_key = Keys(settings.namespace, settings.partitions).run("horse").stash
         wait_until(lambda: client.redis.hget(stash_key, "horse:tool"), what="a stash")
         os.kill(first.saw, signal.SIGKILL)
-        run.wait(timeout_s=30)
+        state = run.wait(timeout_s=30)
     runs = tool_runs(ledger, "horse")
     assert len(runs) == 2 and runs[1].saw != first.saw
     check_invariants(settings, client, ledger, "horse")
     types = [e.type for e in events(client, "horse", "tool")]
     assert types.count("crashed") == 1 and types[-1] == "ok"
+    assert state.resumed_from > 0  # the second attempt started from the first one's stash
 
 
 def test_kill_9_of_the_work_horse_after_its_commit_runs_nothing_again(
