@@ -7,9 +7,11 @@ enqueue of the same claim is a no-op. The work-horse writes the outcome itself
 key, and decides what an outcome-less end means:
 
 - the horse stopped beating while RQ says the job runs (kill -9 of the horse or of the machine),
-  RQ lost the job, or someone stopped it: a **crash** of the step. The worker gives the claim up
+  RQ lost the job after it started, or someone stopped it: a **crash** of the step. The worker gives the claim up
   with redispatch.lua, so the next claim counts the crash (and quarantines the step after
   ``max_crashes``), as if the worker itself had died.
+- RQ lost the job before it started (a restore of an older copy): nothing ran, so the claim is
+  handed back (``release``), not counted as a crash.
 - the job ended without an outcome after running ``timeout_s`` or more: a **timeout**, retried
   per the step's policy. A horse that outlives RQ's alarm (a hang in C code, a blocked signal)
   is sent RQ's stop command a lease past its timeout (RQ's own backstop waits a minute).
@@ -65,6 +67,8 @@ class Watch:
         self.horse_key = rt.store.keys.horse(ex.dispatch.run, self.job_id)
         self.fields = {**ex.log_fields, "rq_queue": executor.queue, "rq_job": self.job_id}
         ex.event_extra = {"executor": "rq", "rq_job": self.job_id}  # an outcome the worker writes says so too
+        self.started = False  # RQ said the job started, or its horse beat: some code of the step may have run
+        self.horse_seen = False
         self.alive_s = 0.0  # how long after RQ started the job its horse was last seen beating
         self.stop_sent_at: float | None = None  # when the watch sent RQ's stop for a horse past its time
 
@@ -112,7 +116,6 @@ class Watch:
         lease_s = ex.rt.settings.lease_s
         delay = POLL_MIN_S
         started_at: float | None = None
-        horse_seen = False
         while True:
             read = await self._read()
             if read is None:  # no news this time: wait, the claim's lease is the worker's
@@ -128,12 +131,13 @@ class Watch:
             if status == "started" and started_at is None:
                 started_at = now
             ran_s = 0.0 if started_at is None else now - started_at
+            self.started = self.started or started_at is not None or horse is not None
             if horse is not None:
-                horse_seen, self.alive_s = True, ran_s
+                self.horse_seen, self.alive_s = True, ran_s
             if status is None or status in ENDED:
                 await self._ended(status)
                 return
-            if status == "started" and horse is None and (horse_seen or ran_s > lease_s):
+            if status == "started" and horse is None and (self.horse_seen or ran_s > lease_s):
                 await self._no_outcome(f"its RQ work-horse stopped beating (RQ worker {rq_worker or '?'})")
                 return
             await self._overrun(ran_s, now)
@@ -200,6 +204,12 @@ class Watch:
         horse = read[2] if read is not None else None
         if horse is not None and "outcome" in horse:
             self._written(horse)
+            return
+        if status is None and not self.started:
+            # lost from RQ's queue before any RQ worker took it (a restore of an older copy, a
+            # flush): nothing of the step ran, so it is handed back, not counted as a crash
+            if not await self._settled():
+                await self.ex.release("RQ lost its job before an RQ worker took it")
             return
         if status is None:
             await self._no_outcome("RQ lost its job")

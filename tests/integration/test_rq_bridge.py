@@ -312,9 +312,12 @@ def test_a_step_that_keeps_killing_its_work_horse_is_quarantined(
     assert all("stopped without an outcome" in (e.detail or "") for e in redispatched)
 
 
-def test_a_job_rq_lost_is_a_crash_and_runs_again(setup: tuple[Settings, Client, Ledger], tmp_path: Path) -> None:
-    """The job vanishes from RQ before any RQ worker took it (a flush, a restore of RQ's keys):
-    the step is re-dispatched as a crash and its new claim's job runs."""
+def test_a_job_rq_lost_before_it_started_is_handed_back_not_counted(
+    setup: tuple[Settings, Client, Ledger], tmp_path: Path
+) -> None:
+    """The job vanishes from RQ's queue before any RQ worker took it (a flush, a restore of an
+    older copy): nothing of the step ran, so it is handed back (no crash counted, which would
+    quarantine a step for RQ's loss) and its next claim's job runs."""
     settings, client, ledger = setup
     rq_redis = redis.Redis.from_url(settings.plain_url())
     rq_worker: Proc | None = None
@@ -324,7 +327,7 @@ def test_a_job_rq_lost_is_a_crash_and_runs_again(setup: tuple[Settings, Client, 
             queue = Queue(rqflows.TOOLS, connection=rq_redis, serializer=SERIALIZER)
             (lost,) = wait_until(queue.get_job_ids, what="the tool's RQ job")
             rq_redis.delete(Job.key_for(lost))
-            wait_until(lambda: "crashed" in [e.type for e in events(client, "lost", "tool")], what="crash")
+            wait_until(lambda: "released" in [e.type for e in events(client, "lost", "tool")], what="hand-back")
             rq_worker = start_rq_worker(settings, tmp_path, rqflows.TOOLS)
             run.wait(timeout_s=30)
     finally:
@@ -332,6 +335,24 @@ def test_a_job_rq_lost_is_a_crash_and_runs_again(setup: tuple[Settings, Client, 
             rq_worker.kill()
     assert len(tool_runs(ledger, "lost")) == 1  # the lost job never ran
     check_invariants(settings, client, ledger, "lost")
+    assert "crashed" not in [e.type for e in events(client, "lost", "tool")] and client.get("lost").crashes == 0
+
+
+def test_a_job_rq_lost_while_it_ran_is_a_crash(setup: tuple[Settings, Client, Ledger], tmp_path: Path) -> None:
+    """The job vanishes from RQ while its horse runs: a crash of the step (re-dispatched, the
+    reason in the event); whichever of the old horse's commit and the new claim's comes first
+    is the one persisted, once."""
+    settings, client, ledger = setup
+    rq_redis = redis.Redis.from_url(settings.plain_url())
+    with fleet(settings, tmp_path):
+        run = client.submit(rqflows.bridged, {"n": 1, "work_s": 1.5}, run_id="gone")
+        wait_for_tool(ledger, "gone")
+        job = job_id(settings.namespace, "gone:tool", client.get("gone").fence)  # the running claim's
+        assert rq_redis.delete(Job.key_for(job)) == 1
+        run.wait(timeout_s=30)
+    redispatched = [e for e in client.history("gone").events if e.type == "redispatched"]
+    assert len(redispatched) == 1 and "RQ lost its job" in (redispatched[0].detail or "")
+    check_invariants(settings, client, ledger, "gone")
 
 
 def test_readme_example_runs_model_written_code_on_an_rq_worker(
